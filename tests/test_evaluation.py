@@ -1,0 +1,72 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from vaeserve.training import checkpoint
+from vaeserve.training.backend import numpy_callables
+
+from vaeserve.datasets import evaluation_inputs
+from vaeserve.evaluation import evaluate
+
+
+@pytest.fixture(scope="module")
+def pair_and_x(tiny_run: Path, mnist):
+    encode, decode = numpy_callables(checkpoint.model_from(checkpoint.load(tiny_run)))
+    return encode, decode, evaluation_inputs(mnist.test_images[:300], "threshold")
+
+
+def test_nll_bounds_elbo_and_shrinks_with_k(pair_and_x) -> None:
+    encode, decode, x = pair_and_x
+    results = {k: evaluate(encode, decode, x, iw_samples=k, seed=0) for k in (1, 10, 200)}
+    for r in results.values():
+        assert r.nll <= -r.elbo + 3 * r.elbo_stderr / np.sqrt(r.iw_samples) + 0.3
+        assert r.kl > 0 and r.reconstruction < 0
+    assert results[200].nll < results[10].nll < results[1].nll
+    assert results[200].nll < -results[200].elbo  # a strictly tighter bound at k = 200
+    assert 0 < results[200].active_units <= 8
+
+
+def test_evaluation_is_reproducible_and_seeded(pair_and_x) -> None:
+    encode, decode, x = pair_and_x
+    a = evaluate(encode, decode, x, iw_samples=20, seed=5)
+    b = evaluate(encode, decode, x, iw_samples=20, seed=5)
+    c = evaluate(encode, decode, x, iw_samples=20, seed=6)
+    assert a.nll == b.nll and a.elbo == b.elbo
+    assert a.nll != c.nll
+    assert abs(a.nll - c.nll) < 4 * a.nll_stderr
+
+
+def test_blocks_split_large_k_without_changing_results(pair_and_x, monkeypatch) -> None:
+    import vaeserve.evaluation as evaluation
+
+    encode, decode, x = pair_and_x
+    whole = evaluate(encode, decode, x[:10], iw_samples=64, seed=1)
+    monkeypatch.setattr(evaluation, "BLOCK_ROWS", 16)  # k = 64 now spans four draws per image
+    split = evaluate(encode, decode, x[:10], iw_samples=64, seed=1)
+    assert split.nll == pytest.approx(whole.nll, abs=2.0)
+    assert split.active_units == whole.active_units
+
+
+def test_vae_evaluate_cli_writes_json_and_pictures(tiny_run: Path, mnist_dir: Path, capsys) -> None:
+    from vaeserve.cli import main
+
+    code = main(
+        [
+            "evaluate",
+            "--run",
+            str(tiny_run),
+            "--data-dir",
+            str(mnist_dir),
+            "--iw-samples",
+            "20",
+            "--json",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tiny_run / "evaluation-test.json").read_text())
+    assert printed["rows"] == 10000 and saved["nll"] == printed["nll"]
+    assert saved["checkpoint_sha256"] == checkpoint.sha256(tiny_run / "best.pt")
+    assert 60 < printed["nll"] < 250 and printed["nll"] <= -printed["elbo"] + 0.5

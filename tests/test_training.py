@@ -1,0 +1,152 @@
+"""Training runs for real: determinism, exact resume after Ctrl-C, run-directory contents."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+from vaeserve.training import checkpoint
+from vaeserve.training.config import resolve_config
+from vaeserve.training.trainer import start_or_resume
+
+SMALL = {"hidden_sizes": [32], "latent_size": 4, "limit": 2000}
+
+
+def train(mnist, run_dir: Path, epochs: int, resume: bool = False, **extra) -> dict:
+    config = resolve_config("seed", None, {**SMALL, "epochs": epochs, **extra})
+    start_or_resume(config, mnist, run_dir, resume=resume, progress=False).run()
+    return checkpoint.load(run_dir / checkpoint.LAST)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_same_seed_same_model_other_seed_other_model(mnist, tmp_path: Path) -> None:
+    a = train(mnist, tmp_path / "a", 1)
+    b = train(mnist, tmp_path / "b", 1)
+    c = train(mnist, tmp_path / "c", 1, seed=1)
+    assert_same_weights(a, b)
+    assert not torch.equal(a["model"]["encoder.0.weight"], c["model"]["encoder.0.weight"])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {
+            "binarization": "dynamic",
+            "optimizer": "adam",
+            "objective": "iwae",
+            "train_samples": 3,
+            "kl_warmup_epochs": 2,
+        },
+    ],
+)
+def test_resume_continues_exactly(mnist, tmp_path: Path, extra: dict) -> None:
+    whole = train(mnist, tmp_path / "whole", 2, **extra)
+    train(mnist, tmp_path / "split", 1, **extra)
+    resumed = train(mnist, tmp_path / "split", 2, resume=True, **extra)
+    assert_same_weights(whole, resumed)
+    assert resumed["costs"] == whole["costs"]
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_run_directory_holds_everything(tiny_run: Path) -> None:
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["latent_size"] == 8
+    state = checkpoint.load(tiny_run / "best.pt")
+    assert state["epoch"] in (1, 2) and state["dataset"]["split_sizes"]["validation"] == 10000
+    history = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert history[1]["validation_elbo"] > history[0]["validation_elbo"]  # it learns
+    assert len(state["costs"]) == state["epoch"] * (5000 // 64)
+
+
+def test_cli_interrupt_keeps_checkpoint_and_resume_matches(mnist_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C mid-run, resume, and land on the same weights as one uninterrupted run."""
+    flags = [
+        "--data-dir",
+        str(mnist_dir),
+        "--hidden-sizes",
+        "64",
+        "--latent-size",
+        "8",
+        "--limit",
+        "30000",
+        "--epochs",
+        "3",
+        "--no-progress",
+    ]
+    vae = [sys.executable, "-m", "vaeserve.cli", "train"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*vae, *flags, "--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [*vae, *flags, "--out", str(interrupted)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (interrupted / checkpoint.LAST).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    kept = checkpoint.load(interrupted / checkpoint.LAST)
+    assert kept["epoch"] in (1, 2)
+    subprocess.run(
+        [*vae, *flags, "--out", str(interrupted), "--resume"], check=True, env=env, capture_output=True
+    )
+    assert_same_weights(
+        checkpoint.load(tmp_path / "whole" / checkpoint.LAST), checkpoint.load(interrupted / checkpoint.LAST)
+    )
+
+
+def test_training_pictures_are_real_images(mnist_dir: Path, tmp_path: Path) -> None:
+    from vaeserve.cli import main
+
+    run_dir = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(mnist_dir),
+                "--hidden-sizes",
+                "32",
+                "--latent-size",
+                "2",
+                "--limit",
+                "3000",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--out",
+                str(run_dir),
+            ]
+        )
+        == 0
+    )
+    names = {p.name for p in (run_dir / "plots").glob("*.png")}
+    assert names == {
+        "learning_curves.png",
+        "posterior_predictive.png",
+        "prior_predictive.png",
+        "latent_manifold.png",
+        "latent_pca.png",
+    }
+    for name in names:
+        pixels = matplotlib.image.imread(run_dir / "plots" / name)
+        assert pixels.shape[0] > 200 and pixels.std() > 0.05, name

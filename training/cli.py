@@ -1,0 +1,217 @@
+"""`vae train` and `vae evaluate --run`. Imports torch only inside the commands, so the
+CLI still starts where only the service's dependencies are installed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from vaeserve.training.config import PRESETS, TrainConfig, resolve_config
+
+from vaeserve.errors import ConfigError, MissingExtraError
+
+
+def _require_torch(command: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise MissingExtraError(command, "train", "torch") from None
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="read the dataset's IDX files (raw or .gz) from DIR instead of the download cache",
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, help="download cache (default $VAESERVE_CACHE_DIR or ~/.cache/vaeserve)"
+    )
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and training (override the preset and --config)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        seed_value = getattr(PRESETS["seed"], f.name)
+        options: dict = {"default": None, "help": f"{f.metadata['help']} (preset seed: {seed_value})"}
+        if f.metadata.get("choices"):
+            options["choices"] = f.metadata["choices"]
+        if kind == tuple[int, ...]:
+            options.update(type=int, nargs="+", metavar="N")
+        elif isinstance(kind, types.UnionType):  # int | None
+            options.update(type=int, metavar="N")
+        else:
+            options["type"] = kind
+        group.add_argument(flag, **options)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="fit the VAE on a dataset",
+        description="Fit the VAE, checkpointing every epoch into --out.",
+    )
+    train.add_argument(
+        "--preset",
+        default="seed",
+        choices=sorted(PRESETS),
+        help="starting configuration (default: seed, the TF1 program's)",
+    )
+    train.add_argument("--config", type=Path, help="JSON file of config keys applied over the preset")
+    train.add_argument(
+        "--out", type=Path, required=True, help="run directory for checkpoints, metrics and plots"
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last complete epoch (only --epochs may change)",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_data_flags(train)
+    _add_config_flags(train)
+    train.set_defaults(handler=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    _require_torch("vae train")
+    from vaeserve.training.trainer import resumed_config, saved_config, start_or_resume
+
+    from vaeserve.datasets import load_dataset
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    if args.resume:
+        config = resumed_config(saved_config(args.out), overrides)
+    else:
+        config = resolve_config(args.preset, args.config, overrides)
+    dataset = load_dataset(config.dataset, args.data_dir, args.cache_dir, progress=not args.no_progress)
+    trainer = start_or_resume(config, dataset, args.out, args.resume, progress=not args.no_progress)
+    started = time.perf_counter()
+    history = trainer.run()
+    plots = _training_pictures(trainer, dataset, args.out)
+    _print_summary(history, time.perf_counter() - started, args.out, plots)
+    return 0
+
+
+def _training_pictures(trainer, dataset, run_dir: Path) -> list[Path]:
+    from vaeserve.training import checkpoint
+    from vaeserve.training.evaluate import write_pictures
+
+    from vaeserve import pictures
+
+    plots = run_dir / "plots"
+    curves = pictures.learning_curves(
+        trainer.history, trainer.costs, trainer.config.batch_size, plots / "learning_curves.png"
+    )
+    best = checkpoint.load(run_dir)
+    return [curves, *write_pictures(best, dataset, "test", plots)]
+
+
+def _print_summary(history: list[dict], seconds: float, run_dir: Path, plots: list[Path]) -> None:
+    if not history:
+        print(f"nothing to train: the run in {run_dir} already has its epochs")
+        return
+    last = history[-1]
+    validation = last["validation_elbo"]
+    rate = sum(r["rows_per_s"] for r in history) / len(history)
+    print(
+        f"trained {last['epoch']} epochs in {seconds:.1f} s ({rate:,.0f} rows/s): "
+        f"train ELBO {last['train_elbo']:.2f}"
+        + (f", validation ELBO {validation:.2f}" if validation is not None else "")
+        + f"; checkpoints and plots in {run_dir}"
+    )
+
+
+def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="test ELBO, importance-sampled NLL and active units",
+        description="Evaluate a training run's best checkpoint (--run) or an exported model "
+        "(--model) on a split: ELBO with its reconstruction and KL parts, "
+        "NLL_k by importance sampling, active units.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="run directory or checkpoint file")
+    source.add_argument("--model", type=Path, help="exported model version folder (models/NAME/VERSION)")
+    parser.add_argument("--dataset", help="dataset to evaluate on (default: the one it was trained on)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "validation", "train"),
+        help="split to evaluate (default: test)",
+    )
+    parser.add_argument(
+        "--iw-samples",
+        type=int,
+        default=5000,
+        metavar="K",
+        help="importance samples per image for NLL_k (default 5000, as in Burda et al.)",
+    )
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N rows only")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--no-pictures", action="store_true", help="skip the PNGs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_data_flags(parser)
+    parser.set_defaults(handler=evaluate_command)
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    if args.iw_samples < 1 or (args.limit is not None and args.limit < 1):
+        raise ConfigError("--iw-samples and --limit must be at least 1")
+    if args.model is not None:
+        from vaeserve.export.cli import evaluate_model_command
+
+        return evaluate_model_command(args)
+    _require_torch("vae evaluate --run")
+    from vaeserve.training import checkpoint
+    from vaeserve.training.evaluate import evaluate_checkpoint, write_evaluation, write_pictures
+
+    from vaeserve.datasets import load_dataset
+
+    source = checkpoint.resolve(args.run)
+    state = checkpoint.load(source)
+    dataset = load_dataset(
+        args.dataset or state["config"]["dataset"],
+        args.data_dir,
+        args.cache_dir,
+        progress=not args.no_progress,
+    )
+    if args.limit:
+        dataset = _limited(dataset, args.limit)
+    result = evaluate_checkpoint(state, dataset, args.split, args.iw_samples, not args.no_progress)
+    run_dir = source.parent
+    written = write_evaluation(run_dir, args.split, result, source) if not args.limit else None
+    if not args.no_pictures:
+        write_pictures(state, dataset, args.split, run_dir / "plots")
+    print_evaluation(result.to_dict(), args.split, args.json, written)
+    return 0
+
+
+def _limited(dataset, limit: int):
+    from dataclasses import replace
+
+    return replace(
+        dataset,
+        test_images=dataset.test_images[:limit],
+        test_labels=None if dataset.test_labels is None else dataset.test_labels[:limit],
+    )
+
+
+def print_evaluation(result: dict, split: str, as_json: bool, written: Path | None) -> None:
+    if as_json:
+        print(json.dumps({"split": split, **result}, indent=2))
+        return
+    print(
+        f"{split}: ELBO {result['elbo']:.2f} ± {result['elbo_stderr']:.2f} nats "
+        f"(reconstruction {result['reconstruction']:.2f}, KL {result['kl']:.2f}); "
+        f"NLL_{result['iw_samples']} {result['nll']:.2f} ± {result['nll_stderr']:.2f}; "
+        f"active units {result['active_units']}/{result['latent_size']}; "
+        f"{result['rows']} images in {result['seconds']:.1f} s" + (f"; saved {written}" if written else "")
+    )

@@ -1,0 +1,119 @@
+"""Training configuration: one dataclass, the single source of defaults, and the presets.
+
+Every field can be set by a preset, then a JSON config file, then a command-line
+flag (``--hidden-sizes 200``), in that order; the effective config is saved with
+the run as ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from vaeserve.datasets import BINARIZATIONS
+from vaeserve.errors import ConfigError
+
+ACTIVATIONS = ("relu", "tanh", "softplus", "elu")
+INITS = ("seed", "torch")
+OPTIMIZERS = ("tf1-rmsprop", "adam")
+OBJECTIVES = ("elbo", "iwae")
+TRAIN_SPLITS = ("train", "all-train")
+
+
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (apart from the data's location)."""
+
+    dataset: str = _option("mnist", "dataset name (mnist, fashion-mnist) or a path to a .npz")
+    binarization: str = _option(
+        "threshold", "threshold: x > 0.5; dynamic: fresh Bernoulli(x) each epoch; none", BINARIZATIONS
+    )
+    hidden_sizes: tuple[int, ...] = _option(
+        (200,), "widths of the encoder's hidden layers; the decoder mirrors them"
+    )
+    latent_size: int = _option(100, "number of latent dimensions M")
+    activation: str = _option("relu", "hidden-layer nonlinearity", ACTIVATIONS)
+    init: str = _option("seed", "seed: W ~ N(0,1)·2/√fan_in, b = 0; torch: PyTorch's default", INITS)
+    optimizer: str = _option("tf1-rmsprop", "tf1-rmsprop (TF1 semantics) or adam", OPTIMIZERS)
+    lr: float = _option(1e-3, "learning rate")
+    lr_decay: float = _option(1.0, "multiply the learning rate by this after every epoch")
+    batch_size: int = _option(64, "rows per optimisation step")
+    epochs: int = _option(30, "passes over the training rows")
+    objective: str = _option("elbo", "elbo: the VAE bound; iwae: the k-sample bound", OBJECTIVES)
+    train_samples: int = _option(1, "importance samples k per row for the iwae objective")
+    kl_warmup_epochs: float = _option(0.0, "epochs over which the KL weight rises 0 → 1")
+    train_split: str = _option(
+        "train", "train: first 50,000 rows; all-train: all 60,000 (no validation)", TRAIN_SPLITS
+    )
+    limit: int | None = _option(None, "train on the first N training rows only (quick runs)")
+    seed: int = _option(0, "seed of initialisation, shuffling, ε and binarization")
+
+    def validate(self) -> TrainConfig:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(
+                    f"{f.name} = {getattr(self, f.name)!r}; expected one of {', '.join(choices)}"
+                )
+        positive = ("latent_size", "batch_size", "train_samples")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.epochs < 0 or (self.limit is not None and self.limit < 1):
+            raise ConfigError("epochs must be >= 0 and limit >= 1")
+        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
+            raise ConfigError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
+        if self.lr <= 0 or not 0 < self.lr_decay <= 1:
+            raise ConfigError("lr must be > 0 and lr_decay in (0, 1]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["hidden_sizes"] = list(self.hidden_sizes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+        values = dict(data)
+        if "hidden_sizes" in values:
+            values["hidden_sizes"] = tuple(int(v) for v in values["hidden_sizes"])
+        return replace(cls(), **values)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # The TF1 program this project comes from: 784-200-(2x100), RMSProp 1e-3, batch 64, 30 epochs.
+    "seed": TrainConfig(),
+}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config keys")
+    return data
+
+
+def resolve_config(preset: str, config_file: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Preset, then config file, then flags."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    config = PRESETS[preset].to_dict()
+    if config_file is not None:
+        config.update(load_config_file(config_file))
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(config).validate()

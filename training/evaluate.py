@@ -1,0 +1,52 @@
+"""`vae evaluate --run`: the shared evaluator applied to a checkpoint, plus its pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vaeserve.training import checkpoint
+from vaeserve.training.backend import numpy_callables
+from vaeserve.training.config import TrainConfig
+
+from vaeserve import pictures
+from vaeserve.atomic import atomic_write_text
+from vaeserve.datasets import Dataset, evaluation_inputs
+from vaeserve.evaluation import Evaluation, evaluate
+
+EVALUATION_SEED = 0  # the fixed binarization of dynamic splits and the importance samples' seed
+
+
+def evaluation_path(run_dir: Path, split: str) -> Path:
+    return run_dir / f"evaluation-{split}.json"
+
+
+def evaluate_checkpoint(
+    state: dict[str, Any], dataset: Dataset, split: str, iw_samples: int, progress: bool = True
+) -> Evaluation:
+    config = TrainConfig.from_dict(state["config"])
+    images, _ = dataset.split(split)
+    x = evaluation_inputs(images, config.binarization, EVALUATION_SEED)
+    encode, decode = numpy_callables(checkpoint.model_from(state))
+    return evaluate(encode, decode, x, iw_samples, seed=EVALUATION_SEED, progress=progress)
+
+
+def write_evaluation(run_dir: Path, split: str, result: Evaluation, source: Path) -> Path:
+    record = {
+        "split": split,
+        "checkpoint": source.name,
+        "checkpoint_sha256": checkpoint.sha256(source),
+        **result.to_dict(),
+    }
+    path = evaluation_path(run_dir, split)
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def write_pictures(state: dict[str, Any], dataset: Dataset, split: str, out_dir: Path) -> list[Path]:
+    config = TrainConfig.from_dict(state["config"])
+    images, labels = dataset.split(split)
+    x = evaluation_inputs(images[:5000], config.binarization, EVALUATION_SEED)
+    encode, decode = numpy_callables(checkpoint.model_from(state))
+    return pictures.model_pictures(encode, decode, x, labels, dataset.image_shape, out_dir)

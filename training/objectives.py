@@ -1,0 +1,53 @@
+"""Training objectives: per-row bounds on log p(x) to maximise.
+
+Each takes the model, a batch x, a generator for ε and the KL weight β (for
+warm-up, Bowman et al. 2016), and returns one value per row. Add an objective by
+writing a function of that shape and naming it in ``OBJECTIVES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.nn import functional as F
+from vaeserve.training.model import VAE
+
+Objective = Callable[[VAE, torch.Tensor, torch.Generator, float, int], torch.Tensor]
+
+
+def log_bernoulli(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+
+
+def gaussian_kl(mean: torch.Tensor, stddev: torch.Tensor) -> torch.Tensor:
+    """Analytic KL(q(z|x) ‖ N(0, I)) (Kingma & Welling 2014, appendix B)."""
+    return (-torch.log(stddev) + 0.5 * (stddev**2 + mean**2) - 0.5).sum(-1)
+
+
+def elbo(
+    model: VAE, x: torch.Tensor, generator: torch.Generator, kl_weight: float = 1.0, samples: int = 1
+) -> torch.Tensor:
+    """E_q[log p(x|z)] − β·KL, with one reparameterised sample (Kingma & Welling, eq. 10)."""
+    mean, stddev = model.encode(x)
+    eps = torch.randn(mean.shape, generator=generator)
+    logits = model.decode(model.reparameterize(mean, stddev, eps))
+    return log_bernoulli(x, logits) - kl_weight * gaussian_kl(mean, stddev)
+
+
+def iwae(
+    model: VAE, x: torch.Tensor, generator: torch.Generator, kl_weight: float = 1.0, samples: int = 5
+) -> torch.Tensor:
+    """log (1/k) Σ_i p(x|z_i)·(p(z_i)/q(z_i|x))^β (Burda et al. 2016, eq. 8; β = 1 is the bound)."""
+    mean, stddev = model.encode(x)
+    eps = torch.randn((samples, *mean.shape), generator=generator)
+    z = model.reparameterize(mean, stddev, eps)
+    logits = model.decode(z)
+    log_px_z = log_bernoulli(x.expand_as(logits), logits)
+    # log p(z) − log q(z|x); the 2π terms cancel and (z − mean)/stddev is ε.
+    log_ratio = (-0.5 * z**2 + 0.5 * eps**2 + torch.log(stddev)).sum(-1)
+    log_w = log_px_z + kl_weight * log_ratio
+    return torch.logsumexp(log_w, dim=0) - torch.log(torch.tensor(float(samples)))
+
+
+OBJECTIVES: dict[str, Objective] = {"elbo": elbo, "iwae": iwae}

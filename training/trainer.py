@@ -1,0 +1,232 @@
+"""The training loop: data, model, epochs, checkpoints, resume.
+
+Deterministic given the config's seed: one torch.Generator drives shuffling,
+ε and dynamic binarization, and its state is saved in every checkpoint, so a
+resumed run continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from vaeserve.training import checkpoint
+from vaeserve.training.config import TrainConfig
+from vaeserve.training.model import VAE
+from vaeserve.training.objectives import OBJECTIVES, elbo
+from vaeserve.training.optim import make_optimizer
+
+from vaeserve.atomic import atomic_write_text
+from vaeserve.datasets import Dataset, evaluation_inputs, intensities
+from vaeserve.errors import CheckpointError, ConfigError, DataError
+
+log = logging.getLogger(__name__)
+VALIDATION_SEED = 1234  # fixed ε for the per-epoch validation ELBO, so epochs compare fairly
+
+
+@dataclass
+class TrainingData:
+    train: torch.Tensor  # intensities in [0, 1] (dynamic) or the binarized rows
+    validation: torch.Tensor | None  # evaluation inputs, fixed binarization
+    dynamic: bool
+
+
+def prepare_data(config: TrainConfig, dataset: Dataset) -> TrainingData:
+    images, _ = dataset.split(config.train_split)
+    if config.limit is not None:
+        images = images[: config.limit]
+    if len(images) < config.batch_size:
+        raise DataError(f"{len(images)} training rows are fewer than one batch of {config.batch_size}")
+    dynamic = config.binarization == "dynamic"
+    train = intensities(images) if dynamic else evaluation_inputs(images, config.binarization)
+    validation = None
+    if config.train_split == "train":
+        validation = torch.from_numpy(
+            evaluation_inputs(dataset.split("validation")[0], config.binarization, seed=config.seed)
+        )
+    return TrainingData(torch.from_numpy(np.ascontiguousarray(train)), validation, dynamic)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, dataset: Dataset, run_dir: Path, progress: bool = True):
+        self.config = config
+        self.dataset = dataset
+        self.run_dir = run_dir
+        self.progress = progress
+        self.data = prepare_data(config, dataset)
+        torch.manual_seed(config.seed)
+        self.model = VAE.from_config(config, dataset.input_size)
+        self.optimizer = make_optimizer(config, self.model.parameters())
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.objective = OBJECTIVES[config.objective]
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.costs: list[float] = []
+        self.best_validation_elbo = -float("inf")
+
+    # -- state --------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "input_size": self.dataset.input_size,
+            "image_shape": list(self.dataset.image_shape),
+            "dataset": {"name": self.dataset.name, "split_sizes": self.dataset.split_sizes()},
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "costs": self.costs,
+            "best_validation_elbo": self.best_validation_elbo,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.costs = list(state["costs"])
+        self.best_validation_elbo = float(state["best_validation_elbo"])
+
+    # -- loop ---------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
+        while self.epoch < self.config.epochs:
+            record = self.train_epoch()
+            self.history.append(record)
+            self.save_epoch(record)
+        return self.history
+
+    def train_epoch(self) -> dict[str, Any]:
+        self.model.train()
+        started = time.perf_counter()
+        rows = self.epoch_rows()
+        batch = self.config.batch_size
+        kl_weight, lr = self.kl_weight(), self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total, steps = 0.0, range(0, len(rows) - batch + 1, batch)
+        with tqdm(
+            total=len(steps) * batch,
+            desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+            unit="img",
+            disable=not self.progress,
+            leave=False,
+        ) as bar:
+            for i, start in enumerate(steps):
+                loss = self.step(rows[start : start + batch], kl_weight)
+                self.costs.append(loss)
+                total += loss
+                bar.update(batch)
+                if i % 50 == 0:
+                    bar.set_postfix(loss=f"{loss / batch:.2f}")
+        seconds = time.perf_counter() - started
+        self.epoch += 1
+        record = {
+            "epoch": self.epoch,
+            "train_elbo": -total / (len(steps) * batch),
+            "validation_elbo": self.validation_elbo(),
+            "kl_weight": kl_weight,
+            "lr": lr,
+            "seconds": seconds,
+            "rows_per_s": len(steps) * batch / seconds,
+        }
+        log.info("epoch %(epoch)d: train ELBO %(train_elbo).2f, validation ELBO %(validation_elbo)s", record)
+        return record
+
+    def epoch_rows(self) -> torch.Tensor:
+        """This epoch's training rows in a fresh random order (and a fresh binarization)."""
+        order = torch.randperm(len(self.data.train), generator=self.generator)
+        rows = self.data.train[order]
+        if self.data.dynamic:
+            rows = torch.bernoulli(rows, generator=self.generator)
+        return rows
+
+    def step(self, x: torch.Tensor, kl_weight: float) -> float:
+        # The seed's loss: −ELBO summed over the batch.
+        loss = -self.objective(self.model, x, self.generator, kl_weight, self.config.train_samples).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def kl_weight(self) -> float:
+        if self.config.kl_warmup_epochs <= 0:
+            return 1.0
+        return min(1.0, (self.epoch + 1) / self.config.kl_warmup_epochs)
+
+    def learning_rate(self) -> float:
+        return self.config.lr * self.config.lr_decay**self.epoch
+
+    @torch.no_grad()
+    def validation_elbo(self) -> float | None:
+        if self.data.validation is None:
+            return None
+        self.model.eval()
+        generator = torch.Generator().manual_seed(VALIDATION_SEED)
+        values = [elbo(self.model, x, generator).sum().item() for x in self.data.validation.split(4096)]
+        return sum(values) / len(self.data.validation)
+
+    def save_epoch(self, record: dict[str, Any]) -> None:
+        score = record["validation_elbo"]
+        improved = score is None or score > self.best_validation_elbo
+        if improved and score is not None:
+            self.best_validation_elbo = score
+        state = self.state()
+        checkpoint.save(state, self.run_dir / checkpoint.LAST)
+        if improved:
+            checkpoint.save(state, self.run_dir / checkpoint.BEST)
+        # Rewritten whole from the history the checkpoint holds, so the two always agree.
+        lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+
+
+def start_or_resume(
+    config: TrainConfig, dataset: Dataset, run_dir: Path, resume: bool, progress: bool = True
+) -> Trainer:
+    """A trainer for a new run in an empty ``run_dir``, or one restored from its last checkpoint."""
+    last = run_dir / checkpoint.LAST
+    if not resume:
+        if last.exists():
+            raise CheckpointError(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        return Trainer(config, dataset, run_dir, progress)
+    if not last.exists():
+        raise CheckpointError(f"{run_dir}: nothing to resume (no {checkpoint.LAST})")
+    state = checkpoint.load(last)
+    trainer = Trainer(config, dataset, run_dir, progress)
+    trainer.restore(state)
+    return trainer
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    last = run_dir / checkpoint.LAST
+    if not last.exists():
+        raise CheckpointError(f"{run_dir}: nothing to resume (no {checkpoint.LAST})")
+    return checkpoint.load(last)["config"]
+
+
+def resumed_config(saved: dict[str, Any], requested: dict[str, Any]) -> TrainConfig:
+    """The saved config, with only ``epochs`` open to change on resume."""
+    normalized = TrainConfig.from_dict({k: v for k, v in requested.items() if v is not None})
+    conflicts = [
+        k
+        for k, v in requested.items()
+        if v is not None and k != "epochs" and saved.get(k) != normalized.to_dict()[k]
+    ]
+    if conflicts:
+        raise ConfigError(f"--resume keeps the run's config; these flags differ from it: {conflicts}")
+    config = dict(saved)
+    if requested.get("epochs") is not None:
+        config["epochs"] = requested["epochs"]
+    return TrainConfig.from_dict(config).validate()

@@ -1,0 +1,68 @@
+"""The `vae` command: one entry point whose subcommands are the stages.
+
+Each stage's ``cli`` module registers its subcommands and imports its heavy
+dependencies (torch, onnx) only when one runs. User errors (``VaeError``) end
+as one line on stderr and a non-zero exit; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import NoReturn
+
+from vaeserve import __version__
+from vaeserve.errors import VaeError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the command, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vaeserve.training import cli as training_cli
+
+    parser = OneLineParser(prog="vae", description="Train, export and serve a variational autoencoder.")
+    parser.add_argument("--version", action="version", version=f"vaeserve {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("VAESERVE_LOG_LEVEL", "WARNING"),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (env VAESERVE_LOG_LEVEL; default WARNING)",
+    )
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser
+    )
+    training_cli.register(subparsers)
+    training_cli.register_evaluate(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except VaeError as exc:
+        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(
+            f"vae {args.command}: interrupted; completed work is kept "
+            "(a training run continues with --resume)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""MNIST and Fashion-MNIST (and users' own arrays): files, splits and binarization.
+
+Splits follow the literature: train = the first 50,000 rows of the training
+file, validation = its last 10,000, test = the 10,000 test images. Images stay
+uint8 in memory; ``binarize`` turns them into the model's float32 inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vaeserve.download import RemoteFile, default_cache_dir, fetch
+from vaeserve.errors import ConfigError, DataError
+from vaeserve.idx import read_idx
+
+SPLITS = ("train", "validation", "test", "all-train")
+BINARIZATIONS = ("threshold", "dynamic", "none")
+VALIDATION_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a named dataset comes from."""
+
+    name: str
+    mirrors: tuple[str, ...]
+    train_images: RemoteFile
+    train_labels: RemoteFile
+    test_images: RemoteFile
+    test_labels: RemoteFile
+
+    @property
+    def files(self) -> tuple[RemoteFile, ...]:
+        return (self.train_images, self.train_labels, self.test_images, self.test_labels)
+
+
+# SHA-256 of the .gz files exactly as the canonical mirrors serve them.
+MNIST = DatasetSpec(
+    name="mnist",
+    mirrors=(
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        "http://yann.lecun.com/exdb/mnist/",
+    ),
+    train_images=RemoteFile(
+        "train-images-idx3-ubyte.gz", "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"
+    ),
+    train_labels=RemoteFile(
+        "train-labels-idx1-ubyte.gz", "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"
+    ),
+    test_images=RemoteFile(
+        "t10k-images-idx3-ubyte.gz", "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"
+    ),
+    test_labels=RemoteFile(
+        "t10k-labels-idx1-ubyte.gz", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"
+    ),
+)
+FASHION_MNIST = DatasetSpec(
+    name="fashion-mnist",
+    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    train_images=RemoteFile(
+        "train-images-idx3-ubyte.gz", "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"
+    ),
+    train_labels=RemoteFile(
+        "train-labels-idx1-ubyte.gz", "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"
+    ),
+    test_images=RemoteFile(
+        "t10k-images-idx3-ubyte.gz", "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"
+    ),
+    test_labels=RemoteFile(
+        "t10k-labels-idx1-ubyte.gz", "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"
+    ),
+)
+DATASETS = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset's images as uint8 rows [N, D] (or floats in [0, 1]) and their labels."""
+
+    name: str
+    image_shape: tuple[int, ...]
+    train_images: np.ndarray
+    train_labels: np.ndarray | None
+    test_images: np.ndarray
+    test_labels: np.ndarray | None
+
+    @property
+    def input_size(self) -> int:
+        return int(np.prod(self.image_shape))
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Images and labels of ``train``, ``validation``, ``test`` or ``all-train``."""
+        if name == "test":
+            return self.test_images, self.test_labels
+        if name == "all-train":
+            return self.train_images, self.train_labels
+        if name not in ("train", "validation"):
+            raise ConfigError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+        cut = len(self.train_images) - VALIDATION_ROWS
+        if cut <= 0:
+            raise DataError(
+                f"{self.name}: {len(self.train_images)} training rows leave no validation split "
+                f"(it takes the last {VALIDATION_ROWS})"
+            )
+        part = slice(0, cut) if name == "train" else slice(cut, None)
+        labels = None if self.train_labels is None else self.train_labels[part]
+        return self.train_images[part], labels
+
+    def split_sizes(self) -> dict[str, int]:
+        cut = len(self.train_images) - VALIDATION_ROWS
+        return {"train": cut, "validation": VALIDATION_ROWS, "test": len(self.test_images)}
+
+
+def load_dataset(
+    name: str, data_dir: Path | None = None, cache_dir: Path | None = None, progress: bool = True
+) -> Dataset:
+    """Load a named dataset from ``data_dir``, the cache or a download; or a user's ``.npz``."""
+    if name.endswith(".npz"):
+        return load_npz(Path(name))
+    if name not in DATASETS:
+        raise ConfigError(
+            f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)} or a path to a .npz"
+        )
+    spec = DATASETS[name]
+    paths = [_locate(spec, f, data_dir, cache_dir, progress) for f in spec.files]
+    train_images = read_idx(paths[0], expected_ndim=3)
+    train_labels = read_idx(paths[1], expected_ndim=1)
+    test_images = read_idx(paths[2], expected_ndim=3)
+    test_labels = read_idx(paths[3], expected_ndim=1)
+    _check_pairs(paths[0], train_images, paths[1], train_labels)
+    _check_pairs(paths[2], test_images, paths[3], test_labels)
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DataError(
+            f"{paths[2]}: image shape {test_images.shape[1:]} differs from the training "
+            f"images' {train_images.shape[1:]}"
+        )
+    shape = tuple(int(s) for s in train_images.shape[1:])
+    return Dataset(
+        name=name,
+        image_shape=shape,
+        train_images=train_images.reshape(len(train_images), -1),
+        train_labels=train_labels,
+        test_images=test_images.reshape(len(test_images), -1),
+        test_labels=test_labels,
+    )
+
+
+def _locate(
+    spec: DatasetSpec, file: RemoteFile, data_dir: Path | None, cache_dir: Path | None, progress: bool
+) -> Path:
+    if data_dir is None:
+        folder = (cache_dir or default_cache_dir()) / "datasets" / spec.name
+        return fetch(file, spec.mirrors, folder, progress)
+    for candidate in (data_dir / file.name, data_dir / file.name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{data_dir}: no {file.name} (nor its uncompressed form) for {spec.name}")
+
+
+def _check_pairs(images_path: Path, images: np.ndarray, labels_path: Path, labels: np.ndarray) -> None:
+    if len(images) != len(labels):
+        raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
+
+
+def load_npz(path: Path) -> Dataset:
+    """A user's dataset: ``x_train`` and ``x_test`` [N, ...] (uint8 0-255 or floats in [0, 1]),
+    optional ``y_train``/``y_test``. Arrays stay lazily loaded per key."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    missing = {"x_train", "x_test"} - set(archive.files)
+    if missing:
+        raise DataError(f"{path}: missing arrays {sorted(missing)}; expected x_train and x_test")
+    train, test = archive["x_train"], archive["x_test"]
+    for key, array in (("x_train", train), ("x_test", test)):
+        check_pixels(array, f"{path}[{key}]")
+    if train.shape[1:] != test.shape[1:]:
+        raise DataError(f"{path}: x_train rows {train.shape[1:]} differ from x_test rows {test.shape[1:]}")
+    shape = tuple(int(s) for s in train.shape[1:])
+    return Dataset(
+        name=str(path),
+        image_shape=shape,
+        train_images=train.reshape(len(train), -1),
+        train_labels=archive["y_train"] if "y_train" in archive.files else None,
+        test_images=test.reshape(len(test), -1),
+        test_labels=archive["y_test"] if "y_test" in archive.files else None,
+    )
+
+
+def check_pixels(array: np.ndarray, source: str) -> None:
+    """Pixels are uint8 (0-255) or finite floats in [0, 1]."""
+    if array.ndim < 2:
+        raise DataError(f"{source}: expected rows of pixels [N, ...], got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return
+    if not np.issubdtype(array.dtype, np.floating):
+        raise DataError(f"{source}: dtype {array.dtype} is not uint8 or float")
+    if not np.isfinite(array).all():
+        raise DataError(f"{source}: contains NaN or infinite pixels")
+    if array.min(initial=0.0) < 0.0 or array.max(initial=0.0) > 1.0:
+        raise DataError(f"{source}: float pixels must lie in [0, 1]")
+
+
+def intensities(images: np.ndarray) -> np.ndarray:
+    """Pixel intensities in [0, 1] as float32."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(255.0)
+    return images.astype(np.float32, copy=False)
+
+
+def binarize(images: np.ndarray, mode: str, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The model's inputs: ``threshold`` (x > 0.5, the seed's), ``dynamic`` (one Bernoulli(x)
+    draw from ``rng``) or ``none`` (intensities)."""
+    x = intensities(images)
+    if mode == "threshold":
+        return (x > 0.5).astype(np.float32)
+    if mode == "dynamic":
+        if rng is None:
+            raise ValueError("dynamic binarization needs a random generator")
+        return (rng.random(x.shape, dtype=np.float32) < x).astype(np.float32)
+    if mode == "none":
+        return x
+    raise ConfigError(f"unknown binarization {mode!r}; expected one of {', '.join(BINARIZATIONS)}")
+
+
+def evaluation_inputs(images: np.ndarray, mode: str, seed: int = 0) -> np.ndarray:
+    """A split as evaluated: dynamic binarization uses one fixed-seed draw (the literature's
+    protocol), so every evaluation of a model sees the same binary images."""
+    return binarize(images, mode, np.random.default_rng(seed))

@@ -1,0 +1,42 @@
+"""The failures vaeserve explains to its users.
+
+Each is raised with a message that says what was wrong and what was expected;
+the CLI prints it as one line (``vae: error: ...``) and exits non-zero. Anything
+that is not a ``VaeError`` is a bug and keeps its traceback.
+"""
+
+
+def first_line(exc: BaseException) -> str:
+    """A library exception's first line, to quote inside one of our one-line messages."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+class VaeError(Exception):
+    """Base class of every user-facing failure."""
+
+
+class DataError(VaeError):
+    """An input file or array is missing, corrupt or of the wrong shape."""
+
+
+class DatasetUnavailableError(VaeError):
+    """A dataset could not be found locally nor downloaded."""
+
+
+class ConfigError(VaeError):
+    """A configuration value, flag or config file is invalid."""
+
+
+class CheckpointError(VaeError):
+    """A checkpoint or run directory is missing, foreign or inconsistent."""
+
+
+class MissingExtraError(VaeError):
+    """A command needs an optional dependency group that is not installed."""
+
+    def __init__(self, command: str, extra: str, module: str) -> None:
+        super().__init__(
+            f"{command} needs the '{extra}' extra ({module} is not installed): "
+            f"pip install 'vaeserve[{extra}]'"
+        )
