@@ -51,10 +51,12 @@ def main() -> None:
     trainer = Trainer(resolve_config("seed", None, {}), dataset, Path("/tmp/unused"), progress=False)
     trainer.validation_elbo = lambda: None  # time the optimisation only, as the plain loop does
     torch.manual_seed(0)
-    plain = nn.ModuleDict({
-        "encoder": nn.Sequential(nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 200)),
-        "decoder": nn.Sequential(nn.Linear(100, 200), nn.ReLU(), nn.Linear(200, 784)),
-    })
+    plain = nn.ModuleDict(
+        {
+            "encoder": nn.Sequential(nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 200)),
+            "decoder": nn.Sequential(nn.Linear(100, 200), nn.ReLU(), nn.Linear(200, 784)),
+        }
+    )
     optimizer = torch.optim.RMSprop(plain.parameters(), lr=1e-3, alpha=0.9, eps=1e-10)
     ours, theirs = [], []
     for _ in range(args.epochs):

@@ -70,3 +70,26 @@ def test_vae_evaluate_cli_writes_json_and_pictures(tiny_run: Path, mnist_dir: Pa
     assert printed["rows"] == 10000 and saved["nll"] == printed["nll"]
     assert saved["checkpoint_sha256"] == checkpoint.sha256(tiny_run / "best.pt")
     assert 60 < printed["nll"] < 250 and printed["nll"] <= -printed["elbo"] + 0.5
+
+
+def test_nll_converges_to_the_exact_marginal_likelihood() -> None:
+    """With a 2-D latent, log p(x) = log ∫ p(x|z) p(z) dz by quadrature on a fine grid."""
+    import torch
+
+    from vaeserve.elbo import log_bernoulli, log_standard_normal
+    from vaeserve.training.model import VAE
+
+    torch.manual_seed(0)
+    encode, decode = numpy_callables(VAE(30, (16,), 2))
+    x = (np.random.default_rng(0).random((20, 30)) < 0.4).astype(np.float32)
+    grid = np.linspace(-8, 8, 801)
+    z = np.stack(np.meshgrid(grid, grid), -1).reshape(-1, 2)
+    logits = decode(z.astype(np.float32)).astype(np.float64)
+    exact = []
+    for row in x.astype(np.float64):
+        log_joint = log_bernoulli(row[None, :], logits) + log_standard_normal(z)
+        top = log_joint.max()
+        exact.append(-(top + np.log(np.exp(log_joint - top).sum()) + 2 * np.log(grid[1] - grid[0])))
+    result = evaluate(encode, decode, x, iw_samples=2000, seed=0)
+    assert result.nll == pytest.approx(np.mean(exact), abs=0.1)
+    assert -result.elbo > np.mean(exact)

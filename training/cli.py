@@ -155,6 +155,7 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         help="importance samples per image for NLL_k (default 5000, as in Burda et al.)",
     )
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N rows only")
+    parser.add_argument("--variant", default="fp32", help="with --model: fp32 (default), int8 or fp16")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-pictures", action="store_true", help="skip the PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -166,7 +167,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.iw_samples < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--iw-samples and --limit must be at least 1")
     if args.model is not None:
-        from vaeserve.export.cli import evaluate_model_command
+        from vaeserve.export.cli import evaluate_model_command  # numpy and onnxruntime only
 
         return evaluate_model_command(args)
     _require_torch("vae evaluate --run")

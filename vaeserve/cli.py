@@ -29,6 +29,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vaeserve.export import cli as export_cli
     from vaeserve.training import cli as training_cli
 
     parser = OneLineParser(prog="vae", description="Train, export and serve a variational autoencoder.")
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training_cli.register(subparsers)
     training_cli.register_evaluate(subparsers)
+    export_cli.register(subparsers)
     return parser
 
 

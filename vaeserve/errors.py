@@ -32,6 +32,14 @@ class CheckpointError(VaeError):
     """A checkpoint or run directory is missing, foreign or inconsistent."""
 
 
+class RepositoryError(VaeError):
+    """A model repository, version or file is missing, tampered with or inconsistent."""
+
+
+class ExportError(VaeError):
+    """An export check failed; nothing was written to the repository."""
+
+
 class MissingExtraError(VaeError):
     """A command needs an optional dependency group that is not installed."""
 

@@ -1,0 +1,171 @@
+"""`vae export`: checkpoint → checked ONNX pair + manifest → ``REPO/NAME/VERSION``.
+
+Everything is built in a staging folder beside the versions (``REPO/NAME/.staging-*``,
+which no loader reads), checked there, and only then renamed into place; a crash
+or a failed check leaves no version behind, half-written or unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from vaeserve import __version__
+from vaeserve.datasets import evaluation_inputs, load_dataset
+from vaeserve.errors import ExportError
+from vaeserve.evaluation import evaluate
+from vaeserve.export import checks, graphs, variants
+from vaeserve.repository import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    ModelVersion,
+    file_record,
+    load_version,
+    next_version,
+)
+from vaeserve.runtime import OnnxPair
+from vaeserve.training import checkpoint
+from vaeserve.training.evaluate import EVALUATION_SEED, evaluation_path
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    checkpoint: Path
+    repo: Path
+    name: str
+    version: int | None = None
+    force: bool = False
+    variants: tuple[str, ...] = ()
+    iw_samples: int = 100
+    data_dir: Path | None = None
+    cache_dir: Path | None = None
+
+
+def export_model(request: ExportRequest, progress: bool = False) -> ModelVersion:
+    if not NAME_PATTERN.match(request.name):
+        raise ExportError(f"model name {request.name!r}: use letters, digits, '.', '_', '-' (max 64)")
+    if request.version is not None and request.version < 1:
+        raise ExportError(f"--version {request.version}: versions are positive integers")
+    source = checkpoint.resolve(request.checkpoint)
+    state = checkpoint.load(source)
+    model_dir = request.repo / request.name
+    version = request.version or next_version(model_dir)
+    target = model_dir / str(version)
+    if target.exists() and not request.force:
+        raise ExportError(f"{target} already exists; pass --force to replace it or omit --version")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
+    try:
+        build_version(request, state, source, version, staging, progress)
+        load_version(staging)  # the manifest describes exactly the files we wrote
+        publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_version(target)
+
+
+def build_version(
+    request: ExportRequest, state: dict[str, Any], source: Path, version: int, folder: Path, progress: bool
+) -> None:
+    config = state["config"]
+    model = checkpoint.model_from(state)
+    dataset = load_dataset(config["dataset"], request.data_dir, request.cache_dir, progress=progress)
+    x_test = evaluation_inputs(dataset.test_images, config["binarization"], EVALUATION_SEED)
+    metadata = {
+        "vaeserve_version": __version__,
+        "model_name": request.name,
+        "model_version": str(version),
+        "input_size": str(model.input_size),
+        "latent_size": str(model.latent_size),
+        "image_shape": json.dumps(state["image_shape"]),
+        "binarization": config["binarization"],
+    }
+    encoder, decoder = graphs.export_pair(model, folder, metadata)
+    for path in (encoder, decoder):
+        checks.check_graph(path)
+    pair = OnnxPair(encoder, decoder)
+    differences = checks.max_differences(model, pair, x_test)
+    checks.check_parity(differences)
+    built = {}
+    for variant in request.variants:
+        for role, path in (("encoder", encoder), ("decoder", decoder)):
+            variants.build(variant, path, folder / f"{role}.{variant}.onnx")
+        built[variant] = variants.measure(variant, folder, pair, x_test)
+    evaluation = find_evaluation(source) or evaluate_pair(pair, x_test, request.iw_samples)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "vaeserve_version": __version__,
+        "name": request.name,
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input_size": model.input_size,
+        "latent_size": model.latent_size,
+        "image_shape": state["image_shape"],
+        "binarization": config["binarization"],
+        "opset": graphs.OPSET,
+        "exporter": f"torch.onnx dynamo exporter, torch {torch.__version__}, onnx {onnx.__version__}",
+        "graphs": {
+            "encoder": {**file_record(encoder), **graphs.io_signature(onnx.load(encoder))},
+            "decoder": {**file_record(decoder), **graphs.io_signature(onnx.load(decoder))},
+        },
+        "parity": {
+            "batch_sizes": list(checks.PARITY_BATCH_SIZES),
+            "tolerance": checks.PARITY_TOLERANCE,
+            "max_abs_diff": differences,
+        },
+        "variants": built,
+        "training": {
+            "config": config,
+            "dataset": state["dataset"]["name"],
+            "split_sizes": state["dataset"]["split_sizes"],
+            "epochs": state["epoch"],
+            "best_validation_elbo": state["best_validation_elbo"],
+        },
+        "evaluation": evaluation,
+        "source_checkpoint": {"file": source.name, "sha256": checkpoint.sha256(source)},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def find_evaluation(source: Path) -> dict[str, Any] | None:
+    """The run's saved test evaluation, if it scored exactly this checkpoint."""
+    path = evaluation_path(source.parent, "test")
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("checkpoint_sha256") != checkpoint.sha256(source):
+        return None
+    return {**saved, "source": "checkpoint"}
+
+
+def evaluate_pair(pair: OnnxPair, x_test: Any, iw_samples: int) -> dict[str, Any]:
+    result = evaluate(pair.encode, pair.decode_logits, x_test, iw_samples, seed=EVALUATION_SEED)
+    return {"split": "test", **result.to_dict(), "source": "onnx-at-export"}
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Rename the checked staging folder into place; an old version (--force) goes only after."""
+    if target.exists():
+        retired = target.with_name(f".retired-{target.name}-{os.getpid()}")
+        os.rename(target, retired)
+        os.rename(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+        return
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        raise ExportError(
+            f"{target} appeared while exporting ({exc.strerror}); nothing was written"
+        ) from None

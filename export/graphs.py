@@ -1,0 +1,112 @@
+"""The VAE as two ONNX graphs.
+
+Exporter: torch.onnx's dynamo exporter (``dynamo=True``), opset 18. With torch
+2.13 it is the default and maintained path (the TorchScript exporter is
+deprecated since torch 2.9), it exports a ``torch.export`` program, so the graphs
+hold only the inference ops (Gemm, Relu, Split, Softplus, Sigmoid: no dropout,
+no training-mode nodes), and 18 is its native opset, so no version conversion
+runs; onnxruntime ≥ 1.14 and its quantizer support it fully.
+Sampling stays out of the graphs: the service draws ε and Bernoulli samples
+itself, seeded, so results are reproducible on every runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from vaeserve import __version__
+from vaeserve.training.model import VAE
+
+OPSET = 18
+ENCODER_IO = (["x"], ["mean", "stddev"])
+DECODER_IO = (["z"], ["logits", "probs"])
+
+
+class EncoderGraph(nn.Module):
+    """x [batch, D] → mean, stddev [batch, M]."""
+
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode(x)
+
+
+class DecoderGraph(nn.Module):
+    """z [batch, M] → logits, probs [batch, D]."""
+
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.decode(z)
+        return logits, torch.sigmoid(logits)
+
+
+def export_graph(
+    module: nn.Module, width: int, io: tuple[list[str], list[str]], path: Path, metadata: dict[str, str]
+) -> onnx.ModelProto:
+    """Export ``module`` with a dynamic batch dimension, stamp metadata, save to ``path``."""
+    batch = torch.export.Dim("batch", min=1)
+    example = (torch.zeros(2, width),)
+    with warnings.catch_warnings(), _quiet_torch_onnx():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(),
+            example,
+            None,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=io[0],
+            output_names=io[1],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+    proto = program.model_proto
+    proto.producer_name = "vaeserve"
+    proto.producer_version = __version__
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save_model(proto, path)
+    return proto
+
+
+def export_pair(model: VAE, folder: Path, metadata: dict[str, str]) -> tuple[Path, Path]:
+    encoder, decoder = folder / "encoder.onnx", folder / "decoder.onnx"
+    export_graph(EncoderGraph(model), model.input_size, ENCODER_IO, encoder, {**metadata, "role": "encoder"})
+    export_graph(DecoderGraph(model), model.latent_size, DECODER_IO, decoder, {**metadata, "role": "decoder"})
+    return encoder, decoder
+
+
+def io_signature(proto: onnx.ModelProto) -> dict[str, list[dict]]:
+    """Names, dtypes and shapes (dimension names for dynamic ones) of a graph's inputs and outputs."""
+
+    def describe(values) -> list[dict]:  # noqa: ANN001
+        described = []
+        for value in values:
+            tensor = value.type.tensor_type
+            shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+            described.append({"name": value.name, "dtype": dtype, "shape": shape})
+        return described
+
+    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
+
+
+class _quiet_torch_onnx:
+    """The exporter logs warnings about optional torchvision ops; they concern no graph of ours."""
+
+    def __enter__(self) -> None:
+        self.logger = logging.getLogger("torch.onnx")
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)

@@ -1,0 +1,166 @@
+"""The model repository: ``REPO/NAME/VERSION/{encoder.onnx, decoder.onnx, manifest.json}``.
+
+The export stage writes it; the service, the embedding tool and ``vae evaluate
+--model`` read it through this module, with numpy and the standard library only.
+A version folder is a positive integer; anything else in ``REPO/NAME`` (staging
+folders of an export in progress start with a dot) is ignored. Loading verifies
+the size and SHA-256 of every file the manifest lists, so a tampered or truncated
+file is refused with an error naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vaeserve.errors import RepositoryError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+ROLES = ("encoder", "decoder")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    return {"file": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One verified version of a model: its folder and manifest."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.manifest["input_size"])
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.manifest["latent_size"])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["image_shape"])
+
+    @property
+    def variants(self) -> list[str]:
+        return ["fp32", *self.manifest.get("variants", {})]
+
+    def graph_path(self, role: str, variant: str = "fp32") -> Path:
+        """The ONNX file of ``role`` (encoder or decoder) in ``variant`` (fp32, int8, fp16)."""
+        if variant == "fp32":
+            return self.path / self.manifest["graphs"][role]["file"]
+        if variant not in self.manifest.get("variants", {}):
+            raise RepositoryError(
+                f"{self.path}: no {variant!r} variant; this version has {', '.join(self.variants)}"
+            )
+        return self.path / self.manifest["variants"][variant][role]["file"]
+
+
+def version_numbers(model_dir: Path) -> list[int]:
+    """The complete versions of a model, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and int(p.name) > 0)
+
+
+def model_names(repo: Path) -> list[str]:
+    if not repo.is_dir():
+        raise RepositoryError(f"{repo}: no such model repository")
+    return sorted(p.name for p in repo.iterdir() if p.is_dir() and version_numbers(p))
+
+
+def next_version(model_dir: Path) -> int:
+    return max(version_numbers(model_dir), default=0) + 1
+
+
+def resolve(repo: Path, name: str, version: int | str = "latest") -> ModelVersion:
+    """Load and verify ``REPO/NAME/VERSION``; ``latest`` is the highest version number."""
+    model_dir = repo / name
+    versions = version_numbers(model_dir)
+    if not versions:
+        raise RepositoryError(f"{model_dir}: no versions of model {name!r} in {repo}")
+    if version == "latest":
+        number = versions[-1]
+    else:
+        number = _version_number(version)
+        if number not in versions:
+            raise RepositoryError(f"{model_dir}: no version {number}; available: {versions}")
+    return load_version(model_dir / str(number))
+
+
+def open_path(path: Path) -> ModelVersion:
+    """``models/NAME/VERSION`` or ``models/NAME`` (its latest version)."""
+    if path.name.isdigit():
+        return load_version(path)
+    return resolve(path.parent, path.name, "latest")
+
+
+def load_version(path: Path) -> ModelVersion:
+    """Read the manifest of a version folder and verify every file it lists."""
+    manifest = read_manifest(path)
+    for record in listed_files(manifest):
+        verify_file(path / record["file"], record)
+    return ModelVersion(manifest["name"], int(manifest["version"]), path, manifest)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise RepositoryError(f"{manifest_path}: no manifest; not a model version folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RepositoryError(f"{manifest_path}: corrupt manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        found = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise RepositoryError(
+            f"{manifest_path}: manifest schema version {found!r}, this vaeserve reads {SCHEMA_VERSION}"
+        )
+    missing = {"name", "version", "input_size", "latent_size", "image_shape", "graphs"} - set(manifest)
+    if missing:
+        raise RepositoryError(f"{manifest_path}: manifest lacks {sorted(missing)}")
+    return manifest
+
+
+def listed_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    records = [manifest["graphs"][role] for role in ROLES]
+    for variant in manifest.get("variants", {}).values():
+        records += [variant[role] for role in ROLES]
+    return records
+
+
+def verify_file(path: Path, record: dict[str, Any]) -> None:
+    if not path.is_file():
+        raise RepositoryError(f"{path}: listed in the manifest but missing")
+    size = path.stat().st_size
+    if size != record["size"]:
+        raise RepositoryError(
+            f"{path}: {size} bytes, the manifest says {record['size']} (truncated or replaced)"
+        )
+    if sha256_file(path) != record["sha256"]:
+        raise RepositoryError(f"{path}: SHA-256 does not match the manifest (file was modified)")
+
+
+def _version_number(version: int | str) -> int:
+    try:
+        number = int(version)
+    except ValueError:
+        raise RepositoryError(f"version {version!r} is not a positive integer or 'latest'") from None
+    if number < 1:
+        raise RepositoryError(f"version {version!r} is not a positive integer or 'latest'")
+    return number

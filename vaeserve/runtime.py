@@ -1,0 +1,101 @@
+"""An exported encoder/decoder pair on onnxruntime, CPU or CUDA.
+
+The one place that opens ONNX sessions: the export checks, ``vae evaluate
+--model``, the service and the embedding tool all run a model through
+``OnnxPair``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from vaeserve.errors import RepositoryError, VaeError, first_line
+from vaeserve.repository import ModelVersion
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(device: str) -> list[str]:
+    """``cuda`` demands CUDA; ``auto`` takes it when onnxruntime-gpu and a GPU are present."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if device == "cuda":
+        raise VaeError(
+            f"--device cuda, but onnxruntime offers only {available} (install onnxruntime-gpu "
+            "and check the GPU driver)"
+        )
+    return [CPU]
+
+
+def session_options(threads: int = 0):  # noqa: ANN201 - onnxruntime type
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def open_session(path: Path, providers: list[str], threads: int = 0):  # noqa: ANN201
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad graphs
+        raise RepositoryError(f"{path}: onnxruntime cannot load it ({first_line(exc)})") from None
+
+
+class OnnxPair:
+    """The encoder and decoder sessions of one exported model (or of loose graph files)."""
+
+    def __init__(
+        self, encoder: Path, decoder: Path, providers: list[str] | None = None, threads: int = 0
+    ) -> None:
+        self.encoder = open_session(encoder, providers or [CPU], threads)
+        self.decoder = open_session(decoder, providers or [CPU], threads)
+        self.provider = self.encoder.get_providers()[0]
+        self.input_size = int(self.encoder.get_inputs()[0].shape[-1])
+        self.latent_size = int(self.decoder.get_inputs()[0].shape[-1])
+
+    @classmethod
+    def load(
+        cls, model: ModelVersion, device: str = "cpu", threads: int = 0, variant: str = "fp32"
+    ) -> OnnxPair:
+        pair = cls(
+            model.graph_path("encoder", variant),
+            model.graph_path("decoder", variant),
+            choose_providers(device),
+            threads,
+        )
+        if (pair.input_size, pair.latent_size) != (model.input_size, model.latent_size):
+            raise RepositoryError(
+                f"{model.path}: graphs take D={pair.input_size}, M={pair.latent_size} but the "
+                f"manifest says D={model.input_size}, M={model.latent_size}"
+            )
+        return pair
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Latent mean and stddev [N, M] of float32 inputs [N, D]."""
+        mean, stddev = self.encoder.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})
+        return mean, stddev
+
+    def decode(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bernoulli logits and probabilities [N, D] of latents [N, M]."""
+        logits, probs = self.decoder.run(None, {"z": np.ascontiguousarray(z, dtype=np.float32)})
+        return logits, probs
+
+    def decode_logits(self, z: np.ndarray) -> np.ndarray:
+        return self.decode(z)[0]
