@@ -12,16 +12,18 @@ itself, seeded, so results are reproducible on every runtime.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
+from vaeserve.training.model import VAE
 
 from vaeserve import __version__
-from vaeserve.training.model import VAE
 
 OPSET = 18
 ENCODER_IO = (["x"], ["mean", "stddev"])
@@ -88,7 +90,7 @@ def export_pair(model: VAE, folder: Path, metadata: dict[str, str]) -> tuple[Pat
 def io_signature(proto: onnx.ModelProto) -> dict[str, list[dict]]:
     """Names, dtypes and shapes (dimension names for dynamic ones) of a graph's inputs and outputs."""
 
-    def describe(values) -> list[dict]:  # noqa: ANN001
+    def describe(values) -> list[dict]:
         described = []
         for value in values:
             tensor = value.type.tensor_type
@@ -100,13 +102,13 @@ def io_signature(proto: onnx.ModelProto) -> dict[str, list[dict]]:
     return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
 
 
-class _quiet_torch_onnx:
+@contextlib.contextmanager
+def _quiet_torch_onnx() -> Iterator[None]:
     """The exporter logs warnings about optional torchvision ops; they concern no graph of ours."""
-
-    def __enter__(self) -> None:
-        self.logger = logging.getLogger("torch.onnx")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.setLevel(self.level)
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -13,15 +13,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from vaeserve.export.exporter import ExportRequest, export_model
+from vaeserve.training import checkpoint
+from vaeserve.training.backend import numpy_callables
 
 from vaeserve.datasets import evaluation_inputs
 from vaeserve.errors import CheckpointError, ExportError, RepositoryError
 from vaeserve.evaluation import evaluate
-from vaeserve.export.exporter import ExportRequest, export_model
-from vaeserve.repository import load_version, open_path, resolve, version_numbers
+from vaeserve.repository import open_path, resolve, version_numbers
 from vaeserve.runtime import OnnxPair
-from vaeserve.training import checkpoint
-from vaeserve.training.backend import numpy_callables
 
 INFERENCE_OPS = {
     "Gemm",
@@ -137,7 +137,7 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _rewrite_manifest(version: Path, role: str, key: str, value) -> None:  # noqa: ANN001
+def _rewrite_manifest(version: Path, role: str, key: str, value) -> None:
     manifest = json.loads((version / "manifest.json").read_text())
     manifest["graphs"][role][key] = value
     (version / "manifest.json").write_text(json.dumps(manifest))

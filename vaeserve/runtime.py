@@ -39,7 +39,7 @@ def choose_providers(device: str) -> list[str]:
     return [CPU]
 
 
-def session_options(threads: int = 0):  # noqa: ANN201 - onnxruntime type
+def session_options(threads: int = 0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -49,7 +49,7 @@ def session_options(threads: int = 0):  # noqa: ANN201 - onnxruntime type
     return options
 
 
-def open_session(path: Path, providers: list[str], threads: int = 0):  # noqa: ANN201
+def open_session(path: Path, providers: list[str], threads: int = 0):
     import onnxruntime as ort
 
     try:
