@@ -230,6 +230,12 @@ def binarize(images: np.ndarray, mode: str, rng: np.random.Generator | None = No
     raise ConfigError(f"unknown binarization {mode!r}; expected one of {', '.join(BINARIZATIONS)}")
 
 
+def model_inputs(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Raw pixels (uint8 0-255) as a trained model expects them at inference: thresholded for
+    ``threshold`` models, intensities for ``dynamic`` (the mean of its draws) and ``none``."""
+    return binarize(pixels, "threshold" if mode == "threshold" else "none")
+
+
 def evaluation_inputs(images: np.ndarray, mode: str, seed: int = 0) -> np.ndarray:
     """A split as evaluated: dynamic binarization uses one fixed-seed draw (the literature's
     protocol), so every evaluation of a model sees the same binary images."""

@@ -40,6 +40,14 @@ class ExportError(VaeError):
     """An export check failed; nothing was written to the repository."""
 
 
+class TensorError(VaeError):
+    """A tensor on the wire has the wrong shape, dtype, byte length or values."""
+
+
+class ModelNotFoundError(VaeError):
+    """A request names a model or version that is not loaded."""
+
+
 class MissingExtraError(VaeError):
     """A command needs an optional dependency group that is not installed."""
 

@@ -1,0 +1,65 @@
+"""numpy ↔ wire tensors (vae.v1.Tensor): the one place that converts them.
+
+A Tensor is a shape, a dtype and raw little-endian row-major bytes; decoding
+checks each of them against what the caller expects and says precisely what was
+wrong. Decoded arrays are zero-copy, read-only views of the message bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vaeserve._proto import vae_pb2
+from vaeserve.errors import TensorError
+
+FLOAT32 = vae_pb2.DATA_TYPE_FLOAT32
+UINT8 = vae_pb2.DATA_TYPE_UINT8
+_WIRE = {vae_pb2.DATA_TYPE_UNSPECIFIED: np.dtype("<f4"), FLOAT32: np.dtype("<f4"), UINT8: np.dtype("u1")}
+_NAMES = {FLOAT32: "float32", UINT8: "uint8", vae_pb2.DATA_TYPE_UNSPECIFIED: "float32 (unspecified)"}
+
+
+def to_tensor(array: np.ndarray) -> vae_pb2.Tensor:
+    """float32 or uint8 array → Tensor."""
+    if array.dtype == np.uint8:
+        dtype, data = UINT8, np.ascontiguousarray(array)
+    else:
+        dtype, data = FLOAT32, np.ascontiguousarray(array, dtype="<f4")
+    return vae_pb2.Tensor(shape=array.shape, dtype=dtype, data=data.tobytes())
+
+
+def from_tensor(tensor: vae_pb2.Tensor, field: str, columns: int, allow_uint8: bool = True,
+                max_rows: int | None = None) -> np.ndarray:
+    """Tensor → array [N, columns], checking shape, dtype, byte length and row count."""
+    if tensor.dtype not in _WIRE:
+        raise TensorError(f"{field}: unknown dtype {tensor.dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8")
+    if tensor.dtype == UINT8 and not allow_uint8:
+        raise TensorError(f"{field}: dtype uint8 is not accepted here; send DATA_TYPE_FLOAT32")
+    shape = tuple(tensor.shape)
+    if len(shape) != 2:
+        raise TensorError(f"{field}: shape {list(shape)} has {len(shape)} dimensions; expected [N, {columns}]")
+    rows, cols = shape
+    if cols != columns:
+        raise TensorError(f"{field}: shape {list(shape)} has {cols} columns; this model expects {columns}")
+    if rows < 1:
+        raise TensorError(f"{field}: empty batch (shape {list(shape)}); send at least one row")
+    if max_rows is not None and rows > max_rows:
+        raise TensorError(f"{field}: {rows} rows exceed this server's limit of {max_rows} per request; "
+                          "split the batch (the Python client does this for you)")
+    dtype = _WIRE[tensor.dtype]
+    expected = rows * cols * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise TensorError(f"{field}: {len(tensor.data)} bytes for shape {list(shape)} of "
+                          f"{_NAMES[tensor.dtype]}; expected {expected}")
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(rows, cols)
+
+
+def check_finite(array: np.ndarray, field: str, low: float | None = None, high: float | None = None) -> None:
+    """float32 rows must be finite (and within [low, high] when given)."""
+    if array.dtype == np.uint8:
+        return
+    smallest, largest = float(array.min()), float(array.max())
+    if not (np.isfinite(smallest) and np.isfinite(largest)):
+        bad = np.argwhere(~np.isfinite(array))[0]
+        raise TensorError(f"{field}: NaN or infinity at row {bad[0]}, column {bad[1]}; values must be finite")
+    if low is not None and high is not None and (smallest < low or largest > high):
+        raise TensorError(f"{field}: values span [{smallest:g}, {largest:g}]; expected [{low:g}, {high:g}]")
