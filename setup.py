@@ -22,8 +22,17 @@ def generate_stubs() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         include = str(Path(protoc.__file__).parent / "_proto")
-        code = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"-I{include}", f"--python_out={out}",
-                            f"--pyi_out={out}", f"--grpc_python_out={out}", str(ROOT / "protos" / PROTO)])
+        code = protoc.main(
+            [
+                "protoc",
+                f"-I{ROOT / 'protos'}",
+                f"-I{include}",
+                f"--python_out={out}",
+                f"--pyi_out={out}",
+                f"--grpc_python_out={out}",
+                str(ROOT / "protos" / PROTO),
+            ]
+        )
         if code != 0:
             raise RuntimeError(f"protoc failed on protos/{PROTO}")
         for generated in (Path(out) / "vae" / "v1").iterdir():

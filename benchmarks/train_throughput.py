@@ -1,6 +1,6 @@
 """Training throughput of the seed preset beside a plain PyTorch loop of the same model.
 
-    python benchmarks/train_throughput.py --data-dir ../shared/data/mnist [--epochs 3]
+    python -m benchmarks.train_throughput --data-dir ../shared/data/mnist [--epochs 3]
 
 Both train the 784-200-(2x100) VAE with batch 64 on the same 50,000 binarized rows;
 epochs alternate between the two so machine noise hits both alike. Prints rows/s

@@ -6,14 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import types
-import typing
-from dataclasses import fields
 from pathlib import Path
 
 from vaeserve.training.config import PRESETS, TrainConfig, resolve_config
 
 from vaeserve.errors import ConfigError, MissingExtraError
+from vaeserve.flags import add_dataclass_flags, values
 
 
 def _require_torch(command: str) -> None:
@@ -36,21 +34,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and training (override the preset and --config)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        seed_value = getattr(PRESETS["seed"], f.name)
-        options: dict = {"default": None, "help": f"{f.metadata['help']} (preset seed: {seed_value})"}
-        if f.metadata.get("choices"):
-            options["choices"] = f.metadata["choices"]
-        if kind == tuple[int, ...]:
-            options.update(type=int, nargs="+", metavar="N")
-        elif isinstance(kind, types.UnionType):  # int | None
-            options.update(type=int, metavar="N")
-        else:
-            options["type"] = kind
-        group.add_argument(flag, **options)
+    add_dataclass_flags(group, TrainConfig, show_default_of=PRESETS["seed"])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -86,7 +70,7 @@ def train_command(args: argparse.Namespace) -> int:
 
     from vaeserve.datasets import load_dataset
 
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    overrides = values(args, TrainConfig)
     if args.resume:
         config = resumed_config(saved_config(args.out), overrides)
     else:

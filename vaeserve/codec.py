@@ -27,29 +27,38 @@ def to_tensor(array: np.ndarray) -> vae_pb2.Tensor:
     return vae_pb2.Tensor(shape=array.shape, dtype=dtype, data=data.tobytes())
 
 
-def from_tensor(tensor: vae_pb2.Tensor, field: str, columns: int, allow_uint8: bool = True,
-                max_rows: int | None = None) -> np.ndarray:
+def from_tensor(
+    tensor: vae_pb2.Tensor, field: str, columns: int, allow_uint8: bool = True, max_rows: int | None = None
+) -> np.ndarray:
     """Tensor → array [N, columns], checking shape, dtype, byte length and row count."""
     if tensor.dtype not in _WIRE:
-        raise TensorError(f"{field}: unknown dtype {tensor.dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8")
+        raise TensorError(
+            f"{field}: unknown dtype {tensor.dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
+        )
     if tensor.dtype == UINT8 and not allow_uint8:
         raise TensorError(f"{field}: dtype uint8 is not accepted here; send DATA_TYPE_FLOAT32")
     shape = tuple(tensor.shape)
     if len(shape) != 2:
-        raise TensorError(f"{field}: shape {list(shape)} has {len(shape)} dimensions; expected [N, {columns}]")
+        raise TensorError(
+            f"{field}: shape {list(shape)} has {len(shape)} dimensions; expected [N, {columns}]"
+        )
     rows, cols = shape
     if cols != columns:
         raise TensorError(f"{field}: shape {list(shape)} has {cols} columns; this model expects {columns}")
     if rows < 1:
         raise TensorError(f"{field}: empty batch (shape {list(shape)}); send at least one row")
     if max_rows is not None and rows > max_rows:
-        raise TensorError(f"{field}: {rows} rows exceed this server's limit of {max_rows} per request; "
-                          "split the batch (the Python client does this for you)")
+        raise TensorError(
+            f"{field}: {rows} rows exceed this server's limit of {max_rows} per request; "
+            "split the batch (the Python client does this for you)"
+        )
     dtype = _WIRE[tensor.dtype]
     expected = rows * cols * dtype.itemsize
     if len(tensor.data) != expected:
-        raise TensorError(f"{field}: {len(tensor.data)} bytes for shape {list(shape)} of "
-                          f"{_NAMES[tensor.dtype]}; expected {expected}")
+        raise TensorError(
+            f"{field}: {len(tensor.data)} bytes for shape {list(shape)} of "
+            f"{_NAMES[tensor.dtype]}; expected {expected}"
+        )
     return np.frombuffer(tensor.data, dtype=dtype).reshape(rows, cols)
 
 
