@@ -8,12 +8,13 @@ the run as ``config.json``.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from vaeserve.datasets import BINARIZATIONS
 from vaeserve.errors import ConfigError
+from vaeserve.flags import option
 
 ACTIVATIONS = ("relu", "tanh", "softplus", "elu")
 INITS = ("seed", "torch")
@@ -22,37 +23,33 @@ OBJECTIVES = ("elbo", "iwae")
 TRAIN_SPLITS = ("train", "all-train")
 
 
-def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run (apart from the data's location)."""
 
-    dataset: str = _option("mnist", "dataset name (mnist, fashion-mnist) or a path to a .npz")
-    binarization: str = _option(
+    dataset: str = option("mnist", "dataset name (mnist, fashion-mnist) or a path to a .npz")
+    binarization: str = option(
         "threshold", "threshold: x > 0.5; dynamic: fresh Bernoulli(x) each epoch; none", BINARIZATIONS
     )
-    hidden_sizes: tuple[int, ...] = _option(
+    hidden_sizes: tuple[int, ...] = option(
         (200,), "widths of the encoder's hidden layers; the decoder mirrors them"
     )
-    latent_size: int = _option(100, "number of latent dimensions M")
-    activation: str = _option("relu", "hidden-layer nonlinearity", ACTIVATIONS)
-    init: str = _option("seed", "seed: W ~ N(0,1)·2/√fan_in, b = 0; torch: PyTorch's default", INITS)
-    optimizer: str = _option("tf1-rmsprop", "tf1-rmsprop (TF1 semantics) or adam", OPTIMIZERS)
-    lr: float = _option(1e-3, "learning rate")
-    lr_decay: float = _option(1.0, "multiply the learning rate by this after every epoch")
-    batch_size: int = _option(64, "rows per optimisation step")
-    epochs: int = _option(30, "passes over the training rows")
-    objective: str = _option("elbo", "elbo: the VAE bound; iwae: the k-sample bound", OBJECTIVES)
-    train_samples: int = _option(1, "importance samples k per row for the iwae objective")
-    kl_warmup_epochs: float = _option(0.0, "epochs over which the KL weight rises 0 → 1")
-    train_split: str = _option(
+    latent_size: int = option(100, "number of latent dimensions M")
+    activation: str = option("relu", "hidden-layer nonlinearity", ACTIVATIONS)
+    init: str = option("seed", "seed: W ~ N(0,1)·2/√fan_in, b = 0; torch: PyTorch's default", INITS)
+    optimizer: str = option("tf1-rmsprop", "tf1-rmsprop (TF1 semantics) or adam", OPTIMIZERS)
+    lr: float = option(1e-3, "learning rate")
+    lr_decay: float = option(1.0, "multiply the learning rate by this after every epoch")
+    batch_size: int = option(64, "rows per optimisation step")
+    epochs: int = option(30, "passes over the training rows")
+    objective: str = option("elbo", "elbo: the VAE bound; iwae: the k-sample bound", OBJECTIVES)
+    train_samples: int = option(1, "importance samples k per row for the iwae objective")
+    kl_warmup_epochs: float = option(0.0, "epochs over which the KL weight rises 0 → 1")
+    train_split: str = option(
         "train", "train: first 50,000 rows; all-train: all 60,000 (no validation)", TRAIN_SPLITS
     )
-    limit: int | None = _option(None, "train on the first N training rows only (quick runs)")
-    seed: int = _option(0, "seed of initialisation, shuffling, ε and binarization")
+    limit: int | None = option(None, "train on the first N training rows only (quick runs)")
+    seed: int = option(0, "seed of initialisation, shuffling, ε and binarization")
 
     def validate(self) -> TrainConfig:
         for f in fields(self):

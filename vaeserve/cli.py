@@ -30,15 +30,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from vaeserve.export import cli as export_cli
+    from vaeserve.service import cli as service_cli
     from vaeserve.training import cli as training_cli
 
     parser = OneLineParser(prog="vae", description="Train, export and serve a variational autoencoder.")
     parser.add_argument("--version", action="version", version=f"vaeserve {__version__}")
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("VAESERVE_LOG_LEVEL", "WARNING"),
+        default=os.environ.get("VAESERVE_LOG_LEVEL"),
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="logging level (env VAESERVE_LOG_LEVEL; default WARNING)",
+        help="logging level (env VAESERVE_LOG_LEVEL; default INFO for serve, else WARNING)",
     )
     subparsers = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser
@@ -46,12 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(subparsers)
     training_cli.register_evaluate(subparsers)
     export_cli.register(subparsers)
+    service_cli.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or getattr(args, "default_log_level", "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
     except VaeError as exc:

@@ -18,6 +18,11 @@ from typing import Any
 from vaeserve.errors import ConfigError
 
 
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with the help text and choices its flag shows."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
 def env_name(prefix: str, field: str) -> str:
     return prefix + field.upper()
 

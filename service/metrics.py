@@ -1,0 +1,58 @@
+"""Prometheus metrics of the service, on their own registry (several servers can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "vaeserve_requests",
+            "Calls by method and gRPC status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "vaeserve_request_seconds",
+            "Call latency in the server, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rows = Counter("vaeserve_rows", "Rows processed, by method", ["method"], registry=self.registry)
+        self.batch_rows = Histogram(
+            "vaeserve_batch_rows",
+            "Rows per onnxruntime run, by graph",
+            ["graph"],
+            buckets=ROW_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "vaeserve_queue_seconds",
+            "Time a call waited for its batch",
+            ["graph"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.models = Gauge("vaeserve_models_loaded", "Model versions being served", registry=self.registry)
+
+    def call(self, method: str, code: str, seconds: float, rows: int) -> None:
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method).observe(seconds)
+        if rows:
+            self.rows.labels(method).inc(rows)
+
+    def queued(self, graph: str, seconds: float) -> None:
+        self.queue_seconds.labels(graph).observe(seconds)
+
+    def batch(self, graph: str, rows: int) -> None:
+        self.batch_rows.labels(graph).observe(rows)
+
+    def serve_http(self, host: str, port: int):
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server

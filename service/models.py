@@ -1,0 +1,244 @@
+"""The data plane: loaded model versions and the four uses of a model, in numpy.
+
+Nothing here knows gRPC. A ``ServedModel`` runs its encoder and decoder through
+batchers and draws every random number from the request's own generator, so a
+seeded request gives bit-identical results however the server is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Executor
+
+import numpy as np
+from vaeserve.service.batching import Batcher, Direct, Observer
+from vaeserve.service.settings import ServeSettings
+
+from vaeserve import codec
+from vaeserve._proto import vae_pb2
+from vaeserve.datasets import model_inputs
+from vaeserve.errors import ModelNotFoundError, TensorError, VaeError
+from vaeserve.repository import ModelVersion, load_version, model_names, version_numbers
+from vaeserve.runtime import OnnxPair
+
+log = logging.getLogger(__name__)
+
+
+def generator(seed: int | None) -> np.random.Generator:
+    """The request's randomness: seeded (PCG64, identical on every platform) or fresh."""
+    return np.random.default_rng(seed)
+
+
+def bernoulli(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (rng.random(probs.shape, dtype=np.float32) < probs).astype(np.uint8)
+
+
+class ServedModel:
+    def __init__(
+        self,
+        version: ModelVersion,
+        pair: OnnxPair,
+        settings: ServeSettings,
+        executor: Executor,
+        observer: Observer,
+    ) -> None:
+        self.version = version
+        self.pair = pair
+        self.settings = settings
+        self.ref = vae_pb2.ModelRef(name=version.name, version=version.version)
+        label = f"{version.name}/{version.version}"
+        if settings.batching:
+            delay = settings.batch_max_delay_ms / 1000
+            self.encoder = Batcher(
+                pair.encode,
+                executor,
+                f"{label} encoder",
+                settings.batch_max_rows,
+                delay,
+                settings.max_queue_rows,
+                observer,
+            )
+            self.decoder = Batcher(
+                pair.decode,
+                executor,
+                f"{label} decoder",
+                settings.batch_max_rows,
+                delay,
+                settings.max_queue_rows,
+                observer,
+            )
+        else:
+            self.encoder = Direct(pair.encode, executor, f"{label} encoder", observer)
+            self.decoder = Direct(pair.decode, executor, f"{label} decoder", observer)
+
+    def warm_up(self) -> None:
+        """One run at batch 1 and one at the largest merged batch, before reporting SERVING."""
+        for rows in (1, self.settings.batch_max_rows):
+            self.pair.encode(np.zeros((rows, self.version.input_size), np.float32))
+            self.pair.decode(np.zeros((rows, self.version.latent_size), np.float32))
+
+    # -- wire → model inputs ----------------------------------------------------------------------
+    def inputs(self, tensor: vae_pb2.Tensor, field: str = "inputs") -> np.ndarray:
+        rows = codec.from_tensor(
+            tensor, field, self.version.input_size, max_rows=self.settings.max_request_rows
+        )
+        if rows.dtype == np.uint8:  # raw pixels: prepared exactly as in training
+            return model_inputs(rows, self.version.manifest.get("binarization", "none"))
+        codec.check_finite(rows, field, 0.0, 1.0)
+        return rows
+
+    def latents(self, tensor: vae_pb2.Tensor, field: str = "latents") -> np.ndarray:
+        rows = codec.from_tensor(
+            tensor,
+            field,
+            self.version.latent_size,
+            allow_uint8=False,
+            max_rows=self.settings.max_request_rows,
+        )
+        codec.check_finite(rows, field)
+        return rows
+
+    def count(self, count: int) -> int:
+        if not 1 <= count <= self.settings.max_request_rows:
+            raise TensorError(f"count: {count}; expected 1 to {self.settings.max_request_rows}")
+        return count
+
+    # -- the four uses ----------------------------------------------------------------------------
+    async def encode(self, x: np.ndarray, sample: bool, seed: int | None) -> dict[str, np.ndarray]:
+        mean, stddev = await self.encoder.submit(x, alone=seed is not None)
+        out = {"mean": mean, "stddev": stddev}
+        if sample:
+            out["z"] = mean + stddev * generator(seed).standard_normal(mean.shape, dtype=np.float32)
+        return out
+
+    async def decode(self, z: np.ndarray, sample: bool, seed: int | None) -> dict[str, np.ndarray]:
+        _, probs = await self.decoder.submit(z, alone=seed is not None)
+        out = {"probs": probs}
+        if sample:
+            out["samples"] = bernoulli(probs, generator(seed))
+        return out
+
+    async def reconstruct(self, x: np.ndarray, use_mean: bool, seed: int | None) -> dict[str, np.ndarray]:
+        rng = generator(seed)
+        mean, stddev = await self.encoder.submit(x, alone=seed is not None)
+        z = mean if use_mean else mean + stddev * rng.standard_normal(mean.shape, dtype=np.float32)
+        _, probs = await self.decoder.submit(np.ascontiguousarray(z, np.float32), alone=seed is not None)
+        return {"probs": probs, "samples": bernoulli(probs, rng), "latents": z}
+
+    async def sample_prior(self, count: int, seed: int | None) -> dict[str, np.ndarray]:
+        rng = generator(seed)
+        z = rng.standard_normal((count, self.version.latent_size), dtype=np.float32)
+        _, probs = await self.decoder.submit(z, alone=seed is not None)
+        return {"latents": z, "probs": probs, "samples": bernoulli(probs, rng)}
+
+    def info(self, is_default: bool) -> vae_pb2.ModelInfo:
+        evaluation = self.version.manifest.get("evaluation") or {}
+        metrics = {k: float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
+        return vae_pb2.ModelInfo(
+            name=self.version.name,
+            version=self.version.version,
+            input_size=self.version.input_size,
+            latent_size=self.version.latent_size,
+            image_shape=self.version.image_shape,
+            execution_provider=self.pair.provider,
+            variant=self.settings.variant,
+            binarization=self.version.manifest.get("binarization", ""),
+            metrics=metrics,
+            is_default=is_default,
+            max_batch_rows=self.settings.max_request_rows,
+        )
+
+
+class ModelRegistry:
+    """Every loaded version, by name and number; resolves what a request names."""
+
+    def __init__(self, models: dict[str, dict[int, ServedModel]], default: str) -> None:
+        self.models = models
+        self.default = default
+
+    @classmethod
+    def load(cls, settings: ServeSettings, executor: Executor, observer: Observer) -> ModelRegistry:
+        names = [settings.model] if settings.model else model_names(settings.repo)
+        models: dict[str, dict[int, ServedModel]] = {}
+        for name in names:
+            for number in _versions_to_load(settings, name):
+                served = _load_one(settings, name, number, executor, observer)
+                if served is not None:
+                    models.setdefault(name, {})[number] = served
+        if not models:
+            raise VaeError(
+                f"no servable model in {settings.repo} (model {settings.model or 'any'}, "
+                f"version {settings.version}); see the log lines above"
+            )
+        default = settings.model if settings.model in models else sorted(models)[0]
+        return cls(models, default)
+
+    def resolve(self, name: str, version: str) -> ServedModel:
+        name = name or self.default
+        if name not in self.models:
+            raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self.models)}")
+        versions = self.models[name]
+        if version in ("", "latest"):
+            return versions[max(versions)]
+        if not version.isdigit() or int(version) not in versions:
+            raise ModelNotFoundError(
+                f"model {name!r} has no loaded version {version!r}; loaded: {sorted(versions)}"
+            )
+        return versions[int(version)]
+
+    def all(self) -> list[ServedModel]:
+        return [m for name in sorted(self.models) for _, m in sorted(self.models[name].items())]
+
+    def describe(self, name: str = "") -> list[vae_pb2.ModelInfo]:
+        if name and name not in self.models:
+            raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self.models)}")
+        return [
+            m.info(m.version.name == self.default) for m in self.all() if not name or m.version.name == name
+        ]
+
+    def start(self) -> None:
+        for model in self.all():
+            model.encoder.start()
+            model.decoder.start()
+
+    async def stop(self) -> None:
+        for model in self.all():
+            await model.encoder.stop()
+            await model.decoder.stop()
+
+
+def _versions_to_load(settings: ServeSettings, name: str) -> list[int]:
+    numbers = version_numbers(settings.repo / name)
+    if not numbers:
+        log.error("refusing model %s: no versions in %s", name, settings.repo / name)
+        return []
+    if settings.version == "all":
+        return numbers
+    if settings.version == "latest":
+        return numbers[-1:]
+    wanted = int(settings.version)
+    if wanted not in numbers:
+        log.error("refusing model %s: no version %d (has %s)", name, wanted, numbers)
+        return []
+    return [wanted]
+
+
+def _load_one(
+    settings: ServeSettings, name: str, number: int, executor: Executor, observer: Observer
+) -> ServedModel | None:
+    path = settings.repo / name / str(number)
+    try:
+        version = load_version(path)
+        pair = OnnxPair.load(version, settings.device, settings.threads, settings.variant)
+    except VaeError as exc:
+        log.error("refusing %s: %s", path, exc)
+        return None
+    log.info(
+        "loaded %s: D=%d, M=%d, variant %s on %s",
+        path,
+        version.input_size,
+        version.latent_size,
+        settings.variant,
+        pair.provider,
+    )
+    return ServedModel(version, pair, settings, executor, observer)

@@ -1,0 +1,141 @@
+"""VaeService over gRPC: thin translations between messages and the data plane.
+
+Each handler decodes tensors (vaeserve.codec), calls the ServedModel, and encodes
+the result. Errors become gRPC statuses in exactly one place, ``_rpc``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from vaeserve.service.batching import OverloadedError
+from vaeserve.service.metrics import Metrics
+from vaeserve.service.models import ModelRegistry
+
+from vaeserve import __version__
+from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.codec import to_tensor
+from vaeserve.errors import ModelNotFoundError, TensorError
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    TensorError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _seed(request) -> int | None:
+    return request.seed if request.HasField("seed") else None
+
+
+def _rows(response) -> int:
+    """Rows a response carries, for the rows-processed metric."""
+    fields = response.DESCRIPTOR.fields_by_name
+    for name in ("mean", "probs"):
+        if name in fields and response.HasField(name):
+            return int(getattr(response, name).shape[0])
+    return 0
+
+
+def _rpc(method: str) -> Callable:
+    """Time the call, count it by status code, and turn our errors into statuses."""
+
+    def wrap(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+        @functools.wraps(handler)
+        async def call(self: VaeServicer, request, context: grpc.aio.ServicerContext):
+            started = time.perf_counter()
+            code, message, response = grpc.StatusCode.OK, "", None
+            try:
+                response = await handler(self, request, context)
+            except tuple(STATUS) as exc:
+                code, message = STATUS[type(exc)], str(exc)
+            except Exception:
+                log.exception("%s failed", method)
+                code, message = grpc.StatusCode.INTERNAL, f"{method}: internal error (see the server log)"
+            finally:
+                rows = _rows(response) if response is not None else 0
+                self.metrics.call(method, code.name, time.perf_counter() - started, rows)
+            if code is not grpc.StatusCode.OK:
+                await context.abort(code, message)
+            return response
+
+        return call
+
+    return wrap
+
+
+class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
+    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.registry = registry
+        self.metrics = metrics
+
+    @_rpc("Encode")
+    async def Encode(self, request: vae_pb2.EncodeRequest, context) -> vae_pb2.EncodeResponse:
+        return await self._encode(request)
+
+    async def _encode(self, request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
+        model = self.registry.resolve(request.model, request.version)
+        out = await model.encode(model.inputs(request.inputs), request.sample, _seed(request))
+        return vae_pb2.EncodeResponse(
+            mean=to_tensor(out["mean"]),
+            stddev=to_tensor(out["stddev"]),
+            z=to_tensor(out["z"]) if "z" in out else None,
+            model=model.ref,
+        )
+
+    @_rpc("Decode")
+    async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
+        model = self.registry.resolve(request.model, request.version)
+        out = await model.decode(model.latents(request.latents), request.sample, _seed(request))
+        samples = to_tensor(out["samples"]) if "samples" in out else None
+        return vae_pb2.DecodeResponse(probs=to_tensor(out["probs"]), samples=samples, model=model.ref)
+
+    @_rpc("Reconstruct")
+    async def Reconstruct(self, request: vae_pb2.ReconstructRequest, context) -> vae_pb2.ReconstructResponse:
+        model = self.registry.resolve(request.model, request.version)
+        out = await model.reconstruct(model.inputs(request.inputs), request.use_mean, _seed(request))
+        return vae_pb2.ReconstructResponse(
+            probs=to_tensor(out["probs"]),
+            samples=to_tensor(out["samples"]),
+            latents=to_tensor(out["latents"]),
+            model=model.ref,
+        )
+
+    @_rpc("SamplePrior")
+    async def SamplePrior(self, request: vae_pb2.SamplePriorRequest, context) -> vae_pb2.SamplePriorResponse:
+        model = self.registry.resolve(request.model, request.version)
+        out = await model.sample_prior(model.count(request.count), _seed(request))
+        return vae_pb2.SamplePriorResponse(
+            latents=to_tensor(out["latents"]),
+            probs=to_tensor(out["probs"]),
+            samples=to_tensor(out["samples"]),
+            model=model.ref,
+        )
+
+    @_rpc("GetModelInfo")
+    async def GetModelInfo(
+        self, request: vae_pb2.GetModelInfoRequest, context
+    ) -> vae_pb2.GetModelInfoResponse:
+        return vae_pb2.GetModelInfoResponse(
+            models=self.registry.describe(request.model), server_version=__version__
+        )
+
+    async def EncodeStream(
+        self, requests: AsyncIterator[vae_pb2.EncodeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[vae_pb2.EncodeResponse]:
+        """One response per request, in order; an error ends the stream with its status."""
+        async for request in requests:
+            started = time.perf_counter()
+            try:
+                response = await self._encode(request)
+            except tuple(STATUS) as exc:
+                self.metrics.call("EncodeStream", STATUS[type(exc)].name, time.perf_counter() - started, 0)
+                await context.abort(STATUS[type(exc)], str(exc))
+            self.metrics.call("EncodeStream", "OK", time.perf_counter() - started, _rows(response))
+            yield response

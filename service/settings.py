@@ -1,0 +1,75 @@
+"""`vae serve` settings: one typed dataclass, every field a flag and a VAESERVE_* variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaeserve.errors import ConfigError
+from vaeserve.flags import option
+from vaeserve.runtime import DEVICES
+
+ENV_PREFIX = "VAESERVE_"
+VARIANTS = ("fp32", "int8", "fp16")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    repo: Path = option(Path("models"), "model repository folder")
+    model: str | None = option(
+        None,
+        "serve only this model, the default for requests naming none "
+        "(unset: every model in the repository; the first by name is the default)",
+    )
+    version: str = option("all", "versions to load: all, latest or a number")
+    variant: str = option("fp32", "graph variant: fp32, int8 (CPU) or fp16 (CUDA)", VARIANTS)
+    host: str = option("0.0.0.0", "address to listen on")
+    port: int = option(50051, "gRPC port")
+    device: str = option("auto", "auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU", DEVICES)
+    threads: int = option(0, "onnxruntime intra-op threads per session (0: one per core)")
+    batching: bool = option(True, "merge concurrent requests into one onnxruntime run")
+    batch_max_rows: int = option(1024, "largest merged batch, in rows")
+    batch_max_delay_ms: float = option(0.0, "how long a lone request waits for others to join its batch")
+    max_request_rows: int = option(4096, "most rows (or SamplePrior count) one request may carry")
+    max_queue_rows: int = option(65536, "rows queued per graph before new calls get RESOURCE_EXHAUSTED")
+    max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
+    max_concurrent_rpcs: int = option(512, "calls in progress before new ones get RESOURCE_EXHAUSTED")
+    metrics_port: int = option(9464, "Prometheus metrics HTTP port (0: off)")
+    grace_s: float = option(10.0, "on SIGTERM, seconds to finish calls in flight")
+    token_file: Path | None = option(None, "file holding the bearer token clients must send")
+    tls_cert: Path | None = option(None, "PEM server certificate (enables TLS)")
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = option(
+        None, "PEM CA bundle; clients must present a certificate it signed (mTLS)"
+    )
+
+    def validate(self) -> ServeSettings:
+        if self.version not in ("all", "latest") and not self.version.isdigit():
+            raise ConfigError(f"--version {self.version!r}: expected all, latest or a version number")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in (
+            "batch_max_rows",
+            "max_request_rows",
+            "max_queue_rows",
+            "max_message_mb",
+            "max_concurrent_rpcs",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.batch_max_delay_ms < 0 or self.grace_s < 0 or self.threads < 0:
+            raise ConfigError("--batch-max-delay-ms, --grace-s and --threads must not be negative")
+        return self
+
+    def read_token(self) -> str | None:
+        if self.token_file is None:
+            return None
+        try:
+            token = self.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {self.token_file}: cannot read ({exc.strerror})") from None
+        if not token:
+            raise ConfigError(f"--token-file {self.token_file} is empty")
+        return token
