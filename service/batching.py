@@ -1,12 +1,14 @@
 """Batching across requests: concurrent small calls share one onnxruntime run.
 
-Requests queue per graph. A worker task takes everything queued (up to
-``max_rows``) as soon as the previous run finishes, so under load batches grow
-by themselves while a lone request waits at most ``max_delay`` (0 by default:
-it runs at once). Cancelled calls (deadline expired, client gone) are dropped
-before they cost compute. Requests marked ``alone`` (seeded ones) run in a
-batch of their own, so their results never depend on their neighbours.
-The queue is bounded: past ``max_queue_rows`` a call is refused, not queued.
+Requests queue per graph. A flush is scheduled when the first request arrives:
+after ``max_delay`` (default 1 ms), or on the loop's next turn with no delay, so
+that calls already received in the same turn join the batch; a full batch
+(``max_rows``) flushes at once. One run per graph is in progress at a time:
+calls arriving meanwhile form the next batch, so batches grow with load by
+themselves. Cancelled calls (deadline expired, client gone) are dropped before
+they cost compute. Requests marked ``alone`` (seeded ones) run in a batch of
+their own, so their results never depend on their neighbours. The queue is
+bounded: past ``max_queue_rows`` a call is refused, not queued.
 """
 
 from __future__ import annotations
@@ -24,6 +26,24 @@ import numpy as np
 from vaeserve.errors import VaeError
 
 Run = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+
+
+@dataclass(frozen=True)
+class Runner:
+    """Runs a graph on a batch. Small batches run inline on the event loop, on a session
+    with one thread: for them a hop to a worker thread and waking onnxruntime's thread
+    pool cost more than the run itself. Larger batches run on the executor, on a session
+    with all its threads, while the loop keeps receiving and answering calls."""
+
+    small: Run
+    large: Run
+    executor: Executor
+    inline_rows: int
+
+    async def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        if len(rows) <= self.inline_rows:
+            return self.small(rows)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.large, rows)
 
 
 class OverloadedError(VaeError):
@@ -55,8 +75,7 @@ class _Item:
 class Batcher:
     def __init__(
         self,
-        run: Run,
-        executor: Executor,
+        run: Runner,
         name: str,
         max_rows: int,
         max_delay_s: float,
@@ -64,7 +83,6 @@ class Batcher:
         observer: Observer | None = None,
     ) -> None:
         self.run = run
-        self.executor = executor
         self.name = name
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
@@ -72,48 +90,50 @@ class Batcher:
         self.observer = observer or _Unobserved()
         self.queue: deque[_Item] = deque()
         self.queued_rows = 0
-        self.wakeup = asyncio.Event()
-        self.worker: asyncio.Task | None = None
+        self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self.running: asyncio.Task | None = None
 
     def start(self) -> None:
-        self.worker = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+        pass
 
     async def stop(self) -> None:
-        if self.worker:
-            self.worker.cancel()
+        if self.timer:
+            self.timer.cancel()
 
     async def submit(self, rows: np.ndarray, alone: bool = False) -> tuple[np.ndarray, ...]:
         if self.queued_rows + len(rows) > self.max_queue_rows:
             raise OverloadedError(
-                f"server busy: {self.queued_rows} rows already queued for the "
-                f"{self.name} (limit {self.max_queue_rows}); retry with backoff"
+                f"server busy: {self.queued_rows} rows already queued for the {self.name} "
+                f"(limit {self.max_queue_rows}); retry with backoff"
             )
-        item = _Item(rows, asyncio.get_running_loop().create_future(), alone)
+        loop = asyncio.get_running_loop()
+        item = _Item(rows, loop.create_future(), alone)
         self.queue.append(item)
         self.queued_rows += len(rows)
-        self.wakeup.set()
+        if self.running is None:
+            self._schedule(loop)
         return await item.future
 
-    async def _work(self) -> None:
-        while True:
-            await self.wakeup.wait()
-            self.wakeup.clear()
-            while self.queue:
-                if self.max_delay_s > 0 and self.queued_rows < self.max_rows:
-                    await self._gather()
-                batch = self._take()
-                if batch:
-                    await self._run(batch)
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.queued_rows >= self.max_rows:
+            if self.timer:
+                self.timer.cancel()
+            self.timer = None
+            self._flush()
+        elif self.timer is None:
+            self.timer = (
+                loop.call_later(self.max_delay_s, self._flush)
+                if self.max_delay_s > 0
+                else loop.call_soon(self._flush)
+            )
 
-    async def _gather(self) -> None:
-        """Give a lone request up to max_delay for others to join it."""
-        deadline = self.queue[0].queued_at + self.max_delay_s
-        while self.queued_rows < self.max_rows and (left := deadline - time.perf_counter()) > 0:
-            self.wakeup.clear()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), left)
-            except TimeoutError:
-                break
+    def _flush(self) -> None:
+        self.timer = None
+        if self.running is not None:
+            return
+        batch = self._take()
+        if batch:
+            self.running = asyncio.get_running_loop().create_task(self._run(batch))
 
     def _take(self) -> list[_Item]:
         batch: list[_Item] = []
@@ -133,14 +153,21 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[_Item]) -> None:
+        try:
+            await self._execute(batch)
+        finally:
+            self.running = None
+            if self.queue:  # calls that arrived during the run form the next batch now
+                self._flush()
+
+    async def _execute(self, batch: list[_Item]) -> None:
         started = time.perf_counter()
         for item in batch:
             self.observer.queued(self.name, started - item.queued_at)
         rows = batch[0].rows if len(batch) == 1 else np.concatenate([i.rows for i in batch])
         self.observer.batch(self.name, len(rows))
-        loop = asyncio.get_running_loop()
         try:
-            outputs = await loop.run_in_executor(self.executor, self.run, rows)
+            outputs = await self.run(rows)
         except Exception as exc:
             for item in batch:
                 if not item.future.done():
@@ -157,8 +184,8 @@ class Batcher:
 class Direct:
     """The same interface without merging: each call runs on its own (``--no-batching``)."""
 
-    def __init__(self, run: Run, executor: Executor, name: str, observer: Observer | None = None) -> None:
-        self.run, self.executor, self.name = run, executor, name
+    def __init__(self, run: Runner, name: str, observer: Observer | None = None) -> None:
+        self.run, self.name = run, name
         self.observer = observer or _Unobserved()
 
     def start(self) -> None:
@@ -170,4 +197,4 @@ class Direct:
     async def submit(self, rows: np.ndarray, alone: bool = False) -> tuple[np.ndarray, ...]:
         self.observer.queued(self.name, 0.0)
         self.observer.batch(self.name, len(rows))
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.run, rows)
+        return await self.run(rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -41,17 +43,22 @@ class Metrics:
         )
         self.models = Gauge("vaeserve_models_loaded", "Model versions being served", registry=self.registry)
 
+    # Labelled children are looked up once and kept: labels() costs more than the update.
+    @functools.cache  # noqa: B019 - one Metrics per server, kept for its lifetime
+    def _child(self, metric: str, *labels: str):
+        return getattr(self, metric).labels(*labels)
+
     def call(self, method: str, code: str, seconds: float, rows: int) -> None:
-        self.requests.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+        self._child("requests", method, code).inc()
+        self._child("latency", method).observe(seconds)
         if rows:
-            self.rows.labels(method).inc(rows)
+            self._child("rows", method).inc(rows)
 
     def queued(self, graph: str, seconds: float) -> None:
-        self.queue_seconds.labels(graph).observe(seconds)
+        self._child("queue_seconds", graph).observe(seconds)
 
     def batch(self, graph: str, rows: int) -> None:
-        self.batch_rows.labels(graph).observe(rows)
+        self._child("batch_rows", graph).observe(rows)
 
     def serve_http(self, host: str, port: int):
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

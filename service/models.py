@@ -11,7 +11,7 @@ import logging
 from concurrent.futures import Executor
 
 import numpy as np
-from vaeserve.service.batching import Batcher, Direct, Observer
+from vaeserve.service.batching import Batcher, Direct, Observer, Runner
 from vaeserve.service.settings import ServeSettings
 
 from vaeserve import codec
@@ -38,41 +38,35 @@ class ServedModel:
         self,
         version: ModelVersion,
         pair: OnnxPair,
+        small: OnnxPair,
         settings: ServeSettings,
         executor: Executor,
         observer: Observer,
     ) -> None:
         self.version = version
         self.pair = pair
+        self.small = small
         self.settings = settings
         self.ref = vae_pb2.ModelRef(name=version.name, version=version.version)
         label = f"{version.name}/{version.version}"
-        if settings.batching:
-            delay = settings.batch_max_delay_ms / 1000
-            self.encoder = Batcher(
-                pair.encode,
-                executor,
-                f"{label} encoder",
-                settings.batch_max_rows,
-                delay,
-                settings.max_queue_rows,
-                observer,
-            )
-            self.decoder = Batcher(
-                pair.decode,
-                executor,
-                f"{label} decoder",
-                settings.batch_max_rows,
-                delay,
-                settings.max_queue_rows,
-                observer,
-            )
-        else:
-            self.encoder = Direct(pair.encode, executor, f"{label} encoder", observer)
-            self.decoder = Direct(pair.decode, executor, f"{label} decoder", observer)
+        inline = settings.inline_max_rows
+        encoder = Runner(small.encode, pair.encode, executor, inline)
+        decoder = Runner(small.decode, pair.decode, executor, inline)
+        self.encoder = self._batcher(encoder, f"{label} encoder", observer)
+        self.decoder = self._batcher(decoder, f"{label} decoder", observer)
+
+    def _batcher(self, runner: Runner, name: str, observer: Observer) -> Batcher | Direct:
+        if not self.settings.batching:
+            return Direct(runner, name, observer)
+        delay = self.settings.batch_max_delay_ms / 1000
+        return Batcher(
+            runner, name, self.settings.batch_max_rows, delay, self.settings.max_queue_rows, observer
+        )
 
     def warm_up(self) -> None:
         """One run at batch 1 and one at the largest merged batch, before reporting SERVING."""
+        self.small.encode(np.zeros((1, self.version.input_size), np.float32))
+        self.small.decode(np.zeros((1, self.version.latent_size), np.float32))
         for rows in (1, self.settings.batch_max_rows):
             self.pair.encode(np.zeros((rows, self.version.input_size), np.float32))
             self.pair.decode(np.zeros((rows, self.version.latent_size), np.float32))
@@ -230,6 +224,7 @@ def _load_one(
     try:
         version = load_version(path)
         pair = OnnxPair.load(version, settings.device, settings.threads, settings.variant)
+        small = OnnxPair.load(version, settings.device, 1, settings.variant)
     except VaeError as exc:
         log.error("refusing %s: %s", path, exc)
         return None
@@ -241,4 +236,4 @@ def _load_one(
         settings.variant,
         pair.provider,
     )
-    return ServedModel(version, pair, settings, executor, observer)
+    return ServedModel(version, pair, small, settings, executor, observer)

@@ -36,7 +36,7 @@ def grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1),
     ]
 
 

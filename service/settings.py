@@ -29,7 +29,10 @@ class ServeSettings:
     threads: int = option(0, "onnxruntime intra-op threads per session (0: one per core)")
     batching: bool = option(True, "merge concurrent requests into one onnxruntime run")
     batch_max_rows: int = option(1024, "largest merged batch, in rows")
-    batch_max_delay_ms: float = option(0.0, "how long a lone request waits for others to join its batch")
+    batch_max_delay_ms: float = option(0.5, "how long a lone request waits for others to join its batch")
+    inline_max_rows: int = option(
+        16, "batches up to this many rows run on the event loop with a one-thread session (0: never)"
+    )
     max_request_rows: int = option(4096, "most rows (or SamplePrior count) one request may carry")
     max_queue_rows: int = option(65536, "rows queued per graph before new calls get RESOURCE_EXHAUSTED")
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")

@@ -45,6 +45,9 @@ def session_options(threads: int = 0):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Idle intra-op threads would spin for a while after each run, taking a core from the
+    # gRPC threads and from clients on small machines; they sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return options
 

@@ -1,0 +1,234 @@
+"""The Python client of VaeService: numpy in, numpy out.
+
+Arrays larger than one request are split into chunks of ``chunk_rows`` rows,
+sent with up to ``max_in_flight`` requests outstanding, and reassembled in order.
+UNAVAILABLE is retried with exponential backoff by gRPC's own retry policy (the
+channel's service config), every call carries a deadline, and TLS, mutual TLS
+and a bearer token are supported. When a seeded call is split, chunk i uses
+seed + i, so the same call with the same chunking is reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.codec import from_tensor, to_tensor
+from vaeserve.errors import VaeError
+
+RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [{"service": "vae.v1.VaeService"}, {"service": "grpc.health.v1.Health"}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
+class ServiceError(VaeError):
+    """A call failed; ``code`` is the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+def _read(path: str | Path | bytes | None) -> bytes | None:
+    if path is None or isinstance(path, bytes):
+        return path
+    return Path(path).read_bytes()
+
+
+class VaeClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        model: str = "",
+        version: str = "",
+        timeout: float = 60.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: str | Path | bytes | None = None,
+        client_certificate: str | Path | bytes | None = None,
+        client_key: str | Path | bytes | None = None,
+        chunk_rows: int = 1024,
+        max_in_flight: int = 4,
+        max_message_mb: int = 64,
+    ) -> None:
+        limit = max_message_mb * 1024 * 1024
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(RETRY_POLICY)),
+        ]
+        if tls or root_certificates or client_certificate:
+            credentials = grpc.ssl_channel_credentials(
+                _read(root_certificates), _read(client_key), _read(client_certificate)
+            )
+            self.channel = grpc.secure_channel(target, credentials, options)
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.stub = vae_pb2_grpc.VaeServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.model, self.version, self.timeout = model, version, timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.chunk_rows, self.max_in_flight = chunk_rows, max_in_flight
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> VaeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the RPCs --------------------------------------------------------------------------------
+    def encode(
+        self, inputs: np.ndarray, sample: bool = False, seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Latent ``mean`` and ``stddev`` [N, M] (and ``z`` with sample) of inputs [N, D]
+        (float32 model inputs in [0, 1], or uint8 raw pixels)."""
+        requests = (
+            vae_pb2.EncodeRequest(
+                model=self.model,
+                version=self.version,
+                inputs=to_tensor(part),
+                sample=sample,
+                seed=_chunk_seed(seed, i),
+            )
+            for i, part in enumerate(self._chunks(inputs))
+        )
+        return self._gather(
+            self.stub.Encode, requests, ("mean", "stddev", "z") if sample else ("mean", "stddev")
+        )
+
+    def decode(
+        self, latents: np.ndarray, sample: bool = False, seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Bernoulli ``probs`` [N, D] (and uint8 ``samples``) of latents [N, M]."""
+        requests = (
+            vae_pb2.DecodeRequest(
+                model=self.model,
+                version=self.version,
+                latents=to_tensor(np.asarray(part, np.float32)),
+                sample=sample,
+                seed=_chunk_seed(seed, i),
+            )
+            for i, part in enumerate(self._chunks(latents))
+        )
+        return self._gather(self.stub.Decode, requests, ("probs", "samples") if sample else ("probs",))
+
+    def reconstruct(
+        self, inputs: np.ndarray, use_mean: bool = False, seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """Posterior predictive ``probs`` and ``samples`` [N, D], and the ``latents`` decoded."""
+        requests = (
+            vae_pb2.ReconstructRequest(
+                model=self.model,
+                version=self.version,
+                inputs=to_tensor(part),
+                use_mean=use_mean,
+                seed=_chunk_seed(seed, i),
+            )
+            for i, part in enumerate(self._chunks(inputs))
+        )
+        return self._gather(self.stub.Reconstruct, requests, ("probs", "samples", "latents"))
+
+    def sample_prior(self, count: int, seed: int | None = None) -> dict[str, np.ndarray]:
+        """``latents`` z ~ N(0, I) [count, M], their ``probs`` and ``samples`` [count, D]."""
+        counts = [min(self.chunk_rows, count - start) for start in range(0, count, self.chunk_rows)] or [
+            count
+        ]
+        requests = (
+            vae_pb2.SamplePriorRequest(
+                model=self.model, version=self.version, count=n, seed=_chunk_seed(seed, i)
+            )
+            for i, n in enumerate(counts)
+        )
+        return self._gather(self.stub.SamplePrior, requests, ("latents", "probs", "samples"))
+
+    def model_info(self, model: str = "") -> list[dict[str, Any]]:
+        response = self._call(self.stub.GetModelInfo, vae_pb2.GetModelInfoRequest(model=model))
+        return [
+            {
+                "name": m.name,
+                "version": m.version,
+                "input_size": m.input_size,
+                "latent_size": m.latent_size,
+                "image_shape": tuple(m.image_shape),
+                "execution_provider": m.execution_provider,
+                "variant": m.variant,
+                "binarization": m.binarization,
+                "metrics": dict(m.metrics),
+                "is_default": m.is_default,
+                "max_batch_rows": m.max_batch_rows,
+            }
+            for m in response.models
+        ]
+
+    def health(self, service: str = "") -> str:
+        """SERVING, NOT_SERVING, ... of the whole server ("") or one service."""
+        response = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _call(self, method: Callable, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise ServiceError(exc.code(), exc.details()) from None
+
+    def _chunks(self, array: np.ndarray) -> Iterator[np.ndarray]:
+        array = np.asarray(array)
+        if array.ndim != 2 or len(array) == 0:
+            raise ValueError(f"expected a non-empty 2-D array [N, columns], got shape {array.shape}")
+        if array.dtype != np.uint8:
+            array = array.astype(np.float32, copy=False)
+        for start in range(0, len(array), self.chunk_rows):
+            yield array[start : start + self.chunk_rows]
+
+    def _gather(self, method: Callable, requests: Iterator, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Send requests with up to max_in_flight outstanding; concatenate the fields in order."""
+        parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+        in_flight: list[grpc.Future] = []
+        for response in self._pipelined(method, requests, in_flight):
+            for name in fields:
+                tensor = getattr(response, name)
+                parts[name].append(from_tensor(tensor, name, int(tensor.shape[1])))
+        return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+    def _pipelined(self, method: Callable, requests: Iterator, in_flight: list) -> Iterator[Any]:
+        try:
+            for request in requests:
+                in_flight.append(method.future(request, timeout=self.timeout, metadata=self.metadata))
+                if len(in_flight) >= self.max_in_flight:
+                    yield in_flight.pop(0).result()
+            while in_flight:
+                yield in_flight.pop(0).result()
+        except grpc.RpcError as exc:
+            for future in in_flight:
+                future.cancel()
+            raise ServiceError(exc.code(), exc.details()) from None
+
+
+def _chunk_seed(seed: int | None, index: int) -> int | None:
+    return None if seed is None else (seed + index) % 2**64
