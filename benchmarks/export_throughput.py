@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
-from vaeserve.training import checkpoint
 
 from benchmarks.timing import rows_per_second
 from vaeserve.datasets import evaluation_inputs, load_dataset
 from vaeserve.repository import open_path
 from vaeserve.runtime import OnnxPair
+from vaeserve.training import checkpoint
 
 BATCH_SIZES = (1, 64, 256, 1024)
 

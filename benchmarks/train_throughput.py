@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from vaeserve.training.config import resolve_config
-from vaeserve.training.trainer import Trainer
 
 from vaeserve.datasets import load_dataset
+from vaeserve.training.config import resolve_config
+from vaeserve.training.trainer import Trainer
 
 
 def plain_pytorch_epoch(model: nn.ModuleDict, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:

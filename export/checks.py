@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from vaeserve.training.model import VAE
 
 from vaeserve.errors import ExportError, first_line
 from vaeserve.runtime import OnnxPair
+from vaeserve.training.model import VAE
 
 PARITY_BATCH_SIZES = (1, 7, 1000)
 PARITY_TOLERANCE = 1e-5  # absolute, on means, stddevs and probabilities

@@ -79,12 +79,11 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_model_command(args: argparse.Namespace) -> int:
-    from vaeserve.training.cli import print_evaluation
-
     from vaeserve.datasets import evaluation_inputs, load_dataset
     from vaeserve.evaluation import evaluate
     from vaeserve.repository import open_path
     from vaeserve.runtime import OnnxPair
+    from vaeserve.training.cli import print_evaluation
 
     version = open_path(args.model)
     pair = OnnxPair.load(version, variant=args.variant)

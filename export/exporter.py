@@ -19,14 +19,12 @@ from typing import Any
 
 import onnx
 import torch
-from vaeserve.export import checks, graphs, variants
-from vaeserve.training import checkpoint
-from vaeserve.training.evaluate import EVALUATION_SEED, evaluation_path
 
 from vaeserve import __version__
 from vaeserve.datasets import evaluation_inputs, load_dataset
 from vaeserve.errors import ExportError
 from vaeserve.evaluation import evaluate
+from vaeserve.export import checks, graphs, variants
 from vaeserve.repository import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -36,6 +34,8 @@ from vaeserve.repository import (
     next_version,
 )
 from vaeserve.runtime import OnnxPair
+from vaeserve.training import checkpoint
+from vaeserve.training.evaluate import EVALUATION_SEED, evaluation_path
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import onnx
 import torch
 from torch import nn
-from vaeserve.training.model import VAE
 
 from vaeserve import __version__
+from vaeserve.training.model import VAE
 
 OPSET = 18
 ENCODER_IO = (["x"], ["mean", "stddev"])

@@ -6,9 +6,8 @@ import argparse
 import asyncio
 import logging
 
-from vaeserve.service.settings import ENV_PREFIX, ServeSettings
-
 from vaeserve.flags import add_dataclass_flags, values
+from vaeserve.service.settings import ENV_PREFIX, ServeSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -11,8 +11,6 @@ import logging
 from concurrent.futures import Executor
 
 import numpy as np
-from vaeserve.service.batching import Batcher, Direct, Observer, Runner
-from vaeserve.service.settings import ServeSettings
 
 from vaeserve import codec
 from vaeserve._proto import vae_pb2
@@ -20,6 +18,8 @@ from vaeserve.datasets import model_inputs
 from vaeserve.errors import ModelNotFoundError, TensorError, VaeError
 from vaeserve.repository import ModelVersion, load_version, model_names, version_numbers
 from vaeserve.runtime import OnnxPair
+from vaeserve.service.batching import Batcher, Direct, Observer, Runner
+from vaeserve.service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.errors import ConfigError
 from vaeserve.service.auth import BearerTokenInterceptor
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
 from vaeserve.service.servicer import VaeServicer
 from vaeserve.service.settings import ServeSettings
-
-from vaeserve._proto import vae_pb2, vae_pb2_grpc
-from vaeserve.errors import ConfigError
 
 log = logging.getLogger("vaeserve.service")
 SERVICE_NAME = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name

@@ -12,14 +12,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
-from vaeserve.service.batching import OverloadedError
-from vaeserve.service.metrics import Metrics
-from vaeserve.service.models import ModelRegistry
 
 from vaeserve import __version__
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import to_tensor
 from vaeserve.errors import ModelNotFoundError, TensorError
+from vaeserve.service.batching import OverloadedError
+from vaeserve.service.metrics import Metrics
+from vaeserve.service.models import ModelRegistry
 
 log = logging.getLogger(__name__)
 

@@ -38,3 +38,16 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, mnist) -> Path:
     config = resolve_config("seed", None, TINY)
     start_or_resume(config, mnist, run_dir, resume=False, progress=False).run()
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, mnist_dir: Path) -> Path:
+    """A model repository holding the tiny run, really exported (fp32, int8 and fp16) as tiny/1."""
+    from vaeserve.export.exporter import ExportRequest, export_model
+
+    repo = tmp_path_factory.mktemp("models")
+    request = ExportRequest(
+        tiny_run, repo, "tiny", variants=("int8", "fp16"), iw_samples=10, data_dir=mnist_dir
+    )
+    export_model(request)
+    return repo

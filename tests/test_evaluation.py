@@ -3,11 +3,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from vaeserve.training import checkpoint
-from vaeserve.training.backend import numpy_callables
 
 from vaeserve.datasets import evaluation_inputs
 from vaeserve.evaluation import evaluate
+from vaeserve.training import checkpoint
+from vaeserve.training.backend import numpy_callables
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,9 @@ def test_vae_evaluate_cli_writes_json_and_pictures(tiny_run: Path, mnist_dir: Pa
 def test_nll_converges_to_the_exact_marginal_likelihood() -> None:
     """With a 2-D latent, log p(x) = log ∫ p(x|z) p(z) dz by quadrature on a fine grid."""
     import torch
-    from vaeserve.training.model import VAE
 
     from vaeserve.elbo import log_bernoulli, log_standard_normal
+    from vaeserve.training.model import VAE
 
     torch.manual_seed(0)
     encode, decode = numpy_callables(VAE(30, (16,), 2))

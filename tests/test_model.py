@@ -3,12 +3,12 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from vaeserve import elbo as np_elbo
 from vaeserve.training.config import TrainConfig, resolve_config
 from vaeserve.training.model import VAE
 from vaeserve.training.objectives import elbo, gaussian_kl, iwae
 from vaeserve.training.optim import TF1RMSprop
-
-from vaeserve import elbo as np_elbo
 
 
 def test_seed_preset_is_the_tf1_architecture() -> None:

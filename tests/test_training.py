@@ -11,6 +11,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
+
 from vaeserve.training import checkpoint
 from vaeserve.training.config import resolve_config
 from vaeserve.training.trainer import start_or_resume

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from vaeserve.training.model import VAE
 
 from vaeserve.evaluation import Decode, Encode
+from vaeserve.training.model import VAE
 
 
 def numpy_callables(model: VAE) -> tuple[Encode, Decode]:

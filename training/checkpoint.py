@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from vaeserve.training.config import TrainConfig
-from vaeserve.training.model import VAE
 
 from vaeserve import __version__
 from vaeserve.atomic import atomic_path
 from vaeserve.errors import CheckpointError, first_line
+from vaeserve.training.config import TrainConfig
+from vaeserve.training.model import VAE
 
 FORMAT = "vaeserve-checkpoint"
 FORMAT_VERSION = 1

@@ -8,10 +8,9 @@ import json
 import time
 from pathlib import Path
 
-from vaeserve.training.config import PRESETS, TrainConfig, resolve_config
-
 from vaeserve.errors import ConfigError, MissingExtraError
 from vaeserve.flags import add_dataclass_flags, values
+from vaeserve.training.config import PRESETS, TrainConfig, resolve_config
 
 
 def _require_torch(command: str) -> None:
@@ -66,9 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     _require_torch("vae train")
-    from vaeserve.training.trainer import resumed_config, saved_config, start_or_resume
-
     from vaeserve.datasets import load_dataset
+    from vaeserve.training.trainer import resumed_config, saved_config, start_or_resume
 
     overrides = values(args, TrainConfig)
     if args.resume:
@@ -85,10 +83,9 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def _training_pictures(trainer, dataset, run_dir: Path) -> list[Path]:
+    from vaeserve import pictures
     from vaeserve.training import checkpoint
     from vaeserve.training.evaluate import write_pictures
-
-    from vaeserve import pictures
 
     plots = run_dir / "plots"
     curves = pictures.learning_curves(
@@ -155,10 +152,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
         return evaluate_model_command(args)
     _require_torch("vae evaluate --run")
+    from vaeserve.datasets import load_dataset
     from vaeserve.training import checkpoint
     from vaeserve.training.evaluate import evaluate_checkpoint, write_evaluation, write_pictures
-
-    from vaeserve.datasets import load_dataset
 
     source = checkpoint.resolve(args.run)
     state = checkpoint.load(source)

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vaeserve.training import checkpoint
-from vaeserve.training.backend import numpy_callables
-from vaeserve.training.config import TrainConfig
-
 from vaeserve import pictures
 from vaeserve.atomic import atomic_write_text
 from vaeserve.datasets import Dataset, evaluation_inputs
 from vaeserve.evaluation import Evaluation, evaluate
+from vaeserve.training import checkpoint
+from vaeserve.training.backend import numpy_callables
+from vaeserve.training.config import TrainConfig
 
 EVALUATION_SEED = 0  # the fixed binarization of dynamic splits and the importance samples' seed
 

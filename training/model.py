@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+
 from vaeserve.training.config import TrainConfig
 
 STDDEV_FLOOR = 1e-6  # the seed's: stddev = softplus(raw) + 1e-6 keeps log σ finite

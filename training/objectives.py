@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
+
 from vaeserve.training.model import VAE
 
 Objective = Callable[[VAE, torch.Tensor, torch.Generator, float, int], torch.Tensor]

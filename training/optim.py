@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
 from vaeserve.training.config import TrainConfig
 
 

@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from vaeserve.atomic import atomic_write_text
+from vaeserve.datasets import Dataset, evaluation_inputs, intensities
+from vaeserve.errors import CheckpointError, ConfigError, DataError
 from vaeserve.training import checkpoint
 from vaeserve.training.config import TrainConfig
 from vaeserve.training.model import VAE
 from vaeserve.training.objectives import OBJECTIVES, elbo
 from vaeserve.training.optim import make_optimizer
-
-from vaeserve.atomic import atomic_write_text
-from vaeserve.datasets import Dataset, evaluation_inputs, intensities
-from vaeserve.errors import CheckpointError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 VALIDATION_SEED = 1234  # fixed ε for the per-epoch validation ELBO, so epochs compare fairly

@@ -1,0 +1,103 @@
+"""Start the real `vae serve` as a subprocess on 127.0.0.1 and wait until it reports SERVING."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vaeserve.client import VaeClient
+
+# Every test server runs with torch unimportable: the service must never need it.
+WITHOUT_TORCH = (
+    "import sys; sys.modules['torch'] = None\nfrom vaeserve.cli import main\nsys.exit(main(sys.argv[1:]))"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    target: str
+    metrics_port: int
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def start(
+    repo: Path,
+    log: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    client: dict | None = None,
+    use_flags: bool = True,
+) -> Server:
+    port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-c", WITHOUT_TORCH, "serve"]
+    if use_flags:
+        command += [
+            "--repo",
+            str(repo),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            *flags,
+        ]
+    environment = {**os.environ, **(env or {})}
+    if not use_flags:
+        environment.update(
+            VAESERVE_REPO=str(repo),
+            VAESERVE_HOST="127.0.0.1",
+            VAESERVE_PORT=str(port),
+            VAESERVE_METRICS_PORT=str(metrics_port),
+        )
+    handle = open(log, "w")  # noqa: SIM115 - the server writes to it for its whole life
+    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment)
+    server = Server(f"127.0.0.1:{port}", metrics_port, process, log)
+    wait_serving(server, client or {})
+    return server
+
+
+def wait_serving(server: Server, client_options: dict, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with VaeClient(server.target, timeout=2, **client_options) as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{server.output()}")
+            with contextlib.suppress(Exception):
+                if client.health() == "SERVING":
+                    return
+            time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"server not SERVING after {timeout} s:\n{server.output()}")
+
+
+@contextlib.contextmanager
+def running(repo: Path, log: Path, *flags: str, **options) -> Iterator[Server]:
+    server = start(repo, log, *flags, **options)
+    try:
+        yield server
+    finally:
+        server.stop()

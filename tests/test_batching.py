@@ -1,0 +1,96 @@
+"""Batching across requests, on a really exported pair: merging, order, cancellation, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vaeserve.repository import resolve
+from vaeserve.runtime import OnnxPair
+from vaeserve.service.batching import Batcher, OverloadedError, Runner
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def queued(self, graph: str, seconds: float) -> None:
+        pass
+
+    def batch(self, graph: str, rows: int) -> None:
+        self.batches.append(rows)
+
+
+@pytest.fixture(scope="module")
+def pair(repo: Path) -> OnnxPair:
+    return OnnxPair.load(resolve(repo, "tiny"))
+
+
+def batcher(
+    pair: OnnxPair, recorder: Recorder, delay: float = 0.005, max_rows: int = 64, max_queue_rows: int = 1000
+) -> Batcher:
+    runner = Runner(pair.encode, pair.encode, ThreadPoolExecutor(1), inline_rows=4)
+    return Batcher(runner, "encoder", max_rows, delay, max_queue_rows, recorder)
+
+
+def rows(n: int, seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).random((n, 784)) > 0.5).astype(np.float32)
+
+
+def test_concurrent_requests_share_runs_and_get_their_own_rows(pair: OnnxPair) -> None:
+    recorder = Recorder()
+
+    async def main() -> list:
+        b = batcher(pair, recorder)
+        inputs = [rows(n, i) for i, n in enumerate([3, 1, 7, 2, 5, 30, 40])]
+        outputs = await asyncio.gather(*(b.submit(x) for x in inputs))
+        return list(zip(inputs, outputs))
+
+    for x, (mean, stddev) in asyncio.run(main()):
+        expected_mean, expected_stddev = pair.encode(x)
+        np.testing.assert_array_equal(mean, expected_mean)
+        np.testing.assert_array_equal(stddev, expected_stddev)
+    assert sum(recorder.batches) == 88 and len(recorder.batches) < 7  # merged
+    assert max(recorder.batches) <= 64
+
+
+def test_seeded_requests_run_alone(pair: OnnxPair) -> None:
+    recorder = Recorder()
+
+    async def main() -> None:
+        b = batcher(pair, recorder)
+        await asyncio.gather(b.submit(rows(3, 0)), b.submit(rows(5, 1), alone=True), b.submit(rows(2, 2)))
+
+    asyncio.run(main())
+    assert 5 in recorder.batches and sum(recorder.batches) == 10
+
+
+def test_cancelled_calls_cost_no_compute(pair: OnnxPair) -> None:
+    recorder = Recorder()
+
+    async def main() -> None:
+        b = batcher(pair, recorder, delay=0.05)
+        doomed = asyncio.ensure_future(b.submit(rows(9, 0)))
+        kept = asyncio.ensure_future(b.submit(rows(2, 1)))
+        await asyncio.sleep(0.01)
+        doomed.cancel()  # as gRPC does when a deadline passes or the client goes away
+        await kept
+
+    asyncio.run(main())
+    assert recorder.batches == [2]
+
+
+def test_full_queue_refuses_new_calls(pair: OnnxPair) -> None:
+    async def main() -> None:
+        b = batcher(pair, Recorder(), delay=0.05, max_queue_rows=10)
+        first = asyncio.ensure_future(b.submit(rows(8, 0)))
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError, match=r"8 rows already queued for the encoder \(limit 10\)"):
+            await b.submit(rows(3, 1))
+        await first
+
+    asyncio.run(main())
