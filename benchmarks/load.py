@@ -64,3 +64,46 @@ def run_load(
         "p50_ms": float(np.percentile(latencies, 50)),
         "p99_ms": float(np.percentile(latencies, 99)),
     }
+
+
+class _NoOp(vae_pb2_grpc.VaeServiceServicer):
+    """Answers Encode with a fixed response: what the Python gRPC stack alone costs."""
+
+    def __init__(self, response: vae_pb2.EncodeResponse) -> None:
+        self.response = response
+
+    async def Encode(self, request, context):  # noqa: N802
+        return self.response
+
+
+async def _serve_noop(port: int, response: bytes, ready: multiprocessing.Event) -> None:
+    server = grpc.aio.server()
+    vae_pb2_grpc.add_VaeServiceServicer_to_server(_NoOp(vae_pb2.EncodeResponse.FromString(response)), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    ready.set()
+    await server.wait_for_termination()
+
+
+def _noop_worker(port: int, response: bytes, ready: multiprocessing.Event) -> None:
+    asyncio.run(_serve_noop(port, response, ready))
+
+
+def noop_ceiling(
+    port: int,
+    request: vae_pb2.EncodeRequest,
+    response: vae_pb2.EncodeResponse,
+    concurrency: int,
+    seconds: float,
+) -> dict[str, float]:
+    """The same load against a no-op grpc.aio server in its own process."""
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    process = context.Process(target=_noop_worker, args=(port, response.SerializeToString(), ready))
+    process.start()
+    ready.wait(60)
+    try:
+        return run_load(f"127.0.0.1:{port}", request, concurrency, seconds)
+    finally:
+        process.kill()
+        process.join()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.load import run_load
+from benchmarks.load import noop_ceiling, run_load
 from benchmarks.timing import rows_per_second
 from vaeserve._proto import vae_pb2
 from vaeserve.client import VaeClient
@@ -113,14 +113,24 @@ def throughput_table(
 
 def latency_table(model: Path, threads: int, pixels: np.ndarray, binarization: str, seconds: float) -> None:
     print("\n2. Batch-1 Encode calls from a separate process")
-    print(f"{'batching':<10}{'conc':>6}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'server':<24}{'conc':>6}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
     one = request(pixels[:1], binarization, "float32")
+    latents = to_tensor(np.zeros((1, open_path(model).latent_size), np.float32))
+    for concurrency in (1, 8):
+        r = noop_ceiling(
+            free_port(), one, vae_pb2.EncodeResponse(mean=latents, stddev=latents), concurrency, seconds
+        )
+        print(
+            f"{'no-op grpc.aio (ceiling)':<24}{concurrency:>6}{r['calls_per_s']:>10,.0f}{r['p50_ms']:>9.2f}"
+            f"{r['p99_ms']:>9.2f}"
+        )
     for flag in ("--batching", "--no-batching"):
         with server(model, threads, flag) as (target, _):
             for concurrency in (1, 8):
                 r = run_load(target, one, concurrency, seconds)
                 print(
-                    f"{flag[2:]:<10}{concurrency:>6}{r['calls_per_s']:>10,.0f}{r['p50_ms']:>9.2f}"
+                    f"{'vae serve ' + flag[2:]:<24}{concurrency:>6}{r['calls_per_s']:>10,.0f}"
+                    f"{r['p50_ms']:>9.2f}"
                     f"{r['p99_ms']:>9.2f}"
                 )
 

@@ -1,9 +1,10 @@
 """Batching across requests: concurrent small calls share one onnxruntime run.
 
 Requests queue per graph. A flush is scheduled when the first request arrives:
-after ``max_delay`` (default 1 ms), or on the loop's next turn with no delay, so
-that calls already received in the same turn join the batch; a full batch
-(``max_rows``) flushes at once. One run per graph is in progress at a time:
+on the loop's next turn, so that calls received in the same turn join the batch,
+or, while calls arrive closer together than ``max_delay`` (0.5 ms by default),
+after that delay so that more join; a lone client never waits.
+A full batch (``max_rows``) flushes at once. One run per graph is in progress at a time:
 calls arriving meanwhile form the next batch, so batches grow with load by
 themselves. Cancelled calls (deadline expired, client gone) are dropped before
 they cost compute. Requests marked ``alone`` (seeded ones) run in a batch of
@@ -92,6 +93,8 @@ class Batcher:
         self.queued_rows = 0
         self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.running: asyncio.Task | None = None
+        self.last_arrival = 0.0
+        self.arrival_gap = float("inf")
 
     def start(self) -> None:
         pass
@@ -108,6 +111,7 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         item = _Item(rows, loop.create_future(), alone)
+        self.arrival_gap, self.last_arrival = item.queued_at - self.last_arrival, item.queued_at
         self.queue.append(item)
         self.queued_rows += len(rows)
         if self.running is None:
@@ -121,10 +125,11 @@ class Batcher:
             self.timer = None
             self._flush()
         elif self.timer is None:
+            # Wait for company only while calls arrive closer together than max_delay:
+            # a lone client pays no delay.
+            waiting = self.max_delay_s > 0 and self.arrival_gap < self.max_delay_s
             self.timer = (
-                loop.call_later(self.max_delay_s, self._flush)
-                if self.max_delay_s > 0
-                else loop.call_soon(self._flush)
+                loop.call_later(self.max_delay_s, self._flush) if waiting else loop.call_soon(self._flush)
             )
 
     def _flush(self) -> None:

@@ -73,15 +73,18 @@ def test_cancelled_calls_cost_no_compute(pair: OnnxPair) -> None:
     recorder = Recorder()
 
     async def main() -> None:
-        b = batcher(pair, recorder, delay=0.05)
-        doomed = asyncio.ensure_future(b.submit(rows(9, 0)))
-        kept = asyncio.ensure_future(b.submit(rows(2, 1)))
-        await asyncio.sleep(0.01)
+        b = batcher(pair, recorder, max_rows=4096)
+        busy = asyncio.ensure_future(b.submit(rows(2000, 0)))
+        while b.running is None:  # the first batch is being computed
+            await asyncio.sleep(0)
+        doomed = asyncio.ensure_future(b.submit(rows(9, 1)))
+        kept = asyncio.ensure_future(b.submit(rows(2, 2)))
+        await asyncio.sleep(0)
         doomed.cancel()  # as gRPC does when a deadline passes or the client goes away
-        await kept
+        await asyncio.gather(busy, kept)
 
     asyncio.run(main())
-    assert recorder.batches == [2]
+    assert recorder.batches == [2000, 2]
 
 
 def test_full_queue_refuses_new_calls(pair: OnnxPair) -> None:
