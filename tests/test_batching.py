@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -71,16 +72,23 @@ def test_seeded_requests_run_alone(pair: OnnxPair) -> None:
 
 def test_cancelled_calls_cost_no_compute(pair: OnnxPair) -> None:
     recorder = Recorder()
+    gate = threading.Event()
+
+    def gated_encode(x: np.ndarray) -> tuple[np.ndarray, ...]:
+        gate.wait(10)  # hold the first batch in onnxruntime while more calls queue
+        return pair.encode(x)
 
     async def main() -> None:
-        b = batcher(pair, recorder, max_rows=4096)
+        runner = Runner(pair.encode, gated_encode, ThreadPoolExecutor(1), inline_rows=4)
+        b = Batcher(runner, "encoder", 4096, 0.005, 100_000, recorder)
         busy = asyncio.ensure_future(b.submit(rows(2000, 0)))
-        while b.running is None:  # the first batch is being computed
-            await asyncio.sleep(0)
+        while not recorder.batches:
+            await asyncio.sleep(0.001)
         doomed = asyncio.ensure_future(b.submit(rows(9, 1)))
         kept = asyncio.ensure_future(b.submit(rows(2, 2)))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
         doomed.cancel()  # as gRPC does when a deadline passes or the client goes away
+        gate.set()
         await asyncio.gather(busy, kept)
 
     asyncio.run(main())
