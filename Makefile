@@ -11,8 +11,9 @@ DATA_DIR ?= $(if $(wildcard ../shared/data/mnist/train-images-idx3-ubyte.gz),../
 DATA_FLAG = $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 RUN ?= runs/seed
 BIN = $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: main test setup lint clean
+.PHONY: main test setup lint pytest service-image-check clean
 
 setup: $(VENV)/.installed
 
@@ -28,12 +29,22 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint pytest service-image-check
+
+pytest: setup
 	$(BIN)/python -m pytest
 
+# The Docker service image's dependency set, in a clean venv, serving a tiny exported model.
+service-image-check: setup
+	rm -rf build/image-check
+	$(BIN)/vae train --preset seed $(DATA_FLAG) --hidden-sizes 32 --latent-size 4 --limit 2000 --epochs 1 \
+		--no-progress --out build/image-check/run
+	$(BIN)/vae export --checkpoint build/image-check/run --repo build/image-check/models --name tiny \
+		--iw-samples 2 $(DATA_FLAG) --no-progress
+	scripts/check_service_image.sh build/image-check/models
+
 main: setup
-	$(BIN)/vae train --preset seed $(DATA_FLAG) --out $(RUN) $(if $(wildcard $(RUN)/checkpoint.pt),--resume,)
-	$(BIN)/vae evaluate --run $(RUN) $(DATA_FLAG)
+	DATA_DIR=$(DATA_DIR) RUN_DIR=$(RUN) scripts/main_job.sh
 
 clean:
 	rm -rf $(VENV) runs models build *.egg-info

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+from pathlib import Path
 
 from vaeserve.flags import add_dataclass_flags, values
 from vaeserve.service.settings import ENV_PREFIX, ServeSettings
@@ -28,3 +30,39 @@ def serve_command(args: argparse.Namespace) -> int:
     repo_exists(settings.repo)
     logging.getLogger("vaeserve").info("starting vae serve with %s", settings)
     return asyncio.run(serve(settings))
+
+
+def register_health(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "health",
+        help="ask a server's gRPC health service (exit 0 when SERVING)",
+        description="Standard grpc.health.v1 check, as Docker's HEALTHCHECK and orchestrators run it.",
+    )
+    port = os.environ.get(f"{ENV_PREFIX}PORT", "50051")
+    parser.add_argument(
+        "--target",
+        default=f"127.0.0.1:{port}",
+        help=f"HOST:PORT of the server (default 127.0.0.1:${ENV_PREFIX}PORT, else 50051)",
+    )
+    parser.add_argument("--service", default="", help="service to check (default: the whole server)")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds before giving up")
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=os.environ.get(f"{ENV_PREFIX}HEALTH_TLS_CA"),
+        help=f"PEM CA to verify a TLS server (env {ENV_PREFIX}HEALTH_TLS_CA)",
+    )
+    parser.set_defaults(handler=health_command)
+
+
+def health_command(args: argparse.Namespace) -> int:
+    from vaeserve.client import ServiceError, VaeClient
+
+    with VaeClient(args.target, timeout=args.timeout, root_certificates=args.tls_ca) as client:
+        try:
+            status = client.health(args.service)
+        except ServiceError as exc:
+            print(f"{args.target}: {exc}")
+            return 1
+    print(f"{args.target}: {status}")
+    return 0 if status == "SERVING" else 1

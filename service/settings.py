@@ -29,7 +29,11 @@ class ServeSettings:
     threads: int = option(0, "onnxruntime intra-op threads per session (0: one per core)")
     batching: bool = option(True, "merge concurrent requests into one onnxruntime run")
     batch_max_rows: int = option(1024, "largest merged batch, in rows")
-    batch_max_delay_ms: float = option(0.5, "how long a lone request waits for others to join its batch")
+    batch_max_delay_ms: float = option(
+        0.5,
+        "while calls arrive closer together than this, a batch waits this long for more "
+        "(a lone client never waits)",
+    )
     inline_max_rows: int = option(
         16, "batches up to this many rows run on the event loop with a one-thread session (0: never)"
     )

@@ -29,6 +29,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vaeserve import demo
     from vaeserve.export import cli as export_cli
     from vaeserve.service import cli as service_cli
     from vaeserve.training import cli as training_cli
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register_evaluate(subparsers)
     export_cli.register(subparsers)
     service_cli.register(subparsers)
+    service_cli.register_health(subparsers)
+    demo.register(subparsers)
     return parser
 
 

@@ -42,7 +42,9 @@ def tile(images: np.ndarray, image_shape: tuple[int, ...], cols: int) -> np.ndar
 def save_panels(panels: list[tuple[str, np.ndarray]], path: Path, title: str) -> Path:
     """Side-by-side grey mosaics with titles."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+    aspect = max(m.shape[0] / m.shape[1] for _, m in panels)
+    size = (4.2 * len(panels), 4.2 * aspect + 0.9)
+    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
     for ax, (name, mosaic) in zip(axes[0], panels):
         ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(name)

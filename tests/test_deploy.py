@@ -1,0 +1,145 @@
+"""Docker cannot run here: check that Dockerfile and compose agree with each other and with the
+code, and run the commands they run, outside Docker."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import servers
+import yaml
+
+from vaeserve.service.settings import ENV_PREFIX, ServeSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_VARIABLES = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(ServeSettings)}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def stage(dockerfile: str, name: str) -> str:
+    match = re.search(rf"^FROM \S+ AS {name}\n(.*?)(?=^FROM |\Z)", dockerfile, re.S | re.M)
+    assert match, f"no stage {name}"
+    return match.group(1)
+
+
+def test_dockerfile_stages(dockerfile: str) -> None:
+    for name in ("service", "service-cuda"):
+        body = stage(dockerfile, name)
+        assert "torch" not in body and "gcc" not in body and "build-essential" not in body
+        assert "USER vae" in body and 'ENTRYPOINT ["vae", "serve"]' in body
+        assert "HEALTHCHECK" in body and 'CMD ["vae", "health"]' in body
+        assert "EXPOSE 50051 9464" in body and 'VOLUME ["/models"]' in body
+        assert "requirements-service.txt" in body
+        for variable in re.findall(r"(VAESERVE_[A-Z_]+)=", body):
+            assert variable in SERVE_VARIABLES, variable
+    assert "onnxruntime-gpu" in stage(dockerfile, "service-cuda")
+    train = stage(dockerfile, "train")
+    assert "torch==2.13.0" in train and "download.pytorch.org/whl/cpu" in train and "USER vae" in train
+    assert "scripts/train_and_export.sh" in train
+    assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim", dockerfile, re.M)  # pinned
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\d+\.\d+\.\d+-", dockerfile, re.M)
+
+
+def test_pinned_requirements_match_the_project() -> None:
+    lines = (ROOT / "docker" / "requirements-service.txt").read_text().splitlines()
+    pins = [line for line in lines if line.strip() and not line.startswith("#")]
+    names = {p.split("==")[0] for p in pins}
+    assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", p) for p in pins), pins
+    assert {"numpy", "onnxruntime", "grpcio", "protobuf", "grpcio-health-checking"} <= names
+    assert "torch" not in names
+
+
+def test_compose_services_agree_with_dockerfile_and_code(compose: dict, dockerfile: str) -> None:
+    services = compose["services"]
+    assert {"train", "serve", "serve-gpu", "client"} <= set(services)
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)", dockerfile, re.M))
+    for name in ("train", "serve", "serve-gpu"):
+        assert services[name]["build"]["target"] in targets
+    serve = services["serve"]
+    assert serve["depends_on"]["train"]["condition"] == "service_completed_successfully"
+    assert serve["healthcheck"]["test"] == ["CMD", "vae", "health"]
+    assert any(str(p).endswith(":50051") for p in serve["ports"])
+    assert serve["environment"]["VAESERVE_PORT"] == "50051"
+    assert "models:/models:ro" in serve["volumes"] and "models:/models" in services["train"]["volumes"]
+    assert set(compose["volumes"]) >= {"models", "work"}
+    for name in ("serve", "serve-gpu"):
+        assert set(services[name]["environment"]) <= SERVE_VARIABLES
+    gpu = services["serve-gpu"]
+    assert gpu["profiles"] == ["gpu"] and gpu["environment"]["VAESERVE_DEVICE"] == "cuda"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    client = services["client"]
+    assert client["depends_on"]["serve"]["condition"] == "service_healthy"
+    assert client["entrypoint"] == ["vae", "client"] and "serve:50051" in client["command"]
+
+
+def test_env_example_and_readme_document_the_variables(compose: dict) -> None:
+    example = (ROOT / ".env.example").read_text()
+    used = set(re.findall(r"\$\{([A-Z_]+)", (ROOT / "docker-compose.yml").read_text()))
+    defined = set(re.findall(r"^([A-Z_]+)=", example, re.M))
+    assert used - {"VAESERVE_TAG"} <= defined | {"VAESERVE_TAG"}, used - defined
+    readme = (ROOT / "README.md").read_text()
+    for variable in SERVE_VARIABLES:
+        assert f"`{variable}`" in readme, variable
+
+
+def test_health_command_exit_codes(repo: Path, tmp_path: Path) -> None:
+    port = servers.free_port()
+    down = subprocess.run(
+        ["vae", "health", "--target", f"127.0.0.1:{port}", "--timeout", "1"], capture_output=True, text=True
+    )
+    assert down.returncode == 1 and re.search("UNAVAILABLE|DEADLINE_EXCEEDED", down.stdout)
+    with servers.running(repo, tmp_path / "serve.log") as server:
+        port = server.target.rsplit(":", 1)[1]
+        up = subprocess.run(
+            ["vae", "health"], capture_output=True, text=True, env={**os.environ, "VAESERVE_PORT": port}
+        )
+    assert up.returncode == 0 and "SERVING" in up.stdout
+
+
+def test_main_job_end_to_end(tmp_path: Path, mnist_dir: Path) -> None:
+    """The quickstart's main job (scripts/main_job.sh) with a tiny model: what compose's train,
+    serve and client services run, outside Docker."""
+    port = servers.free_port()
+    env = {
+        **os.environ,
+        "DATA_DIR": str(mnist_dir),
+        "RUN_DIR": str(tmp_path / "run"),
+        "REPO": str(tmp_path / "models"),
+        "OUT": str(tmp_path / "demo"),
+        "LOG": str(tmp_path / "serve.log"),
+        "PORT": str(port),
+        "EPOCHS": "1",
+        "LIMIT": "3000",
+        "HIDDEN_SIZES": "64",
+        "LATENT_SIZE": "4",
+        "IW_SAMPLES": "5",
+        "VARIANTS": "",
+    }
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "main_job.sh")], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "service stopped cleanly" in result.stdout
+    assert re.search(r"test ELBO -\d+\.\d+, NLL_5 \d+\.\d+; service Encode [\d,]+ rows/s", result.stdout)
+    pictures = {p.name for p in (tmp_path / "demo").glob("*.png")}
+    assert pictures == {"reconstruct.png", "sample_prior.png", "latent_manifold.png", "interpolation.png"}
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["encoded_rows"] == 10000 and summary["model"]["latent_size"] == 4
+    assert "stopped" in (tmp_path / "serve.log").read_text()
+    with socket.socket() as probe:  # nothing is left listening
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
