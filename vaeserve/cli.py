@@ -30,6 +30,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from vaeserve import demo
+    from vaeserve.embed import cli as embed_cli
     from vaeserve.export import cli as export_cli
     from vaeserve.service import cli as service_cli
     from vaeserve.training import cli as training_cli
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     service_cli.register(subparsers)
     service_cli.register_health(subparsers)
     demo.register(subparsers)
+    embed_cli.register(subparsers)
     return parser
 
 

@@ -1,0 +1,70 @@
+"""`vae embed`: numpy and onnxruntime (or the service) only, no torch."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "embed",
+        help="embed a whole dataset into latent means (and stddevs)",
+        description="Stream a dataset (IDX, .npy, .npz, Parquet or a folder of PNG/JPEG images) through "
+        "the encoder in chunks and write row_id, mean (and stddev) to .npy or Parquet, with a "
+        "sidecar DST.manifest.json. Resumable after any crash with --resume.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="models/NAME or models/NAME/VERSION")
+    parser.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="IDX (raw or .gz), .npy, .npz, .parquet file, or a folder of PNG/JPEG images",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="DST.npy or DST.parquet")
+    parser.add_argument("--server", help="HOST:PORT: encode through the gRPC service instead of in-process")
+    parser.add_argument("--stddev", action="store_true", help="also write the latent standard deviations")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted job, skipping chunks already written"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite a finished output or restart")
+    parser.add_argument("--chunk-rows", type=int, default=8192, help="rows per chunk (default 8192)")
+    parser.add_argument(
+        "--column",
+        help="Parquet column of list rows (default: the only column, else every column is one pixel)",
+    )
+    parser.add_argument("--key", help=".npz array to read (default: x, else the first)")
+    parser.add_argument("--token-file", type=Path, help="with --server: file holding the bearer token")
+    parser.add_argument("--tls-ca", type=Path, help="with --server: PEM CA of a TLS server")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime threads in-process (0: all cores)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=embed_command)
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    from vaeserve.embed.job import EmbedRequest, run
+
+    token = args.token_file.read_text().strip() if args.token_file else None
+    request = EmbedRequest(
+        args.model,
+        args.input,
+        args.output,
+        args.server,
+        args.stddev,
+        args.resume,
+        args.force,
+        args.chunk_rows,
+        args.column,
+        args.key,
+        token,
+        args.tls_ca,
+        args.threads,
+    )
+    summary = run(request, progress=not args.no_progress)
+    print(
+        f"embedded {summary['rows']:,} rows into {summary['output']} ({summary['embedded_now']:,} now, "
+        f"{summary['rows_per_s']:,.0f} rows/s); manifest {summary['output']}.manifest.json"
+    )
+    return 0

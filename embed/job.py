@@ -1,0 +1,239 @@
+"""`vae embed`: stream a dataset through the encoder, chunk by chunk, resumably.
+
+A sidecar ``DST.manifest.json`` names the model (name, version, encoder SHA-256), the
+input (path and fingerprint), the chunking and the fields, and says ``completed`` only
+once the final file holds every row in input order. ``--resume`` continues a job whose
+sidecar matches, skipping chunks already written; anything else that would touch an
+existing output needs ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from vaeserve import __version__
+from vaeserve.atomic import atomic_write_text
+from vaeserve.datasets import model_inputs
+from vaeserve.embed.sinks import FORMATS, Parts, assemble, record_dtype
+from vaeserve.embed.sources import Source, open_source
+from vaeserve.errors import ConfigError, DataError
+from vaeserve.repository import ModelVersion, open_path
+
+Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    model: Path
+    input: Path
+    output: Path
+    server: str | None = None
+    stddev: bool = False
+    resume: bool = False
+    force: bool = False
+    chunk_rows: int = 8192
+    column: str | None = None
+    key: str | None = None
+    token: str | None = None
+    tls_ca: Path | None = None
+    threads: int = 0
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + ".manifest.json")
+
+
+def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
+    if request.output.suffix not in FORMATS:
+        raise ConfigError(f"--output {request.output}: expected a .npy or .parquet file")
+    if request.chunk_rows < 1:
+        raise ConfigError("--chunk-rows must be at least 1")
+    version = open_path(request.model)
+    source = open_source(request.input, version.image_shape, request.column, request.key)
+    if source.columns != version.input_size:
+        raise DataError(
+            f"{request.input}: rows of {source.columns} values; model {version.name}/"
+            f"{version.version} expects {version.input_size}"
+        )
+    manifest = describe(request, version, source)
+    parts = Parts(request.output)
+    prepare(request, manifest, parts)
+    encode, close = encoder(request, version)
+    started = time.perf_counter()
+    try:
+        done = embed_chunks(source, encode, parts, manifest, version, progress)
+    finally:
+        close()
+    assemble(
+        parts,
+        manifest["chunks"],
+        source.rows,
+        record_dtype(version.latent_size, request.stddev),
+        request.output,
+    )
+    manifest.update(completed=True, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    atomic_write_text(sidecar_path(request.output), json.dumps(manifest, indent=2) + "\n")
+    parts.remove()
+    seconds = time.perf_counter() - started
+    return {
+        "rows": source.rows,
+        "embedded_now": done,
+        "seconds": seconds,
+        "rows_per_s": done / seconds if seconds else 0.0,
+        "output": str(request.output),
+    }
+
+
+def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> dict[str, Any]:
+    return {
+        "vaeserve_version": __version__,
+        "model": {
+            "name": version.name,
+            "version": version.version,
+            "encoder_sha256": version.manifest["graphs"]["encoder"]["sha256"],
+        },
+        "engine": f"service {request.server}" if request.server else "local onnxruntime",
+        "input": source.fingerprint(),
+        "rows": source.rows,
+        "chunk_rows": request.chunk_rows,
+        "chunks": -(-source.rows // request.chunk_rows),
+        "fields": ["row_id", "mean", *(["stddev"] if request.stddev else [])],
+        "latent_size": version.latent_size,
+        "output": str(request.output),
+        "completed": False,
+    }
+
+
+def prepare(request: EmbedRequest, manifest: dict[str, Any], parts: Parts) -> None:
+    """Refuse to clobber finished or foreign work; start fresh, resume, or (--force) restart."""
+    sidecar = sidecar_path(request.output)
+    previous = json.loads(sidecar.read_text()) if sidecar.exists() else None
+    if request.force:
+        parts.remove()
+        request.output.unlink(missing_ok=True)
+    elif previous and previous.get("completed"):
+        raise ConfigError(f"{request.output} is complete; pass --force to overwrite it")
+    elif request.resume:
+        if previous is None:
+            raise ConfigError(f"nothing to resume: no {sidecar.name}")
+        changed = [
+            k
+            for k in ("model", "input", "rows", "chunk_rows", "fields")
+            if previous.get(k) != manifest.get(k)
+        ]
+        if changed:
+            raise ConfigError(
+                f"cannot resume {request.output}: {', '.join(changed)} differ from the "
+                "interrupted job; pass --force to start over"
+            )
+    elif previous is not None or parts.folder.exists() or request.output.exists():
+        raise ConfigError(
+            f"{request.output} (or its parts) exists from an unfinished job; "
+            "pass --resume to continue it or --force to start over"
+        )
+    request.output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sidecar, json.dumps(manifest, indent=2) + "\n")
+
+
+def encoder(request: EmbedRequest, version: ModelVersion) -> tuple[Encode, Callable[[], None]]:
+    """In-process onnxruntime, or the service through the Python client."""
+    binarization = version.manifest.get("binarization", "none")
+    if request.server is None:
+        from vaeserve.runtime import OnnxPair
+
+        pair = OnnxPair.load(version, threads=request.threads)
+        return (lambda rows: pair.encode(_local_inputs(rows, binarization))), (lambda: None)
+    from vaeserve.client import VaeClient
+
+    client = VaeClient(
+        request.server,
+        model=version.name,
+        version=str(version.version),
+        token=request.token,
+        root_certificates=request.tls_ca,
+    )
+
+    def remote(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = client.encode(rows if rows.dtype == np.uint8 else rows.astype(np.float32))
+        return out["mean"], out["stddev"]
+
+    return remote, client.close
+
+
+def _local_inputs(rows: np.ndarray, binarization: str) -> np.ndarray:
+    return model_inputs(rows, binarization) if rows.dtype == np.uint8 else rows.astype(np.float32)
+
+
+def embed_chunks(
+    source: Source,
+    encode: Encode,
+    parts: Parts,
+    manifest: dict[str, Any],
+    version: ModelVersion,
+    progress: bool,
+) -> int:
+    chunk_rows, stddev = manifest["chunk_rows"], "stddev" in manifest["fields"]
+    first = next((i for i in range(manifest["chunks"]) if not parts.done(i)), manifest["chunks"])
+    todo = {i for i in range(first, manifest["chunks"]) if not parts.done(i)}
+    dtype = record_dtype(version.latent_size, stddev)
+    done = 0
+    with tqdm(
+        total=source.rows,
+        initial=min(first * chunk_rows, source.rows),
+        unit="rows",
+        desc="embed",
+        disable=not progress,
+        smoothing=0.1,
+    ) as bar:
+        for index, rows in _prefetched(source.chunks(chunk_rows, first), first):
+            if index not in todo:
+                continue
+            checked = check_rows(rows, source, index * chunk_rows)
+            mean, std = encode(checked)
+            records = np.empty(len(rows), dtype)
+            records["row_id"] = np.arange(index * chunk_rows, index * chunk_rows + len(rows))
+            records["mean"] = mean
+            if stddev:
+                records["stddev"] = std
+            parts.write(index, records)
+            done += len(rows)
+            bar.update(len(rows))
+    return done
+
+
+def _prefetched(chunks: Iterator[np.ndarray], first: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Read the next chunk on a worker thread while the current one is encoded."""
+    with ThreadPoolExecutor(1, thread_name_prefix="embed-read") as reader:
+        pending = reader.submit(next, chunks, None)
+        index = first
+        while (rows := pending.result()) is not None:
+            pending = reader.submit(next, chunks, None)
+            yield index, rows
+            index += 1
+
+
+def check_rows(rows: np.ndarray, source: Source, start: int) -> np.ndarray:
+    """uint8 pixels pass; other numbers must be finite and in [0, 1], else the row is named."""
+    if rows.dtype == np.uint8:
+        return rows
+    if not (np.issubdtype(rows.dtype, np.floating) or np.issubdtype(rows.dtype, np.integer)):
+        raise DataError(f"{source.path}: dtype {rows.dtype} cannot be converted to pixels")
+    values = rows.astype(np.float32)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise DataError(
+            f"{source.path}: row {start + row}, column {column} is {values[row, column]}; "
+            "pixels must be uint8 or finite values in [0, 1]"
+        )
+    return values

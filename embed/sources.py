@@ -1,0 +1,245 @@
+"""Streaming readers of the inputs `vae embed` accepts; none loads a dataset whole.
+
+Each source knows its row count and row width up front and yields chunks of rows
+(uint8 pixels or floats in [0, 1]) starting at any chunk, so a resumed job reads
+only what is left. Every error names the file and, where it applies, the row.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from vaeserve.errors import DataError, MissingExtraError
+from vaeserve.idx import _GZIP_MAGIC, _TYPES
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class Source:
+    path: Path
+    rows: int
+    columns: int
+
+    def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """Size, modification time and a hash of the head and tail: cheap, and changes when
+        the input does, so a resumed job refuses an input that was replaced."""
+        files = sorted(self.path.iterdir()) if self.path.is_dir() else [self.path]
+        digest = hashlib.sha256()
+        for file in files:
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            with open(file, "rb") as handle:
+                digest.update(handle.read(1 << 20))
+                if stat.st_size > 2 << 20:
+                    handle.seek(-(1 << 20), 2)
+                    digest.update(handle.read())
+        return {"path": str(self.path), "files": len(files), "sha256_head_tail": digest.hexdigest()}
+
+
+class FileArraySource(Source):
+    """Rows stored contiguously in a file at a known offset: .npy, an uncompressed .npz member,
+    or a raw IDX file. Chunks are read with plain reads, not a memory map, so pages already
+    embedded do not stay resident and memory stays bounded whatever the file's size."""
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        if len(shape) < 2:
+            raise DataError(f"{path}: expected rows [N, ...], got shape {shape}")
+        self.path, self.offset, self.dtype = path, offset, np.dtype(dtype)
+        self.rows, self.columns = int(shape[0]), int(np.prod(shape[1:]))
+        expected = offset + self.rows * self.columns * self.dtype.itemsize
+        if path.stat().st_size < expected:
+            raise DataError(f"{path}: {path.stat().st_size} bytes; its header promises {expected}")
+
+    def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
+        row_bytes = self.columns * self.dtype.itemsize
+        with open(self.path, "rb") as handle:
+            for start in range(first_chunk * chunk_rows, self.rows, chunk_rows):
+                count = min(chunk_rows, self.rows - start)
+                handle.seek(self.offset + start * row_bytes)
+                rows = np.fromfile(handle, dtype=self.dtype, count=count * self.columns)
+                yield rows.reshape(count, self.columns)
+
+
+class GzipIdxSource(Source):
+    """A gzip IDX file, decompressed as it is read (gzip cannot seek, so a resume re-reads)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with gzip.open(path, "rb") as handle:
+            shape, self.dtype, self.offset = _idx_header(handle.read(4 + 4 * 8), str(path))
+        self.rows, self.columns = shape[0], int(np.prod(shape[1:]))
+
+    def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
+        row_bytes = self.columns * self.dtype.itemsize
+        with gzip.open(self.path, "rb") as handle:
+            handle.read(self.offset)
+            for index, start in enumerate(range(0, self.rows, chunk_rows)):
+                count = min(chunk_rows, self.rows - start)
+                try:
+                    data = handle.read(count * row_bytes)
+                except (OSError, EOFError) as exc:
+                    raise DataError(f"{self.path}: corrupt gzip data near row {start} ({exc})") from None
+                if len(data) != count * row_bytes:
+                    raise DataError(
+                        f"{self.path}: truncated at row {start + len(data) // row_bytes}; "
+                        f"the header promises {self.rows} rows"
+                    )
+                if index >= first_chunk:
+                    yield np.frombuffer(data, self.dtype).reshape(count, self.columns)
+
+
+class ParquetSource(Source):
+    """A Parquet column of lists (or fixed-size lists), or D numeric columns."""
+
+    def __init__(self, path: Path, column: str | None) -> None:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise MissingExtraError("reading Parquet", "embed", "pyarrow") from None
+        self.path, self.file = path, pq.ParquetFile(path)
+        schema = self.file.schema_arrow
+        self.rows = self.file.metadata.num_rows
+        if column is None and len(schema.names) == 1:
+            column = schema.names[0]
+        self.column = column
+        if column is not None:
+            if column not in schema.names:
+                raise DataError(f"{path}: no column {column!r}; columns: {schema.names}")
+            first = next(self.file.iter_batches(batch_size=1, columns=[column]))
+            self.columns = len(first.column(0)[0].as_py())
+        else:
+            self.columns = len(schema.names)
+
+    def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
+        columns = [self.column] if self.column else None
+        start = 0
+        for index, batch in enumerate(self.file.iter_batches(batch_size=chunk_rows, columns=columns)):
+            if index >= first_chunk:
+                yield self._rows(batch, start)
+            start += batch.num_rows
+
+    def _rows(self, batch, start: int) -> np.ndarray:
+        if self.column is None:
+            return np.stack([c.to_numpy(zero_copy_only=False) for c in batch.columns], axis=1)
+        values = batch.column(0)
+        flat = values.flatten().to_numpy(zero_copy_only=False)
+        if len(flat) != len(values) * self.columns:
+            raise DataError(
+                f"{self.path}: a row of column {self.column!r} between rows {start} and "
+                f"{start + len(values)} does not have {self.columns} values"
+            )
+        return flat.reshape(len(values), self.columns)
+
+
+class ImageFolderSource(Source):
+    """PNG/JPEG files, sorted by name, converted to grayscale at the model's image shape."""
+
+    def __init__(self, path: Path, image_shape: tuple[int, ...]) -> None:
+        try:
+            import PIL.Image  # noqa: F401
+        except ImportError:
+            raise MissingExtraError("reading image folders", "embed", "pillow") from None
+        self.path, self.shape = path, image_shape
+        self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise DataError(f"{path}: no PNG or JPEG files")
+        self.rows, self.columns = len(self.files), int(np.prod(image_shape))
+
+    def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
+        for start in range(first_chunk * chunk_rows, self.rows, chunk_rows):
+            yield np.stack([self._pixels(f) for f in self.files[start : start + chunk_rows]])
+
+    def _pixels(self, file: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(file) as image:
+                gray = image.convert("L").resize((self.shape[-1], self.shape[-2]), Image.Resampling.BILINEAR)
+                return np.asarray(gray, dtype=np.uint8).reshape(-1)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"{file}: not a readable image ({exc})") from None
+
+
+def open_source(
+    path: Path, image_shape: tuple[int, ...], column: str | None = None, key: str | None = None
+) -> Source:
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return ImageFolderSource(path, image_shape)
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return FileArraySource(path, *_npy_layout(path))
+    if suffix == ".npz":
+        return FileArraySource(path, *_npz_member(path, key))
+    if suffix == ".parquet":
+        return ParquetSource(path, column)
+    with open(path, "rb") as handle:
+        head = handle.read(4 + 4 * 8)
+    if head.startswith(_GZIP_MAGIC):
+        return GzipIdxSource(path)
+    shape, dtype, offset = _idx_header(head, str(path))
+    return FileArraySource(path, offset, dtype, shape)
+
+
+def _idx_header(head: bytes, source: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _TYPES or head[3] < 2:
+        raise DataError(
+            f"{source}: not an IDX file of rows (.npy, .npz, .parquet, IDX or a folder of images)"
+        )
+    ndim = head[3]
+    shape = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
+    return shape, _TYPES[head[2]], 4 + 4 * ndim
+
+
+def _npy_layout(path: Path) -> tuple[int, np.dtype, tuple[int, ...]]:
+    """Offset, dtype and shape of a .npy file's data."""
+    try:
+        with open(path, "rb") as handle:
+            return _array_layout(handle, str(path))
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+
+
+def _array_layout(handle, source: str) -> tuple[int, np.dtype, tuple[int, ...]]:
+    version = np.lib.format.read_magic(handle)
+    read_header = (
+        np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran, dtype = read_header(handle)
+    if fortran:
+        raise DataError(f"{source}: Fortran-ordered arrays are not supported")
+    if dtype.hasobject:
+        raise DataError(f"{source}: object arrays are not supported")
+    return handle.tell(), dtype, shape
+
+
+def _npz_member(path: Path, key: str | None) -> np.ndarray:
+    """An uncompressed .npz member is memory-mapped in place; a compressed one is refused
+    (it cannot be streamed without loading it whole)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    names = [n.removesuffix(".npy") for n in archive.namelist()]
+    key = key or ("x" if "x" in names else names[0])
+    if key not in names:
+        raise DataError(f"{path}: no array {key!r}; arrays: {names}")
+    info = archive.getinfo(key + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise DataError(f"{path}[{key}]: compressed .npz members cannot be streamed; save with np.savez")
+    with open(path, "rb") as handle:
+        handle.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        handle.seek(info.header_offset + 30 + name_length + extra_length)
+        return _array_layout(handle, f"{path}[{key}]")
