@@ -187,27 +187,28 @@ def embed_chunks(
     todo = {i for i in range(first, manifest["chunks"]) if not parts.done(i)}
     dtype = record_dtype(version.latent_size, stddev)
     done = 0
-    with tqdm(
-        total=source.rows,
-        initial=min(first * chunk_rows, source.rows),
-        unit="rows",
-        desc="embed",
-        disable=not progress,
-        smoothing=0.1,
-    ) as bar:
+    initial = min(first * chunk_rows, source.rows)
+    bar = tqdm(total=source.rows, initial=initial, unit="rows", desc="embed", disable=not progress)
+    # Parts are written on a worker thread while the next chunk is encoded; at most one
+    # write is pending, so memory stays bounded.
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="embed-write") as writer:
+        pending = None
         for index, rows in _prefetched(source.chunks(chunk_rows, first), first):
             if index not in todo:
                 continue
-            checked = check_rows(rows, source, index * chunk_rows)
-            mean, std = encode(checked)
+            mean, std = encode(check_rows(rows, source, index * chunk_rows))
             records = np.empty(len(rows), dtype)
             records["row_id"] = np.arange(index * chunk_rows, index * chunk_rows + len(rows))
             records["mean"] = mean
             if stddev:
                 records["stddev"] = std
-            parts.write(index, records)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(parts.write, index, records)
             done += len(rows)
             bar.update(len(rows))
+        if pending is not None:
+            pending.result()
     return done
 
 

@@ -218,6 +218,8 @@ def intensities(images: np.ndarray) -> np.ndarray:
 def binarize(images: np.ndarray, mode: str, rng: np.random.Generator | None = None) -> np.ndarray:
     """The model's inputs: ``threshold`` (x > 0.5, the seed's), ``dynamic`` (one Bernoulli(x)
     draw from ``rng``) or ``none`` (intensities)."""
+    if mode == "threshold" and images.dtype == np.uint8:
+        return (images > 127).astype(np.float32)  # x/255 > 0.5 exactly when x >= 128: one pass
     x = intensities(images)
     if mode == "threshold":
         return (x > 0.5).astype(np.float32)

@@ -1,0 +1,82 @@
+"""`vae embed` on the 70,000 MNIST images beside the bare encoder, in one run.
+
+    python -m benchmarks.embed_throughput --model models/mnist/1 --data-dir ../shared/data/mnist
+
+Rows/s of (a) the encoder alone in-process (onnxruntime on prepared float rows, chunks of
+8,192), (b) `vae embed` with the local engine and (c) `vae embed --server` through a
+`vae serve` subprocess on 127.0.0.1 — each reading the same uint8 .npy of all 70,000
+images and writing a .npy of means and stddevs — and the ratios to (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.service_throughput import server
+from vaeserve.datasets import load_dataset, model_inputs
+from vaeserve.embed.job import EmbedRequest, run
+from vaeserve.repository import open_path
+from vaeserve.runtime import OnnxPair
+
+CHUNK = 8192
+
+
+def bare_encoder(pair: OnnxPair, pixels: np.ndarray, binarization: str) -> float:
+    x = model_inputs(pixels, binarization)
+    pair.encode(x[:CHUNK])
+    started = time.perf_counter()
+    for start in range(0, len(x), CHUNK):
+        pair.encode(x[start : start + CHUNK])
+    return len(x) / (time.perf_counter() - started)
+
+
+def embed_rate(request: EmbedRequest) -> float:
+    started = time.perf_counter()
+    summary = run(request, progress=False)
+    return summary["rows"] / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
+    parser.add_argument("--data-dir", type=Path, help="folder of the MNIST IDX files")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each; the best is reported")
+    args = parser.parse_args()
+    version = open_path(args.model)
+    dataset = load_dataset("mnist", args.data_dir, progress=False)
+    pixels = np.concatenate([dataset.train_images, dataset.test_images])
+    pair = OnnxPair.load(version)
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "mnist70k.npy"
+        np.save(source, pixels)
+        rates = {
+            "encoder": max(
+                bare_encoder(pair, pixels, version.manifest["binarization"]) for _ in range(args.repeats)
+            )
+        }
+        local = EmbedRequest(args.model, source, Path(folder) / "local.npy", stddev=True, force=True)
+        rates["local"] = max(embed_rate(local) for _ in range(args.repeats))
+        with server(args.model, 0) as (target, _):
+            remote = EmbedRequest(
+                args.model, source, Path(folder) / "remote.npy", server=target, stddev=True, force=True
+            )
+            rates["service"] = max(embed_rate(remote) for _ in range(args.repeats))
+        same = np.array_equal(np.load(Path(folder) / "local.npy"), np.load(Path(folder) / "remote.npy"))
+    print(f"{len(pixels):,} MNIST images, model {version.name}/{version.version}, best of {args.repeats}")
+    print(f"{'path':<34}{'rows/s':>10}{'ratio':>8}")
+    for name, label in (
+        ("encoder", "encoder alone, in-process ORT"),
+        ("local", "vae embed (local engine)"),
+        ("service", "vae embed --server (gRPC)"),
+    ):
+        print(f"{label:<34}{rates[name]:>10,.0f}{rates[name] / rates['encoder']:>8.2f}")
+    print(f"local and service outputs identical: {same}")
+
+
+if __name__ == "__main__":
+    main()
