@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[train,embed,test]'
+	$(BIN)/python -m pip install --quiet -e '.[train,embed,ray,test]'
 	touch $@
 
 lint: setup

@@ -46,6 +46,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
     parser.add_argument("--data-dir", type=Path, help="folder of the MNIST IDX files")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each; the best is reported")
+    parser.add_argument(
+        "--ray-workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time --engine ray with these numbers of actors (one run each, Ray's start-up included)",
+    )
     args = parser.parse_args()
     version = open_path(args.model)
     dataset = load_dataset("mnist", args.data_dir, progress=False)
@@ -67,6 +74,17 @@ def main() -> None:
             )
             rates["service"] = max(embed_rate(remote) for _ in range(args.repeats))
         same = np.array_equal(np.load(Path(folder) / "local.npy"), np.load(Path(folder) / "remote.npy"))
+        for workers in args.ray_workers:
+            on_ray = EmbedRequest(
+                args.model,
+                source,
+                Path(folder) / "ray.parquet",
+                stddev=True,
+                force=True,
+                engine="ray",
+                workers=workers,
+            )
+            rates[f"ray{workers}"] = embed_rate(on_ray)
     print(f"{len(pixels):,} MNIST images, model {version.name}/{version.version}, best of {args.repeats}")
     print(f"{'path':<34}{'rows/s':>10}{'ratio':>8}")
     for name, label in (
@@ -75,6 +93,11 @@ def main() -> None:
         ("service", "vae embed --server (gRPC)"),
     ):
         print(f"{label:<34}{rates[name]:>10,.0f}{rates[name] / rates['encoder']:>8.2f}")
+    for workers in args.ray_workers:
+        rate = rates[f"ray{workers}"]
+        print(
+            f"{f'vae embed --engine ray, {workers} actors':<34}{rate:>10,.0f}{rate / rates['encoder']:>8.2f}"
+        )
     print(f"local and service outputs identical: {same}")
 
 

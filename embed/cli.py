@@ -39,6 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="onnxruntime threads in-process (0: all cores)"
     )
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: Ray Data with a pool of onnxruntime actors "
+        "(writes a folder of Parquet files)",
+    )
+    parser.add_argument(
+        "--ray-address", help="with --engine ray: the cluster's address (default: a local Ray)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="with --engine ray: onnxruntime actors (default 2)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=embed_command)
 
@@ -61,6 +74,9 @@ def embed_command(args: argparse.Namespace) -> int:
         token,
         args.tls_ca,
         args.threads,
+        args.engine,
+        args.ray_address,
+        args.workers,
     )
     summary = run(request, progress=not args.no_progress)
     print(

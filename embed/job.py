@@ -10,6 +10,8 @@ existing output needs ``--force``.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +49,9 @@ class EmbedRequest:
     token: str | None = None
     tls_ca: Path | None = None
     threads: int = 0
+    engine: str = "local"
+    ray_address: str | None = None
+    workers: int = 2
 
 
 def sidecar_path(output: Path) -> Path:
@@ -66,10 +71,29 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
             f"{version.version} expects {version.input_size}"
         )
     manifest = describe(request, version, source)
+    started = time.perf_counter()
+    if request.engine == "ray":
+        done = embed_on_ray(request, manifest, version)
+    else:
+        done = embed_locally(request, manifest, version, source, progress)
+    manifest.update(completed=True, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    atomic_write_text(sidecar_path(request.output), json.dumps(manifest, indent=2) + "\n")
+    seconds = time.perf_counter() - started
+    return {
+        "rows": source.rows,
+        "embedded_now": done,
+        "seconds": seconds,
+        "rows_per_s": done / seconds if seconds else 0.0,
+        "output": str(request.output),
+    }
+
+
+def embed_locally(
+    request: EmbedRequest, manifest: dict[str, Any], version: ModelVersion, source: Source, progress: bool
+) -> int:
     parts = Parts(request.output)
     prepare(request, manifest, parts)
     encode, close = encoder(request, version)
-    started = time.perf_counter()
     try:
         done = embed_chunks(source, encode, parts, manifest, version, progress)
     finally:
@@ -81,17 +105,39 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         record_dtype(version.latent_size, request.stddev),
         request.output,
     )
-    manifest.update(completed=True, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    atomic_write_text(sidecar_path(request.output), json.dumps(manifest, indent=2) + "\n")
     parts.remove()
-    seconds = time.perf_counter() - started
-    return {
-        "rows": source.rows,
-        "embedded_now": done,
-        "seconds": seconds,
-        "rows_per_s": done / seconds if seconds else 0.0,
-        "output": str(request.output),
-    }
+    return done
+
+
+def embed_on_ray(request: EmbedRequest, manifest: dict[str, Any], version: ModelVersion) -> int:
+    """Ray writes a folder of Parquet files; it appears under its name only once complete."""
+    from vaeserve.embed.ray_engine import run_ray
+
+    if request.output.suffix != ".parquet" or request.server or request.resume:
+        raise ConfigError(
+            "--engine ray writes Parquet (--output DST.parquet), encodes in its own actors "
+            "(no --server) and retries failed tasks itself (no --resume)"
+        )
+    prepare(request, manifest, Parts(request.output))
+    staging = request.output.with_name(f".{request.output.name}.ray-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    run_ray(
+        request.model,
+        request.input,
+        staging,
+        manifest["chunks"],
+        request.chunk_rows,
+        version.image_shape,
+        request.stddev,
+        request.column,
+        request.key,
+        request.ray_address,
+        request.workers,
+    )
+    if request.output.exists():
+        shutil.rmtree(request.output) if request.output.is_dir() else request.output.unlink()
+    os.replace(staging, request.output)
+    return manifest["rows"]
 
 
 def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> dict[str, Any]:
@@ -102,7 +148,7 @@ def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> di
             "version": version.version,
             "encoder_sha256": version.manifest["graphs"]["encoder"]["sha256"],
         },
-        "engine": f"service {request.server}" if request.server else "local onnxruntime",
+        "engine": _engine(request),
         "input": source.fingerprint(),
         "rows": source.rows,
         "chunk_rows": request.chunk_rows,
@@ -114,12 +160,20 @@ def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> di
     }
 
 
+def _engine(request: EmbedRequest) -> str:
+    if request.engine == "ray":
+        return f"ray {request.ray_address or 'local'} ({request.workers} actors)"
+    return f"service {request.server}" if request.server else "local onnxruntime"
+
+
 def prepare(request: EmbedRequest, manifest: dict[str, Any], parts: Parts) -> None:
     """Refuse to clobber finished or foreign work; start fresh, resume, or (--force) restart."""
     sidecar = sidecar_path(request.output)
     previous = json.loads(sidecar.read_text()) if sidecar.exists() else None
     if request.force:
         parts.remove()
+        if request.output.is_dir():
+            shutil.rmtree(request.output)
         request.output.unlink(missing_ok=True)
     elif previous and previous.get("completed"):
         raise ConfigError(f"{request.output} is complete; pass --force to overwrite it")

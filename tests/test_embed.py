@@ -203,3 +203,27 @@ def test_bad_inputs_name_the_file_and_row(repo: Path, tmp_path: Path, pixels) ->
     )
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "no versions of model 'none'" in result.stderr
+
+
+def test_ray_engine_equals_local(repo: Path, tmp_path: Path, pixels) -> None:
+    pytest.importorskip("ray")
+    import pyarrow.parquet as pq
+
+    np.save(tmp_path / "x.npy", pixels)
+    local = embed(repo, tmp_path / "x.npy", tmp_path / "local.npy", stddev=True)
+    output = tmp_path / "ray.parquet"
+    run(
+        EmbedRequest(
+            repo / "tiny", tmp_path / "x.npy", output, stddev=True, chunk_rows=700, engine="ray", workers=2
+        ),
+        progress=False,
+    )
+    assert output.is_dir() and '"completed": true' in sidecar_path(output).read_text()
+    table = pq.read_table(output).sort_by("row_id")
+    np.testing.assert_array_equal(table.column("row_id").to_numpy(), local["row_id"])
+    for name in ("mean", "stddev"):
+        np.testing.assert_array_equal(
+            np.stack(table.column(name).to_numpy(zero_copy_only=False)), local[name]
+        )
+    with pytest.raises(ConfigError, match="writes Parquet"):
+        run(EmbedRequest(repo / "tiny", tmp_path / "x.npy", tmp_path / "r.npy", engine="ray"), progress=False)
