@@ -32,6 +32,7 @@ from vaeserve.errors import ConfigError, DataError
 from vaeserve.repository import ModelVersion, open_path
 
 Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+Prepare = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,10 @@ def embed_locally(
     request: EmbedRequest, manifest: dict[str, Any], version: ModelVersion, source: Source, progress: bool
 ) -> int:
     parts = Parts(request.output)
-    prepare(request, manifest, parts)
-    encode, close = encoder(request, version)
+    claim_output(request, manifest, parts)
+    prepare, encode, close = encoder(request, version)
     try:
-        done = embed_chunks(source, encode, parts, manifest, version, progress)
+        done = embed_chunks(source, prepare, encode, parts, manifest, version, progress)
     finally:
         close()
     assemble(
@@ -118,7 +119,7 @@ def embed_on_ray(request: EmbedRequest, manifest: dict[str, Any], version: Model
             "--engine ray writes Parquet (--output DST.parquet), encodes in its own actors "
             "(no --server) and retries failed tasks itself (no --resume)"
         )
-    prepare(request, manifest, Parts(request.output))
+    claim_output(request, manifest, Parts(request.output))
     staging = request.output.with_name(f".{request.output.name}.ray-tmp")
     shutil.rmtree(staging, ignore_errors=True)
     run_ray(
@@ -166,7 +167,7 @@ def _engine(request: EmbedRequest) -> str:
     return f"service {request.server}" if request.server else "local onnxruntime"
 
 
-def prepare(request: EmbedRequest, manifest: dict[str, Any], parts: Parts) -> None:
+def claim_output(request: EmbedRequest, manifest: dict[str, Any], parts: Parts) -> None:
     """Refuse to clobber finished or foreign work; start fresh, resume, or (--force) restart."""
     sidecar = sidecar_path(request.output)
     previous = json.loads(sidecar.read_text()) if sidecar.exists() else None
@@ -199,14 +200,15 @@ def prepare(request: EmbedRequest, manifest: dict[str, Any], parts: Parts) -> No
     atomic_write_text(sidecar, json.dumps(manifest, indent=2) + "\n")
 
 
-def encoder(request: EmbedRequest, version: ModelVersion) -> tuple[Encode, Callable[[], None]]:
-    """In-process onnxruntime, or the service through the Python client."""
+def encoder(request: EmbedRequest, version: ModelVersion) -> tuple[Prepare, Encode, Callable[[], None]]:
+    """How rows are prepared (on the reader thread), encoded, and the engine closed: in-process
+    onnxruntime, or the service through the Python client (which prepares pixels itself)."""
     binarization = version.manifest.get("binarization", "none")
     if request.server is None:
         from vaeserve.runtime import OnnxPair
 
         pair = OnnxPair.load(version, threads=request.threads)
-        return (lambda rows: pair.encode(_local_inputs(rows, binarization))), (lambda: None)
+        return (lambda rows: _local_inputs(rows, binarization)), pair.encode, (lambda: None)
     from vaeserve.client import VaeClient
 
     client = VaeClient(
@@ -218,10 +220,10 @@ def encoder(request: EmbedRequest, version: ModelVersion) -> tuple[Encode, Calla
     )
 
     def remote(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = client.encode(rows if rows.dtype == np.uint8 else rows.astype(np.float32))
+        out = client.encode(rows)
         return out["mean"], out["stddev"]
 
-    return remote, client.close
+    return (lambda rows: rows), remote, client.close
 
 
 def _local_inputs(rows: np.ndarray, binarization: str) -> np.ndarray:
@@ -230,6 +232,7 @@ def _local_inputs(rows: np.ndarray, binarization: str) -> np.ndarray:
 
 def embed_chunks(
     source: Source,
+    prepare: Prepare,
     encode: Encode,
     parts: Parts,
     manifest: dict[str, Any],
@@ -247,10 +250,10 @@ def embed_chunks(
     # write is pending, so memory stays bounded.
     with bar, ThreadPoolExecutor(1, thread_name_prefix="embed-write") as writer:
         pending = None
-        for index, rows in _prefetched(source.chunks(chunk_rows, first), first):
+        for index, rows in _prefetched(_prepared(source, chunk_rows, first, prepare), first):
             if index not in todo:
                 continue
-            mean, std = encode(check_rows(rows, source, index * chunk_rows))
+            mean, std = encode(rows)
             records = np.empty(len(rows), dtype)
             records["row_id"] = np.arange(index * chunk_rows, index * chunk_rows + len(rows))
             records["mean"] = mean
@@ -266,8 +269,13 @@ def embed_chunks(
     return done
 
 
+def _prepared(source: Source, chunk_rows: int, first: int, prepare: Prepare) -> Iterator[np.ndarray]:
+    for offset, rows in enumerate(source.chunks(chunk_rows, first)):
+        yield prepare(check_rows(rows, source, (first + offset) * chunk_rows))
+
+
 def _prefetched(chunks: Iterator[np.ndarray], first: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Read the next chunk on a worker thread while the current one is encoded."""
+    """Read and prepare the next chunk on a worker thread while the current one is encoded."""
     with ThreadPoolExecutor(1, thread_name_prefix="embed-read") as reader:
         pending = reader.submit(next, chunks, None)
         index = first
