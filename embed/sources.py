@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve.errors import DataError, MissingExtraError
-from vaeserve.idx import _GZIP_MAGIC, _TYPES
+from vaeserve.idx import GZIP_MAGIC, parse_header
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -186,20 +186,20 @@ def open_source(
         return ParquetSource(path, column)
     with open(path, "rb") as handle:
         head = handle.read(4 + 4 * 8)
-    if head.startswith(_GZIP_MAGIC):
+    if head.startswith(GZIP_MAGIC):
         return GzipIdxSource(path)
-    shape, dtype, offset = _idx_header(head, str(path))
+    try:
+        shape, dtype, offset = _idx_header(head, str(path))
+    except DataError as exc:
+        raise DataError(f"{exc}; inputs are .npy, .npz, .parquet, IDX files or folders of images") from None
     return FileArraySource(path, offset, dtype, shape)
 
 
 def _idx_header(head: bytes, source: str) -> tuple[tuple[int, ...], np.dtype, int]:
-    if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _TYPES or head[3] < 2:
-        raise DataError(
-            f"{source}: not an IDX file of rows (.npy, .npz, .parquet, IDX or a folder of images)"
-        )
-    ndim = head[3]
-    shape = struct.unpack(f">{ndim}I", head[4 : 4 + 4 * ndim])
-    return shape, _TYPES[head[2]], 4 + 4 * ndim
+    shape, dtype, offset = parse_header(head, source)
+    if len(shape) < 2:
+        raise DataError(f"{source}: IDX rank {len(shape)}; expected rows of values (rank 2 or more)")
+    return shape, dtype, offset
 
 
 def _npy_layout(path: Path) -> tuple[int, np.dtype, tuple[int, ...]]:

@@ -32,6 +32,7 @@ from vaeserve.repository import (
     file_record,
     load_version,
     next_version,
+    sha256_file,
 )
 from vaeserve.runtime import OnnxPair
 from vaeserve.training import checkpoint
@@ -134,7 +135,7 @@ def build_version(
             "best_validation_elbo": state["best_validation_elbo"],
         },
         "evaluation": evaluation,
-        "source_checkpoint": {"file": source.name, "sha256": checkpoint.sha256(source)},
+        "source_checkpoint": {"file": source.name, "sha256": sha256_file(source)},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -145,7 +146,7 @@ def find_evaluation(source: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    if saved.get("checkpoint_sha256") != checkpoint.sha256(source):
+    if saved.get("checkpoint_sha256") != sha256_file(source):
         return None
     return {**saved, "source": "checkpoint"}
 

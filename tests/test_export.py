@@ -18,7 +18,7 @@ from vaeserve.datasets import evaluation_inputs
 from vaeserve.errors import CheckpointError, ExportError, RepositoryError
 from vaeserve.evaluation import evaluate
 from vaeserve.export.exporter import ExportRequest, export_model
-from vaeserve.repository import open_path, resolve, version_numbers
+from vaeserve.repository import open_path, resolve, sha256_file, version_numbers
 from vaeserve.runtime import OnnxPair
 from vaeserve.training import checkpoint
 from vaeserve.training.backend import numpy_callables
@@ -68,7 +68,7 @@ def test_graphs_are_self_describing_inference_only(repo: Path, tiny_run: Path) -
     manifest = version.manifest
     assert manifest["schema_version"] == 1 and manifest["opset"] == 18
     assert (manifest["input_size"], manifest["latent_size"], manifest["image_shape"]) == (784, 8, [28, 28])
-    assert manifest["source_checkpoint"]["sha256"] == checkpoint.sha256(tiny_run / "best.pt")
+    assert manifest["source_checkpoint"]["sha256"] == sha256_file(tiny_run / "best.pt")
     assert manifest["training"]["split_sizes"] == {"train": 50000, "validation": 10000, "test": 10000}
     evaluation = manifest["evaluation"]
     saved = tiny_run / "evaluation-test.json"

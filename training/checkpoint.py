@@ -16,7 +16,6 @@ A run directory holds ``checkpoint.pt`` (the last complete epoch), ``best.pt``
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,11 +76,3 @@ def model_from(state: dict[str, Any]) -> VAE:
     model = VAE.from_config(config, state["input_size"])
     model.load_state_dict(state["model"])
     return model.eval()
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -10,6 +10,7 @@ from vaeserve import pictures
 from vaeserve.atomic import atomic_write_text
 from vaeserve.datasets import Dataset, evaluation_inputs
 from vaeserve.evaluation import Evaluation, evaluate
+from vaeserve.repository import sha256_file
 from vaeserve.training import checkpoint
 from vaeserve.training.backend import numpy_callables
 from vaeserve.training.config import TrainConfig
@@ -35,7 +36,7 @@ def write_evaluation(run_dir: Path, split: str, result: Evaluation, source: Path
     record = {
         "split": split,
         "checkpoint": source.name,
-        "checkpoint_sha256": checkpoint.sha256(source),
+        "checkpoint_sha256": sha256_file(source),
         **result.to_dict(),
     }
     path = evaluation_path(run_dir, split)

@@ -16,8 +16,8 @@ import numpy as np
 
 from vaeserve.errors import DataError
 
-_GZIP_MAGIC = b"\x1f\x8b"
-_TYPES: dict[int, np.dtype] = {
+GZIP_MAGIC = b"\x1f\x8b"
+TYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -35,7 +35,7 @@ def read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: no such file") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    if not raw.startswith(_GZIP_MAGIC):
+    if not raw.startswith(GZIP_MAGIC):
         return raw
     try:
         return gzip.decompress(raw)
@@ -43,23 +43,29 @@ def read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: corrupt or truncated gzip data ({exc})") from None
 
 
-def parse_idx(content: bytes, source: str, expected_ndim: int | None = None) -> np.ndarray:
-    """Parse IDX bytes into an array in native byte order."""
-    if len(content) < 4:
-        raise DataError(f"{source}: {len(content)} bytes is too short for an IDX header")
-    zero, type_code, ndim = struct.unpack(">HBB", content[:4])
-    if zero != 0 or type_code not in _TYPES:
+def parse_header(
+    head: bytes, source: str, expected_ndim: int | None = None
+) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, element type and data offset from the first bytes (at least 4 + 4·rank) of a file."""
+    if len(head) < 4:
+        raise DataError(f"{source}: {len(head)} bytes is too short for an IDX header")
+    zero, type_code, ndim = struct.unpack(">HBB", head[:4])
+    if zero != 0 or type_code not in TYPES:
         raise DataError(
-            f"{source}: bad IDX magic number 0x{content[:4].hex()} "
+            f"{source}: bad IDX magic number 0x{head[:4].hex()} "
             "(expected 0x0000 then a type code 08/09/0B/0C/0D/0E and the rank)"
         )
     if expected_ndim is not None and ndim != expected_ndim:
         raise DataError(f"{source}: IDX rank is {ndim}, expected {expected_ndim}")
     header_size = 4 + 4 * ndim
-    if len(content) < header_size:
+    if len(head) < header_size:
         raise DataError(f"{source}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", content[4:header_size])
-    dtype = _TYPES[type_code]
+    return struct.unpack(f">{ndim}I", head[4:header_size]), TYPES[type_code], header_size
+
+
+def parse_idx(content: bytes, source: str, expected_ndim: int | None = None) -> np.ndarray:
+    """Parse IDX bytes into an array in native byte order."""
+    shape, dtype, header_size = parse_header(content, source, expected_ndim)
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     actual = len(content) - header_size
     if actual != expected:
