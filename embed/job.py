@@ -245,7 +245,9 @@ def embed_chunks(
     dtype = record_dtype(version.latent_size, stddev)
     done = 0
     initial = min(first * chunk_rows, source.rows)
-    bar = tqdm(total=source.rows, initial=initial, unit="rows", desc="embed", disable=not progress)
+    bar = tqdm(
+        total=source.rows, initial=initial, unit="rows", desc="embed", disable=None if progress else True
+    )
     # Parts are written on a worker thread while the next chunk is encoded; at most one
     # write is pending, so memory stays bounded.
     with bar, ThreadPoolExecutor(1, thread_name_prefix="embed-write") as writer:

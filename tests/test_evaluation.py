@@ -71,6 +71,12 @@ def test_vae_evaluate_cli_writes_json_and_pictures(tiny_run: Path, mnist_dir: Pa
     assert printed["rows"] == 10000 and saved["nll"] == printed["nll"]
     assert saved["checkpoint_sha256"] == sha256_file(tiny_run / "best.pt")
     assert 60 < printed["nll"] < 250 and printed["nll"] <= -printed["elbo"] + 0.5
+    limited = ["evaluate", "--run", str(tiny_run), "--data-dir", str(mnist_dir), "--split", "validation"]
+    assert (
+        main([*limited, "--limit", "300", "--iw-samples", "3", "--json", "--no-pictures", "--no-progress"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["rows"] == 300
 
 
 def test_nll_converges_to_the_exact_marginal_likelihood() -> None:

@@ -164,25 +164,15 @@ def evaluate_command(args: argparse.Namespace) -> int:
         args.cache_dir,
         progress=not args.no_progress,
     )
-    if args.limit:
-        dataset = _limited(dataset, args.limit)
-    result = evaluate_checkpoint(state, dataset, args.split, args.iw_samples, not args.no_progress)
+    result = evaluate_checkpoint(
+        state, dataset, args.split, args.iw_samples, not args.no_progress, args.limit
+    )
     run_dir = source.parent
     written = write_evaluation(run_dir, args.split, result, source) if not args.limit else None
     if not args.no_pictures:
         write_pictures(state, dataset, args.split, run_dir / "plots")
     print_evaluation(result.to_dict(), args.split, args.json, written)
     return 0
-
-
-def _limited(dataset, limit: int):
-    from dataclasses import replace
-
-    return replace(
-        dataset,
-        test_images=dataset.test_images[:limit],
-        test_labels=None if dataset.test_labels is None else dataset.test_labels[:limit],
-    )
 
 
 def print_evaluation(result: dict, split: str, as_json: bool, written: Path | None) -> None:

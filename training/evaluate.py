@@ -23,10 +23,16 @@ def evaluation_path(run_dir: Path, split: str) -> Path:
 
 
 def evaluate_checkpoint(
-    state: dict[str, Any], dataset: Dataset, split: str, iw_samples: int, progress: bool = True
+    state: dict[str, Any],
+    dataset: Dataset,
+    split: str,
+    iw_samples: int,
+    progress: bool = True,
+    limit: int | None = None,
 ) -> Evaluation:
+    """The shared evaluator on the split's first ``limit`` rows (all by default)."""
     config = TrainConfig.from_dict(state["config"])
-    images, _ = dataset.split(split)
+    images = dataset.split(split)[0][:limit]
     x = evaluation_inputs(images, config.binarization, EVALUATION_SEED)
     encode, decode = numpy_callables(checkpoint.model_from(state))
     return evaluate(encode, decode, x, iw_samples, seed=EVALUATION_SEED, progress=progress)

@@ -119,7 +119,7 @@ class Trainer:
             total=len(steps) * batch,
             desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
             unit="img",
-            disable=not self.progress,
+            disable=None if self.progress else True,  # None: only on a terminal
             leave=False,
         ) as bar:
             for i, start in enumerate(steps):

@@ -11,6 +11,7 @@ seed + i, so the same call with the same chunking is reproducible.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -209,21 +210,21 @@ class VaeClient:
     def _gather(self, method: Callable, requests: Iterator, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Send requests with up to max_in_flight outstanding; concatenate the fields in order."""
         parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
-        in_flight: list[grpc.Future] = []
-        for response in self._pipelined(method, requests, in_flight):
+        for response in self._pipelined(method, requests):
             for name in fields:
                 tensor = getattr(response, name)
                 parts[name].append(from_tensor(tensor, name, int(tensor.shape[1])))
         return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
-    def _pipelined(self, method: Callable, requests: Iterator, in_flight: list) -> Iterator[Any]:
+    def _pipelined(self, method: Callable, requests: Iterator) -> Iterator[Any]:
+        in_flight: deque[grpc.Future] = deque()
         try:
             for request in requests:
                 in_flight.append(method.future(request, timeout=self.timeout, metadata=self.metadata))
                 if len(in_flight) >= self.max_in_flight:
-                    yield in_flight.pop(0).result()
+                    yield in_flight.popleft().result()
             while in_flight:
-                yield in_flight.pop(0).result()
+                yield in_flight.popleft().result()
         except grpc.RpcError as exc:
             for future in in_flight:
                 future.cancel()

@@ -94,7 +94,7 @@ def evaluate(
     nll = np.empty(len(x))
     images_per_block = max(1, BLOCK_ROWS // iw_samples)
     samples_per_block = min(iw_samples, BLOCK_ROWS)
-    bar = tqdm(total=len(x), desc="evaluate", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=len(x), desc="evaluate", unit="img", disable=None if progress else True, leave=False)
     blocks = [slice(s, s + images_per_block) for s in range(0, len(x), images_per_block)]
     with ThreadPoolExecutor(WORKERS) as pool:
         # ε is drawn here, in block order, so results do not depend on the thread schedule.
