@@ -151,3 +151,23 @@ def test_training_pictures_are_real_images(mnist_dir: Path, tmp_path: Path) -> N
     for name in names:
         pixels = matplotlib.image.imread(run_dir / "plots" / name)
         assert pixels.shape[0] > 200 and pixels.std() > 0.05, name
+
+
+def test_early_stopping_and_time_budget(mnist, tmp_path: Path) -> None:
+    from vaeserve.training.trainer import Trainer
+
+    config = resolve_config("seed", None, {**SMALL, "epochs": 50, "patience": 2})
+    trainer = Trainer(config, mnist, tmp_path / "patient", progress=False)
+    trainer.history = [{"validation_elbo": v} for v in (-120.0, -110.0, -111.0, -112.0)]
+    assert trainer.should_stop(time.perf_counter())  # two epochs without beating -110
+    trainer.history.append({"validation_elbo": -100.0})
+    assert not trainer.should_stop(time.perf_counter())
+    budget = resolve_config("seed", None, {**SMALL, "epochs": 50, "max_minutes": 0.001})
+    history = start_or_resume(budget, mnist, tmp_path / "budget", resume=False, progress=False).run()
+    assert 1 <= len(history) < 50  # stopped by the 0.06-second budget after its first epoch
+    assert checkpoint.load(tmp_path / "budget" / checkpoint.LAST)["epoch"] == len(history)
+
+
+def test_best_preset_is_a_valid_config() -> None:
+    config = resolve_config("best", None, {})
+    assert config.binarization == "dynamic" and config.objective == "iwae" and config.max_minutes

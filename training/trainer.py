@@ -100,11 +100,24 @@ class Trainer:
     def run(self) -> list[dict[str, Any]]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
-        while self.epoch < self.config.epochs:
+        started = time.perf_counter()
+        while self.epoch < self.config.epochs and not self.should_stop(started):
             record = self.train_epoch()
             self.history.append(record)
             self.save_epoch(record)
         return self.history
+
+    def should_stop(self, started: float) -> bool:
+        """Early stopping on the validation ELBO, or the wall-clock budget of this invocation."""
+        budget = self.config.max_minutes
+        if budget is not None and time.perf_counter() - started > 60 * budget:
+            log.info("stopping after epoch %d: the %.0f-minute budget is spent", self.epoch, budget)
+            return True
+        patience = self.config.patience
+        scores = [r["validation_elbo"] for r in self.history if r["validation_elbo"] is not None]
+        if patience is None or len(scores) <= patience:
+            return False
+        return max(scores[-patience:]) <= max(scores[:-patience])
 
     def train_epoch(self) -> dict[str, Any]:
         self.model.train()
