@@ -26,7 +26,7 @@ from tqdm import tqdm
 from vaeserve import __version__
 from vaeserve.atomic import atomic_write_text
 from vaeserve.datasets import model_inputs
-from vaeserve.embed.sinks import FORMATS, Parts, assemble, record_dtype
+from vaeserve.embed.sinks import FORMATS, ChunkSink, open_sink, record_dtype
 from vaeserve.embed.sources import Source, open_source
 from vaeserve.errors import ConfigError, DataError
 from vaeserve.repository import ModelVersion, open_path
@@ -92,21 +92,19 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
 def embed_locally(
     request: EmbedRequest, manifest: dict[str, Any], version: ModelVersion, source: Source, progress: bool
 ) -> int:
-    parts = Parts(request.output)
-    claim_output(request, manifest, parts)
-    prepare, encode, close = encoder(request, version)
+    dtype = record_dtype(version.latent_size, request.stddev)
+    sink = open_sink(request.output, source.rows, request.chunk_rows, dtype)
+    claim_output(request, manifest, sink)
     try:
-        done = embed_chunks(source, prepare, encode, parts, manifest, version, progress)
+        finished = sink.start(request.resume)
+        prepare, encode, close = encoder(request, version)
+        try:
+            done = embed_chunks(source, prepare, encode, sink, finished, manifest, dtype, progress)
+        finally:
+            close()
+        sink.finish()
     finally:
-        close()
-    assemble(
-        parts,
-        manifest["chunks"],
-        source.rows,
-        record_dtype(version.latent_size, request.stddev),
-        request.output,
-    )
-    parts.remove()
+        sink.close()
     return done
 
 
@@ -119,7 +117,8 @@ def embed_on_ray(request: EmbedRequest, manifest: dict[str, Any], version: Model
             "--engine ray writes Parquet (--output DST.parquet), encodes in its own actors "
             "(no --server) and retries failed tasks itself (no --resume)"
         )
-    claim_output(request, manifest, Parts(request.output))
+    dtype = record_dtype(version.latent_size, request.stddev)
+    claim_output(request, manifest, open_sink(request.output, manifest["rows"], request.chunk_rows, dtype))
     staging = request.output.with_name(f".{request.output.name}.ray-tmp")
     shutil.rmtree(staging, ignore_errors=True)
     run_ray(
@@ -167,12 +166,12 @@ def _engine(request: EmbedRequest) -> str:
     return f"service {request.server}" if request.server else "local onnxruntime"
 
 
-def claim_output(request: EmbedRequest, manifest: dict[str, Any], parts: Parts) -> None:
+def claim_output(request: EmbedRequest, manifest: dict[str, Any], sink: ChunkSink) -> None:
     """Refuse to clobber finished or foreign work; start fresh, resume, or (--force) restart."""
     sidecar = sidecar_path(request.output)
     previous = json.loads(sidecar.read_text()) if sidecar.exists() else None
     if request.force:
-        parts.remove()
+        sink.remove()
         if request.output.is_dir():
             shutil.rmtree(request.output)
         request.output.unlink(missing_ok=True)
@@ -191,7 +190,7 @@ def claim_output(request: EmbedRequest, manifest: dict[str, Any], parts: Parts) 
                 f"cannot resume {request.output}: {', '.join(changed)} differ from the "
                 "interrupted job; pass --force to start over"
             )
-    elif previous is not None or parts.folder.exists() or request.output.exists():
+    elif previous is not None or sink.leftovers() or request.output.exists():
         raise ConfigError(
             f"{request.output} (or its parts) exists from an unfinished job; "
             "pass --resume to continue it or --force to start over"
@@ -234,21 +233,21 @@ def embed_chunks(
     source: Source,
     prepare: Prepare,
     encode: Encode,
-    parts: Parts,
+    sink: ChunkSink,
+    finished: set[int],
     manifest: dict[str, Any],
-    version: ModelVersion,
+    dtype: np.dtype,
     progress: bool,
 ) -> int:
-    chunk_rows, stddev = manifest["chunk_rows"], "stddev" in manifest["fields"]
-    first = next((i for i in range(manifest["chunks"]) if not parts.done(i)), manifest["chunks"])
-    todo = {i for i in range(first, manifest["chunks"]) if not parts.done(i)}
-    dtype = record_dtype(version.latent_size, stddev)
+    chunk_rows, stddev = manifest["chunk_rows"], "stddev" in dtype.names
+    first = next((i for i in range(manifest["chunks"]) if i not in finished), manifest["chunks"])
+    todo = set(range(first, manifest["chunks"])) - finished
     done = 0
     initial = min(first * chunk_rows, source.rows)
     bar = tqdm(
         total=source.rows, initial=initial, unit="rows", desc="embed", disable=None if progress else True
     )
-    # Parts are written on a worker thread while the next chunk is encoded; at most one
+    # Chunks are written on a worker thread while the next one is encoded; at most one
     # write is pending, so memory stays bounded.
     with bar, ThreadPoolExecutor(1, thread_name_prefix="embed-write") as writer:
         pending = None
@@ -263,7 +262,7 @@ def embed_chunks(
                 records["stddev"] = std
             if pending is not None:
                 pending.result()
-            pending = writer.submit(parts.write, index, records)
+            pending = writer.submit(sink.write, index, records)
             done += len(rows)
             bar.update(len(rows))
         if pending is not None:

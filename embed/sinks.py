@@ -1,21 +1,31 @@
-"""Outputs of `vae embed`: completed chunks as part files, then one .npy or Parquet file.
+"""Outputs of `vae embed`: chunks written as they finish, then one .npy or Parquet file.
 
-Each chunk lands as ``DST.parts/part-NNNNNN.npy`` (a structured array: row_id, mean and
-optionally stddev), written atomically: a part file that exists is complete, which is
-how a resumed job knows what to skip. The final file is assembled part by part (memory
-stays bounded) into a temporary file and renamed into place.
+Both sinks record which chunks are finished, durably, so a resumed job skips them, and
+neither lets an unfinished output appear under its final name:
+
+- ``.npy`` (`NpyChunks`): rows have a fixed size, so every chunk goes straight to its
+  final offset in ``DST.partial``, a file the size of the finished output; after its
+  bytes are on disk, the chunk's number is appended to ``DST.journal``. When every
+  chunk is there the partial file is renamed to ``DST``. One write per byte: no
+  assembly pass.
+- Parquet (`ParquetParts`): a chunk lands as ``DST.parts/part-NNNNNN.npy``, written
+  atomically (a part that exists is complete); the parts are then streamed in order
+  into a Parquet file that is renamed into place.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from vaeserve.atomic import atomic_path
-from vaeserve.errors import MissingExtraError
+from vaeserve.errors import DataError, MissingExtraError
 
 FORMATS = (".npy", ".parquet")
 
@@ -27,46 +37,156 @@ def record_dtype(latent_size: int, stddev: bool) -> np.dtype:
     return np.dtype(fields)
 
 
-class Parts:
-    def __init__(self, output: Path) -> None:
+class ChunkSink(Protocol):
+    def leftovers(self) -> list[Path]:
+        """Files an unfinished job left behind."""
+
+    def remove(self) -> None:
+        """Delete what an unfinished job left behind."""
+
+    def start(self, resume: bool) -> set[int]:
+        """Prepare to write; the chunks already finished (none unless resuming)."""
+
+    def write(self, index: int, records: np.ndarray) -> None:
+        """Store one chunk's records durably; from then on it counts as finished."""
+
+    def finish(self) -> None:
+        """Every chunk is written: put the output under its final name."""
+
+    def close(self) -> None:
+        """Release open files (after finish, or when the job fails)."""
+
+
+def open_sink(output: Path, rows: int, chunk_rows: int, dtype: np.dtype) -> ChunkSink:
+    if output.suffix == ".npy":
+        return NpyChunks(output, rows, chunk_rows, dtype)
+    return ParquetParts(output, -(-rows // chunk_rows), dtype)
+
+
+class NpyChunks:
+    """Chunks written in place into a preallocated .npy, with a journal of finished chunks."""
+
+    def __init__(self, output: Path, rows: int, chunk_rows: int, dtype: np.dtype) -> None:
+        self.output, self.rows, self.chunk_rows, self.dtype = output, rows, chunk_rows, dtype
+        self.partial = output.with_name(output.name + ".partial")
+        self.journal = output.with_name(output.name + ".journal")
+        self.header = _npy_header(dtype, rows)
+        self.size = len(self.header) + rows * dtype.itemsize
+        self.fd: int | None = None
+        self.journal_fd: int | None = None
+
+    def leftovers(self) -> list[Path]:
+        return [p for p in (self.partial, self.journal) if p.exists()]
+
+    def remove(self) -> None:
+        self.close()
+        for path in (self.partial, self.journal):
+            path.unlink(missing_ok=True)
+
+    def start(self, resume: bool) -> set[int]:
+        finished = self._journalled() if resume else set()
+        if not finished:
+            self.remove()
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        if not finished:
+            self._allocate()
+        self.journal_fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        return finished
+
+    def write(self, index: int, records: np.ndarray) -> None:
+        offset = len(self.header) + index * self.chunk_rows * self.dtype.itemsize
+        view = memoryview(np.ascontiguousarray(records)).cast("B")
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+        # The bytes reach the disk before the journal says they did; a journal line lost
+        # in a crash only means the chunk is computed again.
+        os.fdatasync(self.fd)
+        os.write(self.journal_fd, f"{index}\n".encode())
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        self.close()
+        os.replace(self.partial, self.output)
+        self.journal.unlink(missing_ok=True)
+
+    def _allocate(self) -> None:
+        """Reserve the whole file now, so a full disk fails the job at its start."""
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self.fd, 0, self.size)
+            else:
+                os.ftruncate(self.fd, self.size)
+        except OSError as exc:
+            self.remove()
+            raise DataError(f"{self.output}: cannot reserve {self.size:,} bytes ({exc.strerror})") from None
+        os.pwrite(self.fd, self.header, 0)
+
+    def _journalled(self) -> set[int]:
+        """Chunks the journal lists as finished, if the partial file is the right one."""
+        if not self.journal.exists() or not self.partial.exists():
+            return set()
+        if self.partial.stat().st_size != self.size:
+            return set()
+        with open(self.partial, "rb") as handle:
+            if handle.read(len(self.header)) != self.header:
+                return set()
+        lines = self.journal.read_text().split("\n")[:-1]  # a torn last line is not a finished chunk
+        count = -(-self.rows // self.chunk_rows)
+        return {int(line) for line in lines if line.isdigit() and int(line) < count}
+
+    def close(self) -> None:
+        for name in ("fd", "journal_fd"):
+            if getattr(self, name) is not None:
+                os.close(getattr(self, name))
+                setattr(self, name, None)
+
+
+def _npy_header(dtype: np.dtype, rows: int) -> bytes:
+    buffer = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows,)}
+    np.lib.format.write_array_header_2_0(buffer, header)
+    return buffer.getvalue()
+
+
+class ParquetParts:
+    """Chunks as atomically written part files, streamed into one Parquet file at the end."""
+
+    def __init__(self, output: Path, count: int, dtype: np.dtype) -> None:
+        self.output, self.count, self.dtype = output, count, dtype
         self.folder = output.with_name(output.name + ".parts")
 
     def path(self, index: int) -> Path:
         return self.folder / f"part-{index:06d}.npy"
 
-    def done(self, index: int) -> bool:
-        return self.path(index).exists()
-
-    def write(self, index: int, records: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path(index)) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, records, allow_pickle=False)
-
-    def read(self, count: int) -> Iterator[np.ndarray]:
-        for index in range(count):
-            yield np.load(self.path(index), allow_pickle=False)
+    def leftovers(self) -> list[Path]:
+        return [self.folder] if self.folder.exists() else []
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def start(self, resume: bool) -> set[int]:
+        if not resume:
+            self.remove()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return {i for i in range(self.count) if self.path(i).exists()}
 
-def assemble(parts: Parts, count: int, rows: int, dtype: np.dtype, output: Path) -> None:
-    """Concatenate the parts into ``output`` (.npy or .parquet), atomically."""
-    with atomic_path(output) as tmp:
-        if output.suffix == ".npy":
-            _write_npy(parts.read(count), dtype, rows, tmp)
-        else:
-            _write_parquet(parts.read(count), dtype, tmp)
+    def write(self, index: int, records: np.ndarray) -> None:
+        with atomic_path(self.path(index)) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, records, allow_pickle=False)
 
+    def finish(self) -> None:
+        with atomic_path(self.output) as tmp:
+            _write_parquet(self._read(), self.dtype, tmp)
+        self.remove()
 
-def _write_npy(parts: Iterator[np.ndarray], dtype: np.dtype, rows: int, path: Path) -> None:
-    """A .npy header, then the parts' bytes appended in order (sequential writes, so the
-    output is never mapped into memory whole)."""
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows,)}
-    with open(path, "wb") as handle:
-        np.lib.format.write_array_header_2_0(handle, header)
-        for part in parts:
-            handle.write(np.ascontiguousarray(part).tobytes())
+    def close(self) -> None:
+        pass
+
+    def _read(self) -> Iterator[np.ndarray]:
+        for index in range(self.count):
+            yield np.load(self.path(index), allow_pickle=False)
 
 
 def _write_parquet(parts: Iterator[np.ndarray], dtype: np.dtype, path: Path) -> None:

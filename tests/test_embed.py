@@ -96,6 +96,11 @@ def test_service_engine_equals_local(repo: Path, tmp_path: Path, pixels) -> None
     np.testing.assert_array_equal(remote, local)
 
 
+def journalled(journal: Path) -> int:
+    """Chunks a job's journal lists as finished."""
+    return journal.read_text().count("\n") if journal.exists() else 0
+
+
 def test_killed_job_resumes_to_the_same_bytes(repo: Path, tmp_path: Path, mnist_dir: Path) -> None:
     source = mnist_dir / "train-images-idx3-ubyte.gz"
     whole = tmp_path / "whole.npy"
@@ -119,14 +124,15 @@ def test_killed_job_resumes_to_the_same_bytes(repo: Path, tmp_path: Path, mnist_
         "--no-progress",
     ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = tmp_path / "resumed.npy.parts"
+    journal, partial = tmp_path / "resumed.npy.journal", tmp_path / "resumed.npy.partial"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(parts.glob("part-*.npy"))) < 3:
+    while time.monotonic() < deadline and journalled(journal) < 3:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    written = len(list(parts.glob("part-*.npy")))
+    written = journalled(journal)
     assert 3 <= written < 30, "the job was not caught midway"
+    assert partial.stat().st_size == whole.stat().st_size
     assert not output.exists() and '"completed": false' in sidecar_path(output).read_text()
     with pytest.raises(ConfigError, match="pass --resume"):
         embed(repo, source, output, chunk_rows=2000)
@@ -135,7 +141,8 @@ def test_killed_job_resumes_to_the_same_bytes(repo: Path, tmp_path: Path, mnist_
     summary = run(EmbedRequest(repo / "tiny", source, output, chunk_rows=2000, resume=True), progress=False)
     assert summary["embedded_now"] <= 60000 - 2000 * (written - 1)
     assert output.read_bytes() == whole.read_bytes()
-    assert '"completed": true' in sidecar_path(output).read_text() and not parts.exists()
+    assert '"completed": true' in sidecar_path(output).read_text()
+    assert not journal.exists() and not partial.exists()
     with pytest.raises(ConfigError, match="is complete; pass --force"):
         embed(repo, source, output, chunk_rows=2000)
 
