@@ -6,8 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
+from vaeserve.errors import ConfigError
 from vaeserve.flags import add_dataclass_flags, values
 from vaeserve.service.settings import ENV_PREFIX, ServeSettings
 
@@ -29,7 +32,23 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = ServeSettings(**values(args, ServeSettings)).validate()
     repo_exists(settings.repo)
     logging.getLogger("vaeserve").info("starting vae serve with %s", settings)
-    return asyncio.run(serve(settings))
+    return run_on_event_loop(serve(settings), settings.event_loop)
+
+
+def run_on_event_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
+    """Run the server on uvloop when chosen or (auto) installed, else on asyncio's loop."""
+    log = logging.getLogger("vaeserve.service")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("--event-loop uvloop: uvloop is not installed") from None
+        else:
+            log.info("event loop: uvloop %s", uvloop.__version__)
+            return uvloop.run(main)
+    log.info("event loop: asyncio")
+    return asyncio.run(main)
 
 
 def register_health(subparsers: argparse._SubParsersAction) -> None:

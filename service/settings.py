@@ -11,6 +11,7 @@ from vaeserve.runtime import DEVICES
 
 ENV_PREFIX = "VAESERVE_"
 VARIANTS = ("fp32", "int8", "fp16")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class ServeSettings:
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50051, "gRPC port")
     device: str = option("auto", "auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU", DEVICES)
+    event_loop: str = option(
+        "auto", "auto: uvloop when installed (less CPU per call), else asyncio's own", EVENT_LOOPS
+    )
     threads: int = option(0, "onnxruntime intra-op threads per session (0: one per core)")
     batching: bool = option(True, "merge concurrent requests into one onnxruntime run")
     batch_max_rows: int = option(1024, "largest merged batch, in rows")

@@ -80,3 +80,16 @@ def test_help_explains_every_flag() -> None:
         for action in sub._actions:
             assert action.help and len(action.help) > 8, f"vae {name} {action.option_strings}"
     assert vae("train", "--help").returncode == 0
+
+
+def test_serve_runs_on_the_event_loop_chosen() -> None:
+    import asyncio
+
+    from vaeserve.service.cli import run_on_event_loop
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_on_event_loop(loop_module(), "asyncio").startswith("asyncio")
+    assert run_on_event_loop(loop_module(), "uvloop").startswith("uvloop")
+    assert run_on_event_loop(loop_module(), "auto").startswith("uvloop")  # installed with vaeserve

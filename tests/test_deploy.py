@@ -60,7 +60,7 @@ def test_pinned_requirements_match_the_project() -> None:
     pins = [line for line in lines if line.strip() and not line.startswith("#")]
     names = {p.split("==")[0] for p in pins}
     assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", p) for p in pins), pins
-    assert {"numpy", "onnxruntime", "grpcio", "protobuf", "grpcio-health-checking"} <= names
+    assert {"numpy", "onnxruntime", "grpcio", "protobuf", "grpcio-health-checking", "uvloop"} <= names
     assert "torch" not in names
 
 
