@@ -72,22 +72,27 @@ class ServedModel:
             self.pair.decode(np.zeros((rows, self.version.latent_size), np.float32))
 
     # -- wire → model inputs ----------------------------------------------------------------------
-    def inputs(self, tensor: vae_pb2.Tensor, field: str = "inputs") -> np.ndarray:
+    def inputs(
+        self, tensor: vae_pb2.Tensor, field: str = "inputs", shared: codec.SharedBytes | None = None
+    ) -> np.ndarray:
         rows = codec.from_tensor(
-            tensor, field, self.version.input_size, max_rows=self.settings.max_request_rows
+            tensor, field, self.version.input_size, max_rows=self.settings.max_request_rows, shared=shared
         )
         if rows.dtype == np.uint8:  # raw pixels: prepared exactly as in training
             return model_inputs(rows, self.version.manifest.get("binarization", "none"))
         codec.check_finite(rows, field, 0.0, 1.0)
         return rows
 
-    def latents(self, tensor: vae_pb2.Tensor, field: str = "latents") -> np.ndarray:
+    def latents(
+        self, tensor: vae_pb2.Tensor, field: str = "latents", shared: codec.SharedBytes | None = None
+    ) -> np.ndarray:
         rows = codec.from_tensor(
             tensor,
             field,
             self.version.latent_size,
             allow_uint8=False,
             max_rows=self.settings.max_request_rows,
+            shared=shared,
         )
         codec.check_finite(rows, field)
         return rows

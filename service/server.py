@@ -26,6 +26,7 @@ from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
 from vaeserve.service.servicer import VaeServicer
 from vaeserve.service.settings import ServeSettings
+from vaeserve.service.shared_memory import SharedMemoryRegions
 
 log = logging.getLogger("vaeserve.service")
 SERVICE_NAME = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
@@ -71,7 +72,8 @@ async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> 
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    vae_pb2_grpc.add_VaeServiceServicer_to_server(VaeServicer(registry, metrics), server)
+    regions = SharedMemoryRegions(settings.shared_memory)
+    vae_pb2_grpc.add_VaeServiceServicer_to_server(VaeServicer(registry, metrics, regions), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -86,7 +88,7 @@ async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> 
     await asyncio.get_running_loop().run_in_executor(executor, _warm_up, registry)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving %s on %s:%d (%s%s%s), batching %s; metrics on :%s",
+        "serving %s on %s:%d (%s%s%s), batching %s, shared memory %s; metrics on :%s",
         _describe(registry),
         settings.host,
         port,
@@ -94,6 +96,7 @@ async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> 
         ", mTLS" if settings.tls_client_ca else "",
         ", bearer token" if token else "",
         _batching(settings),
+        "on" if settings.shared_memory else "off",
         settings.metrics_port or "off",
     )
     if ready:
@@ -103,6 +106,7 @@ async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> 
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.grace_s)
     await registry.stop()
+    regions.close()
     executor.shutdown(wait=True)
     if metrics_server is not None:
         metrics_server.shutdown()

@@ -20,6 +20,12 @@ from vaeserve.errors import ModelNotFoundError, TensorError
 from vaeserve.service.batching import OverloadedError
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
+from vaeserve.service.shared_memory import (
+    RegionExistsError,
+    RegionNotFoundError,
+    SharedMemoryDisabledError,
+    SharedMemoryRegions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +33,9 @@ STATUS = {
     TensorError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    RegionNotFoundError: grpc.StatusCode.NOT_FOUND,
+    RegionExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    SharedMemoryDisabledError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -71,9 +80,10 @@ def _rpc(method: str) -> Callable:
 
 
 class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
-    def __init__(self, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: Metrics, regions: SharedMemoryRegions) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.regions = regions
 
     @_rpc("Encode")
     async def Encode(self, request: vae_pb2.EncodeRequest, context) -> vae_pb2.EncodeResponse:
@@ -81,25 +91,27 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
     async def _encode(self, request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
         model = self.registry.resolve(request.model, request.version)
-        out = await model.encode(model.inputs(request.inputs), request.sample, _seed(request))
-        return vae_pb2.EncodeResponse(
-            mean=to_tensor(out["mean"]),
-            stddev=to_tensor(out["stddev"]),
-            z=to_tensor(out["z"]) if "z" in out else None,
-            model=model.ref,
-        )
+        inputs = model.inputs(request.inputs, shared=self.regions.read)
+        out = await model.encode(inputs, request.sample, _seed(request))
+        if request.HasField("output_shared_memory"):
+            tensors = self.regions.write(request.output_shared_memory, out, "output_shared_memory")
+        else:
+            tensors = {name: to_tensor(array) for name, array in out.items()}
+        return vae_pb2.EncodeResponse(**tensors, model=model.ref)
 
     @_rpc("Decode")
     async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
         model = self.registry.resolve(request.model, request.version)
-        out = await model.decode(model.latents(request.latents), request.sample, _seed(request))
+        latents = model.latents(request.latents, shared=self.regions.read)
+        out = await model.decode(latents, request.sample, _seed(request))
         samples = to_tensor(out["samples"]) if "samples" in out else None
         return vae_pb2.DecodeResponse(probs=to_tensor(out["probs"]), samples=samples, model=model.ref)
 
     @_rpc("Reconstruct")
     async def Reconstruct(self, request: vae_pb2.ReconstructRequest, context) -> vae_pb2.ReconstructResponse:
         model = self.registry.resolve(request.model, request.version)
-        out = await model.reconstruct(model.inputs(request.inputs), request.use_mean, _seed(request))
+        inputs = model.inputs(request.inputs, shared=self.regions.read)
+        out = await model.reconstruct(inputs, request.use_mean, _seed(request))
         return vae_pb2.ReconstructResponse(
             probs=to_tensor(out["probs"]),
             samples=to_tensor(out["samples"]),
@@ -125,6 +137,22 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         return vae_pb2.GetModelInfoResponse(
             models=self.registry.describe(request.model), server_version=__version__
         )
+
+    @_rpc("RegisterSharedMemory")
+    async def RegisterSharedMemory(
+        self, request: vae_pb2.RegisterSharedMemoryRequest, context
+    ) -> vae_pb2.RegisterSharedMemoryResponse:
+        self.regions.register(request.name, request.key, request.byte_size)
+        log.info("shared memory: registered %r (%s, %d bytes)", request.name, request.key, request.byte_size)
+        return vae_pb2.RegisterSharedMemoryResponse()
+
+    @_rpc("UnregisterSharedMemory")
+    async def UnregisterSharedMemory(
+        self, request: vae_pb2.UnregisterSharedMemoryRequest, context
+    ) -> vae_pb2.UnregisterSharedMemoryResponse:
+        self.regions.unregister(request.name)
+        log.info("shared memory: unregistered %r", request.name)
+        return vae_pb2.UnregisterSharedMemoryResponse()
 
     async def EncodeStream(
         self, requests: AsyncIterator[vae_pb2.EncodeRequest], context: grpc.aio.ServicerContext

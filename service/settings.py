@@ -41,6 +41,11 @@ class ServeSettings:
     inline_max_rows: int = option(
         16, "batches up to this many rows run on the event loop with a one-thread session (0: never)"
     )
+    shared_memory: bool = option(
+        False,
+        "let clients on this host register shared-memory regions and pass tensors by reference "
+        "(containers: share the IPC namespace)",
+    )
     max_request_rows: int = option(4096, "most rows (or SamplePrior count) one request may carry")
     max_queue_rows: int = option(65536, "rows queued per graph before new calls get RESOURCE_EXHAUSTED")
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")

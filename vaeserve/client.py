@@ -6,13 +6,21 @@ UNAVAILABLE is retried with exponential backoff by gRPC's own retry policy (the
 channel's service config), every call carries a deadline, and TLS, mutual TLS
 and a bearer token are supported. When a seeded call is split, chunk i uses
 seed + i, so the same call with the same chunking is reproducible.
+
+With ``shared_memory=True`` (a server on the same host, started with
+``--shared-memory``), Encode passes inputs and outputs through a POSIX
+shared-memory object split into one slot per request in flight: the messages
+carry references, not bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +29,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
-from vaeserve.codec import from_tensor, to_tensor
+from vaeserve.codec import FLOAT32, UINT8, SharedBytes, from_tensor, to_tensor
 from vaeserve.errors import VaeError
 
 RETRY_POLICY = {
@@ -71,6 +79,7 @@ class VaeClient:
         chunk_rows: int = 1024,
         max_in_flight: int = 4,
         max_message_mb: int = 64,
+        shared_memory: bool = False,
     ) -> None:
         limit = max_message_mb * 1024 * 1024
         options = [
@@ -91,9 +100,13 @@ class VaeClient:
         self.model, self.version, self.timeout = model, version, timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.chunk_rows, self.max_in_flight = chunk_rows, max_in_flight
-        self._sizes: dict[str, tuple[int, int]] = {}
+        self.shared_memory = shared_memory
+        self._slots: _SharedSlots | None = None
 
     def close(self) -> None:
+        if self._slots is not None:
+            self._slots.release(self.stub, self.metadata)
+            self._slots = None
         self.channel.close()
 
     def __enter__(self) -> VaeClient:
@@ -108,6 +121,9 @@ class VaeClient:
     ) -> dict[str, np.ndarray]:
         """Latent ``mean`` and ``stddev`` [N, M] (and ``z`` with sample) of inputs [N, D]
         (float32 model inputs in [0, 1], or uint8 raw pixels)."""
+        fields = ("mean", "stddev", "z") if sample else ("mean", "stddev")
+        if self.shared_memory:
+            return self._encode_shared(inputs, sample, seed, fields)
         requests = (
             vae_pb2.EncodeRequest(
                 model=self.model,
@@ -118,9 +134,37 @@ class VaeClient:
             )
             for i, part in enumerate(self._chunks(inputs))
         )
-        return self._gather(
-            self.stub.Encode, requests, ("mean", "stddev", "z") if sample else ("mean", "stddev")
-        )
+        return self._gather(self.stub.Encode, requests, fields)
+
+    def _encode_shared(
+        self, inputs: np.ndarray, sample: bool, seed: int | None, fields: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        slots = self._shared_slots()
+
+        def requests() -> Iterator[vae_pb2.EncodeRequest]:
+            for i, part in enumerate(self._chunks(inputs)):
+                tensor, outputs = slots.put(i % self.max_in_flight, part)
+                yield vae_pb2.EncodeRequest(
+                    model=self.model,
+                    version=self.version,
+                    inputs=tensor,
+                    sample=sample,
+                    seed=_chunk_seed(seed, i),
+                    output_shared_memory=outputs,
+                )
+
+        return self._gather(self.stub.Encode, requests(), fields, shared=slots.read)
+
+    def _shared_slots(self) -> _SharedSlots:
+        if self._slots is None:
+            info = self.model_info(self.model)
+            chosen = [m for m in info if str(m["version"]) == self.version or m["is_default"]]
+            latent = max(m["latent_size"] for m in chosen or info)
+            input_size = max(m["input_size"] for m in chosen or info)
+            slot = self.chunk_rows * 4 * (input_size + 3 * latent)
+            self._slots = _SharedSlots(self.max_in_flight, slot, self.chunk_rows * 4 * input_size)
+            self._slots.register(self.stub, self.timeout, self.metadata)
+        return self._slots
 
     def decode(
         self, latents: np.ndarray, sample: bool = False, seed: int | None = None
@@ -207,13 +251,17 @@ class VaeClient:
         for start in range(0, len(array), self.chunk_rows):
             yield array[start : start + self.chunk_rows]
 
-    def _gather(self, method: Callable, requests: Iterator, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """Send requests with up to max_in_flight outstanding; concatenate the fields in order."""
+    def _gather(
+        self, method: Callable, requests: Iterator, fields: tuple[str, ...], shared: SharedBytes | None = None
+    ) -> dict[str, np.ndarray]:
+        """Send requests with up to max_in_flight outstanding; concatenate the fields in order.
+        Outputs in shared memory are copied out before their slot is reused."""
         parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
         for response in self._pipelined(method, requests):
             for name in fields:
                 tensor = getattr(response, name)
-                parts[name].append(from_tensor(tensor, name, int(tensor.shape[1])))
+                array = from_tensor(tensor, name, int(tensor.shape[1]), shared=shared)
+                parts[name].append(array.copy() if shared else array)
         return {name: np.concatenate(arrays) for name, arrays in parts.items()}
 
     def _pipelined(self, method: Callable, requests: Iterator) -> Iterator[Any]:
@@ -229,6 +277,56 @@ class VaeClient:
             for future in in_flight:
                 future.cancel()
             raise ServiceError(exc.code(), exc.details()) from None
+
+
+class _SharedSlots:
+    """A shared-memory object of ``count`` slots: a request's inputs, then room for its outputs."""
+
+    def __init__(self, count: int, slot_bytes: int, input_bytes: int) -> None:
+        try:
+            self.memory = shared_memory.SharedMemory(create=True, size=count * slot_bytes)
+        except OSError as exc:
+            raise VaeError(f"cannot create {count * slot_bytes:,} bytes of shared memory ({exc})") from None
+        self.name = f"client-{uuid.uuid4().hex}"
+        self.slot_bytes, self.input_bytes = slot_bytes, input_bytes
+
+    def register(self, stub: vae_pb2_grpc.VaeServiceStub, timeout: float, metadata: tuple) -> None:
+        request = vae_pb2.RegisterSharedMemoryRequest(
+            name=self.name, key=self.memory.name, byte_size=self.memory.size
+        )
+        try:
+            stub.RegisterSharedMemory(request, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            self.memory.close()
+            self.memory.unlink()
+            raise ServiceError(exc.code(), exc.details()) from None
+
+    def put(self, slot: int, rows: np.ndarray) -> tuple[vae_pb2.Tensor, vae_pb2.SharedMemoryRef]:
+        """Copy rows into a slot: their Tensor, and the range left for the outputs."""
+        base = slot * self.slot_bytes
+        view = np.ndarray(rows.shape, rows.dtype, buffer=self.memory.buf, offset=base)
+        view[...] = rows
+        where = vae_pb2.SharedMemoryRef(region=self.name, offset=base, byte_size=rows.nbytes)
+        dtype = UINT8 if rows.dtype == np.uint8 else FLOAT32
+        tensor = vae_pb2.Tensor(shape=rows.shape, dtype=dtype, shared_memory=where)
+        outputs = vae_pb2.SharedMemoryRef(
+            region=self.name, offset=base + self.input_bytes, byte_size=self.slot_bytes - self.input_bytes
+        )
+        return tensor, outputs
+
+    def read(self, ref: vae_pb2.SharedMemoryRef, byte_size: int, field: str) -> memoryview:
+        if ref.region != self.name or ref.byte_size != byte_size or ref.offset + byte_size > self.memory.size:
+            raise VaeError(f"{field}: the server pointed outside this client's shared memory")
+        return self.memory.buf[ref.offset : ref.offset + byte_size]
+
+    def release(self, stub: vae_pb2_grpc.VaeServiceStub, metadata: tuple) -> None:
+        # A server that is gone or restarted holds nothing of ours: nothing to undo there.
+        with contextlib.suppress(grpc.RpcError):
+            stub.UnregisterSharedMemory(
+                vae_pb2.UnregisterSharedMemoryRequest(name=self.name), timeout=5, metadata=metadata
+            )
+        self.memory.close()
+        self.memory.unlink()
 
 
 def _chunk_seed(seed: int | None, index: int) -> int | None:

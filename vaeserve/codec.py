@@ -7,6 +7,8 @@ wrong. Decoded arrays are zero-copy, read-only views of the message bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from vaeserve._proto import vae_pb2
@@ -16,6 +18,9 @@ FLOAT32 = vae_pb2.DATA_TYPE_FLOAT32
 UINT8 = vae_pb2.DATA_TYPE_UINT8
 _WIRE = {vae_pb2.DATA_TYPE_UNSPECIFIED: np.dtype("<f4"), FLOAT32: np.dtype("<f4"), UINT8: np.dtype("u1")}
 _NAMES = {FLOAT32: "float32", UINT8: "uint8", vae_pb2.DATA_TYPE_UNSPECIFIED: "float32 (unspecified)"}
+
+# (reference, the tensor's size in bytes, field name) → the bytes it points at.
+SharedBytes = Callable[[vae_pb2.SharedMemoryRef, int, str], memoryview]
 
 
 def to_tensor(array: np.ndarray) -> vae_pb2.Tensor:
@@ -28,9 +33,15 @@ def to_tensor(array: np.ndarray) -> vae_pb2.Tensor:
 
 
 def from_tensor(
-    tensor: vae_pb2.Tensor, field: str, columns: int, allow_uint8: bool = True, max_rows: int | None = None
+    tensor: vae_pb2.Tensor,
+    field: str,
+    columns: int,
+    allow_uint8: bool = True,
+    max_rows: int | None = None,
+    shared: SharedBytes | None = None,
 ) -> np.ndarray:
-    """Tensor → array [N, columns], checking shape, dtype, byte length and row count."""
+    """Tensor → array [N, columns], checking shape, dtype, byte length and row count.
+    Bytes in shared memory are read through ``shared``."""
     if tensor.dtype not in _WIRE:
         raise TensorError(
             f"{field}: unknown dtype {tensor.dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
@@ -54,6 +65,12 @@ def from_tensor(
         )
     dtype = _WIRE[tensor.dtype]
     expected = rows * cols * dtype.itemsize
+    if tensor.HasField("shared_memory"):
+        if tensor.data:
+            raise TensorError(f"{field}: both data and shared_memory are set; send the bytes one way")
+        if shared is None:
+            raise TensorError(f"{field}: shared_memory is not accepted here; send the bytes in data")
+        return np.frombuffer(shared(tensor.shared_memory, expected, field), dtype=dtype).reshape(rows, cols)
     if len(tensor.data) != expected:
         raise TensorError(
             f"{field}: {len(tensor.data)} bytes for shape {list(shape)} of "

@@ -1,0 +1,125 @@
+"""Shared-memory regions of clients on the server's host: tensors without the copies.
+
+A client creates a POSIX shared-memory object, writes its inputs there and registers
+it; requests then carry only a reference (region, offset, size), and Encode can write
+its outputs back into the region. Bulk bytes never cross the socket, which on a
+CPU-bound host is most of what a large call costs besides the model (README, service).
+
+The server maps ``/dev/shm/KEY`` read-write. Every reference is bounds-checked; a
+region unregistered while a call uses it stays mapped until that call is done (the
+mapping is released when its last view is).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from vaeserve._proto import vae_pb2
+from vaeserve.errors import TensorError, VaeError
+
+SHM_ROOT = Path("/dev/shm")
+KEY = re.compile(r"/?[A-Za-z0-9_.-]{1,200}")
+
+
+class SharedMemoryDisabledError(VaeError):
+    """The server runs without --shared-memory."""
+
+
+class RegionNotFoundError(VaeError):
+    """No registered region, or no shared-memory object, of that name."""
+
+
+class RegionExistsError(VaeError):
+    """A region of that name is already registered."""
+
+
+class SharedMemoryRegions:
+    def __init__(self, enabled: bool, max_regions: int = 256) -> None:
+        self.enabled, self.max_regions = enabled, max_regions
+        self.regions: dict[str, mmap.mmap] = {}
+
+    def register(self, name: str, key: str, byte_size: int) -> None:
+        self._check_enabled()
+        if not name:
+            raise TensorError("name: empty; give the region a name to refer to it by")
+        if name in self.regions:
+            raise RegionExistsError(f"a region named {name!r} is already registered; unregister it first")
+        if len(self.regions) >= self.max_regions:
+            raise TensorError(f"{self.max_regions} regions are registered already; unregister some first")
+        if not KEY.fullmatch(key):
+            raise TensorError(f"key {key!r}: expected a shared-memory object name like 'psm_1a2b' (no '/')")
+        path = SHM_ROOT / key.lstrip("/")
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            raise RegionNotFoundError(f"key {key!r}: no shared-memory object {path} on this host") from None
+        except OSError as exc:
+            raise TensorError(f"key {key!r}: cannot open {path} ({exc.strerror})") from None
+        try:
+            size = os.fstat(fd).st_size
+            if not 0 < byte_size <= size:
+                raise TensorError(f"byte_size {byte_size:,}: the object {path} holds {size:,} bytes")
+            self.regions[name] = mmap.mmap(fd, byte_size)
+        finally:
+            os.close(fd)
+
+    def unregister(self, name: str) -> None:
+        self._check_enabled()
+        if self.regions.pop(name, None) is None:
+            raise RegionNotFoundError(f"no region named {name!r} is registered")
+
+    def close(self) -> None:
+        self.regions.clear()
+
+    def read(self, ref: vae_pb2.SharedMemoryRef, byte_size: int, field: str) -> memoryview:
+        """The ``byte_size`` bytes a tensor's reference points at."""
+        if ref.byte_size != byte_size:
+            raise TensorError(
+                f"{field}.shared_memory: byte_size {ref.byte_size:,}; the shape and dtype take {byte_size:,}"
+            )
+        return self._range(ref, field)
+
+    def write(
+        self, ref: vae_pb2.SharedMemoryRef, outputs: dict[str, np.ndarray], field: str
+    ) -> dict[str, vae_pb2.Tensor]:
+        """Copy the outputs back to back into the range; Tensors that point at them."""
+        needed = sum(a.nbytes for a in outputs.values())
+        if needed > ref.byte_size:
+            names = " and ".join(outputs)
+            raise TensorError(f"{field}: {names} need {needed:,} bytes; the range holds {ref.byte_size:,}")
+        target = self._range(ref, field)
+        tensors, offset = {}, 0
+        for name, array in outputs.items():
+            array = np.ascontiguousarray(array, dtype="<f4")
+            np.frombuffer(target, np.uint8, array.nbytes, offset)[:] = array.view(np.uint8).reshape(-1)
+            place = vae_pb2.SharedMemoryRef(
+                region=ref.region, offset=ref.offset + offset, byte_size=array.nbytes
+            )
+            tensors[name] = vae_pb2.Tensor(
+                shape=array.shape, dtype=vae_pb2.DATA_TYPE_FLOAT32, shared_memory=place
+            )
+            offset += array.nbytes
+        return tensors
+
+    def _range(self, ref: vae_pb2.SharedMemoryRef, field: str) -> memoryview:
+        self._check_enabled()
+        region = self.regions.get(ref.region)
+        if region is None:
+            raise RegionNotFoundError(f"{field}.shared_memory: no region named {ref.region!r} is registered")
+        if ref.offset + ref.byte_size > len(region):
+            raise TensorError(
+                f"{field}.shared_memory: bytes {ref.offset:,} to {ref.offset + ref.byte_size:,} lie "
+                f"outside region {ref.region!r} of {len(region):,} bytes"
+            )
+        return memoryview(region)[ref.offset : ref.offset + ref.byte_size]
+
+    def _check_enabled(self) -> None:
+        if not self.enabled:
+            raise SharedMemoryDisabledError(
+                "shared memory is off on this server; start it with --shared-memory, or send bytes"
+            )
