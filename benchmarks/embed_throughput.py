@@ -4,8 +4,9 @@
 
 Rows/s of (a) the encoder alone in-process (onnxruntime on prepared float rows, chunks of
 8,192), (b) `vae embed` with the local engine and (c) `vae embed --server` through a
-`vae serve` subprocess on 127.0.0.1 — each reading the same uint8 .npy of all 70,000
-images and writing a .npy of means and stddevs — and the ratios to (a).
+`vae serve --shared-memory` subprocess on 127.0.0.1, with chunks in the messages and
+through shared memory — each reading the same uint8 .npy of all 70,000 images and writing
+a .npy of means and stddevs — and the ratios to (a).
 """
 
 from __future__ import annotations
@@ -68,12 +69,22 @@ def main() -> None:
         }
         local = EmbedRequest(args.model, source, Path(folder) / "local.npy", stddev=True, force=True)
         rates["local"] = max(embed_rate(local) for _ in range(args.repeats))
-        with server(args.model, 0) as (target, _):
-            remote = EmbedRequest(
-                args.model, source, Path(folder) / "remote.npy", server=target, stddev=True, force=True
-            )
-            rates["service"] = max(embed_rate(remote) for _ in range(args.repeats))
-        same = np.array_equal(np.load(Path(folder) / "local.npy"), np.load(Path(folder) / "remote.npy"))
+        with server(args.model, 0, "--shared-memory") as (target, _):
+            for name, shared in (("service", False), ("shm", True)):
+                remote = EmbedRequest(
+                    args.model,
+                    source,
+                    Path(folder) / f"{name}.npy",
+                    server=target,
+                    stddev=True,
+                    force=True,
+                    shared_memory=shared,
+                )
+                rates[name] = max(embed_rate(remote) for _ in range(args.repeats))
+        same = all(
+            np.array_equal(np.load(Path(folder) / "local.npy"), np.load(Path(folder) / f"{name}.npy"))
+            for name in ("service", "shm")
+        )
         for workers in args.ray_workers:
             on_ray = EmbedRequest(
                 args.model,
@@ -91,6 +102,7 @@ def main() -> None:
         ("encoder", "encoder alone, in-process ORT"),
         ("local", "vae embed (local engine)"),
         ("service", "vae embed --server (gRPC)"),
+        ("shm", "  --server --shared-memory"),
     ):
         print(f"{label:<34}{rates[name]:>10,.0f}{rates[name] / rates['encoder']:>8.2f}")
     for workers in args.ray_workers:

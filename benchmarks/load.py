@@ -1,57 +1,119 @@
 """A closed-loop gRPC load generator, run in its own process so it does not share the
-server's interpreter: ``concurrency`` callers each send the same request back to back."""
+server's interpreter: ``concurrency`` callers each send the same request back to back.
+
+With ``shared=True`` each caller owns a slot of one shared-memory object, as
+`VaeClient(shared_memory=True)` does: per call it copies the rows into its slot, sends
+references, and copies the outputs out, so the copies a real client makes are counted."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import time
+from collections.abc import Awaitable, Callable
+from multiprocessing import shared_memory
 
 import grpc
 import numpy as np
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.codec import from_tensor
+
+Call = Callable[[], Awaitable[object]]
 
 
-async def _drive(target: str, request: bytes, concurrency: int, seconds: float) -> tuple[int, list[float]]:
+async def _drive(
+    target: str, request: bytes, concurrency: int, seconds: float, shared: bool
+) -> tuple[int, list[float]]:
     message = vae_pb2.EncodeRequest.FromString(request)
     options = [("grpc.max_receive_message_length", 1 << 27), ("grpc.max_send_message_length", 1 << 27)]
     # One connection per caller, as a pool of clients would open: the kernel spreads
     # connections (not calls) over the server's worker processes.
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
     stubs = [vae_pb2_grpc.VaeServiceStub(channel) for channel in channels]
-    for stub in stubs:
-        await stub.Encode(message)  # warm-up: connection, first batch
+    memory = None
+    if shared:
+        memory, calls = await _shared_callers(stubs, message)
+    else:
+        calls = [functools.partial(stub.Encode, message) for stub in stubs]
+    for call in calls:
+        await call()  # warm-up: connection, first batch
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
 
-    async def caller(stub: vae_pb2_grpc.VaeServiceStub) -> None:
+    async def caller(call: Call) -> None:
         while (start := time.perf_counter()) < deadline:
-            await stub.Encode(message)
+            await call()
             latencies.append(time.perf_counter() - start)
 
     started = time.perf_counter()
-    await asyncio.gather(*(caller(stub) for stub in stubs))
+    await asyncio.gather(*(caller(call) for call in calls))
     elapsed = time.perf_counter() - started
+    if memory is not None:
+        await stubs[0].UnregisterSharedMemory(vae_pb2.UnregisterSharedMemoryRequest(name=memory.name))
+        del calls
+        memory.close()
+        memory.unlink()
     for channel in channels:
         await channel.close()
     return len(latencies), [*latencies, elapsed]
 
 
+async def _shared_callers(
+    stubs: list[vae_pb2_grpc.VaeServiceStub], message: vae_pb2.EncodeRequest
+) -> tuple[shared_memory.SharedMemory, list[Call]]:
+    rows = from_tensor(message.inputs, "inputs", int(message.inputs.shape[1]))
+    out_bytes = len(rows) * 2 * 4 * 512  # room for mean and stddev of up to 512 latents
+    slot = rows.nbytes + out_bytes
+    memory = shared_memory.SharedMemory(create=True, size=slot * len(stubs))
+    await stubs[0].RegisterSharedMemory(
+        vae_pb2.RegisterSharedMemoryRequest(name=memory.name, key=memory.name, byte_size=memory.size)
+    )
+
+    def caller(index: int, stub: vae_pb2_grpc.VaeServiceStub) -> Call:
+        base = index * slot
+        inputs = np.ndarray(rows.shape, rows.dtype, buffer=memory.buf, offset=base)
+        request = vae_pb2.EncodeRequest()
+        request.CopyFrom(message)
+        request.inputs.ClearField("data")
+        request.inputs.shared_memory.CopyFrom(
+            vae_pb2.SharedMemoryRef(region=memory.name, offset=base, byte_size=rows.nbytes)
+        )
+        request.output_shared_memory.CopyFrom(
+            vae_pb2.SharedMemoryRef(region=memory.name, offset=base + rows.nbytes, byte_size=out_bytes)
+        )
+
+        def read(ref: vae_pb2.SharedMemoryRef, size: int, field: str) -> memoryview:
+            return memory.buf[ref.offset : ref.offset + size]
+
+        async def call() -> object:
+            inputs[...] = rows
+            response = await stub.Encode(request)
+            return [
+                from_tensor(t, n, int(t.shape[1]), shared=read).copy()
+                for n, t in (("mean", response.mean), ("stddev", response.stddev))
+            ]
+
+        return call
+
+    return memory, [caller(i, stub) for i, stub in enumerate(stubs)]
+
+
 def _worker(
-    target: str, request: bytes, concurrency: int, seconds: float, out: multiprocessing.Queue
+    target: str, request: bytes, concurrency: int, seconds: float, shared: bool, out: multiprocessing.Queue
 ) -> None:
-    out.put(asyncio.run(_drive(target, request, concurrency, seconds)))
+    out.put(asyncio.run(_drive(target, request, concurrency, seconds, shared)))
 
 
 def run_load(
-    target: str, request: vae_pb2.EncodeRequest, concurrency: int, seconds: float
+    target: str, request: vae_pb2.EncodeRequest, concurrency: int, seconds: float, shared: bool = False
 ) -> dict[str, float]:
     """Calls/s, rows/s and latency percentiles (ms) measured by a separate process."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(
-        target=_worker, args=(target, request.SerializeToString(), concurrency, seconds, queue)
+        target=_worker, args=(target, request.SerializeToString(), concurrency, seconds, shared, queue)
     )
     process.start()
     calls, timings = queue.get(timeout=seconds + 120)

@@ -5,7 +5,8 @@
 Starts ``vae serve`` as a subprocess on 127.0.0.1 (one per configuration), and with a
 load generator in a separate process measures:
 1. Encode rows/s through gRPC, float32 and uint8 inputs, batch 1, 64, 256, 1,024,
-   concurrency 1 and 4, beside in-process onnxruntime on the same model and threads;
+   concurrency 1 and 4, beside in-process onnxruntime on the same model and threads:
+   with the tensors' bytes in the messages, and through shared memory (same host);
 2. batch-1 latency p50/p99 and calls/s at concurrency 1 and 8, with batching across
    requests on and off (what it gains and costs);
 3. the server's RSS before and after a long run of calls.
@@ -97,17 +98,22 @@ def request(pixels: np.ndarray, binarization: str, dtype: str) -> vae_pb2.Encode
 def throughput_table(
     target: str, pair: OnnxPair, pixels: np.ndarray, binarization: str, seconds: float
 ) -> None:
-    print(f"\n1. Encode rows/s, gRPC vs in-process onnxruntime ({pair.provider})")
-    print(f"{'input':<8}{'batch':>6}{'conc':>6}{'in-process':>13}{'gRPC':>11}{'ratio':>8}")
+    print(f"\n1. Encode rows/s: gRPC (bytes; shared memory) vs in-process onnxruntime ({pair.provider})")
+    print(
+        f"{'input':<8}{'batch':>6}{'conc':>6}{'in-process':>13}{'gRPC':>11}{'ratio':>8}"
+        f"{'gRPC+shm':>11}{'ratio':>8}"
+    )
     for dtype in ("float32", "uint8"):
         for batch in BATCHES:
             x = model_inputs(pixels[:batch], binarization)
             local = rows_per_second(lambda x=x: pair.encode(x), batch)
             for concurrency in (1, 4):
-                served = run_load(target, request(pixels[:batch], binarization, dtype), concurrency, seconds)
+                message = request(pixels[:batch], binarization, dtype)
+                served = run_load(target, message, concurrency, seconds)["rows_per_s"]
+                shared = run_load(target, message, concurrency, seconds, shared=True)["rows_per_s"]
                 print(
-                    f"{dtype:<8}{batch:>6}{concurrency:>6}{local:>13,.0f}{served['rows_per_s']:>11,.0f}"
-                    f"{served['rows_per_s'] / local:>8.2f}"
+                    f"{dtype:<8}{batch:>6}{concurrency:>6}{local:>13,.0f}{served:>11,.0f}"
+                    f"{served / local:>8.2f}{shared:>11,.0f}{shared / local:>8.2f}"
                 )
 
 
@@ -150,7 +156,7 @@ def main() -> None:
     print(
         f"model {version.name}/{version.version}, {os.cpu_count()} cores, onnxruntime threads {args.threads}"
     )
-    with server(args.model, args.threads) as (target, pid):
+    with server(args.model, args.threads, "--shared-memory") as (target, pid):
         throughput_table(target, pair, pixels, binarization, args.seconds)
         before = rss_mb(pid)
         soak = run_load(target, request(pixels[:64], binarization, "uint8"), 8, args.soak_seconds)

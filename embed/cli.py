@@ -37,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--token-file", type=Path, help="with --server: file holding the bearer token")
     parser.add_argument("--tls-ca", type=Path, help="with --server: PEM CA of a TLS server")
     parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="with --server on this host (started with --shared-memory): pass chunks through "
+        "shared memory instead of the socket",
+    )
+    parser.add_argument(
         "--threads", type=int, default=0, help="onnxruntime threads in-process (0: all cores)"
     )
     parser.add_argument(
@@ -77,6 +83,7 @@ def embed_command(args: argparse.Namespace) -> int:
         args.engine,
         args.ray_address,
         args.workers,
+        args.shared_memory,
     )
     summary = run(request, progress=not args.no_progress)
     print(

@@ -53,6 +53,7 @@ class EmbedRequest:
     engine: str = "local"
     ray_address: str | None = None
     workers: int = 2
+    shared_memory: bool = False
 
 
 def sidecar_path(output: Path) -> Path:
@@ -163,7 +164,9 @@ def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> di
 def _engine(request: EmbedRequest) -> str:
     if request.engine == "ray":
         return f"ray {request.ray_address or 'local'} ({request.workers} actors)"
-    return f"service {request.server}" if request.server else "local onnxruntime"
+    if request.server:
+        return f"service {request.server}" + (" (shared memory)" if request.shared_memory else "")
+    return "local onnxruntime"
 
 
 def claim_output(request: EmbedRequest, manifest: dict[str, Any], sink: ChunkSink) -> None:
@@ -216,6 +219,7 @@ def encoder(request: EmbedRequest, version: ModelVersion) -> tuple[Prepare, Enco
         version=str(version.version),
         token=request.token,
         root_certificates=request.tls_ca,
+        shared_memory=request.shared_memory,
     )
 
     def remote(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -91,9 +91,12 @@ def test_every_input_format_gives_the_same_embedding(
 def test_service_engine_equals_local(repo: Path, tmp_path: Path, pixels) -> None:
     np.save(tmp_path / "x.npy", pixels)
     local = embed(repo, tmp_path / "x.npy", tmp_path / "local.npy", stddev=True)
-    with servers.running(repo, tmp_path / "serve.log") as server:
-        remote = embed(repo, tmp_path / "x.npy", tmp_path / "remote.npy", stddev=True, server=server.target)
+    with servers.running(repo, tmp_path / "serve.log", "--shared-memory") as server:
+        source, target = tmp_path / "x.npy", server.target
+        remote = embed(repo, source, tmp_path / "remote.npy", stddev=True, server=target)
+        shared = embed(repo, source, tmp_path / "shm.npy", stddev=True, server=target, shared_memory=True)
     np.testing.assert_array_equal(remote, local)
+    np.testing.assert_array_equal(shared, local)
 
 
 def journalled(journal: Path) -> int:
