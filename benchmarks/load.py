@@ -1,5 +1,7 @@
 """A closed-loop gRPC load generator, run in its own process so it does not share the
 server's interpreter: ``concurrency`` callers each send the same request back to back.
+It runs on the event loop `vae serve` uses (uvloop when installed), as does the no-op
+server that shows what Python gRPC alone allows.
 
 With ``shared=True`` each caller owns a slot of one shared-memory object, as
 `VaeClient(shared_memory=True)` does: per call it copies the rows into its slot, sends
@@ -19,6 +21,7 @@ import numpy as np
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import from_tensor
+from vaeserve.service.cli import run_on_event_loop
 
 Call = Callable[[], Awaitable[object]]
 
@@ -103,7 +106,7 @@ async def _shared_callers(
 def _worker(
     target: str, request: bytes, concurrency: int, seconds: float, shared: bool, out: multiprocessing.Queue
 ) -> None:
-    out.put(asyncio.run(_drive(target, request, concurrency, seconds, shared)))
+    out.put(run_on_event_loop(_drive(target, request, concurrency, seconds, shared), "auto"))
 
 
 def run_load(
@@ -148,7 +151,7 @@ async def _serve_noop(port: int, response: bytes, ready: multiprocessing.Event) 
 
 
 def _noop_worker(port: int, response: bytes, ready: multiprocessing.Event) -> None:
-    asyncio.run(_serve_noop(port, response, ready))
+    run_on_event_loop(_serve_noop(port, response, ready), "auto")
 
 
 def noop_ceiling(

@@ -8,11 +8,13 @@ import logging
 import os
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vaeserve.errors import ConfigError
 from vaeserve.flags import add_dataclass_flags, values
 from vaeserve.service.settings import ENV_PREFIX, ServeSettings
+
+T = TypeVar("T")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +37,7 @@ def serve_command(args: argparse.Namespace) -> int:
     return run_on_event_loop(serve(settings), settings.event_loop)
 
 
-def run_on_event_loop(main: Coroutine[Any, Any, int], choice: str) -> int:
+def run_on_event_loop(main: Coroutine[Any, Any, T], choice: str) -> T:
     """Run the server on uvloop when chosen or (auto) installed, else on asyncio's loop."""
     log = logging.getLogger("vaeserve.service")
     if choice != "asyncio":
