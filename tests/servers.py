@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from vaeserve.client import VaeClient
 
 # Every test server runs with torch unimportable: the service must never need it.
@@ -101,3 +103,12 @@ def running(repo: Path, log: Path, *flags: str, **options) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def raw_status(call, request) -> tuple[grpc.StatusCode, str]:
+    """Make one call with a raw stub; its status code and details (OK and "" on success)."""
+    try:
+        call(request, timeout=30)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""

@@ -45,12 +45,7 @@ def region(stub):
     memory.unlink()
 
 
-def status(call, request) -> tuple[grpc.StatusCode, str]:
-    try:
-        call(request, timeout=30)
-    except grpc.RpcError as exc:
-        return exc.code(), exc.details()
-    return grpc.StatusCode.OK, ""
+status = servers.raw_status
 
 
 def test_encode_through_shared_memory_equals_bytes(server, mnist) -> None:
