@@ -99,7 +99,9 @@ PRESETS: dict[str, TrainConfig] = {
     # Issue 7: an MLP VAE with one Gaussian latent layer under a one-hour CPU budget, on the
     # literature's protocol (dynamic binarization). The IWAE bound with k = 5 (Burda et al. 2016)
     # tightens the posterior; Adam with an exponential decay, a short KL warm-up, and a
-    # wall-clock budget so the run ends in time with its best checkpoint kept.
+    # wall-clock budget so the run ends in time. Settings chosen on the validation split
+    # (a 0.985 decay had the learning rate spent long before the budget), then trained on
+    # all 60,000 images with a slower decay that reaches ~2e-5 as the 57 minutes run out.
     "best": TrainConfig(
         binarization="dynamic",
         hidden_sizes=(500, 500),
@@ -108,13 +110,14 @@ PRESETS: dict[str, TrainConfig] = {
         init="torch",
         optimizer="adam",
         lr=1e-3,
-        lr_decay=0.985,
+        lr_decay=0.99,
         batch_size=100,
         epochs=1000,
         objective="iwae",
         train_samples=5,
         kl_warmup_epochs=5,
-        max_minutes=50.0,
+        train_split="all-train",
+        max_minutes=57.0,
     ),
 }
 
