@@ -58,6 +58,8 @@ def test_encode_through_shared_memory_equals_bytes(server, mnist) -> None:
             assert by_reference["mean"].shape == (2500, M)
             for name in ("mean", "stddev", "z"):
                 assert np.array_equal(by_bytes[name], by_reference[name]), name
+        with pytest.raises(ValueError, match="does not fit"):
+            shm.encode(np.zeros((300, 2 * D), np.float32))
 
 
 def test_outputs_land_in_the_range_the_request_names(stub, region) -> None:

@@ -303,6 +303,11 @@ class _SharedSlots:
 
     def put(self, slot: int, rows: np.ndarray) -> tuple[vae_pb2.Tensor, vae_pb2.SharedMemoryRef]:
         """Copy rows into a slot: their Tensor, and the range left for the outputs."""
+        if rows.nbytes > self.input_bytes:
+            raise ValueError(
+                f"a chunk of shape {rows.shape} ({rows.nbytes:,} bytes) does not fit the "
+                f"{self.input_bytes:,}-byte input slot sized from the model's input size"
+            )
         base = slot * self.slot_bytes
         view = np.ndarray(rows.shape, rows.dtype, buffer=self.memory.buf, offset=base)
         view[...] = rows
