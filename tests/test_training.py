@@ -81,9 +81,9 @@ def test_cli_interrupt_keeps_checkpoint_and_resume_matches(mnist_dir: Path, tmp_
         "--latent-size",
         "8",
         "--limit",
-        "20000",
+        "30000",
         "--epochs",
-        "6",
+        "3",
         "--no-progress",
     ]
     vae = [sys.executable, "-m", "vaeserve.cli", "train"]
@@ -96,17 +96,20 @@ def test_cli_interrupt_keeps_checkpoint_and_resume_matches(mnist_dir: Path, tmp_
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell that runs the suite in the background starts it with SIGINT ignored, and
+        # Python keeps an ignored SIGINT ignored: give the child the default back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not (interrupted / checkpoint.LAST).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.1)  # into the second epoch; four more remain, so the run cannot have ended
+    time.sleep(0.3)  # into the second epoch
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     kept = checkpoint.load(interrupted / checkpoint.LAST)
-    assert 1 <= kept["epoch"] < 6
+    assert kept["epoch"] in (1, 2)
     subprocess.run(
         [*vae, *flags, "--out", str(interrupted), "--resume"], check=True, env=env, capture_output=True
     )
