@@ -14,12 +14,12 @@ import functools
 import multiprocessing
 import time
 from collections.abc import Awaitable, Callable
-from multiprocessing import shared_memory
 
 import grpc
 import numpy as np
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.client import SharedSlots
 from vaeserve.codec import from_tensor
 from vaeserve.service.cli import run_on_event_loop
 
@@ -35,9 +35,9 @@ async def _drive(
     # connections (not calls) over the server's worker processes.
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
     stubs = [vae_pb2_grpc.VaeServiceStub(channel) for channel in channels]
-    memory = None
+    slots = None
     if shared:
-        memory, calls = await _shared_callers(stubs, message)
+        slots, calls = await _shared_callers(stubs, message)
     else:
         calls = [functools.partial(stub.Encode, message) for stub in stubs]
     for call in calls:
@@ -53,11 +53,9 @@ async def _drive(
     started = time.perf_counter()
     await asyncio.gather(*(caller(call) for call in calls))
     elapsed = time.perf_counter() - started
-    if memory is not None:
-        await stubs[0].UnregisterSharedMemory(vae_pb2.UnregisterSharedMemoryRequest(name=memory.name))
-        del calls
-        memory.close()
-        memory.unlink()
+    if slots is not None:
+        await stubs[0].UnregisterSharedMemory(vae_pb2.UnregisterSharedMemoryRequest(name=slots.name))
+        slots.close()
     for channel in channels:
         await channel.close()
     return len(latencies), [*latencies, elapsed]
@@ -65,42 +63,27 @@ async def _drive(
 
 async def _shared_callers(
     stubs: list[vae_pb2_grpc.VaeServiceStub], message: vae_pb2.EncodeRequest
-) -> tuple[shared_memory.SharedMemory, list[Call]]:
+) -> tuple[SharedSlots, list[Call]]:
     rows = from_tensor(message.inputs, "inputs", int(message.inputs.shape[1]))
     out_bytes = len(rows) * 2 * 4 * 512  # room for mean and stddev of up to 512 latents
-    slot = rows.nbytes + out_bytes
-    memory = shared_memory.SharedMemory(create=True, size=slot * len(stubs))
-    await stubs[0].RegisterSharedMemory(
-        vae_pb2.RegisterSharedMemoryRequest(name=memory.name, key=memory.name, byte_size=memory.size)
-    )
+    slots = SharedSlots(len(stubs), rows.nbytes + out_bytes, rows.nbytes)
+    await stubs[0].RegisterSharedMemory(slots.registration())
 
     def caller(index: int, stub: vae_pb2_grpc.VaeServiceStub) -> Call:
-        base = index * slot
-        inputs = np.ndarray(rows.shape, rows.dtype, buffer=memory.buf, offset=base)
-        request = vae_pb2.EncodeRequest()
-        request.CopyFrom(message)
-        request.inputs.ClearField("data")
-        request.inputs.shared_memory.CopyFrom(
-            vae_pb2.SharedMemoryRef(region=memory.name, offset=base, byte_size=rows.nbytes)
-        )
-        request.output_shared_memory.CopyFrom(
-            vae_pb2.SharedMemoryRef(region=memory.name, offset=base + rows.nbytes, byte_size=out_bytes)
-        )
-
-        def read(ref: vae_pb2.SharedMemoryRef, size: int, field: str) -> memoryview:
-            return memory.buf[ref.offset : ref.offset + size]
-
         async def call() -> object:
-            inputs[...] = rows
+            inputs, outputs = slots.put(index, rows)
+            request = vae_pb2.EncodeRequest(
+                model=message.model, version=message.version, inputs=inputs, output_shared_memory=outputs
+            )
             response = await stub.Encode(request)
             return [
-                from_tensor(t, n, int(t.shape[1]), shared=read).copy()
+                from_tensor(t, n, int(t.shape[1]), shared=slots.read).copy()
                 for n, t in (("mean", response.mean), ("stddev", response.stddev))
             ]
 
         return call
 
-    return memory, [caller(i, stub) for i, stub in enumerate(stubs)]
+    return slots, [caller(i, stub) for i, stub in enumerate(stubs)]
 
 
 def _worker(

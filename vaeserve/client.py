@@ -101,11 +101,15 @@ class VaeClient:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.chunk_rows, self.max_in_flight = chunk_rows, max_in_flight
         self.shared_memory = shared_memory
-        self._slots: _SharedSlots | None = None
+        self._slots: SharedSlots | None = None
 
     def close(self) -> None:
         if self._slots is not None:
-            self._slots.release(self.stub, self.metadata)
+            # A server that is gone or restarted holds nothing of ours: nothing to undo there.
+            with contextlib.suppress(grpc.RpcError):
+                unregister = vae_pb2.UnregisterSharedMemoryRequest(name=self._slots.name)
+                self.stub.UnregisterSharedMemory(unregister, timeout=5, metadata=self.metadata)
+            self._slots.close()
             self._slots = None
         self.channel.close()
 
@@ -155,15 +159,19 @@ class VaeClient:
 
         return self._gather(self.stub.Encode, requests(), fields, shared=slots.read)
 
-    def _shared_slots(self) -> _SharedSlots:
+    def _shared_slots(self) -> SharedSlots:
         if self._slots is None:
-            info = self.model_info(self.model)
-            chosen = [m for m in info if str(m["version"]) == self.version or m["is_default"]]
-            latent = max(m["latent_size"] for m in chosen or info)
-            input_size = max(m["input_size"] for m in chosen or info)
+            info = self.model_info(self.model)  # sized for the largest version it may reach
+            latent = max(m["latent_size"] for m in info)
+            input_size = max(m["input_size"] for m in info)
             slot = self.chunk_rows * 4 * (input_size + 3 * latent)
-            self._slots = _SharedSlots(self.max_in_flight, slot, self.chunk_rows * 4 * input_size)
-            self._slots.register(self.stub, self.timeout, self.metadata)
+            slots = SharedSlots(self.max_in_flight, slot, self.chunk_rows * 4 * input_size)
+            try:
+                self._call(self.stub.RegisterSharedMemory, slots.registration())
+            except ServiceError:
+                slots.close()
+                raise
+            self._slots = slots
         return self._slots
 
     def decode(
@@ -279,8 +287,9 @@ class VaeClient:
             raise ServiceError(exc.code(), exc.details()) from None
 
 
-class _SharedSlots:
-    """A shared-memory object of ``count`` slots: a request's inputs, then room for its outputs."""
+class SharedSlots:
+    """A shared-memory object of ``count`` slots: a request's inputs, then room for its outputs.
+    The client uses one slot per request in flight; so does the benchmarks' load generator."""
 
     def __init__(self, count: int, slot_bytes: int, input_bytes: int) -> None:
         try:
@@ -290,16 +299,10 @@ class _SharedSlots:
         self.name = f"client-{uuid.uuid4().hex}"
         self.slot_bytes, self.input_bytes = slot_bytes, input_bytes
 
-    def register(self, stub: vae_pb2_grpc.VaeServiceStub, timeout: float, metadata: tuple) -> None:
-        request = vae_pb2.RegisterSharedMemoryRequest(
+    def registration(self) -> vae_pb2.RegisterSharedMemoryRequest:
+        return vae_pb2.RegisterSharedMemoryRequest(
             name=self.name, key=self.memory.name, byte_size=self.memory.size
         )
-        try:
-            stub.RegisterSharedMemory(request, timeout=timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            self.memory.close()
-            self.memory.unlink()
-            raise ServiceError(exc.code(), exc.details()) from None
 
     def put(self, slot: int, rows: np.ndarray) -> tuple[vae_pb2.Tensor, vae_pb2.SharedMemoryRef]:
         """Copy rows into a slot: their Tensor, and the range left for the outputs."""
@@ -324,12 +327,8 @@ class _SharedSlots:
             raise VaeError(f"{field}: the server pointed outside this client's shared memory")
         return self.memory.buf[ref.offset : ref.offset + byte_size]
 
-    def release(self, stub: vae_pb2_grpc.VaeServiceStub, metadata: tuple) -> None:
-        # A server that is gone or restarted holds nothing of ours: nothing to undo there.
-        with contextlib.suppress(grpc.RpcError):
-            stub.UnregisterSharedMemory(
-                vae_pb2.UnregisterSharedMemoryRequest(name=self.name), timeout=5, metadata=metadata
-            )
+    def close(self) -> None:
+        """Unmap and delete the object (after unregistering it from the server)."""
         self.memory.close()
         self.memory.unlink()
 
