@@ -43,7 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "shared memory instead of the socket",
     )
     parser.add_argument(
-        "--threads", type=int, default=0, help="onnxruntime threads in-process (0: all cores)"
+        "--threads",
+        type=int,
+        default=0,
+        help="in-process encoder threads, each making single-threaded onnxruntime calls (0: one per core)",
     )
     parser.add_argument(
         "--engine",

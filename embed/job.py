@@ -13,8 +13,9 @@ import json
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,14 +26,11 @@ from tqdm import tqdm
 
 from vaeserve import __version__
 from vaeserve.atomic import atomic_write_text
-from vaeserve.datasets import model_inputs
-from vaeserve.embed.sinks import FORMATS, ChunkSink, open_sink, record_dtype
+from vaeserve.embed.encoders import ChunkEncoder, LocalEncoder, ServiceEncoder, Wait
+from vaeserve.embed.sinks import FORMATS, ChunkSink, aligned_records, open_sink, record_dtype
 from vaeserve.embed.sources import Source, open_source
 from vaeserve.errors import ConfigError, DataError
 from vaeserve.repository import ModelVersion, open_path
-
-Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-Prepare = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -65,6 +63,8 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         raise ConfigError(f"--output {request.output}: expected a .npy or .parquet file")
     if request.chunk_rows < 1:
         raise ConfigError("--chunk-rows must be at least 1")
+    if request.threads < 0:
+        raise ConfigError("--threads must be 0 (one per core) or more")
     version = open_path(request.model)
     source = open_source(request.input, version.image_shape, request.column, request.key)
     if source.columns != version.input_size:
@@ -98,11 +98,11 @@ def embed_locally(
     claim_output(request, manifest, sink)
     try:
         finished = sink.start(request.resume)
-        prepare, encode, close = encoder(request, version)
+        engine = encoder(request, version)
         try:
-            done = embed_chunks(source, prepare, encode, sink, finished, manifest, dtype, progress)
+            done = embed_chunks(source, engine, sink, finished, manifest, dtype, progress)
         finally:
-            close()
+            engine.close()
         sink.finish()
     finally:
         sink.close()
@@ -202,48 +202,28 @@ def claim_output(request: EmbedRequest, manifest: dict[str, Any], sink: ChunkSin
     atomic_write_text(sidecar, json.dumps(manifest, indent=2) + "\n")
 
 
-def encoder(request: EmbedRequest, version: ModelVersion) -> tuple[Prepare, Encode, Callable[[], None]]:
-    """How rows are prepared (on the reader thread), encoded, and the engine closed: in-process
-    onnxruntime, or the service through the Python client (which prepares pixels itself)."""
-    binarization = version.manifest.get("binarization", "none")
+def encoder(request: EmbedRequest, version: ModelVersion) -> ChunkEncoder:
     if request.server is None:
-        from vaeserve.runtime import OnnxPair
-
-        pair = OnnxPair.load(version, threads=request.threads)
-        return (lambda rows: _local_inputs(rows, binarization)), pair.encode, (lambda: None)
-    from vaeserve.client import VaeClient
-
-    client = VaeClient(
+        return LocalEncoder(version, request.threads)
+    return ServiceEncoder(
+        version,
         request.server,
-        model=version.name,
-        version=str(version.version),
         token=request.token,
         root_certificates=request.tls_ca,
         shared_memory=request.shared_memory,
     )
 
-    def remote(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = client.encode(rows)
-        return out["mean"], out["stddev"]
-
-    return (lambda rows: rows), remote, client.close
-
-
-def _local_inputs(rows: np.ndarray, binarization: str) -> np.ndarray:
-    return model_inputs(rows, binarization) if rows.dtype == np.uint8 else rows.astype(np.float32)
-
 
 def embed_chunks(
     source: Source,
-    prepare: Prepare,
-    encode: Encode,
+    engine: ChunkEncoder,
     sink: ChunkSink,
     finished: set[int],
     manifest: dict[str, Any],
     dtype: np.dtype,
     progress: bool,
 ) -> int:
-    chunk_rows, stddev = manifest["chunk_rows"], "stddev" in dtype.names
+    chunk_rows = manifest["chunk_rows"]
     first = next((i for i in range(manifest["chunks"]) if i not in finished), manifest["chunks"])
     todo = set(range(first, manifest["chunks"])) - finished
     done = 0
@@ -251,41 +231,81 @@ def embed_chunks(
     bar = tqdm(
         total=source.rows, initial=initial, unit="rows", desc="embed", disable=None if progress else True
     )
-    # Chunks are written on a worker thread while the next one is encoded; at most one
-    # write is pending, so memory stays bounded.
-    with bar, ThreadPoolExecutor(1, thread_name_prefix="embed-write") as writer:
-        pending = None
-        for index, rows in _prefetched(_prepared(source, chunk_rows, first, prepare), first):
-            if index not in todo:
-                continue
-            mean, std = encode(rows)
-            records = np.empty(len(rows), dtype)
-            records["row_id"] = np.arange(index * chunk_rows, index * chunk_rows + len(rows))
-            records["mean"] = mean
-            if stddev:
-                records["stddev"] = std
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(sink.write, index, records)
-            done += len(rows)
-            bar.update(len(rows))
-        if pending is not None:
-            pending.result()
+    with bar, ChunkPipeline(engine, sink, dtype, chunk_rows, bar.update) as pipeline:
+        for index, rows in _prefetched(source.chunks(chunk_rows, first), source, chunk_rows, first):
+            if index in todo:
+                pipeline.add(index, rows)
+                done += len(rows)
+        pipeline.drain()
     return done
 
 
-def _prepared(source: Source, chunk_rows: int, first: int, prepare: Prepare) -> Iterator[np.ndarray]:
-    for offset, rows in enumerate(source.chunks(chunk_rows, first)):
-        yield prepare(check_rows(rows, source, (first + offset) * chunk_rows))
+class ChunkPipeline:
+    """Chunks in flight: up to two encoding (so the encoder never idles at a chunk
+    boundary) while the one before is written on a worker thread. Record buffers are
+    recycled once written, so memory stays at a handful of chunks and the kernel does
+    not zero fresh pages for every chunk."""
+
+    def __init__(
+        self, engine: ChunkEncoder, sink: ChunkSink, dtype: np.dtype, chunk_rows: int, written: Callable
+    ) -> None:
+        self.engine, self.sink, self.dtype, self.chunk_rows = engine, sink, dtype, chunk_rows
+        self.written = written
+        self.encoding: deque[tuple[int, np.ndarray, np.ndarray, Wait]] = deque()
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="embed-write")
+        self.writing: Future | None = None
+        self.spare: list[np.ndarray] = []
+
+    def add(self, index: int, rows: np.ndarray) -> None:
+        buffer = self.spare.pop() if self.spare else aligned_records(self.chunk_rows, self.dtype)
+        records = buffer[: len(rows)]
+        records["row_id"] = np.arange(index * self.chunk_rows, index * self.chunk_rows + len(rows))
+        self.encoding.append((index, buffer, records, self.engine.start(rows, records)))
+        if len(self.encoding) > 1:
+            self._collect()
+
+    def drain(self) -> None:
+        while self.encoding:
+            self._collect()
+        self._wait_for_write()
+
+    def _collect(self) -> None:
+        index, buffer, records, encoded = self.encoding.popleft()
+        encoded()
+        self._wait_for_write()
+        self.writing = self.writer.submit(self._write, index, buffer, records)
+
+    def _write(self, index: int, buffer: np.ndarray, records: np.ndarray) -> np.ndarray:
+        self.sink.write(index, records)
+        self.written(len(records))
+        return buffer
+
+    def _wait_for_write(self) -> None:
+        if self.writing is not None:
+            self.spare.append(self.writing.result())
+            self.writing = None
+
+    def __enter__(self) -> ChunkPipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.writer.shutdown(cancel_futures=True)
 
 
-def _prefetched(chunks: Iterator[np.ndarray], first: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Read and prepare the next chunk on a worker thread while the current one is encoded."""
+def _prefetched(
+    chunks: Iterator[np.ndarray], source: Source, chunk_rows: int, first: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Read and check the next chunk on a worker thread while the current ones are encoded."""
+
+    def following(index: int) -> np.ndarray | None:
+        rows = next(chunks, None)
+        return None if rows is None else check_rows(rows, source, index * chunk_rows)
+
     with ThreadPoolExecutor(1, thread_name_prefix="embed-read") as reader:
-        pending = reader.submit(next, chunks, None)
         index = first
+        pending = reader.submit(following, index)
         while (rows := pending.result()) is not None:
-            pending = reader.submit(next, chunks, None)
+            pending = reader.submit(following, index + 1)
             yield index, rows
             index += 1
 

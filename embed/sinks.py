@@ -7,7 +7,10 @@ neither lets an unfinished output appear under its final name:
   final offset in ``DST.partial``, a file the size of the finished output; after its
   bytes are on disk, the chunk's number is appended to ``DST.journal``. When every
   chunk is there the partial file is renamed to ``DST``. One write per byte: no
-  assembly pass.
+  assembly pass. The header is padded to a whole disk block, so with block-aligned
+  chunks (the default 8,192 rows) the records go to the disk by direct I/O, straight
+  from the buffer `aligned_records` gave, without a copy through the page cache: on a
+  small machine that copy costs as much CPU as preparing the pixels.
 - Parquet (`ParquetParts`): a chunk lands as ``DST.parts/part-NNNNNN.npy``, written
   atomically (a part that exists is complete); the parts are then streamed in order
   into a Parquet file that is renamed into place.
@@ -28,6 +31,10 @@ from vaeserve.atomic import atomic_path
 from vaeserve.errors import DataError, MissingExtraError
 
 FORMATS = (".npy", ".parquet")
+
+# Direct I/O wants the file offset, the length and the memory address in whole logical
+# blocks; 4 KiB covers 512-byte and 4K-native disks.
+BLOCK = 4096
 
 
 def record_dtype(latent_size: int, stddev: bool) -> np.dtype:
@@ -57,6 +64,13 @@ class ChunkSink(Protocol):
         """Release open files (after finish, or when the job fails)."""
 
 
+def aligned_records(rows: int, dtype: np.dtype) -> np.ndarray:
+    """An uninitialised records array whose data starts on a block boundary."""
+    raw = np.empty(rows * dtype.itemsize + BLOCK, np.uint8)
+    start = -raw.ctypes.data % BLOCK
+    return raw[start : start + rows * dtype.itemsize].view(dtype)
+
+
 def open_sink(output: Path, rows: int, chunk_rows: int, dtype: np.dtype) -> ChunkSink:
     if output.suffix == ".npy":
         return NpyChunks(output, rows, chunk_rows, dtype)
@@ -73,6 +87,7 @@ class NpyChunks:
         self.header = _npy_header(dtype, rows)
         self.size = len(self.header) + rows * dtype.itemsize
         self.fd: int | None = None
+        self.direct_fd: int | None = None
         self.journal_fd: int | None = None
 
     def leftovers(self) -> list[Path]:
@@ -91,15 +106,15 @@ class NpyChunks:
         self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
         if not finished:
             self._allocate()
+        self.direct_fd = _open_direct(self.partial)
         self.journal_fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         return finished
 
     def write(self, index: int, records: np.ndarray) -> None:
         offset = len(self.header) + index * self.chunk_rows * self.dtype.itemsize
         view = memoryview(np.ascontiguousarray(records)).cast("B")
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view, offset = view[written:], offset + written
+        view, offset = self._write_direct(view, offset)
+        _pwrite_all(self.fd, view, offset)
         # The bytes reach the disk before the journal says they did; a journal line lost
         # in a crash only means the chunk is computed again.
         os.fdatasync(self.fd)
@@ -110,6 +125,20 @@ class NpyChunks:
         self.close()
         os.replace(self.partial, self.output)
         self.journal.unlink(missing_ok=True)
+
+    def _write_direct(self, view: memoryview, offset: int) -> tuple[memoryview, int]:
+        """Write the block-aligned head of ``view`` by direct I/O; return what is left."""
+        whole = len(view) - len(view) % BLOCK
+        address = np.frombuffer(view, np.uint8).ctypes.data
+        if self.direct_fd is None or not whole or offset % BLOCK or address % BLOCK:
+            return view, offset
+        try:
+            _pwrite_all(self.direct_fd, view[:whole], offset)
+        except OSError:  # a file system that opens O_DIRECT but will not do it
+            os.close(self.direct_fd)
+            self.direct_fd = None
+            return view, offset
+        return view[whole:], offset + whole
 
     def _allocate(self) -> None:
         """Reserve the whole file now, so a full disk fails the job at its start."""
@@ -137,17 +166,37 @@ class NpyChunks:
         return {int(line) for line in lines if line.isdigit() and int(line) < count}
 
     def close(self) -> None:
-        for name in ("fd", "journal_fd"):
+        for name in ("fd", "direct_fd", "journal_fd"):
             if getattr(self, name) is not None:
                 os.close(getattr(self, name))
                 setattr(self, name, None)
 
 
 def _npy_header(dtype: np.dtype, rows: int) -> bytes:
+    """A version 2 .npy header, padded with spaces (as the format allows) to one block."""
     buffer = io.BytesIO()
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows,)}
     np.lib.format.write_array_header_2_0(buffer, header)
-    return buffer.getvalue()
+    short = buffer.getvalue()
+    padding = -len(short) % BLOCK
+    length = int.from_bytes(short[8:12], "little") + padding
+    return short[:8] + length.to_bytes(4, "little") + short[12:-1] + b" " * padding + b"\n"
+
+
+def _open_direct(path: Path) -> int | None:
+    """A second descriptor for direct I/O, where the platform and file system offer it."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 class ParquetParts:

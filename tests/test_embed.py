@@ -194,6 +194,8 @@ def test_bad_inputs_name_the_file_and_row(repo: Path, tmp_path: Path, pixels) ->
         embed(repo, tmp_path / "text.npy", tmp_path / "o3.npy")
     with pytest.raises(DataError, match="no such file"):
         embed(repo, tmp_path / "missing.npy", tmp_path / "o4.npy")
+    with pytest.raises(ConfigError, match="--threads must be 0"):
+        run(EmbedRequest(repo / "tiny", tmp_path / "nan.npy", tmp_path / "o6.npy", threads=-1))
     result = subprocess.run(
         [
             sys.executable,

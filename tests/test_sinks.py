@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vaeserve.embed.sinks import NpyChunks, ParquetParts, record_dtype
+from vaeserve.embed.sinks import BLOCK, NpyChunks, ParquetParts, aligned_records, record_dtype
 
 DTYPE = record_dtype(3, stddev=True)
 
@@ -34,6 +34,25 @@ def test_npy_chunks_land_at_their_offsets_in_any_order(tmp_path: Path) -> None:
     sink.finish()
     assert np.array_equal(np.load(output), expected_array())
     assert sink.leftovers() == []
+
+
+def test_npy_block_aligned_chunks_go_by_direct_io_and_read_back_exactly(tmp_path: Path) -> None:
+    """Chunks of 128 rows are one 4 KiB block; the last (200 rows) has a tail that is not."""
+    chunk_rows, rows = 128, 456
+    assert chunk_rows * DTYPE.itemsize == BLOCK
+    output = tmp_path / "out.npy"
+    sink = NpyChunks(output, rows, chunk_rows, DTYPE)
+    sink.start(resume=False)
+    for index, count in ((2, 200), (0, 128), (1, 128)):
+        buffer = aligned_records(count, DTYPE)
+        assert buffer.ctypes.data % BLOCK == 0
+        buffer[:] = records(index, count, chunk_rows)
+        sink.write(index, buffer)
+    sink.finish()
+    expected = np.concatenate([records(0, 128, 128), records(1, 128, 128), records(2, 200, 128)])
+    mapped = np.load(output, mmap_mode="r")
+    assert mapped.offset == BLOCK, "the header fills one block, so the rows start block-aligned"
+    assert np.array_equal(mapped, expected)
 
 
 def test_npy_resume_trusts_complete_journal_lines_only(tmp_path: Path) -> None:

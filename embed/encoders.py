@@ -1,0 +1,101 @@
+"""The two ways `vae embed` runs the encoder, behind one interface.
+
+``start(rows, records)`` begins encoding one chunk of checked rows into its output
+records and returns a function that waits for it, so the job keeps the next chunk
+encoding while the previous one is collected and written.
+
+- `LocalEncoder`: in-process onnxruntime. Each chunk is cut into sub-batches run by a
+  pool of threads on single-threaded onnxruntime calls (one per core). On a few cores
+  this beats one call with a thread per core: a call split across threads waits for its
+  slowest thread, so every moment the reader or writer takes a core stalls the whole
+  call, while independent calls just keep going on the other core.
+- `ServiceEncoder`: the gRPC service through the Python client, which prepares pixels
+  on the server and keeps several requests in flight.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Protocol
+
+import numpy as np
+
+from vaeserve.datasets import model_inputs
+from vaeserve.repository import ModelVersion
+
+# Rows per onnxruntime call: small enough that two threads stay evenly loaded to the end
+# of a chunk and their activations stay in cache, large enough to amortize the call.
+SUB_BATCH = 1024
+
+Wait = Callable[[], None]
+
+
+class ChunkEncoder(Protocol):
+    def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
+        """Encode ``rows`` into ``records['mean']`` (and ``['stddev']``); the result waits for it."""
+
+    def close(self) -> None:
+        """Stop the threads and release the session or channel."""
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class LocalEncoder:
+    def __init__(self, version: ModelVersion, threads: int = 0) -> None:
+        from vaeserve.runtime import OnnxPair
+
+        self.pair = OnnxPair.load(version, threads=1)
+        self.binarization = version.manifest.get("binarization", "none")
+        self.pool = ThreadPoolExecutor(threads or usable_cores(), thread_name_prefix="embed-encode")
+
+    def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
+        futures = [
+            self.pool.submit(self._encode, rows[at : at + SUB_BATCH], records[at : at + SUB_BATCH])
+            for at in range(0, len(rows), SUB_BATCH)
+        ]
+        return lambda: _results(futures)
+
+    def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
+        x = model_inputs(rows, self.binarization) if rows.dtype == np.uint8 else rows
+        _store(records, *self.pair.encode(x))
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+class ServiceEncoder:
+    def __init__(self, version: ModelVersion, target: str, **client_options) -> None:
+        from vaeserve.client import VaeClient
+
+        self.client = VaeClient(target, model=version.name, version=str(version.version), **client_options)
+        # One caller thread: the client already keeps several requests in flight per call.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="embed-call")
+
+    def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
+        future = self.pool.submit(self._encode, rows, records)
+        return future.result
+
+    def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
+        out = self.client.encode(rows)
+        _store(records, out["mean"], out["stddev"])
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+        self.client.close()
+
+
+def _store(records: np.ndarray, mean: np.ndarray, stddev: np.ndarray) -> None:
+    records["mean"] = mean
+    if "stddev" in records.dtype.names:
+        records["stddev"] = stddev
+
+
+def _results(futures: list) -> None:
+    """Wait for every sub-batch, then raise the first failure, if any."""
+    wait(futures)
+    for future in futures:
+        future.result()
