@@ -24,10 +24,10 @@ import numpy as np
 
 from benchmarks.service_throughput import server
 from vaeserve.datasets import load_dataset, model_inputs
-from vaeserve.embed.encoders import SUB_BATCH, usable_cores
+from vaeserve.embed.encoders import SUB_BATCH
 from vaeserve.embed.job import EmbedRequest, run
 from vaeserve.repository import open_path
-from vaeserve.runtime import OnnxPair
+from vaeserve.runtime import OnnxPair, usable_cores
 
 CHUNK = 8192
 

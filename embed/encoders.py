@@ -15,7 +15,7 @@ encoding while the previous one is collected and written.
 
 from __future__ import annotations
 
-import os
+import queue
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Protocol
@@ -31,6 +31,11 @@ SUB_BATCH = 1024
 
 Wait = Callable[[], None]
 
+# The job starts the next chunk before it collects the last one.
+CHUNKS_IN_FLIGHT = 2
+# Rows per request to the service: fewer, larger calls cost the server less per row.
+REQUEST_ROWS = 2048
+
 
 class ChunkEncoder(Protocol):
     def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
@@ -40,13 +45,9 @@ class ChunkEncoder(Protocol):
         """Stop the threads and release the session or channel."""
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 class LocalEncoder:
     def __init__(self, version: ModelVersion, threads: int = 0) -> None:
-        from vaeserve.runtime import OnnxPair
+        from vaeserve.runtime import OnnxPair, usable_cores
 
         self.pair = OnnxPair.load(version, threads=1)
         self.binarization = version.manifest.get("binarization", "none")
@@ -68,24 +69,40 @@ class LocalEncoder:
 
 
 class ServiceEncoder:
+    """Two clients, each encoding one chunk at a time with several requests in flight:
+    while one drains the last requests of its chunk, the other keeps the server busy."""
+
     def __init__(self, version: ModelVersion, target: str, **client_options) -> None:
         from vaeserve.client import VaeClient
 
-        self.client = VaeClient(target, model=version.name, version=str(version.version), **client_options)
-        # One caller thread: the client already keeps several requests in flight per call.
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="embed-call")
+        model, number = version.name, str(version.version)
+        with VaeClient(target, **client_options) as probe:  # requests as large as the server takes
+            rows = min([REQUEST_ROWS] + [m["max_batch_rows"] for m in probe.model_info(model)])
+        self.idle: queue.SimpleQueue = queue.SimpleQueue()
+        self.clients = [
+            VaeClient(target, model=model, version=number, chunk_rows=rows, **client_options)
+            for _ in range(CHUNKS_IN_FLIGHT)
+        ]
+        for client in self.clients:
+            self.idle.put(client)
+        self.pool = ThreadPoolExecutor(CHUNKS_IN_FLIGHT, thread_name_prefix="embed-call")
 
     def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
         future = self.pool.submit(self._encode, rows, records)
         return future.result
 
     def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
-        out = self.client.encode(rows)
+        client = self.idle.get()
+        try:
+            out = client.encode(rows)
+        finally:
+            self.idle.put(client)
         _store(records, out["mean"], out["stddev"])
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
-        self.client.close()
+        for client in self.clients:
+            client.close()
 
 
 def _store(records: np.ndarray, mean: np.ndarray, stddev: np.ndarray) -> None:

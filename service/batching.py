@@ -4,12 +4,15 @@ Requests queue per graph. A flush is scheduled when the first request arrives:
 on the loop's next turn, so that calls received in the same turn join the batch,
 or, while calls arrive closer together than ``max_delay`` (0.5 ms by default),
 after that delay so that more join; a lone client never waits.
-A full batch (``max_rows``) flushes at once. One run per graph is in progress at a time:
-calls arriving meanwhile form the next batch, so batches grow with load by
-themselves. Cancelled calls (deadline expired, client gone) are dropped before
-they cost compute. Requests marked ``alone`` (seeded ones) run in a batch of
-their own, so their results never depend on their neighbours. The queue is
-bounded: past ``max_queue_rows`` a call is refused, not queued.
+A full batch (``max_rows``) flushes at once. Two runs per graph may be in progress at
+a time, one computing while the next is ready to start (so onnxruntime does not idle
+while the loop answers the last batch and gathers the next); calls arriving while both
+are taken form the next batch, so batches grow with load by themselves. Cancelled
+calls (deadline expired, client gone) are dropped before they cost compute. Requests
+marked ``alone`` (seeded ones) run in a batch of their own, so their results never
+depend on their neighbours; a batch holds rows of one dtype (the encoder prepares raw
+uint8 pixels itself). The queue is bounded: past ``max_queue_rows`` a call is
+refused, not queued.
 """
 
 from __future__ import annotations
@@ -33,18 +36,41 @@ Run = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 class Runner:
     """Runs a graph on a batch. Small batches run inline on the event loop, on a session
     with one thread: for them a hop to a worker thread and waking onnxruntime's thread
-    pool cost more than the run itself. Larger batches run on the executor, on a session
-    with all its threads, while the loop keeps receiving and answering calls."""
+    pool cost more than the run itself. Larger batches leave the loop free to receive and
+    answer calls: on CPU (``parts`` > 1) they are cut into that many pieces, run as
+    one-thread calls in parallel on the executor's threads, one per core; with a GPU
+    (``parts`` = 1) they run whole on the ``large`` session.
+
+    Why pieces: one call spread over every core waits for its slowest thread, so each
+    moment the event loop, gRPC or a client on the same machine takes a core stalls the
+    whole call; independent one-thread calls just keep going on the other cores."""
 
     small: Run
     large: Run
     executor: Executor
     inline_rows: int
+    parts: int = 1
 
     async def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         if len(rows) <= self.inline_rows:
             return self.small(rows)
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.large, rows)
+        loop = asyncio.get_running_loop()
+        parts = min(self.parts, -(-len(rows) // MIN_PART_ROWS))
+        if parts <= 1:
+            run = self.large if self.parts == 1 else self.small
+            return await loop.run_in_executor(self.executor, run, rows)
+        step = -(-len(rows) // parts)
+        pieces = [rows[start : start + step] for start in range(0, len(rows), step)]
+        results = await asyncio.gather(*(loop.run_in_executor(self.executor, self.small, p) for p in pieces))
+        return tuple(np.concatenate(outputs) for outputs in zip(*results))
+
+
+# A piece smaller than this costs more in the hop to a thread than it saves in parallelism.
+MIN_PART_ROWS = 32
+
+
+# One run computing, one ready to start the moment it ends.
+RUNS_IN_FLIGHT = 2
 
 
 class OverloadedError(VaeError):
@@ -92,7 +118,7 @@ class Batcher:
         self.queue: deque[_Item] = deque()
         self.queued_rows = 0
         self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
-        self.running: asyncio.Task | None = None
+        self.running: set[asyncio.Task] = set()
         self.last_arrival = 0.0
         self.arrival_gap = float("inf")
 
@@ -114,7 +140,7 @@ class Batcher:
         self.arrival_gap, self.last_arrival = item.queued_at - self.last_arrival, item.queued_at
         self.queue.append(item)
         self.queued_rows += len(rows)
-        if self.running is None:
+        if len(self.running) < RUNS_IN_FLIGHT:
             self._schedule(loop)
         return await item.future
 
@@ -134,11 +160,13 @@ class Batcher:
 
     def _flush(self) -> None:
         self.timer = None
-        if self.running is not None:
+        if len(self.running) >= RUNS_IN_FLIGHT:
             return
         batch = self._take()
         if batch:
-            self.running = asyncio.get_running_loop().create_task(self._run(batch))
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
 
     def _take(self) -> list[_Item]:
         batch: list[_Item] = []
@@ -149,7 +177,12 @@ class Batcher:
                 self.queue.popleft()
                 self.queued_rows -= len(item.rows)
                 continue
-            if batch and (item.alone or batch[0].alone or rows + len(item.rows) > self.max_rows):
+            if batch and (
+                item.alone
+                or batch[0].alone
+                or item.rows.dtype != batch[0].rows.dtype  # raw pixels and model inputs do not mix
+                or rows + len(item.rows) > self.max_rows
+            ):
                 break
             self.queue.popleft()
             self.queued_rows -= len(item.rows)
@@ -161,7 +194,7 @@ class Batcher:
         try:
             await self._execute(batch)
         finally:
-            self.running = None
+            self.running.discard(asyncio.current_task())
             if self.queue:  # calls that arrived during the run form the next batch now
                 self._flush()
 

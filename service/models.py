@@ -17,8 +17,8 @@ from vaeserve._proto import vae_pb2
 from vaeserve.datasets import model_inputs
 from vaeserve.errors import ModelNotFoundError, TensorError, VaeError
 from vaeserve.repository import ModelVersion, load_version, model_names, version_numbers
-from vaeserve.runtime import OnnxPair
-from vaeserve.service.batching import Batcher, Direct, Observer, Runner
+from vaeserve.runtime import CPU, OnnxPair, usable_cores
+from vaeserve.service.batching import Batcher, Direct, Observer, Run, Runner
 from vaeserve.service.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,21 @@ class ServedModel:
         self.settings = settings
         self.ref = vae_pb2.ModelRef(name=version.name, version=version.version)
         label = f"{version.name}/{version.version}"
-        inline = settings.inline_max_rows
-        encoder = Runner(small.encode, pair.encode, executor, inline)
-        decoder = Runner(small.decode, pair.decode, executor, inline)
+        self.binarization = version.manifest.get("binarization", "none")
+        inline, parts = settings.inline_max_rows, parallel_runs(settings, pair.provider)
+        encoder = Runner(self._prepared(small.encode), self._prepared(pair.encode), executor, inline, parts)
+        decoder = Runner(small.decode, pair.decode, executor, inline, parts)
         self.encoder = self._batcher(encoder, f"{label} encoder", observer)
         self.decoder = self._batcher(decoder, f"{label} decoder", observer)
+
+    def _prepared(self, encode: Run) -> Run:
+        """Raw uint8 pixels are prepared where the encoder runs (on the executor's threads, in
+        parallel pieces), not on the event loop, which has every other call to answer."""
+
+        def run(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+            return encode(model_inputs(rows, self.binarization) if rows.dtype == np.uint8 else rows)
+
+        return run
 
     def _batcher(self, runner: Runner, name: str, observer: Observer) -> Batcher | Direct:
         if not self.settings.batching:
@@ -65,21 +75,20 @@ class ServedModel:
 
     def warm_up(self) -> None:
         """One run at batch 1 and one at the largest merged batch, before reporting SERVING."""
-        self.small.encode(np.zeros((1, self.version.input_size), np.float32))
-        self.small.decode(np.zeros((1, self.version.latent_size), np.float32))
-        for rows in (1, self.settings.batch_max_rows):
-            self.pair.encode(np.zeros((rows, self.version.input_size), np.float32))
-            self.pair.decode(np.zeros((rows, self.version.latent_size), np.float32))
+        for session in {id(self.small): self.small, id(self.pair): self.pair}.values():
+            for rows in (1, self.settings.batch_max_rows):
+                session.encode(np.zeros((rows, self.version.input_size), np.float32))
+                session.decode(np.zeros((rows, self.version.latent_size), np.float32))
 
     # -- wire → model inputs ----------------------------------------------------------------------
     def inputs(
         self, tensor: vae_pb2.Tensor, field: str = "inputs", shared: codec.SharedBytes | None = None
     ) -> np.ndarray:
+        """Raw uint8 pixels (prepared as in training when the encoder runs), or float32 model
+        inputs checked to be finite and in [0, 1]."""
         rows = codec.from_tensor(
             tensor, field, self.version.input_size, max_rows=self.settings.max_request_rows, shared=shared
         )
-        if rows.dtype == np.uint8:  # raw pixels: prepared exactly as in training
-            return model_inputs(rows, self.version.manifest.get("binarization", "none"))
         codec.check_finite(rows, field, 0.0, 1.0)
         return rows
 
@@ -141,7 +150,7 @@ class ServedModel:
             image_shape=self.version.image_shape,
             execution_provider=self.pair.provider,
             variant=self.settings.variant,
-            binarization=self.version.manifest.get("binarization", ""),
+            binarization=self.binarization,
             metrics=metrics,
             is_default=is_default,
             max_batch_rows=self.settings.max_request_rows,
@@ -206,6 +215,13 @@ class ModelRegistry:
             await model.decoder.stop()
 
 
+def parallel_runs(settings: ServeSettings, provider: str) -> int:
+    """Pieces a large CPU batch is cut into (one per thread); a GPU takes batches whole."""
+    if provider != CPU:
+        return 1
+    return settings.threads or usable_cores()
+
+
 def _versions_to_load(settings: ServeSettings, name: str) -> list[int]:
     numbers = version_numbers(settings.repo / name)
     if not numbers:
@@ -228,8 +244,11 @@ def _load_one(
     path = settings.repo / name / str(number)
     try:
         version = load_version(path)
-        pair = OnnxPair.load(version, settings.device, settings.threads, settings.variant)
         small = OnnxPair.load(version, settings.device, 1, settings.variant)
+        # On CPU every run uses the one-thread session (large batches in parallel pieces).
+        pair = small
+        if small.provider != CPU:
+            pair = OnnxPair.load(version, settings.device, 0, settings.variant)
     except VaeError as exc:
         log.error("refusing %s: %s", path, exc)
         return None

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.errors import ConfigError
+from vaeserve.runtime import usable_cores
 from vaeserve.service.auth import BearerTokenInterceptor
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
@@ -64,7 +65,8 @@ async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> 
             BearerTokenInterceptor(token, lambda m: reject(m.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc())
         )
     credentials = server_credentials(settings)
-    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="onnxruntime")
+    # One thread per parallel onnxruntime run: more would only take turns on the same cores.
+    executor = ThreadPoolExecutor(settings.threads or usable_cores(), thread_name_prefix="onnxruntime")
     registry = ModelRegistry.load(settings, executor, metrics)
     metrics.models.set(len(registry.all()))
     server = grpc.aio.server(

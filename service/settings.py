@@ -30,7 +30,11 @@ class ServeSettings:
     event_loop: str = option(
         "auto", "auto: uvloop when installed (less CPU per call), else asyncio's own", EVENT_LOOPS
     )
-    threads: int = option(0, "onnxruntime intra-op threads per session (0: one per core)")
+    threads: int = option(
+        0,
+        "CPU: batches above --inline-max-rows run as this many one-thread onnxruntime calls "
+        "in parallel; CUDA: ignored (0: one per core)",
+    )
     batching: bool = option(True, "merge concurrent requests into one onnxruntime run")
     batch_max_rows: int = option(1024, "largest merged batch, in rows")
     batch_max_delay_ms: float = option(

@@ -81,18 +81,20 @@ def test_cancelled_calls_cost_no_compute(pair: OnnxPair) -> None:
     async def main() -> None:
         runner = Runner(pair.encode, gated_encode, ThreadPoolExecutor(1), inline_rows=4)
         b = Batcher(runner, "encoder", 4096, 0.005, 100_000, recorder)
-        busy = asyncio.ensure_future(b.submit(rows(2000, 0)))
-        while not recorder.batches:
-            await asyncio.sleep(0.001)
+        busy = []
+        for held in (1, 2):  # both runs in flight are taken: later calls must queue
+            busy.append(asyncio.ensure_future(b.submit(rows(2000, held))))
+            while len(recorder.batches) < held:
+                await asyncio.sleep(0.001)
         doomed = asyncio.ensure_future(b.submit(rows(9, 1)))
         kept = asyncio.ensure_future(b.submit(rows(2, 2)))
         await asyncio.sleep(0.01)
         doomed.cancel()  # as gRPC does when a deadline passes or the client goes away
         gate.set()
-        await asyncio.gather(busy, kept)
+        await asyncio.gather(*busy, kept)
 
     asyncio.run(main())
-    assert recorder.batches == [2000, 2]
+    assert recorder.batches == [2000, 2000, 2]
 
 
 def test_full_queue_refuses_new_calls(pair: OnnxPair) -> None:
@@ -105,3 +107,26 @@ def test_full_queue_refuses_new_calls(pair: OnnxPair) -> None:
         await first
 
     asyncio.run(main())
+
+
+def test_raw_pixels_and_model_inputs_never_share_a_run(pair: OnnxPair) -> None:
+    """uint8 pixels are prepared by the run itself, so a batch must hold one dtype."""
+    seen: list[tuple[np.dtype, int]] = []
+
+    def prepared_encode(x: np.ndarray) -> tuple[np.ndarray, ...]:
+        seen.append((x.dtype, len(x)))
+        return pair.encode((x > 127).astype(np.float32) if x.dtype == np.uint8 else x)
+
+    async def main() -> list:
+        runner = Runner(prepared_encode, prepared_encode, ThreadPoolExecutor(1), inline_rows=4)
+        b = Batcher(runner, "encoder", 64, 0.005, 1000, Recorder())
+        pixels = np.random.default_rng(0).integers(0, 256, (6, 784)).astype(np.uint8)
+        floats = rows(5, 1)
+        return await asyncio.gather(b.submit(pixels), b.submit(floats), b.submit(pixels[:2])), pixels, floats
+
+    (from_pixels, from_floats, _), pixels, floats = asyncio.run(main())
+    # Queued in the order pixels, floats, pixels: the floats split what would merge.
+    assert sorted(n for dtype, n in seen if dtype == np.uint8) == [2, 6]
+    assert [n for dtype, n in seen if dtype == np.float32] == [5]
+    np.testing.assert_array_equal(from_pixels[0], pair.encode((pixels > 127).astype(np.float32))[0])
+    np.testing.assert_array_equal(from_floats[0], pair.encode(floats)[0])

@@ -8,6 +8,7 @@ The one place that opens ONNX sessions: the export checks, ``vae evaluate
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,11 @@ log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def choose_providers(device: str) -> list[str]:
