@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vaeserve import __version__
 from vaeserve.atomic import atomic_write_text
-from vaeserve.embed.encoders import ChunkEncoder, LocalEncoder, ServiceEncoder, Wait
+from vaeserve.embed.encoders import CHUNKS_IN_FLIGHT, ChunkEncoder, LocalEncoder, ServiceEncoder, Wait
 from vaeserve.embed.sinks import FORMATS, ChunkSink, aligned_records, open_sink, record_dtype
 from vaeserve.embed.sources import Source, open_source
 from vaeserve.errors import ConfigError, DataError
@@ -261,7 +261,7 @@ class ChunkPipeline:
         records = buffer[: len(rows)]
         records["row_id"] = np.arange(index * self.chunk_rows, index * self.chunk_rows + len(rows))
         self.encoding.append((index, buffer, records, self.engine.start(rows, records)))
-        if len(self.encoding) > 1:
+        if len(self.encoding) >= CHUNKS_IN_FLIGHT:
             self._collect()
 
     def drain(self) -> None:
