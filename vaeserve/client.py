@@ -138,7 +138,7 @@ class VaeClient:
             )
             for i, part in enumerate(self._chunks(inputs))
         )
-        return self._gather(self.stub.Encode, requests, fields)
+        return self._gather(self.stub.Encode, requests, fields, len(inputs))
 
     def _encode_shared(
         self, inputs: np.ndarray, sample: bool, seed: int | None, fields: tuple[str, ...]
@@ -157,7 +157,7 @@ class VaeClient:
                     output_shared_memory=outputs,
                 )
 
-        return self._gather(self.stub.Encode, requests(), fields, shared=slots.read)
+        return self._gather(self.stub.Encode, requests(), fields, len(inputs), shared=slots.read)
 
     def _shared_slots(self) -> SharedSlots:
         if self._slots is None:
@@ -188,7 +188,8 @@ class VaeClient:
             )
             for i, part in enumerate(self._chunks(latents))
         )
-        return self._gather(self.stub.Decode, requests, ("probs", "samples") if sample else ("probs",))
+        fields = ("probs", "samples") if sample else ("probs",)
+        return self._gather(self.stub.Decode, requests, fields, len(latents))
 
     def reconstruct(
         self, inputs: np.ndarray, use_mean: bool = False, seed: int | None = None
@@ -204,7 +205,7 @@ class VaeClient:
             )
             for i, part in enumerate(self._chunks(inputs))
         )
-        return self._gather(self.stub.Reconstruct, requests, ("probs", "samples", "latents"))
+        return self._gather(self.stub.Reconstruct, requests, ("probs", "samples", "latents"), len(inputs))
 
     def sample_prior(self, count: int, seed: int | None = None) -> dict[str, np.ndarray]:
         """``latents`` z ~ N(0, I) [count, M], their ``probs`` and ``samples`` [count, D]."""
@@ -217,7 +218,7 @@ class VaeClient:
             )
             for i, n in enumerate(counts)
         )
-        return self._gather(self.stub.SamplePrior, requests, ("latents", "probs", "samples"))
+        return self._gather(self.stub.SamplePrior, requests, ("latents", "probs", "samples"), count)
 
     def model_info(self, model: str = "") -> list[dict[str, Any]]:
         response = self._call(self.stub.GetModelInfo, vae_pb2.GetModelInfoRequest(model=model))
@@ -260,17 +261,31 @@ class VaeClient:
             yield array[start : start + self.chunk_rows]
 
     def _gather(
-        self, method: Callable, requests: Iterator, fields: tuple[str, ...], shared: SharedBytes | None = None
+        self,
+        method: Callable,
+        requests: Iterator,
+        fields: tuple[str, ...],
+        rows: int,
+        shared: SharedBytes | None = None,
     ) -> dict[str, np.ndarray]:
-        """Send requests with up to max_in_flight outstanding; concatenate the fields in order.
-        Outputs in shared memory are copied out before their slot is reused."""
-        parts: dict[str, list[np.ndarray]] = {f: [] for f in fields}
+        """Send requests with up to max_in_flight outstanding; put each response's fields in
+        place in the ``rows``-row outputs, in order. One copy per byte, which for outputs in
+        shared memory happens before their slot is reused."""
+        out: dict[str, np.ndarray] = {}
+        done = 0
         for response in self._pipelined(method, requests):
             for name in fields:
                 tensor = getattr(response, name)
-                array = from_tensor(tensor, name, int(tensor.shape[1]), shared=shared)
-                parts[name].append(array.copy() if shared else array)
-        return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+                part = from_tensor(tensor, name, int(tensor.shape[1]), shared=shared)
+                if name not in out:
+                    out[name] = np.empty((rows, part.shape[1]), part.dtype)
+                if done + len(part) > rows:
+                    raise VaeError(f"{name}: the server returned more than the {rows} rows sent")
+                out[name][done : done + len(part)] = part
+            done += len(part)
+        if done != rows:
+            raise VaeError(f"the server returned {done} rows of the {rows} sent")
+        return out
 
     def _pipelined(self, method: Callable, requests: Iterator) -> Iterator[Any]:
         in_flight: deque[grpc.Future] = deque()
