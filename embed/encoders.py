@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from vaeserve.datasets import model_inputs
+from vaeserve.errors import VaeError
 from vaeserve.repository import ModelVersion
 
 # Rows per onnxruntime call: small enough that two threads stay evenly loaded to the end
@@ -83,9 +84,19 @@ class ServiceEncoder:
             VaeClient(target, model=model, version=number, chunk_rows=rows, **client_options)
             for _ in range(CHUNKS_IN_FLIGHT)
         ]
-        for client in self.clients:
-            self.idle.put(client)
         self.pool = ThreadPoolExecutor(CHUNKS_IN_FLIGHT, thread_name_prefix="embed-call")
+        # Connecting and setting up shared memory overlap with reading the first chunk.
+        for client in self.clients:
+            self.pool.submit(self._warm_up, client)
+
+    def _warm_up(self, client) -> None:
+        """A failure here is raised again, with its status, by the client's first call."""
+        try:
+            client.warm_up()
+        except VaeError:
+            pass
+        finally:
+            self.idle.put(client)
 
     def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
         future = self.pool.submit(self._encode, rows, records)
@@ -93,16 +104,16 @@ class ServiceEncoder:
 
     def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
         client = self.idle.get()
+        fields = {name: records[name] for name in ("mean", "stddev") if name in records.dtype.names}
         try:
-            out = client.encode(rows)
+            client.encode(rows, out=fields)  # written straight into the records
         finally:
             self.idle.put(client)
-        _store(records, out["mean"], out["stddev"])
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)
-        for client in self.clients:
-            client.close()
+        with ThreadPoolExecutor(len(self.clients)) as closing:  # each unregisters its memory
+            list(closing.map(lambda client: client.close(), self.clients))
 
 
 def _store(records: np.ndarray, mean: np.ndarray, stddev: np.ndarray) -> None:

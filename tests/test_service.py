@@ -78,6 +78,18 @@ def test_every_rpc_matches_in_process_onnxruntime(client: VaeClient, pair: OnnxP
     assert np.all(np.abs(sampled["z"] - sampled["mean"]) < 6 * sampled["stddev"])
 
 
+def test_encode_fills_given_arrays_in_place(client: VaeClient, x: np.ndarray) -> None:
+    """As `vae embed` uses it: the fields of a record array, filled without a copy between."""
+    records = np.zeros(1200, [("row_id", "<i8"), ("mean", "<f4", (8,)), ("stddev", "<f4", (8,))])
+    returned = client.encode(x[:1200], out={"mean": records["mean"], "stddev": records["stddev"]})
+    expected = client.encode(x[:1200])
+    np.testing.assert_array_equal(records["mean"], expected["mean"])
+    np.testing.assert_array_equal(records["stddev"], expected["stddev"])
+    assert np.shares_memory(returned["mean"], records)
+    with pytest.raises(ValueError, match=r"out\['mean'\]: expected float32 \[10, ...\]"):
+        client.encode(x[:10], out={"mean": np.zeros((9, 8), np.float32)})
+
+
 def test_uint8_pixels_are_prepared_as_in_training(client: VaeClient, mnist) -> None:
     pixels = mnist.test_images[:64]
     np.testing.assert_array_equal(

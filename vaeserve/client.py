@@ -113,6 +113,14 @@ class VaeClient:
             self._slots = None
         self.channel.close()
 
+    def warm_up(self) -> None:
+        """Connect now (asking for the model's info) and, with shared memory, create and
+        register the slots, so that the first call does not pay for them."""
+        if self.shared_memory:
+            self._shared_slots()
+        else:
+            self.model_info(self.model)
+
     def __enter__(self) -> VaeClient:
         return self
 
@@ -121,13 +129,19 @@ class VaeClient:
 
     # -- the RPCs --------------------------------------------------------------------------------
     def encode(
-        self, inputs: np.ndarray, sample: bool = False, seed: int | None = None
+        self,
+        inputs: np.ndarray,
+        sample: bool = False,
+        seed: int | None = None,
+        out: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Latent ``mean`` and ``stddev`` [N, M] (and ``z`` with sample) of inputs [N, D]
-        (float32 model inputs in [0, 1], or uint8 raw pixels)."""
+        (float32 model inputs in [0, 1], or uint8 raw pixels). ``out`` may hold float32
+        [N, M] arrays (views too, such as a field of a record array) to fill in place of
+        new ones."""
         fields = ("mean", "stddev", "z") if sample else ("mean", "stddev")
         if self.shared_memory:
-            return self._encode_shared(inputs, sample, seed, fields)
+            return self._encode_shared(inputs, sample, seed, fields, out)
         requests = (
             vae_pb2.EncodeRequest(
                 model=self.model,
@@ -138,10 +152,15 @@ class VaeClient:
             )
             for i, part in enumerate(self._chunks(inputs))
         )
-        return self._gather(self.stub.Encode, requests, fields, len(inputs))
+        return self._gather(self.stub.Encode, requests, fields, len(inputs), out=out)
 
     def _encode_shared(
-        self, inputs: np.ndarray, sample: bool, seed: int | None, fields: tuple[str, ...]
+        self,
+        inputs: np.ndarray,
+        sample: bool,
+        seed: int | None,
+        fields: tuple[str, ...],
+        out: dict[str, np.ndarray] | None,
     ) -> dict[str, np.ndarray]:
         slots = self._shared_slots()
 
@@ -157,7 +176,7 @@ class VaeClient:
                     output_shared_memory=outputs,
                 )
 
-        return self._gather(self.stub.Encode, requests(), fields, len(inputs), shared=slots.read)
+        return self._gather(self.stub.Encode, requests(), fields, len(inputs), slots.read, out)
 
     def _shared_slots(self) -> SharedSlots:
         if self._slots is None:
@@ -267,11 +286,17 @@ class VaeClient:
         fields: tuple[str, ...],
         rows: int,
         shared: SharedBytes | None = None,
+        out: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Send requests with up to max_in_flight outstanding; put each response's fields in
-        place in the ``rows``-row outputs, in order. One copy per byte, which for outputs in
-        shared memory happens before their slot is reused."""
-        out: dict[str, np.ndarray] = {}
+        place in the ``rows``-row outputs (``out``'s arrays where given), in order. One copy
+        per byte, which for outputs in shared memory happens before their slot is reused."""
+        out = dict(out or {})
+        for name, array in out.items():
+            if array.shape[0] != rows or array.dtype != np.float32:
+                raise ValueError(
+                    f"out[{name!r}]: expected float32 [{rows}, ...], got {array.dtype} {array.shape}"
+                )
         done = 0
         for response in self._pipelined(method, requests):
             for name in fields:
