@@ -34,8 +34,10 @@ Wait = Callable[[], None]
 
 # The job starts the next chunk before it collects the last one.
 CHUNKS_IN_FLIGHT = 2
-# Rows per request to the service: fewer, larger calls cost the server less per row.
-REQUEST_ROWS = 2048
+# Rows per request to the service (measured on MNIST, benchmarks/embed_throughput.py):
+# through shared memory a call costs the same whatever its size, so fewer, larger calls
+# win; bytes in the messages pipeline better in smaller ones.
+REQUEST_ROWS = {"shared memory": 2048, "bytes": 1024}
 
 
 class ChunkEncoder(Protocol):
@@ -70,15 +72,17 @@ class LocalEncoder:
 
 
 class ServiceEncoder:
-    """Two clients, each encoding one chunk at a time with several requests in flight:
-    while one drains the last requests of its chunk, the other keeps the server busy."""
+    """Two clients on two threads, each sending half of every chunk with its requests in
+    flight together. The halves of the next chunk queue behind the current ones, so a
+    client that finishes early starts on them and the server never waits between chunks."""
 
     def __init__(self, version: ModelVersion, target: str, **client_options) -> None:
         from vaeserve.client import VaeClient
 
         model, number = version.name, str(version.version)
-        with VaeClient(target, **client_options) as probe:  # requests as large as the server takes
-            rows = min([REQUEST_ROWS] + [m["max_batch_rows"] for m in probe.model_info(model)])
+        wanted = REQUEST_ROWS["shared memory" if client_options.get("shared_memory") else "bytes"]
+        with VaeClient(target, **client_options) as probe:  # no larger than the server takes
+            rows = min([wanted] + [m["max_batch_rows"] for m in probe.model_info(model)])
         self.idle: queue.SimpleQueue = queue.SimpleQueue()
         self.clients = [
             VaeClient(target, model=model, version=number, chunk_rows=rows, **client_options)
@@ -99,8 +103,12 @@ class ServiceEncoder:
             self.idle.put(client)
 
     def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
-        future = self.pool.submit(self._encode, rows, records)
-        return future.result
+        half = -(-len(rows) // len(self.clients))
+        futures = [
+            self.pool.submit(self._encode, rows[at : at + half], records[at : at + half])
+            for at in range(0, len(rows), half)
+        ]
+        return lambda: _results(futures)
 
     def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
         client = self.idle.get()
