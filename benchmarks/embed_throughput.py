@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
     parser.add_argument("--data-dir", type=Path, help="folder of the MNIST IDX files")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each; the best is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each; the best is reported")
     parser.add_argument(
         "--ray-workers",
         type=int,

@@ -34,6 +34,8 @@ Wait = Callable[[], None]
 
 # The job starts the next chunk before it collects the last one.
 CHUNKS_IN_FLIGHT = 2
+# Clients of ServiceEncoder, each sending its share of every chunk.
+CLIENTS = 2
 # Rows per request to the service (measured on MNIST, benchmarks/embed_throughput.py):
 # through shared memory a call costs the same whatever its size, so fewer, larger calls
 # win; bytes in the messages pipeline better in smaller ones.
@@ -86,9 +88,9 @@ class ServiceEncoder:
         self.idle: queue.SimpleQueue = queue.SimpleQueue()
         self.clients = [
             VaeClient(target, model=model, version=number, chunk_rows=rows, **client_options)
-            for _ in range(CHUNKS_IN_FLIGHT)
+            for _ in range(CLIENTS)
         ]
-        self.pool = ThreadPoolExecutor(CHUNKS_IN_FLIGHT, thread_name_prefix="embed-call")
+        self.pool = ThreadPoolExecutor(CLIENTS, thread_name_prefix="embed-call")
         # Connecting and setting up shared memory overlap with reading the first chunk.
         for client in self.clients:
             self.pool.submit(self._warm_up, client)
