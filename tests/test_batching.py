@@ -130,3 +130,22 @@ def test_raw_pixels_and_model_inputs_never_share_a_run(pair: OnnxPair) -> None:
     assert [n for dtype, n in seen if dtype == np.float32] == [5]
     np.testing.assert_array_equal(from_pixels[0], pair.encode((pixels > 127).astype(np.float32))[0])
     np.testing.assert_array_equal(from_floats[0], pair.encode(floats)[0])
+
+
+def test_a_lone_small_call_runs_at_once(pair: OnnxPair) -> None:
+    """Nothing queued or running and no company coming: no turn of the loop is spent waiting."""
+    recorder = Recorder()
+
+    async def main() -> tuple[np.ndarray, ...]:
+        b = batcher(pair, recorder)
+        call = b.submit(rows(2, 0))
+        try:
+            call.send(None)
+        except StopIteration as finished:
+            return finished.value
+        call.close()
+        raise AssertionError("the lone call waited for a later turn of the loop")
+
+    mean, _ = asyncio.run(main())
+    np.testing.assert_array_equal(mean, pair.encode(rows(2, 0))[0])
+    assert recorder.batches == [2]
