@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vaeserve.errors import ConfigError, MissingExtraError
+from vaeserve.errors import ConfigError, require
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,11 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    try:
-        import onnx  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        raise MissingExtraError("vae export", "train", exc.name or "torch") from None
+    require("vae export", "train", "onnx", "torch")
     from vaeserve.export.exporter import ExportRequest, export_model
     from vaeserve.export.variants import VARIANTS
 

@@ -1,5 +1,6 @@
 """Bad input on the command line: one clear line on stderr, non-zero exit, no traceback."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,21 @@ def test_serve_runs_on_the_event_loop_chosen() -> None:
     assert run_on_event_loop(loop_module(), "asyncio").startswith("asyncio")
     assert run_on_event_loop(loop_module(), "uvloop").startswith("uvloop")
     assert run_on_event_loop(loop_module(), "auto").startswith("uvloop")  # installed with vaeserve
+
+
+def test_a_missing_extra_is_named_with_its_install_command(tmp_path: Path) -> None:
+    """What `vae train` says where torch is absent (the service image), simulated by hiding it."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "vaeserve.cli", "train", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert_one_line_error(
+        result,
+        1,
+        "vae train needs the 'train' extra (torch is not installed)",
+        "pip install 'vaeserve[train]'",
+    )

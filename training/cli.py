@@ -8,16 +8,9 @@ import json
 import time
 from pathlib import Path
 
-from vaeserve.errors import ConfigError, MissingExtraError
+from vaeserve.errors import ConfigError, require
 from vaeserve.flags import add_dataclass_flags, values
 from vaeserve.training.config import PRESETS, TrainConfig, resolve_config
-
-
-def _require_torch(command: str) -> None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise MissingExtraError(command, "train", "torch") from None
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    _require_torch("vae train")
+    require("vae train", "train", "torch")
     from vaeserve.datasets import load_dataset
     from vaeserve.training.trainer import resumed_config, saved_config, start_or_resume
 
@@ -151,7 +144,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         from vaeserve.export.cli import evaluate_model_command  # numpy and onnxruntime only
 
         return evaluate_model_command(args)
-    _require_torch("vae evaluate --run")
+    require("vae evaluate --run", "train", "torch")
     from vaeserve.datasets import load_dataset
     from vaeserve.training import checkpoint
     from vaeserve.training.evaluate import evaluate_checkpoint, write_evaluation, write_pictures

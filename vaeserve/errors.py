@@ -5,6 +5,8 @@ the CLI prints it as one line (``vae: error: ...``) and exits non-zero. Anything
 that is not a ``VaeError`` is a bug and keeps its traceback.
 """
 
+import importlib.util
+
 
 def first_line(exc: BaseException) -> str:
     """A library exception's first line, to quote inside one of our one-line messages."""
@@ -56,3 +58,10 @@ class MissingExtraError(VaeError):
             f"{command} needs the '{extra}' extra ({module} is not installed): "
             f"pip install 'vaeserve[{extra}]'"
         )
+
+
+def require(command: str, extra: str, *modules: str) -> None:
+    """Fail early, naming the extra to install, when a command's optional modules are missing."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(command, extra, module)
