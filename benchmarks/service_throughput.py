@@ -22,7 +22,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,11 +73,9 @@ def server(model: Path, threads: int, *flags: str) -> Iterator[tuple[str, int]]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     target = f"127.0.0.1:{port}"
     with VaeClient(target, timeout=5) as client:
-        for _ in range(200):
-            with contextlib.suppress(Exception):
-                if client.health() == "SERVING":
-                    break
-            time.sleep(0.1)
+        if not client.wait_until_serving(60):
+            process.kill()
+            raise RuntimeError(f"vae serve not SERVING after 60 s:\n{process.stderr.read()}")
     try:
         yield target, process.pid
     finally:

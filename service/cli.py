@@ -66,7 +66,14 @@ def register_health(subparsers: argparse._SubParsersAction) -> None:
         help=f"HOST:PORT of the server (default 127.0.0.1:${ENV_PREFIX}PORT, else 50051)",
     )
     parser.add_argument("--service", default="", help="service to check (default: the whole server)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds before giving up")
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds before one check gives up")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="keep asking until SERVING or SECONDS pass (a server still starting up); default: ask once",
+    )
     parser.add_argument(
         "--tls-ca",
         type=Path,
@@ -80,6 +87,8 @@ def health_command(args: argparse.Namespace) -> int:
     from vaeserve.client import ServiceError, VaeClient
 
     with VaeClient(args.target, timeout=args.timeout, root_certificates=args.tls_ca) as client:
+        if args.wait > 0:
+            client.wait_until_serving(args.wait, args.service)
         try:
             status = client.health(args.service)
         except ServiceError as exc:

@@ -88,10 +88,8 @@ def wait_serving(server: Server, client_options: dict, timeout: float = 60) -> N
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{server.output()}")
-            with contextlib.suppress(Exception):
-                if client.health() == "SERVING":
-                    return
-            time.sleep(0.1)
+            if client.wait_until_serving(0.5):
+                return
     server.stop()
     raise RuntimeError(f"server not SERVING after {timeout} s:\n{server.output()}")
 

@@ -9,6 +9,8 @@ import os
 import re
 import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,33 @@ def test_health_command_exit_codes(repo: Path, tmp_path: Path) -> None:
             ["vae", "health"], capture_output=True, text=True, env={**os.environ, "VAESERVE_PORT": port}
         )
     assert up.returncode == 0 and "SERVING" in up.stdout
+
+
+def test_health_wait_sees_a_server_that_starts_later(repo: Path, tmp_path: Path) -> None:
+    """`vae health --wait` as an init script uses it: asked before the server is up."""
+    port = servers.free_port()
+    target = f"127.0.0.1:{port}"
+    waiting = subprocess.Popen(
+        ["vae", "health", "--target", target, "--wait", "90"], stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(0.5)
+    assert waiting.poll() is None, "it gave up before the server started"
+    command = [sys.executable, "-c", servers.WITHOUT_TORCH, "serve", "--repo", str(repo)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            out, _ = waiting.communicate(timeout=120)
+        finally:
+            server.terminate()
+            server.wait(60)
+    assert waiting.returncode == 0 and f"{target}: SERVING" in out
+    gone = subprocess.run(
+        ["vae", "health", "--target", target, "--wait", "0.3", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert gone.returncode == 1
 
 
 def test_main_job_end_to_end(tmp_path: Path, mnist_dir: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -262,6 +263,18 @@ class VaeClient:
         """SERVING, NOT_SERVING, ... of the whole server ("") or one service."""
         response = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout: float, service: str = "") -> bool:
+        """Ask for health until it is SERVING (True) or ``timeout`` seconds pass (False): a
+        server still starting refuses connections, then reports NOT_SERVING while it warms up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(ServiceError):
+                if self.health(service) == "SERVING":
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     # -- plumbing --------------------------------------------------------------------------------
     def _call(self, method: Callable, request: Any) -> Any:
