@@ -2,7 +2,9 @@
 
 Everything is built in a staging folder beside the versions (``REPO/NAME/.staging-*``,
 which no loader reads), checked there, and only then renamed into place; a crash
-or a failed check leaves no version behind, half-written or unchecked.
+or a failed check leaves no version behind, half-written or unchecked. The folder's
+name carries its process id and host, so the next export sweeps away what a killed
+one left (its process is gone) without touching an export still running.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -67,7 +70,8 @@ def export_model(request: ExportRequest, progress: bool = False) -> ModelVersion
     if target.exists() and not request.force:
         raise ExportError(f"{target} already exists; pass --force to replace it or omit --version")
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
+    sweep_stale(model_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-{_owner()}-", dir=model_dir))
     try:
         build_version(request, state, source, version, staging, progress)
         load_version(staging)  # the manifest describes exactly the files we wrote
@@ -156,10 +160,37 @@ def evaluate_pair(pair: OnnxPair, x_test: Any, iw_samples: int) -> dict[str, Any
     return {"split": "test", **result.to_dict(), "source": "onnx-at-export"}
 
 
+# .staging-VERSION-PID@HOST-RANDOM and .retired-VERSION-PID@HOST-old
+_LEFTOVER = re.compile(r"^\.(?:staging|retired)-.+?-(\d+)@(.+)-[a-z0-9_]+$")
+
+
+def _owner() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def sweep_stale(model_dir: Path) -> None:
+    """Remove the staging and retired folders of exports killed on this host: their process
+    is gone. A running export's folder, or another host's, stays."""
+    for folder in model_dir.glob(".*-*"):
+        match = _LEFTOVER.match(folder.name)
+        if match and match.group(2) == socket.gethostname() and not _running(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def publish(staging: Path, target: Path) -> None:
     """Rename the checked staging folder into place; an old version (--force) goes only after."""
     if target.exists():
-        retired = target.with_name(f".retired-{target.name}-{os.getpid()}")
+        retired = target.with_name(f".retired-{target.name}-{_owner()}-old")
         os.rename(target, retired)
         os.rename(staging, target)
         shutil.rmtree(retired, ignore_errors=True)

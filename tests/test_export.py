@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -218,13 +219,20 @@ def test_killed_export_leaves_no_version(tmp_path: Path, tiny_run: Path, mnist_d
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(models.glob("tiny/.staging-*/encoder.onnx")), "the export was not caught midway"
+    [killed] = [p.parent for p in models.glob("tiny/.staging-*/encoder.onnx")]
     assert version_numbers(models / "tiny") == []
     with pytest.raises(RepositoryError, match="no versions"):
         resolve(models, "tiny")
+    # An export still running (this process) and one on another host keep their folders.
+    running = models / "tiny" / f".staging-1-{os.getpid()}@{socket.gethostname()}-abc123"
+    elsewhere = models / "tiny" / f".staging-1-{proc.pid}@another-host-abc123"
+    for folder in (running, elsewhere):
+        folder.mkdir()
     assert (
         export_model(ExportRequest(tiny_run, models, "tiny", iw_samples=2, data_dir=mnist_dir)).version == 1
     )
+    assert not killed.exists(), "the killed export's staging folder was not swept"
+    assert running.exists() and elsewhere.exists()
 
 
 def test_evaluating_the_onnx_pair_agrees_with_the_checkpoint(model_and_pair, mnist) -> None:
