@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vaeserve.datasets import model_inputs
+from vaeserve.datasets import encoder_inputs
 from vaeserve.errors import VaeError
 from vaeserve.repository import ModelVersion
 
@@ -66,8 +66,7 @@ class LocalEncoder:
         return lambda: _results(futures)
 
     def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
-        x = model_inputs(rows, self.binarization) if rows.dtype == np.uint8 else rows
-        _store(records, *self.pair.encode(x))
+        _store(records, *self.pair.encode(encoder_inputs(rows, self.binarization)))
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)

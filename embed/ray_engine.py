@@ -50,11 +50,10 @@ class Encoder:
         self.binarization = version.manifest.get("binarization", "none")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from vaeserve.datasets import model_inputs
+        from vaeserve.datasets import encoder_inputs
 
         pixels = np.stack(batch["pixels"]) if batch["pixels"].dtype == object else batch["pixels"]
-        x = model_inputs(pixels, self.binarization) if pixels.dtype == np.uint8 else pixels.astype(np.float32)
-        mean, stddev = self.pair.encode(x)
+        mean, stddev = self.pair.encode(encoder_inputs(pixels, self.binarization))
         return {"row_id": batch["row_id"], "mean": list(mean), "stddev": list(stddev)}
 
 

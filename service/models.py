@@ -14,7 +14,7 @@ import numpy as np
 
 from vaeserve import codec
 from vaeserve._proto import vae_pb2
-from vaeserve.datasets import model_inputs
+from vaeserve.datasets import encoder_inputs
 from vaeserve.errors import ModelNotFoundError, TensorError, VaeError
 from vaeserve.repository import ModelVersion, load_version, model_names, version_numbers
 from vaeserve.runtime import CPU, OnnxPair, usable_cores
@@ -61,7 +61,7 @@ class ServedModel:
         parallel pieces), not on the event loop, which has every other call to answer."""
 
         def run(rows: np.ndarray) -> tuple[np.ndarray, ...]:
-            return encode(model_inputs(rows, self.binarization) if rows.dtype == np.uint8 else rows)
+            return encode(encoder_inputs(rows, self.binarization))
 
         return run
 
@@ -75,7 +75,7 @@ class ServedModel:
 
     def warm_up(self) -> None:
         """One run at batch 1 and one at the largest merged batch, before reporting SERVING."""
-        for session in {id(self.small): self.small, id(self.pair): self.pair}.values():
+        for session in {id(self.small): self.small, id(self.pair): self.pair}.values():  # one on CPU
             for rows in (1, self.settings.batch_max_rows):
                 session.encode(np.zeros((rows, self.version.input_size), np.float32))
                 session.decode(np.zeros((rows, self.version.latent_size), np.float32))

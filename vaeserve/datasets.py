@@ -238,6 +238,12 @@ def model_inputs(pixels: np.ndarray, mode: str) -> np.ndarray:
     return binarize(pixels, "threshold" if mode == "threshold" else "none")
 
 
+def encoder_inputs(rows: np.ndarray, mode: str) -> np.ndarray:
+    """What the encoder takes from rows that are either raw uint8 pixels (prepared as in
+    training, see `model_inputs`) or model inputs already (passed on as float32)."""
+    return model_inputs(rows, mode) if rows.dtype == np.uint8 else rows.astype(np.float32, copy=False)
+
+
 def evaluation_inputs(images: np.ndarray, mode: str, seed: int = 0) -> np.ndarray:
     """A split as evaluated: dynamic binarization uses one fixed-seed draw (the literature's
     protocol), so every evaluation of a model sees the same binary images."""
