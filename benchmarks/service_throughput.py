@@ -11,7 +11,10 @@ load generator in a separate process measures:
    and through shared memory (same host);
 2. batch-1 latency p50/p99 and calls/s at concurrency 1 and 8, with batching across
    requests on and off (what it gains and costs);
-3. the server's RSS before and after a long run of calls.
+3. the server's RSS before and after a long run of calls;
+4. what Python gRPC alone allows a batch-1,024 Encode with bytes in the messages: a no-op
+   server answering uint8 requests with a mean and stddev of the right size, beside the
+   in-process encoder (the ceiling of the bytes column in 1).
 """
 
 from __future__ import annotations
@@ -160,6 +163,20 @@ def latency_table(model: Path, threads: int, pixels: np.ndarray, binarization: s
                 )
 
 
+def transport_ceiling(
+    local: InProcess, pixels: np.ndarray, binarization: str, latent_size: int, seconds: float
+) -> None:
+    print("\n4. Batch-1,024 uint8 Encode with bytes in the messages: a no-op server (Python gRPC alone)")
+    print(f"{'conc':>6}{'rows/s':>11}{'ratio to in-process':>22}")
+    rows = pixels[:1024]
+    rate = local.rows_per_s(model_inputs(rows, binarization))
+    latents = to_tensor(np.zeros((len(rows), latent_size), np.float32))
+    answer = vae_pb2.EncodeResponse(mean=latents, stddev=latents)
+    for concurrency in (1, 4):
+        r = noop_ceiling(free_port(), request(rows, binarization, "uint8"), answer, concurrency, seconds)
+        print(f"{concurrency:>6}{r['rows_per_s']:>11,.0f}{r['rows_per_s'] / rate:>22.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
@@ -186,6 +203,7 @@ def main() -> None:
             f"({args.soak_seconds:.0f} s of batch-64 uint8 Encode at concurrency 8)"
         )
     latency_table(args.model, args.threads, pixels, binarization, args.seconds)
+    transport_ceiling(local, pixels, binarization, version.latent_size, args.seconds)
 
 
 if __name__ == "__main__":
