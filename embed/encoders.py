@@ -32,8 +32,6 @@ SUB_BATCH = 1024
 
 Wait = Callable[[], None]
 
-# The job starts the next chunk before it collects the last one.
-CHUNKS_IN_FLIGHT = 2
 # Clients of ServiceEncoder, each sending its share of every chunk.
 CLIENTS = 2
 # Rows per request to the service (measured on MNIST, benchmarks/embed_throughput.py):

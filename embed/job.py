@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vaeserve import __version__
 from vaeserve.atomic import atomic_write_text
-from vaeserve.embed.encoders import CHUNKS_IN_FLIGHT, ChunkEncoder, LocalEncoder, ServiceEncoder, Wait
+from vaeserve.embed.encoders import ChunkEncoder, LocalEncoder, ServiceEncoder, Wait
 from vaeserve.embed.sinks import FORMATS, ChunkSink, aligned_records, open_sink, record_dtype
 from vaeserve.embed.sources import Source, open_source
 from vaeserve.errors import ConfigError, DataError
@@ -238,6 +238,10 @@ def embed_chunks(
                 done += len(rows)
         pipeline.drain()
     return done
+
+
+# The next chunk starts encoding before the last one is collected.
+CHUNKS_IN_FLIGHT = 2
 
 
 class ChunkPipeline:
