@@ -22,6 +22,8 @@ from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.client import SharedSlots
 from vaeserve.codec import from_tensor
 from vaeserve.service.cli import run_on_event_loop
+from vaeserve.service.heap import keep_freed_heap
+from vaeserve.service.settings import ServeSettings
 
 Call = Callable[[], Awaitable[object]]
 
@@ -134,6 +136,7 @@ async def _serve_noop(port: int, response: bytes, ready: multiprocessing.Event) 
 
 
 def _noop_worker(port: int, response: bytes, ready: multiprocessing.Event) -> None:
+    keep_freed_heap(ServeSettings.heap_keep_mb)  # the heap `vae serve` runs with
     run_on_event_loop(_serve_noop(port, response, ready), "auto")
 
 

@@ -23,6 +23,7 @@ from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.errors import ConfigError
 from vaeserve.runtime import usable_cores
 from vaeserve.service.auth import BearerTokenInterceptor
+from vaeserve.service.heap import keep_freed_heap
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
 from vaeserve.service.servicer import VaeServicer
@@ -56,6 +57,7 @@ def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None
 
 
 async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> int:
+    keep_freed_heap(settings.heap_keep_mb)
     metrics = Metrics()
     interceptors = []
     token = settings.read_token()

@@ -53,6 +53,11 @@ class ServeSettings:
     max_request_rows: int = option(4096, "most rows (or SamplePrior count) one request may carry")
     max_queue_rows: int = option(65536, "rows queued per graph before new calls get RESOURCE_EXHAUSTED")
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
+    heap_keep_mb: int = option(
+        128,
+        "glibc: MiB of freed heap kept for the next calls' message buffers instead of fresh "
+        "pages each call (0: glibc's defaults)",
+    )
     max_concurrent_rpcs: int = option(512, "calls in progress before new ones get RESOURCE_EXHAUSTED")
     metrics_port: int = option(9464, "Prometheus metrics HTTP port (0: off)")
     grace_s: float = option(10.0, "on SIGTERM, seconds to finish calls in flight")
@@ -79,8 +84,10 @@ class ServeSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.batch_max_delay_ms < 0 or self.grace_s < 0 or self.threads < 0:
-            raise ConfigError("--batch-max-delay-ms, --grace-s and --threads must not be negative")
+        if min(self.batch_max_delay_ms, self.grace_s, self.threads, self.heap_keep_mb) < 0:
+            raise ConfigError(
+                "--batch-max-delay-ms, --grace-s, --threads and --heap-keep-mb must not be negative"
+            )
         return self
 
     def read_token(self) -> str | None:
