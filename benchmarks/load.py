@@ -32,9 +32,14 @@ async def _drive(
     target: str, request: bytes, concurrency: int, seconds: float, shared: bool
 ) -> tuple[int, list[float]]:
     message = vae_pb2.EncodeRequest.FromString(request)
-    options = [("grpc.max_receive_message_length", 1 << 27), ("grpc.max_send_message_length", 1 << 27)]
-    # One connection per caller, as a pool of clients would open: the kernel spreads
-    # connections (not calls) over the server's worker processes.
+    # One connection per caller, as a pool of clients would open (a channel of its own
+    # subchannel pool; else channels with equal options share one connection): the kernel
+    # spreads connections, not calls, over `vae serve --workers`.
+    options = [
+        ("grpc.max_receive_message_length", 1 << 27),
+        ("grpc.max_send_message_length", 1 << 27),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
     stubs = [vae_pb2_grpc.VaeServiceStub(channel) for channel in channels]
     slots = None

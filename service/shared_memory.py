@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve._proto import vae_pb2
-from vaeserve.errors import TensorError, VaeError
+from vaeserve.errors import UNKNOWN_REGION, TensorError, VaeError
 
 SHM_ROOT = Path("/dev/shm")
 KEY = re.compile(r"/?[A-Za-z0-9_.-]{1,200}")
@@ -42,11 +42,13 @@ class SharedMemoryRegions:
     def __init__(self, enabled: bool, max_regions: int = 256) -> None:
         self.enabled, self.max_regions = enabled, max_regions
         self.regions: dict[str, mmap.mmap] = {}
+        self.paths: dict[str, Path] = {}
 
     def register(self, name: str, key: str, byte_size: int) -> None:
         self._check_enabled()
         if not name:
             raise TensorError("name: empty; give the region a name to refer to it by")
+        self._forget_deleted()
         if name in self.regions:
             raise RegionExistsError(f"a region named {name!r} is already registered; unregister it first")
         if len(self.regions) >= self.max_regions:
@@ -65,16 +67,27 @@ class SharedMemoryRegions:
             if not 0 < byte_size <= size:
                 raise TensorError(f"byte_size {byte_size:,}: the object {path} holds {size:,} bytes")
             self.regions[name] = mmap.mmap(fd, byte_size)
+            self.paths[name] = path
         finally:
             os.close(fd)
 
     def unregister(self, name: str) -> None:
         self._check_enabled()
+        self.paths.pop(name, None)
         if self.regions.pop(name, None) is None:
-            raise RegionNotFoundError(f"no region named {name!r} is registered")
+            raise RegionNotFoundError(f"{UNKNOWN_REGION} {name!r} is registered")
 
     def close(self) -> None:
         self.regions.clear()
+        self.paths.clear()
+
+    def _forget_deleted(self) -> None:
+        """Drop regions whose object its client has deleted: a client that moved to another
+        worker (or lost its connection) cannot unregister here, and its pages stay
+        allocated while this process maps them."""
+        for name, path in list(self.paths.items()):
+            if not path.exists():
+                del self.regions[name], self.paths[name]
 
     def read(self, ref: vae_pb2.SharedMemoryRef, byte_size: int, field: str) -> memoryview:
         """The ``byte_size`` bytes a tensor's reference points at."""
@@ -110,7 +123,7 @@ class SharedMemoryRegions:
         self._check_enabled()
         region = self.regions.get(ref.region)
         if region is None:
-            raise RegionNotFoundError(f"{field}.shared_memory: no region named {ref.region!r} is registered")
+            raise RegionNotFoundError(f"{field}.shared_memory: {UNKNOWN_REGION} {ref.region!r} is registered")
         if ref.offset + ref.byte_size > len(region):
             raise TensorError(
                 f"{field}.shared_memory: bytes {ref.offset:,} to {ref.offset + ref.byte_size:,} lie "

@@ -52,8 +52,9 @@ def start(
     env: dict[str, str] | None = None,
     client: dict | None = None,
     use_flags: bool = True,
+    port: int | None = None,
 ) -> Server:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = port or free_port(), free_port()
     command = [sys.executable, "-c", WITHOUT_TORCH, "serve"]
     if use_flags:
         command += [

@@ -140,3 +140,29 @@ def test_a_server_without_shared_memory_refuses_it(repo: Path, tmp_path: Path) -
             VaeClient(plain.target, shared_memory=True).encode(np.zeros((1, D), np.uint8))
         assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "--shared-memory" in info.value.details
+
+
+def test_client_registers_again_with_a_restarted_server(repo: Path, tmp_path: Path, mnist) -> None:
+    """A restarted server (or another of its --workers) holds no region: the client
+    registers its own again and the call goes through."""
+    port = servers.free_port()
+    pixels = mnist.test_images[:300]
+    first = servers.start(repo, tmp_path / "first.log", "--shared-memory", port=port)
+    with VaeClient(first.target, shared_memory=True, chunk_rows=128) as client:
+        before = client.encode(pixels)
+        assert first.stop() == 0
+        with servers.running(repo, tmp_path / "second.log", "--shared-memory", port=port):
+            after = client.encode(pixels)
+    np.testing.assert_array_equal(after["mean"], before["mean"])
+    np.testing.assert_array_equal(after["stddev"], before["stddev"])
+
+
+def test_regions_of_deleted_objects_are_forgotten(stub, region) -> None:
+    doomed = shared_memory.SharedMemory(create=True, size=4096)
+    stub.RegisterSharedMemory(register("doomed", doomed.name, 4096))
+    doomed.close()
+    doomed.unlink()  # its client is gone without unregistering
+    stub.RegisterSharedMemory(register("next", region.name, 8))  # a registration sweeps
+    stub.UnregisterSharedMemory(vae_pb2.UnregisterSharedMemoryRequest(name="next"))
+    got, details = status(stub.UnregisterSharedMemory, vae_pb2.UnregisterSharedMemoryRequest(name="doomed"))
+    assert got == NOT_FOUND and "'doomed'" in details

@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import FLOAT32, UINT8, SharedBytes, from_tensor, to_tensor
-from vaeserve.errors import VaeError
+from vaeserve.errors import UNKNOWN_REGION, VaeError
 
 RETRY_POLICY = {
     "methodConfig": [
@@ -56,6 +56,10 @@ class ServiceError(VaeError):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+def _region_unknown(exc: ServiceError) -> bool:
+    return exc.code == grpc.StatusCode.NOT_FOUND and UNKNOWN_REGION in exc.details
 
 
 def _read(path: str | Path | bytes | None) -> bytes | None:
@@ -87,6 +91,9 @@ class VaeClient:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.enable_retries", 1),
+            # A connection of its own (channels with equal options share one otherwise), so
+            # that several clients spread over a server's --workers.
+            ("grpc.use_local_subchannel_pool", 1),
             ("grpc.service_config", json.dumps(RETRY_POLICY)),
         ]
         if tls or root_certificates or client_certificate:
@@ -177,6 +184,14 @@ class VaeClient:
                     output_shared_memory=outputs,
                 )
 
+        try:
+            return self._gather(self.stub.Encode, requests(), fields, len(inputs), slots.read, out)
+        except ServiceError as exc:
+            if not _region_unknown(exc):
+                raise
+        # The connection now reaches a server that does not hold the region: one restarted,
+        # or another of its --workers. Register it there and send the chunks once more.
+        self._call(self.stub.RegisterSharedMemory, slots.registration())
         return self._gather(self.stub.Encode, requests(), fields, len(inputs), slots.read, out)
 
     def _shared_slots(self) -> SharedSlots:

@@ -14,6 +14,11 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+# How the server's NOT_FOUND for an unregistered shared-memory region begins its reason; the
+# client, seeing it, registers its region again (a restarted server, another worker).
+UNKNOWN_REGION = "no region named"
+
+
 class VaeError(Exception):
     """Base class of every user-facing failure."""
 
