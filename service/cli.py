@@ -34,6 +34,10 @@ def serve_command(args: argparse.Namespace) -> int:
     settings = ServeSettings(**values(args, ServeSettings)).validate()
     repo_exists(settings.repo)
     logging.getLogger("vaeserve").info("starting vae serve with %s", settings)
+    if settings.workers > 1:
+        from vaeserve.service.workers import run_workers
+
+        return run_workers(settings)
     return run_on_event_loop(serve(settings), settings.event_loop)
 
 

@@ -41,7 +41,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.models = Gauge("vaeserve_models_loaded", "Model versions being served", registry=self.registry)
+        self.models = Gauge(
+            "vaeserve_models_loaded",
+            "Model versions being served",
+            registry=self.registry,
+            multiprocess_mode="livemax",  # with --workers: each worker loads every version
+        )
 
     # Labelled children are looked up once and kept: labels() costs more than the update.
     @functools.cache  # noqa: B019 - one Metrics per server, kept for its lifetime

@@ -30,6 +30,11 @@ class ServeSettings:
     event_loop: str = option(
         "auto", "auto: uvloop when installed (less CPU per call), else asyncio's own", EVENT_LOOPS
     )
+    workers: int = option(
+        1,
+        "server processes sharing the port (SO_REUSEPORT); more than 1 lifts the one-event-loop "
+        "limit on calls/s, each worker loading every model",
+    )
     threads: int = option(
         0,
         "CPU: batches above --inline-max-rows run as this many one-thread onnxruntime calls "
@@ -76,6 +81,7 @@ class ServeSettings:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         for name in (
+            "workers",
             "batch_max_rows",
             "max_request_rows",
             "max_queue_rows",
@@ -84,6 +90,8 @@ class ServeSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.workers > 1 and self.port == 0:
+            raise ConfigError(f"--workers {self.workers}: needs a fixed --port (0 gives each worker its own)")
         if min(self.batch_max_delay_ms, self.grace_s, self.threads, self.heap_keep_mb) < 0:
             raise ConfigError(
                 "--batch-max-delay-ms, --grace-s, --threads and --heap-keep-mb must not be negative"

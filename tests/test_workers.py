@@ -1,0 +1,86 @@
+"""`vae serve --workers N`: worker processes on one port, supervised (the real server)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import servers
+from test_cli import assert_one_line_error, vae
+
+from vaeserve.client import VaeClient
+from vaeserve.datasets import model_inputs
+from vaeserve.repository import resolve
+from vaeserve.runtime import OnnxPair
+
+
+def wait_for_workers(server: servers.Server, count: int, timeout: float = 60) -> list[int]:
+    """Worker pids, once every worker has logged that it is serving."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = server.output()
+        if log.count("serving tiny/1") == count:
+            return [int(pid) for pid in re.search(r"pids ([\d, ]+)", log).group(1).split(", ")]
+        time.sleep(0.2)
+    raise AssertionError(f"not every worker serving after {timeout} s:\n{server.output()}")
+
+
+def requests_ok(metrics_port: int) -> float:
+    page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    match = re.search(r'vaeserve_requests_total\{code="OK",method="Encode"\} (\S+)', page)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_workers_serve_one_port_with_one_metrics_page(repo: Path, tmp_path: Path, mnist) -> None:
+    server = servers.start(repo, tmp_path / "serve.log", "--workers", "2")
+    pids = wait_for_workers(server, 2)
+    x = model_inputs(mnist.test_images[:200], "threshold")
+    mean, stddev = OnnxPair.load(resolve(repo, "tiny")).encode(x)
+
+    def encode(_: int) -> list[dict[str, np.ndarray]]:
+        with VaeClient(server.target) as client:
+            return [client.encode(x) for _ in range(5)]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = [r for batch in pool.map(encode, range(4)) for r in batch]
+    for result in results:
+        np.testing.assert_allclose(result["mean"], mean, atol=1e-6)
+        np.testing.assert_allclose(result["stddev"], stddev, atol=1e-6)
+    assert requests_ok(server.metrics_port) >= len(results)  # summed over the workers
+    assert server.stop() == 0, server.output()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+    log = server.output()
+    assert "[worker 1/2]: stopped" in log and "[worker 2/2]: stopped" in log
+
+
+def test_a_worker_that_dies_stops_the_service(repo: Path, tmp_path: Path) -> None:
+    server = servers.start(repo, tmp_path / "serve.log", "--workers", "2")
+    first, second = wait_for_workers(server, 2)
+    os.kill(first, signal.SIGKILL)
+    assert server.process.wait(60) == 1
+    assert f"vae-serve-1 exited with -{signal.SIGKILL.value}" in server.output()
+    assert not Path(f"/proc/{second}").exists()
+
+
+def test_workers_need_a_fixed_port() -> None:
+    assert_one_line_error(vae("serve", "--workers", "2", "--port", "0"), 1, "--workers 2", "fixed --port")
+    assert_one_line_error(vae("serve", "--workers", "0"), 1, "--workers must be at least 1")
+
+
+@pytest.mark.parametrize("workers", ["1", "3"])
+def test_threads_are_shared_out(workers: str) -> None:
+    from vaeserve.runtime import usable_cores
+    from vaeserve.service.settings import ServeSettings
+    from vaeserve.service.workers import worker_settings
+
+    each = worker_settings(ServeSettings(workers=int(workers), metrics_port=9464))
+    assert each.workers == 1 and each.metrics_port == 0
+    assert each.threads == max(1, usable_cores() // int(workers))
