@@ -10,10 +10,11 @@ references, and copies the outputs out, so the copies a real client makes are co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import multiprocessing
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -145,21 +146,16 @@ def _noop_worker(port: int, response: bytes, ready: multiprocessing.Event) -> No
     run_on_event_loop(_serve_noop(port, response, ready), "auto")
 
 
-def noop_ceiling(
-    port: int,
-    request: vae_pb2.EncodeRequest,
-    response: vae_pb2.EncodeResponse,
-    concurrency: int,
-    seconds: float,
-) -> dict[str, float]:
-    """The same load against a no-op grpc.aio server in its own process."""
+@contextlib.contextmanager
+def noop_server(port: int, response: vae_pb2.EncodeResponse) -> Iterator[str]:
+    """A no-op grpc.aio server in its own process, answering Encode with ``response``."""
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
     process = context.Process(target=_noop_worker, args=(port, response.SerializeToString(), ready))
     process.start()
     ready.wait(60)
     try:
-        return run_load(f"127.0.0.1:{port}", request, concurrency, seconds)
+        yield f"127.0.0.1:{port}"
     finally:
         process.kill()
         process.join()

@@ -10,11 +10,15 @@ load generator in a separate process measures:
    run in parallel, as the server runs it): with the tensors' bytes in the messages,
    and through shared memory (same host);
 2. batch-1 latency p50/p99 and calls/s at concurrency 1 and 8, with batching across
-   requests on and off (what it gains and costs);
+   requests on and off (what it gains and costs) and with two worker processes;
 3. the server's RSS before and after a long run of calls;
 4. what Python gRPC alone allows a batch-1,024 Encode with bytes in the messages: a no-op
    server answering uint8 requests with a mean and stddev of the right size, beside the
    in-process encoder (the ceiling of the bytes column in 1).
+
+The load comes from the Python generator (benchmarks/load.py) and, where h2load is
+installed (`apt-get install nghttp2-client`), also from h2load, a C generator that leaves
+the server the CPU a Python client would take (benchmarks/h2load.py).
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from benchmarks.load import noop_ceiling, run_load
+from benchmarks import h2load
+from benchmarks.load import noop_server, run_load
 from benchmarks.timing import rows_per_second
 from vaeserve._proto import vae_pb2
 from vaeserve.client import VaeClient
@@ -49,9 +57,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Served(NamedTuple):
+    target: str
+    pid: int
+    metrics_port: int
+
+
 @contextlib.contextmanager
-def server(model: Path, threads: int, *flags: str) -> Iterator[tuple[str, int]]:
-    port = free_port()
+def server(model: Path, threads: int, *flags: str, workers: int = 1) -> Iterator[Served]:
+    port, metrics_port = free_port(), free_port()
     command = [
         sys.executable,
         "-m",
@@ -68,22 +82,53 @@ def server(model: Path, threads: int, *flags: str) -> Iterator[tuple[str, int]]:
         "--port",
         str(port),
         "--metrics-port",
-        "0",
+        str(metrics_port),
         "--threads",
         str(threads),
+        "--workers",
+        str(workers),
         *flags,
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    target = f"127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        try:
+            _wait_serving(process, log, f"127.0.0.1:{port}", workers)
+            yield Served(f"127.0.0.1:{port}", process.pid, metrics_port)
+        finally:
+            process.terminate()
+            process.wait(60)
+
+
+def _wait_serving(process: subprocess.Popen, log, target: str, workers: int) -> None:
+    """Until every worker has logged that it serves (a health check reaches only one)."""
     with VaeClient(target, timeout=5) as client:
-        if not client.wait_until_serving(60):
-            process.kill()
-            raise RuntimeError(f"vae serve not SERVING after 60 s:\n{process.stderr.read()}")
-    try:
-        yield target, process.pid
-    finally:
-        process.terminate()
-        process.wait(30)
+        serving = client.wait_until_serving(60)
+    deadline = time.monotonic() + 60
+    while serving and time.monotonic() < deadline:
+        log.seek(0)
+        if log.read().count(" serving ") >= workers:
+            return
+        time.sleep(0.1)
+    process.kill()
+    log.seek(0)
+    raise RuntimeError(f"vae serve not SERVING after 60 s:\n{log.read()}")
+
+
+Load = Callable[..., dict[str, float]]
+
+
+def loads() -> dict[str, Load]:
+    """The load generators to measure with: Python's always, h2load where installed."""
+    if not h2load.available():
+        print(h2load.MISSING)
+        return {"Python": run_load}
+    return {"Python": run_load, "h2load": h2load.run_h2load}
+
+
+def measure(load: Load, target: str, message, concurrency: int, seconds: float, metrics_port=None):
+    if load is h2load.run_h2load:
+        return load(target, message, concurrency, seconds, metrics_port)
+    return load(target, message, concurrency, seconds)
 
 
 def rss_mb(pid: int) -> float:
@@ -118,63 +163,77 @@ class InProcess:
 
 
 def throughput_table(
-    target: str, local: InProcess, pixels: np.ndarray, binarization: str, seconds: float
+    served: Served, local: InProcess, pixels: np.ndarray, binarization: str, seconds: float
 ) -> None:
     provider = local.sessions.provider
+    with_h2load = h2load.available()
     print(f"\n1. Encode rows/s: gRPC (bytes; shared memory) vs in-process onnxruntime ({provider})")
     print(
         f"{'input':<8}{'batch':>6}{'conc':>6}{'in-process':>13}{'gRPC':>11}{'ratio':>8}"
-        f"{'gRPC+shm':>11}{'ratio':>8}"
+        f"{'gRPC+shm':>11}{'ratio':>8}" + (f"{'h2load':>11}{'ratio':>8}" if with_h2load else "")
     )
     for dtype in ("float32", "uint8"):
         for batch in BATCHES:
             rate = local.rows_per_s(model_inputs(pixels[:batch], binarization))
             for concurrency in (1, 4):
                 message = request(pixels[:batch], binarization, dtype)
-                served = run_load(target, message, concurrency, seconds)["rows_per_s"]
-                shared = run_load(target, message, concurrency, seconds, shared=True)["rows_per_s"]
+                columns = [
+                    run_load(served.target, message, concurrency, seconds)["rows_per_s"],
+                    run_load(served.target, message, concurrency, seconds, shared=True)["rows_per_s"],
+                ]
+                if with_h2load:
+                    args = (served.target, message, concurrency, seconds, served.metrics_port)
+                    columns.append(h2load.run_h2load(*args)["rows_per_s"])
                 print(
-                    f"{dtype:<8}{batch:>6}{concurrency:>6}{rate:>13,.0f}{served:>11,.0f}"
-                    f"{served / rate:>8.2f}{shared:>11,.0f}{shared / rate:>8.2f}"
+                    f"{dtype:<8}{batch:>6}{concurrency:>6}{rate:>13,.0f}"
+                    + "".join(f"{rows:>11,.0f}{rows / rate:>8.2f}" for rows in columns)
                 )
 
 
 def latency_table(model: Path, threads: int, pixels: np.ndarray, binarization: str, seconds: float) -> None:
     print("\n2. Batch-1 Encode calls from a separate process")
-    print(f"{'server':<24}{'conc':>6}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'server':<28}{'load':>8}{'conc':>6}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    generators = loads()
     one = request(pixels[:1], binarization, "float32")
     latents = to_tensor(np.zeros((1, open_path(model).latent_size), np.float32))
-    for concurrency in (1, 8):
-        r = noop_ceiling(
-            free_port(), one, vae_pb2.EncodeResponse(mean=latents, stddev=latents), concurrency, seconds
-        )
-        print(
-            f"{'no-op grpc.aio (ceiling)':<24}{concurrency:>6}{r['calls_per_s']:>10,.0f}{r['p50_ms']:>9.2f}"
-            f"{r['p99_ms']:>9.2f}"
-        )
-    for flag in ("--batching", "--no-batching"):
-        with server(model, threads, flag) as (target, _):
+    answer = vae_pb2.EncodeResponse(mean=latents, stddev=latents)
+
+    def rows(label: str, target: str, metrics_port: int | None) -> None:
+        for name, load in generators.items():
             for concurrency in (1, 8):
-                r = run_load(target, one, concurrency, seconds)
+                r = measure(load, target, one, concurrency, seconds, metrics_port)
                 print(
-                    f"{'vae serve ' + flag[2:]:<24}{concurrency:>6}{r['calls_per_s']:>10,.0f}"
-                    f"{r['p50_ms']:>9.2f}"
-                    f"{r['p99_ms']:>9.2f}"
+                    f"{label:<28}{name:>8}{concurrency:>6}{r['calls_per_s']:>10,.0f}"
+                    f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                 )
+
+    with noop_server(free_port(), answer) as target:
+        rows("no-op grpc.aio (ceiling)", target, None)
+    for label, flags, workers in (
+        ("vae serve --batching", ("--batching",), 1),
+        ("vae serve --no-batching", ("--no-batching",), 1),
+        ("vae serve --workers 2", (), 2),
+    ):
+        # Workers share the same threads out: one each of the two.
+        with server(model, max(1, threads // workers), *flags, workers=workers) as served:
+            rows(label, served.target, served.metrics_port)
 
 
 def transport_ceiling(
     local: InProcess, pixels: np.ndarray, binarization: str, latent_size: int, seconds: float
 ) -> None:
     print("\n4. Batch-1,024 uint8 Encode with bytes in the messages: a no-op server (Python gRPC alone)")
-    print(f"{'conc':>6}{'rows/s':>11}{'ratio to in-process':>22}")
+    print(f"{'load':>8}{'conc':>6}{'rows/s':>11}{'ratio to in-process':>22}")
     rows = pixels[:1024]
     rate = local.rows_per_s(model_inputs(rows, binarization))
     latents = to_tensor(np.zeros((len(rows), latent_size), np.float32))
     answer = vae_pb2.EncodeResponse(mean=latents, stddev=latents)
-    for concurrency in (1, 4):
-        r = noop_ceiling(free_port(), request(rows, binarization, "uint8"), answer, concurrency, seconds)
-        print(f"{concurrency:>6}{r['rows_per_s']:>11,.0f}{r['rows_per_s'] / rate:>22.2f}")
+    message = request(rows, binarization, "uint8")
+    with noop_server(free_port(), answer) as target:
+        for name, load in loads().items():
+            for concurrency in (1, 4):
+                r = measure(load, target, message, concurrency, seconds)
+                print(f"{name:>8}{concurrency:>6}{r['rows_per_s']:>11,.0f}{r['rows_per_s'] / rate:>22.2f}")
 
 
 def main() -> None:
@@ -192,11 +251,11 @@ def main() -> None:
     print(
         f"model {version.name}/{version.version}, {os.cpu_count()} cores, onnxruntime threads {args.threads}"
     )
-    with server(args.model, args.threads, "--shared-memory") as (target, pid):
-        throughput_table(target, local, pixels, binarization, args.seconds)
-        before = rss_mb(pid)
-        soak = run_load(target, request(pixels[:64], binarization, "uint8"), 8, args.soak_seconds)
-        after = rss_mb(pid)
+    with server(args.model, args.threads, "--shared-memory") as served:
+        throughput_table(served, local, pixels, binarization, args.seconds)
+        before = rss_mb(served.pid)
+        soak = run_load(served.target, request(pixels[:64], binarization, "uint8"), 8, args.soak_seconds)
+        after = rss_mb(served.pid)
         calls = soak["calls_per_s"] * args.soak_seconds
         print(
             f"\n3. Server RSS {before:.0f} MB before, {after:.0f} MB after {calls:,.0f} calls "
