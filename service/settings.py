@@ -40,7 +40,11 @@ class ServeSettings:
         "CPU: batches above --inline-max-rows run as this many one-thread onnxruntime calls "
         "in parallel; CUDA: ignored (0: one per core)",
     )
-    batching: bool = option(True, "merge concurrent requests into one onnxruntime run")
+    batching: bool = option(
+        False,
+        "merge concurrent requests into one onnxruntime run (off: on CPU it costs more calls/s "
+        "than it saves; README, service benchmark)",
+    )
     batch_max_rows: int = option(1024, "largest merged batch, in rows")
     batch_max_delay_ms: float = option(
         0.5,
