@@ -1,0 +1,35 @@
+"""The C load generator of the service benchmark (benchmarks/h2load.py), against the real server."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import servers
+
+from benchmarks import h2load
+from vaeserve._proto import vae_pb2
+from vaeserve.codec import to_tensor
+
+
+def encode_request(columns: int) -> vae_pb2.EncodeRequest:
+    return vae_pb2.EncodeRequest(inputs=to_tensor(np.zeros((2, columns), np.uint8)))
+
+
+def test_grpc_frame_is_length_prefixed() -> None:
+    message = encode_request(784)
+    frame = h2load.grpc_frame(message)
+    assert frame[0] == 0 and struct.unpack(">I", frame[1:5])[0] == len(frame) - 5
+    assert vae_pb2.EncodeRequest.FromString(frame[5:]) == message
+
+
+@pytest.mark.skipif(not h2load.available(), reason=h2load.MISSING)
+def test_h2load_calls_are_counted_and_failures_refused(repo: Path, tmp_path: Path) -> None:
+    with servers.running(repo, tmp_path / "serve.log") as server:
+        result = h2load.run_h2load(server.target, encode_request(784), 2, 0.5, server.metrics_port)
+        assert result["calls_per_s"] > 0 and result["rows_per_s"] == 2 * result["calls_per_s"]
+        assert 0 < result["p50_ms"] <= result["p99_ms"]
+        with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+            h2load.run_h2load(server.target, encode_request(5), 1, 0.5, server.metrics_port)
