@@ -85,7 +85,7 @@ def main() -> None:
             embed_rate(EmbedRequest(args.model, source, Path(folder) / f"local{i}.npy", stddev=True))
             for i in range(args.repeats)
         )
-        with server(args.model, 0, "--shared-memory") as (target, _):
+        with server(args.model, 0, "--shared-memory") as (target, _pid, _metrics_port):
             for name, shared in (("service", False), ("shm", True)):
                 remote = EmbedRequest(
                     args.model,
