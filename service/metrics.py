@@ -6,6 +6,8 @@ import functools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from vaeserve.errors import ConfigError
+
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -66,5 +68,13 @@ class Metrics:
         self._child("batch_rows", graph).observe(rows)
 
     def serve_http(self, host: str, port: int):
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server
+        return serve_http(host, port, self.registry)
+
+
+def serve_http(host: str, port: int, registry: CollectorRegistry):
+    """The metrics page's HTTP server, on a thread of its own."""
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"--metrics-port {port}: cannot listen on {host} ({exc.strerror})") from None
+    return server

@@ -81,13 +81,12 @@ async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{settings.host}:{settings.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
+    port = _bind(server, f"{settings.host}:{settings.port}", credentials)
     metrics_server = (
         metrics.serve_http(settings.host, settings.metrics_port) if settings.metrics_port else None
     )
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
     registry.start()
     await asyncio.get_running_loop().run_in_executor(executor, _warm_up, registry)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
@@ -116,6 +115,17 @@ async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> 
         metrics_server.shutdown()
     log.info("stopped")
     return 0
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        if credentials:
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError:
+        raise ConfigError(
+            f"--host/--port {address}: cannot listen there (in use, or not an address here)"
+        ) from None
 
 
 def _warm_up(registry: ModelRegistry) -> None:

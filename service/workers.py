@@ -52,8 +52,9 @@ def run_workers(settings: ServeSettings) -> int:
         context.Process(target=_worker, args=(i, settings.workers, each, level), name=f"vae-serve-{i}")
         for i in range(1, settings.workers + 1)
     ]
-    metrics_server = _serve_metrics(settings, metrics_dir) if settings.metrics_port else None
+    metrics_server = None
     try:
+        metrics_server = _serve_metrics(settings, metrics_dir) if settings.metrics_port else None
         for worker in workers:
             worker.start()
         log.info(
@@ -118,12 +119,13 @@ def _forget_dead(workers: list[BaseProcess]) -> None:
 
 
 def _serve_metrics(settings: ServeSettings, metrics_dir: str):
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from vaeserve.service.metrics import serve_http
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=metrics_dir)
-    server, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
-    return server
+    return serve_http(settings.host, settings.metrics_port, registry)
 
 
 def _worker(index: int, count: int, settings: ServeSettings, level: int) -> None:

@@ -112,3 +112,19 @@ def test_a_missing_extra_is_named_with_its_install_command(tmp_path: Path) -> No
         "vae train needs the 'train' extra (torch is not installed)",
         "pip install 'vaeserve[train]'",
     )
+
+
+def test_serve_ports_in_use_are_named(repo: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        common = ("serve", "--repo", str(repo), "--host", "127.0.0.1")
+        result = vae(*common, "--port", port, "--metrics-port", "0")
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"--host/--port 127.0.0.1:{port}: cannot listen there" in result.stderr
+        result = vae(*common, "--port", "0", "--metrics-port", port)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"--metrics-port {port}: cannot listen on 127.0.0.1" in result.stderr

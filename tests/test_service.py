@@ -255,6 +255,7 @@ def test_health_reflection_metrics_and_info(server, client: VaeClient, stub) -> 
     assert info["image_shape"] == (28, 28) and info["execution_provider"] == "CPUExecutionProvider"
     assert info["metrics"]["nll"] > 0 and info["is_default"] and info["binarization"] == "threshold"
     raw_status(stub.Encode, vae_pb2.EncodeRequest(inputs=to_tensor(np.zeros((1, 5), np.float32))))
+    client.encode(np.zeros((1, D), np.float32))  # one OK call, whichever tests ran before
     text = (
         urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     )
