@@ -100,13 +100,14 @@ def server(model: Path, threads: int, *flags: str, workers: int = 1) -> Iterator
 
 
 def _wait_serving(process: subprocess.Popen, log, target: str, workers: int) -> None:
-    """Until every worker has logged that it serves (a health check reaches only one)."""
+    """Until SERVING and, with workers, until the supervisor says every one is (a health
+    check reaches only one of them)."""
     with VaeClient(target, timeout=5) as client:
         serving = client.wait_until_serving(60)
     deadline = time.monotonic() + 60
     while serving and time.monotonic() < deadline:
         log.seek(0)
-        if log.read().count(" serving ") >= workers:
+        if workers == 1 or f"all {workers} workers serving" in log.read():
             return
         time.sleep(0.1)
     process.kill()

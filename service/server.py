@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None
     )
 
 
-async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> int:
+async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None = None) -> int:
     keep_freed_heap(settings.heap_keep_mb)
     metrics = Metrics()
     interceptors = []
@@ -102,8 +103,8 @@ async def serve(settings: ServeSettings, ready: asyncio.Event | None = None) -> 
         "on" if settings.shared_memory else "off",
         settings.metrics_port or "off",
     )
-    if ready:
-        ready.set()
+    if on_serving is not None:
+        on_serving()
     await _until_signalled()
     log.info("shutting down: health NOT_SERVING, draining calls for up to %.1f s", settings.grace_s)
     await health_servicer.enter_graceful_shutdown()

@@ -25,6 +25,7 @@ import tempfile
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 
 from vaeserve.runtime import usable_cores
 from vaeserve.service.settings import ServeSettings
@@ -48,9 +49,12 @@ def run_workers(settings: ServeSettings) -> int:
     stop = _stop_on_signals()
     level = logging.getLogger().getEffectiveLevel()
     context = multiprocessing.get_context("spawn")
+    serving = [context.Event() for _ in range(settings.workers)]
     workers = [
-        context.Process(target=_worker, args=(i, settings.workers, each, level), name=f"vae-serve-{i}")
-        for i in range(1, settings.workers + 1)
+        context.Process(
+            target=_worker, args=(i + 1, settings.workers, each, level, event), name=f"vae-serve-{i + 1}"
+        )
+        for i, event in enumerate(serving)
     ]
     metrics_server = None
     try:
@@ -66,7 +70,7 @@ def run_workers(settings: ServeSettings) -> int:
             ", ".join(str(w.pid) for w in workers),
             settings.metrics_port or "off",
         )
-        return _supervise(workers, stop, settings.grace_s)
+        return _supervise(workers, serving, stop, settings.grace_s)
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
@@ -81,8 +85,12 @@ def _stop_on_signals() -> list[int]:
     return received
 
 
-def _supervise(workers: list[BaseProcess], stop: list[int], grace_s: float) -> int:
+def _supervise(workers: list[BaseProcess], serving: list[Event], stop: list[int], grace_s: float) -> int:
+    announced = False
     while not stop:
+        if not announced and all(event.is_set() for event in serving):
+            log.info("all %d workers serving", len(workers))
+            announced = True
         ended = wait([w.sentinel for w in workers], timeout=0.2)
         for worker in workers:
             if worker.sentinel in ended:
@@ -128,7 +136,7 @@ def _serve_metrics(settings: ServeSettings, metrics_dir: str):
     return serve_http(settings.host, settings.metrics_port, registry)
 
 
-def _worker(index: int, count: int, settings: ServeSettings, level: int) -> None:
+def _worker(index: int, count: int, settings: ServeSettings, level: int, serving: Event) -> None:
     """One worker process: a whole server, its log lines marked with its number."""
     from vaeserve.errors import VaeError
     from vaeserve.service.cli import run_on_event_loop
@@ -142,7 +150,7 @@ def _worker(index: int, count: int, settings: ServeSettings, level: int) -> None
     # a Ctrl-C must not print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        code = run_on_event_loop(serve(settings), settings.event_loop)
+        code = run_on_event_loop(serve(settings, serving.set), settings.event_loop)
     except VaeError as exc:
         logging.getLogger("vaeserve.service").error("%s", exc)
         code = 1

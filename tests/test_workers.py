@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import servers
 from test_cli import assert_one_line_error, vae
 
+from benchmarks.h2load import calls_by_code
 from vaeserve.client import VaeClient
 from vaeserve.datasets import model_inputs
 from vaeserve.repository import resolve
@@ -26,16 +26,10 @@ def wait_for_workers(server: servers.Server, count: int, timeout: float = 60) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         log = server.output()
-        if log.count("serving tiny/1") == count:
+        if f"all {count} workers serving" in log:
             return [int(pid) for pid in re.search(r"pids ([\d, ]+)", log).group(1).split(", ")]
         time.sleep(0.2)
     raise AssertionError(f"not every worker serving after {timeout} s:\n{server.output()}")
-
-
-def requests_ok(metrics_port: int) -> float:
-    page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    match = re.search(r'vaeserve_requests_total\{code="OK",method="Encode"\} (\S+)', page)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_workers_serve_one_port_with_one_metrics_page(repo: Path, tmp_path: Path, mnist) -> None:
@@ -53,7 +47,7 @@ def test_workers_serve_one_port_with_one_metrics_page(repo: Path, tmp_path: Path
     for result in results:
         np.testing.assert_allclose(result["mean"], mean, atol=1e-6)
         np.testing.assert_allclose(result["stddev"], stddev, atol=1e-6)
-    assert requests_ok(server.metrics_port) >= len(results)  # summed over the workers
+    assert calls_by_code(server.metrics_port)["OK"] >= len(results)  # summed over the workers
     assert server.stop() == 0, server.output()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists()
