@@ -85,13 +85,13 @@ def main() -> None:
             embed_rate(EmbedRequest(args.model, source, Path(folder) / f"local{i}.npy", stddev=True))
             for i in range(args.repeats)
         )
-        with server(args.model, 0, "--shared-memory") as (target, _pid, _metrics_port):
+        with server(args.model, 0, "--shared-memory") as served:
             for name, shared in (("service", False), ("shm", True)):
                 remote = EmbedRequest(
                     args.model,
                     source,
                     Path(folder) / f"{name}.npy",
-                    server=target,
+                    server=served.target,
                     stddev=True,
                     force=True,
                     shared_memory=shared,

@@ -115,21 +115,21 @@ def _wait_serving(process: subprocess.Popen, log, target: str, workers: int) -> 
     raise RuntimeError(f"vae serve not SERVING after 60 s:\n{log.read()}")
 
 
-Load = Callable[..., dict[str, float]]
+# (target, request, concurrency, seconds, the server's metrics port or None) → figures.
+Load = Callable[[str, vae_pb2.EncodeRequest, int, float, "int | None"], dict[str, float]]
+
+
+def python_load(target: str, message, concurrency: int, seconds: float, _metrics_port: int | None):
+    """The Python generator, which checks statuses itself (a failed call raises)."""
+    return run_load(target, message, concurrency, seconds)
 
 
 def loads() -> dict[str, Load]:
     """The load generators to measure with: Python's always, h2load where installed."""
     if not h2load.available():
         print(h2load.MISSING)
-        return {"Python": run_load}
-    return {"Python": run_load, "h2load": h2load.run_h2load}
-
-
-def measure(load: Load, target: str, message, concurrency: int, seconds: float, metrics_port=None):
-    if load is h2load.run_h2load:
-        return load(target, message, concurrency, seconds, metrics_port)
-    return load(target, message, concurrency, seconds)
+        return {"Python": python_load}
+    return {"Python": python_load, "h2load": h2load.run_h2load}
 
 
 def rss_mb(pid: int) -> float:
@@ -164,10 +164,15 @@ class InProcess:
 
 
 def throughput_table(
-    served: Served, local: InProcess, pixels: np.ndarray, binarization: str, seconds: float
+    served: Served,
+    local: InProcess,
+    pixels: np.ndarray,
+    binarization: str,
+    seconds: float,
+    generators: dict[str, Load],
 ) -> None:
     provider = local.sessions.provider
-    with_h2load = h2load.available()
+    with_h2load = "h2load" in generators
     print(f"\n1. Encode rows/s: gRPC (bytes; shared memory) vs in-process onnxruntime ({provider})")
     print(
         f"{'input':<8}{'batch':>6}{'conc':>6}{'in-process':>13}{'gRPC':>11}{'ratio':>8}"
@@ -184,17 +189,23 @@ def throughput_table(
                 ]
                 if with_h2load:
                     args = (served.target, message, concurrency, seconds, served.metrics_port)
-                    columns.append(h2load.run_h2load(*args)["rows_per_s"])
+                    columns.append(generators["h2load"](*args)["rows_per_s"])
                 print(
                     f"{dtype:<8}{batch:>6}{concurrency:>6}{rate:>13,.0f}"
                     + "".join(f"{rows:>11,.0f}{rows / rate:>8.2f}" for rows in columns)
                 )
 
 
-def latency_table(model: Path, threads: int, pixels: np.ndarray, binarization: str, seconds: float) -> None:
+def latency_table(
+    model: Path,
+    threads: int,
+    pixels: np.ndarray,
+    binarization: str,
+    seconds: float,
+    generators: dict[str, Load],
+) -> None:
     print("\n2. Batch-1 Encode calls from a separate process")
     print(f"{'server':<28}{'load':>8}{'conc':>6}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
-    generators = loads()
     one = request(pixels[:1], binarization, "float32")
     latents = to_tensor(np.zeros((1, open_path(model).latent_size), np.float32))
     answer = vae_pb2.EncodeResponse(mean=latents, stddev=latents)
@@ -202,7 +213,7 @@ def latency_table(model: Path, threads: int, pixels: np.ndarray, binarization: s
     def rows(label: str, target: str, metrics_port: int | None) -> None:
         for name, load in generators.items():
             for concurrency in (1, 8):
-                r = measure(load, target, one, concurrency, seconds, metrics_port)
+                r = load(target, one, concurrency, seconds, metrics_port)
                 print(
                     f"{label:<28}{name:>8}{concurrency:>6}{r['calls_per_s']:>10,.0f}"
                     f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
@@ -221,7 +232,12 @@ def latency_table(model: Path, threads: int, pixels: np.ndarray, binarization: s
 
 
 def transport_ceiling(
-    local: InProcess, pixels: np.ndarray, binarization: str, latent_size: int, seconds: float
+    local: InProcess,
+    pixels: np.ndarray,
+    binarization: str,
+    latent_size: int,
+    seconds: float,
+    generators: dict[str, Load],
 ) -> None:
     print("\n4. Batch-1,024 uint8 Encode with bytes in the messages: a no-op server (Python gRPC alone)")
     print(f"{'load':>8}{'conc':>6}{'rows/s':>11}{'ratio to in-process':>22}")
@@ -231,9 +247,9 @@ def transport_ceiling(
     answer = vae_pb2.EncodeResponse(mean=latents, stddev=latents)
     message = request(rows, binarization, "uint8")
     with noop_server(free_port(), answer) as target:
-        for name, load in loads().items():
+        for name, load in generators.items():
             for concurrency in (1, 4):
-                r = measure(load, target, message, concurrency, seconds)
+                r = load(target, message, concurrency, seconds, None)
                 print(f"{name:>8}{concurrency:>6}{r['rows_per_s']:>11,.0f}{r['rows_per_s'] / rate:>22.2f}")
 
 
@@ -249,11 +265,12 @@ def main() -> None:
     binarization = version.manifest["binarization"]
     pixels = load_dataset(version.manifest["training"]["dataset"], args.data_dir, progress=False).test_images
     local = InProcess(version, args.threads)
+    generators = loads()
     print(
         f"model {version.name}/{version.version}, {os.cpu_count()} cores, onnxruntime threads {args.threads}"
     )
     with server(args.model, args.threads, "--shared-memory") as served:
-        throughput_table(served, local, pixels, binarization, args.seconds)
+        throughput_table(served, local, pixels, binarization, args.seconds, generators)
         before = rss_mb(served.pid)
         soak = run_load(served.target, request(pixels[:64], binarization, "uint8"), 8, args.soak_seconds)
         after = rss_mb(served.pid)
@@ -262,8 +279,8 @@ def main() -> None:
             f"\n3. Server RSS {before:.0f} MB before, {after:.0f} MB after {calls:,.0f} calls "
             f"({args.soak_seconds:.0f} s of batch-64 uint8 Encode at concurrency 8)"
         )
-    latency_table(args.model, args.threads, pixels, binarization, args.seconds)
-    transport_ceiling(local, pixels, binarization, version.latent_size, args.seconds)
+    latency_table(args.model, args.threads, pixels, binarization, args.seconds, generators)
+    transport_ceiling(local, pixels, binarization, version.latent_size, args.seconds, generators)
 
 
 if __name__ == "__main__":

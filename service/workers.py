@@ -115,15 +115,7 @@ def _stop(workers: list[BaseProcess], grace_s: float) -> int:
             log.error("worker %s (pid %d) did not exit in time; killing it", worker.name, worker.pid)
             worker.kill()
             worker.join()
-    _forget_dead(workers)
     return 0 if all(w.exitcode == 0 for w in workers) else 1
-
-
-def _forget_dead(workers: list[BaseProcess]) -> None:
-    from prometheus_client import multiprocess
-
-    for worker in workers:
-        multiprocess.mark_process_dead(worker.pid)
 
 
 def _serve_metrics(settings: ServeSettings, metrics_dir: str):
