@@ -1,8 +1,9 @@
 """Generates the gRPC stubs from protos/ at build and install time (editable installs too).
 
-protoc writes ``vae/v1/vae_pb2*.py``; we place them in ``vaeserve/_proto/`` and point the
-service stub's import at that package, so the public proto path (``vae/v1/vae.proto``,
-package ``vae.v1``) stays what clients in other languages see.
+protoc writes ``vae/v1/vae_pb2*.py`` and ``inference/grpc_predict_v2_pb2*.py``; we place them
+in ``vaeserve/_proto/`` and point the service stubs' imports at that package, so the public
+proto paths (``vae/v1/vae.proto``, package ``vae.v1``; ``inference/grpc_predict_v2.proto``,
+package ``inference``, the Open Inference Protocol) stay what clients in other languages see.
 """
 
 import re
@@ -13,13 +14,19 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent
-PROTO = "vae/v1/vae.proto"
+PROTOS = ("vae/v1/vae.proto", "inference/grpc_predict_v2.proto")
 TARGET = ROOT / "vaeserve" / "_proto"
 
 
 def generate_stubs() -> None:
+    for proto in PROTOS:
+        generate(proto)
+
+
+def generate(proto: str) -> None:
     from grpc_tools import protoc
 
+    package = str(Path(proto).parent)
     with tempfile.TemporaryDirectory() as out:
         include = str(Path(protoc.__file__).parent / "_proto")
         code = protoc.main(
@@ -30,14 +37,14 @@ def generate_stubs() -> None:
                 f"--python_out={out}",
                 f"--pyi_out={out}",
                 f"--grpc_python_out={out}",
-                str(ROOT / "protos" / PROTO),
+                str(ROOT / "protos" / proto),
             ]
         )
         if code != 0:
-            raise RuntimeError(f"protoc failed on protos/{PROTO}")
-        for generated in (Path(out) / "vae" / "v1").iterdir():
-            text = generated.read_text()
-            text = re.sub(r"^from vae\.v1 import", "from vaeserve._proto import", text, flags=re.M)
+            raise RuntimeError(f"protoc failed on protos/{proto}")
+        importer = re.compile(rf"^from {re.escape(package.replace('/', '.'))} import", re.M)
+        for generated in (Path(out) / package).iterdir():
+            text = importer.sub("from vaeserve._proto import", generated.read_text())
             (TARGET / generated.name).write_text(text)
 
 
