@@ -30,9 +30,10 @@ RUN pip install --no-cache-dir --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin vae \
     && mkdir /models && chown vae /models
 USER vae
-ENV VAESERVE_REPO=/models VAESERVE_HOST=0.0.0.0 VAESERVE_PORT=50051 VAESERVE_METRICS_PORT=9464
+ENV VAESERVE_REPO=/models VAESERVE_HOST=0.0.0.0 VAESERVE_PORT=50051 VAESERVE_HTTP_PORT=8000 \
+    VAESERVE_METRICS_PORT=9464
 VOLUME ["/models"]
-EXPOSE 50051 9464
+EXPOSE 50051 8000 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["vae", "health"]
 ENTRYPOINT ["vae", "serve"]
 
@@ -49,10 +50,10 @@ RUN pip install --no-cache-dir --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin vae \
     && mkdir /models && chown vae /models
 USER vae
-ENV VAESERVE_REPO=/models VAESERVE_HOST=0.0.0.0 VAESERVE_PORT=50051 VAESERVE_METRICS_PORT=9464 \
-    VAESERVE_DEVICE=cuda
+ENV VAESERVE_REPO=/models VAESERVE_HOST=0.0.0.0 VAESERVE_PORT=50051 VAESERVE_HTTP_PORT=8000 \
+    VAESERVE_METRICS_PORT=9464 VAESERVE_DEVICE=cuda
 VOLUME ["/models"]
-EXPOSE 50051 9464
+EXPOSE 50051 8000 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["vae", "health"]
 ENTRYPOINT ["vae", "serve"]
 

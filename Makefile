@@ -17,12 +17,15 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+TRITONCLIENT ?= tritonclient[grpc,http]==2.73.0
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/*/*.proto protos/*/*/*.proto)
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "vaeserve needs Python >= 3.10"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e '.[train,embed,ray,test]'
+	$(BIN)/python -m pip install --quiet --no-deps "$(TRITONCLIENT)"
 	touch $@
 
 lint: setup

@@ -43,7 +43,9 @@ def calls_by_code(metrics_port: int) -> dict[str, float]:
     """`vaeserve_requests_total` by status code, summed over methods."""
     page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     counts: dict[str, float] = {}
-    for code, value in re.findall(r'vaeserve_requests_total\{code="(\w+)",method="\w+"\} (\S+)', page):
+    for code, value in re.findall(
+        r'vaeserve_requests_total\{code="(\w+)",method="\w+",protocol="[\w-]+"\} (\S+)', page
+    ):
         counts[code] = counts.get(code, 0.0) + float(value)
     return counts
 

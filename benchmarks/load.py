@@ -21,7 +21,7 @@ import numpy as np
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.client import SharedSlots
-from vaeserve.codec import from_tensor
+from vaeserve.codec import Rows, from_tensor
 from vaeserve.service.cli import run_on_event_loop
 from vaeserve.service.heap import keep_freed_heap
 from vaeserve.service.settings import ServeSettings
@@ -72,7 +72,7 @@ async def _drive(
 async def _shared_callers(
     stubs: list[vae_pb2_grpc.VaeServiceStub], message: vae_pb2.EncodeRequest
 ) -> tuple[SharedSlots, list[Call]]:
-    rows = from_tensor(message.inputs, "inputs", int(message.inputs.shape[1]))
+    rows = from_tensor(message.inputs, "inputs", Rows(int(message.inputs.shape[1])))
     out_bytes = len(rows) * 2 * 4 * 512  # room for mean and stddev of up to 512 latents
     slots = SharedSlots(len(stubs), rows.nbytes + out_bytes, rows.nbytes)
     await stubs[0].RegisterSharedMemory(slots.registration())
@@ -85,7 +85,7 @@ async def _shared_callers(
             )
             response = await stub.Encode(request)
             return [
-                from_tensor(t, n, int(t.shape[1]), shared=slots.read).copy()
+                from_tensor(t, n, Rows(int(t.shape[1])), slots.read).copy()
                 for n, t in (("mean", response.mean), ("stddev", response.stddev))
             ]
 

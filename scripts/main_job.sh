@@ -16,7 +16,7 @@ data=()
 scripts/train_and_export.sh
 
 echo "== vae serve --repo $REPO --model $MODEL_NAME --port $PORT"
-vae serve --repo "$REPO" --model "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" --metrics-port 0 \
+vae serve --repo "$REPO" --model "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" --metrics-port 0 --http-port 0 \
   > "$LOG" 2>&1 &
 server=$!
 stop_server() {

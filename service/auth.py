@@ -1,6 +1,7 @@
 """Bearer-token authentication: a call without the token is refused before any model code runs.
 
-Health checks stay open (orchestrators probe them without credentials).
+Health checks stay open (orchestrators probe them without credentials): grpc.health.v1 and the
+Open Inference Protocol's ServerLive, ServerReady and ModelReady.
 """
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from vaeserve.errors import ConfigError
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+# The gRPC services whose calls are counted, by the protocol label they carry.
+GRPC_PROTOCOLS = {"vae.v1.VaeService": "v1", "inference.GRPCInferenceService": "oip-grpc"}
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -17,18 +19,23 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "vaeserve_requests",
-            "Calls by method and gRPC status code",
-            ["method", "code"],
+            "Calls by protocol (v1, oip-grpc, oip-http), method and status code (gRPC's, or HTTP's)",
+            ["protocol", "method", "code"],
             registry=self.registry,
         )
         self.latency = Histogram(
             "vaeserve_request_seconds",
-            "Call latency in the server, by method",
-            ["method"],
+            "Call latency in the server, by protocol and method",
+            ["protocol", "method"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.rows = Counter("vaeserve_rows", "Rows processed, by method", ["method"], registry=self.registry)
+        self.rows = Counter(
+            "vaeserve_rows",
+            "Rows processed, by protocol and method",
+            ["protocol", "method"],
+            registry=self.registry,
+        )
         self.batch_rows = Histogram(
             "vaeserve_batch_rows",
             "Rows per onnxruntime run, by graph",
@@ -55,11 +62,16 @@ class Metrics:
     def _child(self, metric: str, *labels: str):
         return getattr(self, metric).labels(*labels)
 
-    def call(self, method: str, code: str, seconds: float, rows: int) -> None:
-        self._child("requests", method, code).inc()
-        self._child("latency", method).observe(seconds)
+    def call(self, method: str, code: str, seconds: float, rows: int, protocol: str) -> None:
+        self._child("requests", protocol, method, code).inc()
+        self._child("latency", protocol, method).observe(seconds)
         if rows:
-            self._child("rows", method).inc(rows)
+            self._child("rows", protocol, method).inc(rows)
+
+    def refused(self, full_method: str) -> None:
+        """A gRPC call refused before its handler ran (a missing or wrong token)."""
+        service, _, method = full_method.lstrip("/").partition("/")
+        self._child("requests", GRPC_PROTOCOLS.get(service, service), method, "UNAUTHENTICATED").inc()
 
     def queued(self, graph: str, seconds: float) -> None:
         self._child("queue_seconds", graph).observe(seconds)

@@ -50,6 +50,11 @@ class ServedModel:
         self.ref = vae_pb2.ModelRef(name=version.name, version=version.version)
         label = f"{version.name}/{version.version}"
         self.binarization = version.manifest.get("binarization", "none")
+        limit = settings.max_request_rows
+        # Raw uint8 pixels (prepared as in training when the encoder runs), or float32 model
+        # inputs, which must lie in [0, 1]; latents are float32 and finite.
+        self.pixels = codec.Rows(version.input_size, limit, uint8=True, low=0.0, high=1.0)
+        self.latent_rows = codec.Rows(version.latent_size, limit, uint8=False)
         inline, parts = settings.inline_max_rows, parallel_runs(settings, pair.provider)
         encoder = Runner(self._prepared(small.encode), self._prepared(pair.encode), executor, inline, parts)
         decoder = Runner(small.decode, pair.decode, executor, inline, parts)
@@ -79,32 +84,6 @@ class ServedModel:
             for rows in (1, self.settings.batch_max_rows):
                 session.encode(np.zeros((rows, self.version.input_size), np.float32))
                 session.decode(np.zeros((rows, self.version.latent_size), np.float32))
-
-    # -- wire → model inputs ----------------------------------------------------------------------
-    def inputs(
-        self, tensor: vae_pb2.Tensor, field: str = "inputs", shared: codec.SharedBytes | None = None
-    ) -> np.ndarray:
-        """Raw uint8 pixels (prepared as in training when the encoder runs), or float32 model
-        inputs checked to be finite and in [0, 1]."""
-        rows = codec.from_tensor(
-            tensor, field, self.version.input_size, max_rows=self.settings.max_request_rows, shared=shared
-        )
-        codec.check_finite(rows, field, 0.0, 1.0)
-        return rows
-
-    def latents(
-        self, tensor: vae_pb2.Tensor, field: str = "latents", shared: codec.SharedBytes | None = None
-    ) -> np.ndarray:
-        rows = codec.from_tensor(
-            tensor,
-            field,
-            self.version.latent_size,
-            allow_uint8=False,
-            max_rows=self.settings.max_request_rows,
-            shared=shared,
-        )
-        codec.check_finite(rows, field)
-        return rows
 
     def count(self, count: int) -> int:
         if not 1 <= count <= self.settings.max_request_rows:

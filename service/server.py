@@ -1,10 +1,10 @@
 """`vae serve`: load, warm up, serve, drain.
 
 Lifecycle: models are loaded and verified (a bad version is refused with a log
-line), the gRPC server starts with health NOT_SERVING, the models are warmed up,
-then health turns SERVING. On SIGTERM or SIGINT health turns NOT_SERVING, new
-calls are refused, calls in flight get ``--grace-s`` seconds, and the process
-exits 0.
+line), the gRPC server (vae.v1 and the Open Inference Protocol) and the OIP HTTP
+server start with health NOT_SERVING, the models are warmed up, then health turns
+SERVING. On SIGTERM or SIGINT health turns NOT_SERVING, new calls are refused on
+both ports, calls in flight get ``--grace-s`` seconds, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -12,27 +12,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, vae_pb2, vae_pb2_grpc
 from vaeserve.errors import ConfigError
 from vaeserve.runtime import usable_cores
 from vaeserve.service.auth import BearerTokenInterceptor
 from vaeserve.service.heap import keep_freed_heap
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
+from vaeserve.service.oip.grpc_servicer import InferenceServicer
+from vaeserve.service.oip.http_app import bound_port, create_app, start_http
+from vaeserve.service.oip.models import Catalogue
 from vaeserve.service.servicer import VaeServicer
 from vaeserve.service.settings import ServeSettings
 from vaeserve.service.shared_memory import SharedMemoryRegions
 
 log = logging.getLogger("vaeserve.service")
 SERVICE_NAME = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
+OIP_SERVICE_NAME = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 def grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
@@ -42,6 +48,21 @@ def grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 1),
     ]
+
+
+def http_ssl_context(settings: ServeSettings) -> ssl.SSLContext | None:
+    """The HTTP port's TLS (and mTLS) from the same files as gRPC's."""
+    if settings.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(settings.tls_client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS files for the HTTP port: {exc}") from None
+    return context
 
 
 def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
@@ -60,29 +81,16 @@ def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None
 async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None = None) -> int:
     keep_freed_heap(settings.heap_keep_mb)
     metrics = Metrics()
-    interceptors = []
     token = settings.read_token()
-    if token:
-        reject = metrics.requests.labels
-        interceptors.append(
-            BearerTokenInterceptor(token, lambda m: reject(m.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc())
-        )
     credentials = server_credentials(settings)
     # One thread per parallel onnxruntime run: more would only take turns on the same cores.
     executor = ThreadPoolExecutor(settings.threads or usable_cores(), thread_name_prefix="onnxruntime")
     registry = ModelRegistry.load(settings, executor, metrics)
     metrics.models.set(len(registry.all()))
-    server = grpc.aio.server(
-        options=grpc_options(settings),
-        interceptors=interceptors,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
-    regions = SharedMemoryRegions(settings.shared_memory)
-    vae_pb2_grpc.add_VaeServiceServicer_to_server(VaeServicer(registry, metrics, regions), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    serving = asyncio.Event()  # set once warmed up, cleared when draining: OIP's readiness
+    server, health_servicer, regions = _grpc_server(settings, registry, metrics, token, serving.is_set)
     port = _bind(server, f"{settings.host}:{settings.port}", credentials)
+    http = await _start_http(settings, registry, metrics, token, serving.is_set)
     metrics_server = (
         metrics.serve_http(settings.host, settings.metrics_port) if settings.metrics_port else None
     )
@@ -90,12 +98,15 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     await server.start()
     registry.start()
     await asyncio.get_running_loop().run_in_executor(executor, _warm_up, registry)
+    serving.set()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving %s on %s:%d (%s%s%s), batching %s, shared memory %s; metrics on :%s",
+        "serving %s on %s: gRPC (vae.v1, OIP) on :%d, OIP HTTP on :%s (%s%s%s), batching %s, "
+        "shared memory %s; metrics on :%s",
         _describe(registry),
         settings.host,
         port,
+        bound_port(http) if http else "off",
         "TLS" if credentials else "plaintext",
         ", mTLS" if settings.tls_client_ca else "",
         ", bearer token" if token else "",
@@ -107,8 +118,9 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
         on_serving()
     await _until_signalled()
     log.info("shutting down: health NOT_SERVING, draining calls for up to %.1f s", settings.grace_s)
+    serving.clear()
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.grace_s)
+    await asyncio.gather(server.stop(settings.grace_s), http.cleanup() if http else asyncio.sleep(0))
     await registry.stop()
     regions.close()
     executor.shutdown(wait=True)
@@ -116,6 +128,45 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
         metrics_server.shutdown()
     log.info("stopped")
     return 0
+
+
+def _grpc_server(
+    settings: ServeSettings, registry: ModelRegistry, metrics: Metrics, token: str | None, ready: Callable
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, SharedMemoryRegions]:
+    """vae.v1, OIP's GRPCInferenceService, health and reflection on one server."""
+    interceptors = [BearerTokenInterceptor(token, metrics.refused)] if token else []
+    server = grpc.aio.server(
+        options=grpc_options(settings),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    regions = SharedMemoryRegions(settings.shared_memory)
+    vae_pb2_grpc.add_VaeServiceServicer_to_server(VaeServicer(registry, metrics, regions), server)
+    oip = InferenceServicer(Catalogue(registry), metrics, ready)
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(oip, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+    return server, health_servicer, regions
+
+
+async def _start_http(
+    settings: ServeSettings, registry: ModelRegistry, metrics: Metrics, token: str | None, ready: Callable
+) -> web.AppRunner | None:
+    if not settings.http_port:
+        return None
+    app = create_app(
+        Catalogue(registry),
+        metrics,
+        ready,
+        token,
+        max_body_bytes=settings.max_message_mb * 1024 * 1024,
+        max_in_flight=settings.max_concurrent_rpcs,
+    )
+    return await start_http(
+        app, settings.host, settings.http_port, http_ssl_context(settings), settings.grace_s
+    )
 
 
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:

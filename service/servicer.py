@@ -1,42 +1,28 @@
 """VaeService over gRPC: thin translations between messages and the data plane.
 
 Each handler decodes tensors (vaeserve.codec), calls the ServedModel, and encodes
-the result. Errors become gRPC statuses in exactly one place, ``_rpc``.
+the result. Errors become gRPC statuses in one place, ``statuses.rpc``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
 from vaeserve import __version__
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
-from vaeserve.codec import to_tensor
-from vaeserve.errors import ModelNotFoundError, TensorError
-from vaeserve.service.batching import OverloadedError
+from vaeserve.codec import read_tensor, to_tensor
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
-from vaeserve.service.shared_memory import (
-    RegionExistsError,
-    RegionNotFoundError,
-    SharedMemoryDisabledError,
-    SharedMemoryRegions,
-)
+from vaeserve.service.shared_memory import SharedMemoryRegions
+from vaeserve.service.statuses import GRPC_STATUS, KNOWN, rpc
 
 log = logging.getLogger(__name__)
 
-STATUS = {
-    TensorError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
-    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    RegionNotFoundError: grpc.StatusCode.NOT_FOUND,
-    RegionExistsError: grpc.StatusCode.ALREADY_EXISTS,
-    SharedMemoryDisabledError: grpc.StatusCode.FAILED_PRECONDITION,
-}
+PROTOCOL = "v1"
 
 
 def _seed(request) -> int | None:
@@ -53,30 +39,7 @@ def _rows(response) -> int:
 
 
 def _rpc(method: str) -> Callable:
-    """Time the call, count it by status code, and turn our errors into statuses."""
-
-    def wrap(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
-        @functools.wraps(handler)
-        async def call(self: VaeServicer, request, context: grpc.aio.ServicerContext):
-            started = time.perf_counter()
-            code, message, response = grpc.StatusCode.OK, "", None
-            try:
-                response = await handler(self, request, context)
-            except tuple(STATUS) as exc:
-                code, message = STATUS[type(exc)], str(exc)
-            except Exception:
-                log.exception("%s failed", method)
-                code, message = grpc.StatusCode.INTERNAL, f"{method}: internal error (see the server log)"
-            finally:
-                rows = _rows(response) if response is not None else 0
-                self.metrics.call(method, code.name, time.perf_counter() - started, rows)
-            if code is not grpc.StatusCode.OK:
-                await context.abort(code, message)
-            return response
-
-        return call
-
-    return wrap
+    return rpc(method, PROTOCOL, _rows)
 
 
 class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
@@ -91,7 +54,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
     async def _encode(self, request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
         model = self.registry.resolve(request.model, request.version)
-        inputs = model.inputs(request.inputs, shared=self.regions.read)
+        inputs = read_tensor(request.inputs, "inputs", model.pixels, self.regions.read)
         out = await model.encode(inputs, request.sample, _seed(request))
         if request.HasField("output_shared_memory"):
             tensors = self.regions.write(request.output_shared_memory, out, "output_shared_memory")
@@ -102,7 +65,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     @_rpc("Decode")
     async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
         model = self.registry.resolve(request.model, request.version)
-        latents = model.latents(request.latents, shared=self.regions.read)
+        latents = read_tensor(request.latents, "latents", model.latent_rows, self.regions.read)
         out = await model.decode(latents, request.sample, _seed(request))
         samples = to_tensor(out["samples"]) if "samples" in out else None
         return vae_pb2.DecodeResponse(probs=to_tensor(out["probs"]), samples=samples, model=model.ref)
@@ -110,7 +73,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     @_rpc("Reconstruct")
     async def Reconstruct(self, request: vae_pb2.ReconstructRequest, context) -> vae_pb2.ReconstructResponse:
         model = self.registry.resolve(request.model, request.version)
-        inputs = model.inputs(request.inputs, shared=self.regions.read)
+        inputs = read_tensor(request.inputs, "inputs", model.pixels, self.regions.read)
         out = await model.reconstruct(inputs, request.use_mean, _seed(request))
         return vae_pb2.ReconstructResponse(
             probs=to_tensor(out["probs"]),
@@ -162,8 +125,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             started = time.perf_counter()
             try:
                 response = await self._encode(request)
-            except tuple(STATUS) as exc:
-                self.metrics.call("EncodeStream", STATUS[type(exc)].name, time.perf_counter() - started, 0)
-                await context.abort(STATUS[type(exc)], str(exc))
-            self.metrics.call("EncodeStream", "OK", time.perf_counter() - started, _rows(response))
+            except KNOWN as exc:
+                code = GRPC_STATUS[type(exc)]
+                self.metrics.call("EncodeStream", code.name, time.perf_counter() - started, 0, PROTOCOL)
+                await context.abort(code, str(exc))
+            self.metrics.call("EncodeStream", "OK", time.perf_counter() - started, _rows(response), PROTOCOL)
             yield response

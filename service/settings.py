@@ -25,7 +25,8 @@ class ServeSettings:
     version: str = option("all", "versions to load: all, latest or a number")
     variant: str = option("fp32", "graph variant: fp32, int8 (CPU) or fp16 (CUDA)", VARIANTS)
     host: str = option("0.0.0.0", "address to listen on")
-    port: int = option(50051, "gRPC port")
+    port: int = option(50051, "gRPC port (vae.v1 and the Open Inference Protocol)")
+    http_port: int = option(8000, "Open Inference Protocol HTTP/REST port (0: off)")
     device: str = option("auto", "auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU", DEVICES)
     event_loop: str = option(
         "auto", "auto: uvloop when installed (less CPU per call), else asyncio's own", EVENT_LOOPS
@@ -96,9 +97,10 @@ class ServeSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.workers > 1 and self.port == 0:
             raise ConfigError(f"--workers {self.workers}: needs a fixed --port (0 gives each worker its own)")
-        if min(self.batch_max_delay_ms, self.grace_s, self.threads, self.heap_keep_mb) < 0:
+        if min(self.batch_max_delay_ms, self.grace_s, self.threads, self.heap_keep_mb, self.http_port) < 0:
             raise ConfigError(
-                "--batch-max-delay-ms, --grace-s, --threads and --heap-keep-mb must not be negative"
+                "--batch-max-delay-ms, --grace-s, --threads, --heap-keep-mb and --http-port "
+                "must not be negative"
             )
         return self
 

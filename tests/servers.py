@@ -35,6 +35,12 @@ class Server:
     metrics_port: int
     process: subprocess.Popen
     log: Path
+    http_port: int = 0
+
+    @property
+    def http(self) -> str:
+        """The OIP HTTP/REST endpoint, host:port."""
+        return f"127.0.0.1:{self.http_port}"
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -54,7 +60,7 @@ def start(
     use_flags: bool = True,
     port: int | None = None,
 ) -> Server:
-    port, metrics_port = port or free_port(), free_port()
+    port, metrics_port, http_port = port or free_port(), free_port(), free_port()
     command = [sys.executable, "-c", WITHOUT_TORCH, "serve"]
     if use_flags:
         command += [
@@ -66,6 +72,8 @@ def start(
             str(port),
             "--metrics-port",
             str(metrics_port),
+            "--http-port",
+            str(http_port),
             *flags,
         ]
     environment = {**os.environ, **(env or {})}
@@ -75,10 +83,11 @@ def start(
             VAESERVE_HOST="127.0.0.1",
             VAESERVE_PORT=str(port),
             VAESERVE_METRICS_PORT=str(metrics_port),
+            VAESERVE_HTTP_PORT=str(http_port),
         )
     handle = open(log, "w")  # noqa: SIM115 - the server writes to it for its whole life
     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment)
-    server = Server(f"127.0.0.1:{port}", metrics_port, process, log)
+    server = Server(f"127.0.0.1:{port}", metrics_port, process, log, http_port)
     wait_serving(server, client or {})
     return server
 

@@ -122,9 +122,13 @@ def test_serve_ports_in_use_are_named(repo: Path) -> None:
         taken.listen()
         port = str(taken.getsockname()[1])
         common = ("serve", "--repo", str(repo), "--host", "127.0.0.1")
+        common += ("--http-port", "0")
         result = vae(*common, "--port", port, "--metrics-port", "0")
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert f"--host/--port 127.0.0.1:{port}: cannot listen there" in result.stderr
         result = vae(*common, "--port", "0", "--metrics-port", port)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert f"--metrics-port {port}: cannot listen on 127.0.0.1" in result.stderr
+        result = vae(*common, "--port", "0", "--metrics-port", "0", "--http-port", port)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"--http-port {port}: cannot listen on 127.0.0.1" in result.stderr

@@ -45,7 +45,7 @@ def test_dockerfile_stages(dockerfile: str) -> None:
         assert "torch" not in body and "gcc" not in body and "build-essential" not in body
         assert "USER vae" in body and 'ENTRYPOINT ["vae", "serve"]' in body
         assert "HEALTHCHECK" in body and 'CMD ["vae", "health"]' in body
-        assert "EXPOSE 50051 9464" in body and 'VOLUME ["/models"]' in body
+        assert "EXPOSE 50051 8000 9464" in body and 'VOLUME ["/models"]' in body
         assert "requirements-service.txt" in body
         for variable in re.findall(r"(VAESERVE_[A-Z_]+)=", body):
             assert variable in SERVE_VARIABLES, variable
@@ -62,7 +62,16 @@ def test_pinned_requirements_match_the_project() -> None:
     pins = [line for line in lines if line.strip() and not line.startswith("#")]
     names = {p.split("==")[0] for p in pins}
     assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", p) for p in pins), pins
-    assert {"numpy", "onnxruntime", "grpcio", "protobuf", "grpcio-health-checking", "uvloop"} <= names
+    assert {
+        "numpy",
+        "onnxruntime",
+        "grpcio",
+        "protobuf",
+        "grpcio-health-checking",
+        "uvloop",
+        "aiohttp",
+        "orjson",
+    } <= names
     assert "torch" not in names
 
 
@@ -123,7 +132,7 @@ def test_health_wait_sees_a_server_that_starts_later(repo: Path, tmp_path: Path)
     time.sleep(0.5)
     assert waiting.poll() is None, "it gave up before the server started"
     command = [sys.executable, "-c", servers.WITHOUT_TORCH, "serve", "--repo", str(repo)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--http-port", "0"]
     with open(tmp_path / "serve.log", "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -259,8 +259,8 @@ def test_health_reflection_metrics_and_info(server, client: VaeClient, stub) -> 
     text = (
         urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     )
-    assert 'vaeserve_requests_total{code="INVALID_ARGUMENT",method="Encode"}' in text
-    assert 'vaeserve_requests_total{code="OK",method="Encode"}' in text
+    assert 'vaeserve_requests_total{code="INVALID_ARGUMENT",method="Encode",protocol="v1"}' in text
+    assert 'vaeserve_requests_total{code="OK",method="Encode",protocol="v1"}' in text
     for name in (
         "vaeserve_request_seconds_bucket",
         "vaeserve_batch_rows_bucket",
@@ -403,6 +403,8 @@ def test_cuda_request_without_cuda_is_a_clear_error(repo: Path, tmp_path: Path) 
             "--port",
             str(servers.free_port()),
             "--metrics-port",
+            "0",
+            "--http-port",
             "0",
         ],
         capture_output=True,

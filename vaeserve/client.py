@@ -30,7 +30,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
-from vaeserve.codec import FLOAT32, UINT8, SharedBytes, from_tensor, to_tensor
+from vaeserve.codec import FLOAT32, UINT8, Rows, SharedBytes, from_tensor, to_tensor
 from vaeserve.errors import UNKNOWN_REGION, VaeError
 
 RETRY_POLICY = {
@@ -329,7 +329,7 @@ class VaeClient:
         for response in self._pipelined(method, requests):
             for name in fields:
                 tensor = getattr(response, name)
-                part = from_tensor(tensor, name, int(tensor.shape[1]), shared=shared)
+                part = from_tensor(tensor, name, Rows(int(tensor.shape[1])), shared)
                 if name not in out:
                     out[name] = np.empty((rows, part.shape[1]), part.dtype)
                 if done + len(part) > rows:

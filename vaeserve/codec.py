@@ -1,13 +1,16 @@
-"""numpy ↔ wire tensors (vae.v1.Tensor): the one place that converts them.
+"""numpy ↔ wire tensors: the checks every protocol shares, and vae.v1's Tensor.
 
 A Tensor is a shape, a dtype and raw little-endian row-major bytes; decoding
-checks each of them against what the caller expects and says precisely what was
-wrong. Decoded arrays are zero-copy, read-only views of the message bytes.
+checks each of them against what the model expects (``Rows``) and says precisely
+what was wrong. Decoded arrays are zero-copy, read-only views of the message
+bytes. The Open Inference Protocol's tensors (vaeserve.service.oip.tensors) go
+through the same ``check_shape``, ``from_bytes`` and ``check_values``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,6 +23,7 @@ _WIRE = {vae_pb2.DATA_TYPE_UNSPECIFIED: np.dtype("<f4"), FLOAT32: np.dtype("<f4"
 _NAMES = {FLOAT32: "float32", UINT8: "uint8", vae_pb2.DATA_TYPE_UNSPECIFIED: "float32 (unspecified)"}
 
 # (reference, the tensor's size in bytes, field name) → the bytes it points at.
+Buffer = bytes | bytearray | memoryview
 SharedBytes = Callable[[vae_pb2.SharedMemoryRef, int, str], memoryview]
 
 
@@ -32,13 +36,20 @@ def to_tensor(array: np.ndarray) -> vae_pb2.Tensor:
     return vae_pb2.Tensor(shape=array.shape, dtype=dtype, data=data.tobytes())
 
 
+@dataclass(frozen=True)
+class Rows:
+    """What one input of a model takes: [N, columns] rows with 1 <= N <= max_rows, raw uint8
+    pixels when ``uint8``, float32 values finite and within [low, high] when those are given."""
+
+    columns: int
+    max_rows: int | None = None
+    uint8: bool = True
+    low: float | None = None
+    high: float | None = None
+
+
 def from_tensor(
-    tensor: vae_pb2.Tensor,
-    field: str,
-    columns: int,
-    allow_uint8: bool = True,
-    max_rows: int | None = None,
-    shared: SharedBytes | None = None,
+    tensor: vae_pb2.Tensor, field: str, expect: Rows, shared: SharedBytes | None = None
 ) -> np.ndarray:
     """Tensor → array [N, columns], checking shape, dtype, byte length and row count.
     Bytes in shared memory are read through ``shared``."""
@@ -46,9 +57,33 @@ def from_tensor(
         raise TensorError(
             f"{field}: unknown dtype {tensor.dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
         )
-    if tensor.dtype == UINT8 and not allow_uint8:
+    if tensor.dtype == UINT8 and not expect.uint8:
         raise TensorError(f"{field}: dtype uint8 is not accepted here; send DATA_TYPE_FLOAT32")
-    shape = tuple(tensor.shape)
+    shape = check_shape(tensor.shape, field, expect)
+    dtype = _WIRE[tensor.dtype]
+    if tensor.HasField("shared_memory"):
+        if tensor.data:
+            raise TensorError(f"{field}: both data and shared_memory are set; send the bytes one way")
+        if shared is None:
+            raise TensorError(f"{field}: shared_memory is not accepted here; send the bytes in data")
+        expected = shape[0] * shape[1] * dtype.itemsize
+        return np.frombuffer(shared(tensor.shared_memory, expected, field), dtype=dtype).reshape(shape)
+    return from_bytes(tensor.data, dtype, shape, field, _NAMES[tensor.dtype])
+
+
+def read_tensor(
+    tensor: vae_pb2.Tensor, field: str, expect: Rows, shared: SharedBytes | None = None
+) -> np.ndarray:
+    """A request's Tensor as the model's input rows: ``from_tensor``, then the values checked."""
+    rows = from_tensor(tensor, field, expect, shared)
+    check_values(rows, field, expect)
+    return rows
+
+
+def check_shape(shape: Sequence[int], field: str, expect: Rows) -> tuple[int, int]:
+    """[N, columns] with 1 <= N <= max_rows, or a TensorError saying which part is wrong."""
+    shape = tuple(shape)
+    columns = expect.columns
     if len(shape) != 2:
         raise TensorError(
             f"{field}: shape {list(shape)} has {len(shape)} dimensions; expected [N, {columns}]"
@@ -58,25 +93,28 @@ def from_tensor(
         raise TensorError(f"{field}: shape {list(shape)} has {cols} columns; this model expects {columns}")
     if rows < 1:
         raise TensorError(f"{field}: empty batch (shape {list(shape)}); send at least one row")
-    if max_rows is not None and rows > max_rows:
+    if expect.max_rows is not None and rows > expect.max_rows:
         raise TensorError(
-            f"{field}: {rows} rows exceed this server's limit of {max_rows} per request; "
+            f"{field}: {rows} rows exceed this server's limit of {expect.max_rows} per request; "
             "split the batch (the Python client does this for you)"
         )
-    dtype = _WIRE[tensor.dtype]
-    expected = rows * cols * dtype.itemsize
-    if tensor.HasField("shared_memory"):
-        if tensor.data:
-            raise TensorError(f"{field}: both data and shared_memory are set; send the bytes one way")
-        if shared is None:
-            raise TensorError(f"{field}: shared_memory is not accepted here; send the bytes in data")
-        return np.frombuffer(shared(tensor.shared_memory, expected, field), dtype=dtype).reshape(rows, cols)
-    if len(tensor.data) != expected:
+    return rows, cols
+
+
+def from_bytes(
+    data: Buffer, dtype: np.dtype, shape: tuple[int, ...], field: str, dtype_name: str
+) -> np.ndarray:
+    """Raw little-endian row-major bytes of a checked shape → a zero-copy, read-only array."""
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) != expected:
         raise TensorError(
-            f"{field}: {len(tensor.data)} bytes for shape {list(shape)} of "
-            f"{_NAMES[tensor.dtype]}; expected {expected}"
+            f"{field}: {len(data)} bytes for shape {list(shape)} of {dtype_name}; expected {expected}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(rows, cols)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def check_values(rows: np.ndarray, field: str, expect: Rows) -> None:
+    check_finite(rows, field, expect.low, expect.high)
 
 
 # The bit patterns of float32 +0.0 to 1.0 are the integers 0 to 0x3F800000, in order; a

@@ -70,3 +70,7 @@ def require(command: str, extra: str, *modules: str) -> None:
     for module in modules:
         if importlib.util.find_spec(module) is None:
             raise MissingExtraError(command, extra, module)
+
+
+class RequestError(VaeError):
+    """A request is malformed apart from its tensors: bad JSON, parameters or requested outputs."""

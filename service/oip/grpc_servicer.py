@@ -1,0 +1,110 @@
+"""The Open Inference Protocol's GRPCInferenceService: a thin translation onto the data plane.
+
+Inputs come as ``raw_input_contents`` (bytes, one entry per input) or typed ``contents``;
+the response answers in the form the request used. Errors become statuses in
+``statuses.rpc``, as for vae.v1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vaeserve import __version__
+from vaeserve._proto import grpc_predict_v2_pb2 as pb
+from vaeserve._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from vaeserve.errors import RequestError
+from vaeserve.service.metrics import Metrics
+from vaeserve.service.oip import tensors
+from vaeserve.service.oip.models import Catalogue, Outputs, Params, infer
+from vaeserve.service.statuses import rpc
+
+PROTOCOL = "oip-grpc"
+NAME = "vaeserve"
+EXTENSIONS = ("binary_tensor_data", "parameters")
+
+
+def _rows(response) -> int:
+    """Rows an infer response carries (other responses: none), for the rows-processed metric."""
+    if isinstance(response, pb.ModelInferResponse) and response.outputs:
+        return int(response.outputs[0].shape[0])
+    return 0
+
+
+def _rpc(method: str) -> Callable:
+    return rpc(method, PROTOCOL, _rows)
+
+
+def parameter(value: pb.InferParameter) -> object:
+    choice = value.WhichOneof("parameter_choice")
+    return getattr(value, choice) if choice else None
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, catalogue: Catalogue, metrics: Metrics, ready: Callable[[], bool]) -> None:
+        self.catalogue = catalogue
+        self.metrics = metrics
+        self.ready = ready
+
+    @_rpc("ServerLive")
+    async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @_rpc("ServerReady")
+    async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.ready())
+
+    @_rpc("ModelReady")
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        ready = self.ready() and self.catalogue.ready(request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
+
+    @_rpc("ServerMetadata")
+    async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=NAME, version=__version__, extensions=EXTENSIONS)
+
+    @_rpc("ModelMetadata")
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        found = self.catalogue.metadata(request.name, request.version)
+        return pb.ModelMetadataResponse(
+            name=found["name"],
+            versions=found["versions"],
+            platform=found["platform"],
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in found["inputs"]],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in found["outputs"]],
+        )
+
+    @_rpc("ModelInfer")
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        model, kind = self.catalogue.resolve(request.model_name, request.model_version)
+        raw = request.raw_input_contents
+        if raw and len(raw) != len(request.inputs):
+            raise RequestError(
+                f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+                "send one per input, in order (or every input's contents instead)"
+            )
+        given = (
+            (t.name, t.datatype, t.shape, raw[i] if raw else _values(t)) for i, t in enumerate(request.inputs)
+        )
+        inputs = tensors.read_inputs(model, kind, request.model_name, given)
+        params = Params.parse({k: parameter(v) for k, v in request.parameters.items()})
+        asked = [output.name for output in request.outputs]
+        outputs = await infer(model, kind, request.model_name, inputs, params, asked)
+        return _response(request, str(model.version.version), outputs, raw=bool(raw))
+
+
+def _values(tensor: pb.ModelInferRequest.InferInputTensor):
+    return getattr(tensor.contents, tensors.contents_field(tensor.datatype))
+
+
+def _response(
+    request: pb.ModelInferRequest, version: str, outputs: Outputs, raw: bool
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+    for name, array in outputs:
+        datatype = tensors.datatype_of(array)
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        if raw:
+            response.raw_output_contents.append(array.tobytes())
+        else:
+            getattr(tensor.contents, tensors.CONTENTS[datatype]).extend(array.ravel().tolist())
+    return response

@@ -1,0 +1,302 @@
+"""The Open Inference Protocol over HTTP/REST: an aiohttp app on the gRPC server's event loop.
+
+Routes (KServe's REST paths): ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``,
+``/v2/models/{model}[/versions/{version}]``, ``.../ready``, ``POST .../infer`` and
+``GET /v2/openapi.json``. Infer bodies are JSON, or JSON followed by raw tensor bytes (the
+binary tensor data extension: ``Inference-Header-Content-Length`` gives the JSON's length,
+an input's ``binary_data_size`` parameter its bytes; outputs asked for with ``binary_data``
+or ``binary_data_output`` come back the same way). Errors are ``{"error": "..."}`` with the
+code from ``statuses.HTTP_STATUS``; the bearer token guards everything but health and the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+import orjson
+from aiohttp import web
+
+from vaeserve import __version__
+from vaeserve.errors import ConfigError, RequestError
+from vaeserve.service.metrics import Metrics
+from vaeserve.service.oip import tensors
+from vaeserve.service.oip.grpc_servicer import EXTENSIONS, NAME
+from vaeserve.service.oip.models import Catalogue, Outputs, Params, infer
+from vaeserve.service.oip.openapi import document
+from vaeserve.service.statuses import HTTP_STATUS, KNOWN
+
+log = logging.getLogger("vaeserve.service")
+PROTOCOL = "oip-http"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# Open without the token: health (orchestrators probe it) and the API description.
+OPEN_ROUTES = frozenset({"ServerLive", "ServerReady", "ModelReady", "OpenAPI"})
+JSON = "application/json"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(
+    catalogue: Catalogue,
+    metrics: Metrics,
+    ready: Callable[[], bool],
+    token: str | None,
+    max_body_bytes: int,
+    max_in_flight: int,
+) -> web.Application:
+    routes = Routes(catalogue, ready)
+    guard = Guard(metrics, token, max_in_flight)
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[guard.middleware])
+    model = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    app.router.add_get("/v2/health/live", routes.live, name="ServerLive")
+    app.router.add_get("/v2/health/ready", routes.server_ready, name="ServerReady")
+    app.router.add_get("/v2", routes.server_metadata, name="ServerMetadata")
+    app.router.add_get("/v2/openapi.json", routes.openapi, name="OpenAPI")
+    for prefix, suffix in ((model, ""), (versioned, "Version")):
+        app.router.add_get(prefix, routes.model_metadata, name=f"ModelMetadata{suffix}")
+        app.router.add_get(f"{prefix}/ready", routes.model_ready, name=f"ModelReady{suffix}")
+        app.router.add_post(f"{prefix}/infer", routes.infer, name=f"ModelInfer{suffix}")
+    return app
+
+
+def json_response(body: dict, status: int = 200, **headers: str) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type=JSON, headers=headers)
+
+
+def error(status: int, message: str, **headers: str) -> web.Response:
+    return json_response({"error": message}, status, **headers)
+
+
+class Guard:
+    """Every request's wrapper: the token, the in-flight limit, errors as JSON, and metrics."""
+
+    def __init__(self, metrics: Metrics, token: str | None, max_in_flight: int) -> None:
+        self.metrics = metrics
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.name or "unknown"
+        method = route.removesuffix("Version")
+        response, rows = await self._answer(request, handler, method)
+        self.metrics.call(method, str(response.status), time.perf_counter() - started, rows, PROTOCOL)
+        return response
+
+    async def _answer(
+        self, request: web.Request, handler: Handler, method: str
+    ) -> tuple[web.StreamResponse, int]:
+        if self.expected is not None and method not in OPEN_ROUTES and not self._authorized(request):
+            message = "missing or invalid bearer token (header 'Authorization: Bearer <token>')"
+            return error(401, message, **{"WWW-Authenticate": "Bearer"}), 0
+        if self.in_flight >= self.max_in_flight:
+            message = (
+                f"server busy: {self.in_flight} requests in progress (limit {self.max_in_flight}); retry"
+            )
+            return error(503, message, **{"Retry-After": "1"}), 0
+        self.in_flight += 1
+        try:
+            response = await handler(request)
+        except KNOWN as exc:
+            return error(HTTP_STATUS.get(type(exc), 400), str(exc)), 0
+        except web.HTTPException as exc:  # the router's 404 and 405, the body-size limit's 413
+            return error(exc.status, _reason(exc, request), **_allow(exc)), 0
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error(500, f"{method}: internal error (see the server log)"), 0
+        finally:
+            self.in_flight -= 1
+        return response, response.get("rows", 0)
+
+    def _authorized(self, request: web.Request) -> bool:
+        supplied = request.headers.get("Authorization", "").encode()
+        return hmac.compare_digest(supplied, self.expected)
+
+
+def _reason(exc: web.HTTPException, request: web.Request) -> str:
+    if exc.status == 404:
+        return f"no such path: {request.method} {request.path} (see /v2/openapi.json)"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {request.path}"
+    if exc.status == 413:
+        return f"request body over this server's limit: {exc.text}"
+    return exc.reason
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    return {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+
+
+class Routes:
+    def __init__(self, catalogue: Catalogue, ready: Callable[[], bool]) -> None:
+        self.catalogue = catalogue
+        self.ready = ready
+
+    async def live(self, request: web.Request) -> web.Response:
+        return json_response({"live": True})
+
+    async def server_ready(self, request: web.Request) -> web.Response:
+        ready = self.ready()
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return json_response({"name": NAME, "version": __version__, "extensions": list(EXTENSIONS)})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return json_response(document())
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        return json_response(self.catalogue.metadata(name, version))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        self.catalogue.resolve(name, version)  # unknown: 404
+        ready = self.ready()
+        return json_response({"name": name, "ready": ready}, 200 if ready else 503)
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name, version = _model(request)
+        model, kind = self.catalogue.resolve(name, version)
+        header, binary = _split(await request.read(), request.headers.get(HEADER_LENGTH))
+        body = _json(header)
+        given = list(_inputs(body, binary))
+        inputs = tensors.read_inputs(model, kind, name, given)
+        parameters = _object(body.get("parameters", {}), "parameters")
+        asked, binary_out = _outputs(body, parameters)
+        outputs = await infer(model, kind, name, inputs, Params.parse(parameters), asked)
+        response = _infer_response(name, str(model.version.version), body.get("id"), outputs, binary_out)
+        response["rows"] = len(outputs[0][1]) if outputs else 0
+        return response
+
+
+def _model(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[memoryview, memoryview]:
+    """The JSON header and the binary tensor data after it."""
+    view = memoryview(body)
+    if header_length is None:
+        return view, view[len(view) :]
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise RequestError(
+            f"{HEADER_LENGTH}: {header_length!r}; expected the JSON header's length in bytes, "
+            f"at most the body's {len(body)}"
+        )
+    return view[: int(header_length)], view[int(header_length) :]
+
+
+def _json(header: memoryview) -> dict:
+    try:
+        body = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"request body is not valid JSON ({exc})") from None
+    return _object(body, "request body")
+
+
+def _object(value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise RequestError(f"{what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _inputs(body: dict, binary: memoryview):
+    """(name, datatype, shape, data) of each input: JSON ``data``, or its slice of the binary."""
+    given = body.get("inputs")
+    if not isinstance(given, list) or not given:
+        raise RequestError(
+            '"inputs": expected a non-empty list of tensors {"name", "datatype", "shape", "data"}'
+        )
+    offset = 0
+    for index, tensor in enumerate(given):
+        tensor = _object(tensor, f"inputs[{index}]")
+        name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise RequestError(f'inputs[{index}]: "name" and "datatype" must be strings')
+        size = _object(tensor.get("parameters", {}), f"{name}.parameters").get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0 or offset + size > len(binary):
+                raise RequestError(
+                    f"{name}: binary_data_size {size!r}; {len(binary) - offset} bytes of binary data remain"
+                )
+            yield name, datatype, shape, binary[offset : offset + size]
+            offset += size
+        elif "data" in tensor:
+            yield name, datatype, shape, tensor["data"]
+        else:
+            raise RequestError(
+                f'{name}: no "data" and no binary_data_size parameter; send the values one way'
+            )
+    if offset != len(binary):
+        raise RequestError(f"{len(binary) - offset} bytes of binary data after the last input's")
+
+
+def _outputs(body: dict, parameters: dict) -> tuple[list[str], set[str] | bool]:
+    """The outputs asked for, and which come back as binary (True: all)."""
+    asked = body.get("outputs", [])
+    if not isinstance(asked, list):
+        raise RequestError('"outputs": expected a list of {"name", "parameters"}')
+    names, binary = [], set()
+    for index, output in enumerate(asked):
+        output = _object(output, f"outputs[{index}]")
+        if not isinstance(output.get("name"), str):
+            raise RequestError(f'outputs[{index}]: "name" must be a string')
+        names.append(output["name"])
+        if _object(output.get("parameters", {}), f"{output['name']}.parameters").get("binary_data", False):
+            binary.add(output["name"])
+    everything = parameters.get("binary_data_output", False) is True
+    return names, True if everything else binary
+
+
+def _infer_response(
+    name: str, version: str, request_id: object, outputs: Outputs, binary: set[str] | bool
+) -> web.Response:
+    described, chunks = [], []
+    for output, array in outputs:
+        tensor = {"name": output, "datatype": tensors.datatype_of(array), "shape": list(array.shape)}
+        if binary is True or output in binary:
+            chunk = np.ascontiguousarray(array).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            tensor["data"] = array.ravel()
+        described.append(tensor)
+    body = {"model_name": name, "model_version": version, "outputs": described}
+    if isinstance(request_id, str) and request_id:
+        body["id"] = request_id
+    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return web.Response(body=header, content_type=JSON)
+    return web.Response(
+        body=b"".join([header, *chunks]),
+        content_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(len(header))},
+    )
+
+
+async def start_http(
+    app: web.Application, host: str, port: int, ssl_context, grace_s: float
+) -> web.AppRunner:
+    """Listen on ``host:port`` (shared with other workers: SO_REUSEPORT) on the running loop."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"--http-port {port}: cannot listen on {host} ({exc.strerror})") from None
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    return runner.addresses[0][1]

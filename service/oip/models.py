@@ -1,0 +1,240 @@
+"""The loaded models as the Open Inference Protocol sees them: four OIP models per model.
+
+| OIP model          | inputs                          | outputs                              |
+|--------------------|---------------------------------|--------------------------------------|
+| NAME-encoder       | x [N, D] FP32 in [0, 1] or UINT8 | mean, stddev [N, M] (+ z with sample) |
+| NAME-decoder       | z [N, M] FP32                   | probs [N, D] (+ samples with sample)  |
+| NAME-reconstruct   | x as above                      | probs, samples, latents               |
+| NAME-sample-prior  | count [1] INT64                 | latents, probs, samples               |
+
+Every version of NAME is a version of each ("1", "2"; empty: the latest). Both OIP front ends
+(gRPC and HTTP) turn their tensors into numpy (``tensors``) and call ``infer`` here, which
+runs the same ``ServedModel`` methods as vae.v1: one data plane, the same batching, limits,
+seeds and results.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from vaeserve.codec import Rows
+from vaeserve.errors import ModelNotFoundError, RequestError
+from vaeserve.service.models import ModelRegistry, ServedModel
+
+PLATFORM = "vaeserve"
+# Request parameters clients of other servers send that mean nothing here; accepted and ignored.
+IGNORED_PARAMETERS = frozenset({"binary_data_output", "content_type", "headers", "priority", "timeout"})
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as metadata shows it; ``datatypes`` are those accepted, the first the one shown."""
+
+    name: str
+    datatypes: tuple[str, ...]
+    shape: tuple[int, ...]  # -1: the batch, any size
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "datatype": self.datatypes[0], "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Input:
+    spec: TensorSpec
+    rows: Rows | None  # None: a fixed-shape integer (count), checked by its model
+
+
+@dataclass(frozen=True)
+class Params:
+    """A request's parameters: the same meaning as vae.v1's fields of those names."""
+
+    seed: int | None = None
+    sample: bool = False
+    use_mean: bool = False
+
+    @classmethod
+    def parse(cls, values: Mapping[str, object]) -> Params:
+        if not values:
+            return NO_PARAMS
+        unknown = set(values) - {"seed", "sample", "use_mean"} - IGNORED_PARAMETERS
+        if unknown:
+            raise RequestError(
+                f"parameters {sorted(unknown)}: not known here; expected seed (int64 >= 0), "
+                "sample (bool), use_mean (bool)"
+            )
+        seed = values.get("seed")
+        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**64):
+            raise RequestError(f"parameter seed: {seed!r}; expected an integer from 0 to 2**64 - 1")
+        flags = {name: values.get(name, False) for name in ("sample", "use_mean")}
+        for name, value in flags.items():
+            if type(value) is not bool:
+                raise RequestError(f"parameter {name}: {value!r}; expected true or false")
+        return cls(seed, **flags)
+
+
+NO_PARAMS = Params()
+Outputs = list[tuple[str, np.ndarray]]
+Run = Callable[[ServedModel, dict[str, np.ndarray], Params, frozenset[str]], Awaitable[dict[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One of the four uses of a model, as an OIP model ``NAME-suffix``."""
+
+    suffix: str
+    inputs: Callable[[ServedModel], tuple[Input, ...]]
+    outputs: Callable[[ServedModel], tuple[TensorSpec, ...]]
+    optional: frozenset[str]  # outputs given only with parameter sample (or when asked for)
+    run: Run
+
+
+def _x(model: ServedModel) -> tuple[Input, ...]:
+    return (Input(TensorSpec("x", ("FP32", "UINT8"), (-1, model.version.input_size)), model.pixels),)
+
+
+def _z(model: ServedModel) -> tuple[Input, ...]:
+    return (Input(TensorSpec("z", ("FP32",), (-1, model.version.latent_size)), model.latent_rows),)
+
+
+def _count(model: ServedModel) -> tuple[Input, ...]:
+    return (Input(TensorSpec("count", ("INT64",), (1,)), None),)
+
+
+def _specs(model: ServedModel, *outputs: tuple[str, str, str]) -> tuple[TensorSpec, ...]:
+    """(name, datatype, "D" or "M") → TensorSpec of shape [-1, D or M]."""
+    size = {"D": model.version.input_size, "M": model.version.latent_size}
+    return tuple(TensorSpec(name, (datatype,), (-1, size[width])) for name, datatype, width in outputs)
+
+
+async def _encode(model: ServedModel, inputs, params: Params, asked: frozenset[str]):
+    return await model.encode(inputs["x"], params.sample or "z" in asked, params.seed)
+
+
+async def _decode(model: ServedModel, inputs, params: Params, asked: frozenset[str]):
+    return await model.decode(inputs["z"], params.sample or "samples" in asked, params.seed)
+
+
+async def _reconstruct(model: ServedModel, inputs, params: Params, asked: frozenset[str]):
+    return await model.reconstruct(inputs["x"], params.use_mean, params.seed)
+
+
+async def _sample_prior(model: ServedModel, inputs, params: Params, asked: frozenset[str]):
+    return await model.sample_prior(model.count(int(inputs["count"][0])), params.seed)
+
+
+KINDS = (
+    Kind(
+        "encoder",
+        _x,
+        lambda m: _specs(m, ("mean", "FP32", "M"), ("stddev", "FP32", "M"), ("z", "FP32", "M")),
+        frozenset({"z"}),
+        _encode,
+    ),
+    Kind(
+        "decoder",
+        _z,
+        lambda m: _specs(m, ("probs", "FP32", "D"), ("samples", "UINT8", "D")),
+        frozenset({"samples"}),
+        _decode,
+    ),
+    Kind(
+        "reconstruct",
+        _x,
+        lambda m: _specs(m, ("probs", "FP32", "D"), ("samples", "UINT8", "D"), ("latents", "FP32", "M")),
+        frozenset(),
+        _reconstruct,
+    ),
+    Kind(
+        "sample-prior",
+        _count,
+        lambda m: _specs(m, ("latents", "FP32", "M"), ("probs", "FP32", "D"), ("samples", "UINT8", "D")),
+        frozenset(),
+        _sample_prior,
+    ),
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def inputs_of(model: ServedModel, kind: Kind) -> dict[str, Input]:
+    """The inputs of a model's kind by name, built once (every call looks them up)."""
+    return {i.spec.name: i for i in kind.inputs(model)}
+
+
+def input_named(model: ServedModel, kind: Kind, name: str, oip_name: str) -> Input:
+    found = inputs_of(model, kind).get(name)
+    if found is None:
+        expected = ", ".join(_describe(i.spec) for i in kind.inputs(model))
+        raise RequestError(f"input {name!r}: {oip_name} has no such input; it takes {expected}")
+    return found
+
+
+async def infer(
+    model: ServedModel,
+    kind: Kind,
+    oip_name: str,
+    inputs: dict[str, np.ndarray],
+    params: Params,
+    asked: list[str],
+) -> Outputs:
+    """Run the kind on decoded inputs; the outputs asked for (all it gives when none), in order."""
+    specs = inputs_of(model, kind)
+    if len(inputs) != len(specs):
+        missing = [_describe(i.spec) for name, i in specs.items() if name not in inputs]
+        raise RequestError(f"{oip_name}: missing input {', '.join(missing)}")
+    wanted = frozenset(asked)
+    names = [s.name for s in kind.outputs(model)]
+    if not wanted <= set(names):
+        raise RequestError(
+            f"outputs {sorted(wanted - set(names))}: {oip_name} has no such output; "
+            f"its outputs: {', '.join(names)}"
+        )
+    out = await kind.run(model, inputs, params, wanted)
+    return [(name, out[name]) for name in (asked or [n for n in names if n in out])]
+
+
+def _describe(spec: TensorSpec) -> str:
+    return f"{spec.name} {list(spec.shape)} {' or '.join(spec.datatypes)}"
+
+
+class Catalogue:
+    """Resolves OIP model names (``NAME-suffix``) and versions to a loaded model and a kind."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+        self.by_suffix = {f"-{kind.suffix}": kind for kind in KINDS}
+
+    def resolve(self, name: str, version: str) -> tuple[ServedModel, Kind]:
+        for suffix, kind in self.by_suffix.items():
+            if name.endswith(suffix) and len(name) > len(suffix):
+                base = name[: -len(suffix)]
+                if base in self.registry.models:
+                    return self.registry.resolve(base, version), kind
+        raise ModelNotFoundError(f"model {name!r} is not served here; models: {', '.join(self.names())}")
+
+    def names(self) -> list[str]:
+        return [f"{base}{suffix}" for base in sorted(self.registry.models) for suffix in self.by_suffix]
+
+    def versions(self, name: str) -> list[str]:
+        model, _ = self.resolve(name, "")
+        return [str(v) for v in sorted(self.registry.models[model.version.name])]
+
+    def metadata(self, name: str, version: str) -> dict:
+        model, kind = self.resolve(name, version)
+        return {
+            "name": name,
+            "versions": self.versions(name),
+            "platform": PLATFORM,
+            "inputs": [i.spec.metadata() for i in kind.inputs(model)],
+            "outputs": [s.metadata() for s in kind.outputs(model)],
+        }
+
+    def ready(self, name: str, version: str) -> bool:
+        try:
+            self.resolve(name, version)
+        except ModelNotFoundError:
+            return False
+        return True

@@ -1,0 +1,197 @@
+"""The OpenAPI 3.0 document of the REST API, served at ``/v2/openapi.json``.
+
+It follows KServe's REST specification of the Open Inference Protocol: the paths, the JSON
+bodies and the error body, with the binary tensor data extension described on infer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vaeserve import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_TENSOR_DATA = {
+    "description": "The elements, row-major: flat or nested lists of numbers.",
+    "type": "array",
+    "items": {"oneOf": [{"type": "number"}, {"type": "array", "items": {}}]},
+}
+_PARAMETERS = {
+    "type": "object",
+    "additionalProperties": {"oneOf": [{"type": "boolean"}, {"type": "integer"}, {"type": "string"}]},
+}
+
+
+def _tensor(with_data: bool) -> dict:
+    properties = {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": ["FP32", "UINT8", "INT64"]},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "binary_data_size": {"type": "integer", "minimum": 0},
+                "binary_data": {"type": "boolean"},
+            },
+        },
+    }
+    if with_data:
+        properties["data"] = _TENSOR_DATA
+    return {"type": "object", "required": ["name", "datatype", "shape"], "properties": properties}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    meaning = {
+        400: "Bad request: the message says what was wrong and what was expected",
+        401: "Missing or invalid bearer token",
+        404: "Unknown model or version",
+        413: "Request body over the server's limit (--max-message-mb)",
+        429: "The model's queue is full; retry with backoff",
+        503: "Not ready, or too many requests in progress; retry",
+    }
+    return {str(code): _json(_ERROR, meaning[code]) for code in codes}
+
+
+def _model_paths(prefix: str, parameters: list[dict]) -> dict:
+    infer_body = {
+        "required": True,
+        "description": "JSON; or (binary tensor data extension) the JSON request, "
+        "Inference-Header-Content-Length bytes long, then the raw bytes of each input whose "
+        "binary_data_size parameter is set, in order.",
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+    header = {
+        "name": "Inference-Header-Content-Length",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 0},
+        "description": "Length of the JSON part of a binary request.",
+    }
+    return {
+        prefix: {
+            "get": {
+                "summary": "Model metadata",
+                "operationId": f"ModelMetadata{len(parameters)}",
+                "parameters": parameters,
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/ModelMetadata"}, "The model"),
+                    **_errors(401, 404),
+                },
+            }
+        },
+        f"{prefix}/ready": {
+            "get": {
+                "summary": "Model ready",
+                "operationId": f"ModelReady{len(parameters)}",
+                "parameters": parameters,
+                "responses": {"200": _json({"type": "object"}, "Ready"), **_errors(404, 503)},
+            }
+        },
+        f"{prefix}/infer": {
+            "post": {
+                "summary": "Inference",
+                "operationId": f"ModelInfer{len(parameters)}",
+                "parameters": [*parameters, header],
+                "requestBody": infer_body,
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/InferenceResponse"}, "The outputs"),
+                    **_errors(400, 401, 404, 413, 429, 503),
+                },
+            }
+        },
+    }
+
+
+@functools.cache
+def document() -> dict:
+    model = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    metadata = {
+        "type": "object",
+        "required": ["name", "versions", "platform", "inputs", "outputs"],
+        "properties": {
+            "name": {"type": "string"},
+            "versions": {"type": "array", "items": {"type": "string"}},
+            "platform": {"type": "string"},
+            "inputs": {"type": "array", "items": _tensor(False)},
+            "outputs": {"type": "array", "items": _tensor(False)},
+        },
+    }
+    request = {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": _PARAMETERS,
+            "inputs": {"type": "array", "minItems": 1, "items": _tensor(True)},
+            "outputs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}, "parameters": _PARAMETERS},
+                },
+            },
+        },
+    }
+    response = {
+        "type": "object",
+        "required": ["model_name", "outputs"],
+        "properties": {
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string"},
+            "outputs": {"type": "array", "items": _tensor(True)},
+        },
+    }
+    server_metadata = {
+        "type": "object",
+        "required": ["name", "version", "extensions"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "extensions": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+
+    def simple(summary: str, operation: str, schema: dict, *codes: int) -> dict:
+        responses = {"200": _json(schema, summary), **_errors(*codes)}
+        return {"get": {"summary": summary, "operationId": operation, "responses": responses}}
+
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "vaeserve: Open Inference Protocol (KServe V2) REST API",
+            "version": __version__,
+            "description": "Every loaded model NAME appears as NAME-encoder, NAME-decoder, "
+            "NAME-reconstruct and NAME-sample-prior. Request parameters: seed (int), sample "
+            "(bool), use_mean (bool).",
+        },
+        "paths": {
+            "/v2/health/live": simple("Server live", "ServerLive", {"type": "object"}),
+            "/v2/health/ready": simple("Server ready", "ServerReady", {"type": "object"}, 503),
+            "/v2": simple("Server metadata", "ServerMetadata", server_metadata, 401),
+            "/v2/openapi.json": simple("This document", "OpenAPI", {"type": "object"}),
+            **_model_paths("/v2/models/{model}", [model]),
+            **_model_paths("/v2/models/{model}/versions/{version}", [model, version]),
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}},
+                },
+                "ModelMetadata": metadata,
+                "InferenceRequest": request,
+                "InferenceResponse": response,
+            }
+        },
+    }

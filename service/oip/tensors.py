@@ -1,0 +1,132 @@
+"""Open Inference Protocol tensors ↔ numpy: datatypes, raw bytes, typed values.
+
+The one place OIP's tensors are converted, for both front ends: raw bytes (gRPC's
+``raw_input_contents``, HTTP's binary tensor data extension) and typed values (gRPC's
+``contents``, HTTP's JSON ``data``). Shapes, byte lengths and values are checked by
+vaeserve.codec, so a bad tensor gets the same message over every protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from vaeserve import codec
+from vaeserve.errors import RequestError, TensorError
+from vaeserve.service.models import ServedModel
+from vaeserve.service.oip.models import Input, Kind, input_named
+
+# The specification's datatypes that map onto numpy (BYTES does not; no model here takes it).
+DTYPES = {
+    name: np.dtype(code)
+    for name, code in {
+        "BOOL": "?",
+        "UINT8": "u1",
+        "UINT16": "<u2",
+        "UINT32": "<u4",
+        "UINT64": "<u8",
+        "INT8": "i1",
+        "INT16": "<i2",
+        "INT32": "<i4",
+        "INT64": "<i8",
+        "FP16": "<f2",
+        "FP32": "<f4",
+        "FP64": "<f8",
+    }.items()
+}
+DATATYPE = {np.dtype("float32"): "FP32", np.dtype("uint8"): "UINT8", np.dtype("int64"): "INT64"}
+# gRPC's InferTensorContents field of each datatype, as the specification assigns them.
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def read_inputs(
+    model: ServedModel, kind: Kind, oip_name: str, given: Iterable[tuple[str, str, Sequence[int], object]]
+) -> dict[str, np.ndarray]:
+    """(name, datatype, shape, data) of each input in a request → the model's arrays by name."""
+    inputs: dict[str, np.ndarray] = {}
+    for name, datatype, shape, data in given:
+        if name in inputs:
+            raise RequestError(f"input {name!r} is given twice; send each input once")
+        inputs[name] = read(input_named(model, kind, name, oip_name), datatype, shape, data)
+    return inputs
+
+
+def read(expected: Input, datatype: str, shape: Sequence[int], data: codec.Buffer | Sequence) -> np.ndarray:
+    """One input tensor → the model's array: raw bytes (``data`` bytes-like) or values."""
+    spec = expected.spec
+    if datatype not in spec.datatypes:
+        raise TensorError(f"{spec.name}: datatype {datatype!r}; expected {' or '.join(spec.datatypes)}")
+    dtype = DTYPES[datatype]
+    shape = _checked_shape(expected, shape)
+    if isinstance(data, bytes | bytearray | memoryview):
+        array = codec.from_bytes(data, dtype, shape, spec.name, datatype)
+    else:
+        array = from_values(data, dtype, shape, spec.name, datatype)
+    if expected.rows is not None:
+        codec.check_values(array, spec.name, expected.rows)
+    return array
+
+
+def _checked_shape(expected: Input, shape: Sequence[int]) -> tuple[int, ...]:
+    spec = expected.spec
+    if not isinstance(shape, Sequence) or not all(type(d) is int for d in shape):
+        raise TensorError(
+            f"{spec.name}: shape {shape!r}; expected a list of integers like {list(spec.shape)}"
+        )
+    if expected.rows is not None:
+        return codec.check_shape(shape, spec.name, expected.rows)
+    if tuple(shape) != spec.shape:
+        raise TensorError(f"{spec.name}: shape {list(shape)}; expected {list(spec.shape)}")
+    return tuple(shape)
+
+
+def from_values(
+    values: Sequence, dtype: np.dtype, shape: tuple[int, ...], field: str, datatype: str
+) -> np.ndarray:
+    """Typed values (flat or nested, row-major) → an array of ``dtype`` and ``shape``; integers
+    must be whole and fit the datatype."""
+    count = int(np.prod(shape))
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError):
+        raise TensorError(
+            f"{field}: data is not a regular array of numbers; expected {count} values"
+        ) from None
+    if array.size != count:
+        raise TensorError(f"{field}: {array.size} values for shape {list(shape)}; expected {count}")
+    if array.dtype.kind not in "biuf":
+        raise TensorError(f"{field}: data holds {array.dtype} values; expected {datatype} numbers")
+    if dtype.kind in "iu" and array.size:
+        if array.dtype.kind == "f" and not np.array_equal(array, np.trunc(array)):
+            raise TensorError(f"{field}: data holds fractions; {datatype} takes whole numbers")
+        low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
+        if array.min() < low or array.max() > high:
+            raise TensorError(
+                f"{field}: values span [{array.min()}, {array.max()}]; {datatype} holds {low} to {high}"
+            )
+    return array.astype(dtype, copy=False).reshape(shape)
+
+
+def datatype_of(array: np.ndarray) -> str:
+    return DATATYPE[array.dtype]
+
+
+def contents_field(datatype: str) -> str:
+    if datatype not in CONTENTS:
+        raise TensorError(
+            f"datatype {datatype!r}: not one this server reads; expected one of {list(CONTENTS)}"
+        )
+    return CONTENTS[datatype]
