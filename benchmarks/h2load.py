@@ -1,4 +1,4 @@
-"""gRPC load from h2load (nghttp2's HTTP/2 benchmarking tool, written in C).
+"""gRPC and REST load from h2load (nghttp2's HTTP/2 and HTTP/1.1 benchmarking tool, in C).
 
 The Python load generator (benchmarks/load.py) spends about as much CPU per call as the
 server does, and on a 2-core machine it takes that CPU from the server: past ~3,000 calls/s
@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.wire import GRPC_PATHS, grpc_body, rest_request
 from vaeserve._proto import vae_pb2
 
-ENCODE_PATH = "/vae.v1.VaeService/Encode"
+# Status codes of calls that succeeded: gRPC's over gRPC, HTTP's over REST.
+OK_CODES = ("OK", "200")
 MISSING = "h2load not installed (apt-get install nghttp2-client): C load generator rows skipped"
 
 
@@ -33,10 +35,19 @@ def available() -> bool:
     return shutil.which("h2load") is not None
 
 
-def grpc_frame(message: vae_pb2.EncodeRequest) -> bytes:
+def grpc_frame(body: bytes) -> bytes:
     """A gRPC length-prefixed message: not compressed, 4-byte big-endian length, body."""
-    body = message.SerializeToString()
     return b"\0" + struct.pack(">I", len(body)) + body
+
+
+def request_of(protocol: str, target: str, message: vae_pb2.EncodeRequest) -> tuple[str, bytes, list[str]]:
+    """(URL, body, extra h2load flags) of one Encode call over ``protocol``: gRPC frames over
+    HTTP/2, or REST's binary tensor data over HTTP/1.1."""
+    if protocol == "oip-http":
+        path, body, headers = rest_request(message)
+        return f"http://{target}{path}", body, ["--h1", *(f"--header={k}: {v}" for k, v in headers.items())]
+    flags = ["--header=content-type: application/grpc", "--header=te: trailers"]
+    return f"http://{target}{GRPC_PATHS[protocol]}", grpc_frame(grpc_body(protocol, message)), flags
 
 
 def calls_by_code(metrics_port: int) -> dict[str, float]:
@@ -56,24 +67,26 @@ def run_h2load(
     concurrency: int,
     seconds: float,
     metrics_port: int | None = None,
+    protocol: str = "v1",
 ) -> dict[str, float]:
-    """Calls/s, rows/s and latency percentiles (ms) of Encode calls sent by h2load.
-    With ``metrics_port`` the server's counters must show every call OK."""
+    """Calls/s, rows/s and latency percentiles (ms) of Encode calls sent by h2load over
+    ``protocol`` (wire.PROTOCOLS). With ``metrics_port`` the server's counters must show every
+    call OK."""
     before = calls_by_code(metrics_port) if metrics_port else {}
+    url, data, flags = request_of(protocol, target, message)
     with tempfile.TemporaryDirectory(prefix="vaeserve-h2load-") as folder:
         body, log = Path(folder) / "request.bin", Path(folder) / "requests.tsv"
-        body.write_bytes(grpc_frame(message))
+        body.write_bytes(data)
         command = [
             "h2load",
             f"--duration={round(seconds * 1000)}ms",
             "--warm-up-time=500ms",
             f"--clients={concurrency}",
             "--max-concurrent-streams=1",
-            "--header=content-type: application/grpc",
-            "--header=te: trailers",
+            *flags,
             f"--data={body}",
             f"--log-file={log}",
-            f"http://{target}{ENCODE_PATH}",
+            url,
         ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=False)
         done = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", result.stdout)
@@ -95,6 +108,6 @@ def run_h2load(
 
 def _check_all_ok(before: dict[str, float], after: dict[str, float], sent: int) -> None:
     delta = {code: after.get(code, 0.0) - before.get(code, 0.0) for code in after}
-    failed = {code: n for code, n in delta.items() if code != "OK" and n}
-    if failed or delta.get("OK", 0.0) < sent:
+    failed = {code: n for code, n in delta.items() if code not in OK_CODES and n}
+    if failed or sum(delta.get(code, 0.0) for code in OK_CODES) < sent:
         raise RuntimeError(f"h2load sent {sent:,} calls; the server counted {delta}")

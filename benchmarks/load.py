@@ -1,5 +1,6 @@
-"""A closed-loop gRPC load generator, run in its own process so it does not share the
-server's interpreter: ``concurrency`` callers each send the same request back to back.
+"""A closed-loop load generator, run in its own process so it does not share the server's
+interpreter: ``concurrency`` callers each send the same Encode call back to back, over
+vae.v1, the Open Inference Protocol's gRPC, or its REST API with binary tensors (wire.py).
 It runs on the event loop `vae serve` uses (uvloop when installed), as does the no-op
 server that shows what Python gRPC alone allows.
 
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import grpc
 import numpy as np
 
+from benchmarks.wire import oip_request, rest_request
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.client import SharedSlots
 from vaeserve.codec import Rows, from_tensor
@@ -29,25 +31,25 @@ from vaeserve.service.settings import ServeSettings
 Call = Callable[[], Awaitable[object]]
 
 
+# One connection per caller, as a pool of clients would open (a channel of its own subchannel
+# pool; else channels with equal options share one connection): the kernel spreads
+# connections, not calls, over `vae serve --workers`.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 1 << 27),
+    ("grpc.max_send_message_length", 1 << 27),
+    ("grpc.use_local_subchannel_pool", 1),
+]
+Close = Callable[[], Awaitable[None]]
+
+
 async def _drive(
-    target: str, request: bytes, concurrency: int, seconds: float, shared: bool
+    protocol: str, target: str, request: bytes, concurrency: int, seconds: float, shared: bool
 ) -> tuple[int, list[float]]:
     message = vae_pb2.EncodeRequest.FromString(request)
-    # One connection per caller, as a pool of clients would open (a channel of its own
-    # subchannel pool; else channels with equal options share one connection): the kernel
-    # spreads connections, not calls, over `vae serve --workers`.
-    options = [
-        ("grpc.max_receive_message_length", 1 << 27),
-        ("grpc.max_send_message_length", 1 << 27),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
-    stubs = [vae_pb2_grpc.VaeServiceStub(channel) for channel in channels]
-    slots = None
-    if shared:
-        slots, calls = await _shared_callers(stubs, message)
+    if protocol == "oip-http":
+        calls, close = await _http_callers(target, message, concurrency)
     else:
-        calls = [functools.partial(stub.Encode, message) for stub in stubs]
+        calls, close = await _grpc_callers(protocol, target, message, concurrency, shared)
     for call in calls:
         await call()  # warm-up: connection, first batch
     latencies: list[float] = []
@@ -61,12 +63,60 @@ async def _drive(
     started = time.perf_counter()
     await asyncio.gather(*(caller(call) for call in calls))
     elapsed = time.perf_counter() - started
-    if slots is not None:
-        await stubs[0].UnregisterSharedMemory(vae_pb2.UnregisterSharedMemoryRequest(name=slots.name))
-        slots.close()
-    for channel in channels:
-        await channel.close()
+    await close()
     return len(latencies), [*latencies, elapsed]
+
+
+async def _grpc_callers(
+    protocol: str, target: str, message: vae_pb2.EncodeRequest, concurrency: int, shared: bool
+) -> tuple[list[Call], Close]:
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(concurrency)]
+    slots = None
+    if protocol == "oip-grpc":
+        from vaeserve._proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub  # see oip_request
+
+        request = oip_request(message)
+        calls = [functools.partial(GRPCInferenceServiceStub(c).ModelInfer, request) for c in channels]
+    elif shared:
+        slots, calls = await _shared_callers([vae_pb2_grpc.VaeServiceStub(c) for c in channels], message)
+    else:
+        calls = [functools.partial(vae_pb2_grpc.VaeServiceStub(c).Encode, message) for c in channels]
+
+    async def close() -> None:
+        if slots is not None:
+            stub = vae_pb2_grpc.VaeServiceStub(channels[0])
+            await stub.UnregisterSharedMemory(vae_pb2.UnregisterSharedMemoryRequest(name=slots.name))
+            slots.close()
+        for channel in channels:
+            await channel.close()
+
+    return calls, close
+
+
+async def _http_callers(
+    target: str, message: vae_pb2.EncodeRequest, concurrency: int
+) -> tuple[list[Call], Close]:
+    """A session of one connection per caller, the binary tensor data extension both ways."""
+    import aiohttp
+
+    path, body, headers = rest_request(message)
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(concurrency)]
+
+    def caller(session: aiohttp.ClientSession) -> Call:
+        async def call() -> bytes:
+            async with session.post(f"http://{target}{path}", data=body, headers=headers) as response:
+                answer = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {answer[:300]!r}")
+                return answer
+
+        return call
+
+    async def close() -> None:
+        for session in sessions:
+            await session.close()
+
+    return [caller(s) for s in sessions], close
 
 
 async def _shared_callers(
@@ -95,20 +145,25 @@ async def _shared_callers(
 
 
 def _worker(
-    target: str, request: bytes, concurrency: int, seconds: float, shared: bool, out: multiprocessing.Queue
+    protocol: str, target: str, request: bytes, concurrency: int, seconds: float, shared: bool, out
 ) -> None:
-    out.put(run_on_event_loop(_drive(target, request, concurrency, seconds, shared), "auto"))
+    out.put(run_on_event_loop(_drive(protocol, target, request, concurrency, seconds, shared), "auto"))
 
 
 def run_load(
-    target: str, request: vae_pb2.EncodeRequest, concurrency: int, seconds: float, shared: bool = False
+    target: str,
+    request: vae_pb2.EncodeRequest,
+    concurrency: int,
+    seconds: float,
+    shared: bool = False,
+    protocol: str = "v1",
 ) -> dict[str, float]:
-    """Calls/s, rows/s and latency percentiles (ms) measured by a separate process."""
+    """Calls/s, rows/s and latency percentiles (ms) measured by a separate process; ``protocol``
+    is one of wire.PROTOCOLS (``target`` the HTTP port's for oip-http)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(
-        target=_worker, args=(target, request.SerializeToString(), concurrency, seconds, shared, queue)
-    )
+    args = (protocol, target, request.SerializeToString(), concurrency, seconds, shared, queue)
+    process = context.Process(target=_worker, args=args)
     process.start()
     calls, timings = queue.get(timeout=seconds + 120)
     process.join()
