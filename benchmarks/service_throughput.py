@@ -14,7 +14,10 @@ load generator in a separate process measures:
 3. the server's RSS before and after a long run of calls;
 4. what Python gRPC alone allows a batch-1,024 Encode with bytes in the messages: a no-op
    server answering uint8 requests with a mean and stddev of the right size, beside the
-   in-process encoder (the ceiling of the bytes column in 1).
+   in-process encoder (the ceiling of the bytes column in 1);
+5. the same Encode calls over vae.v1, the Open Inference Protocol's gRPC (ModelInfer on
+   NAME-encoder, raw tensors) and its REST API (binary tensors), on the cells of 1 and 2,
+   side by side on one server, with each load generator.
 
 The load comes from the Python generator (benchmarks/load.py) and, where h2load is
 installed (`apt-get install nghttp2-client`), also from h2load, a C generator that leaves
@@ -61,11 +64,12 @@ class Served(NamedTuple):
     target: str
     pid: int
     metrics_port: int
+    http: str  # host:port of the OIP REST API
 
 
 @contextlib.contextmanager
 def server(model: Path, threads: int, *flags: str, workers: int = 1) -> Iterator[Served]:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     command = [
         sys.executable,
         "-m",
@@ -83,6 +87,8 @@ def server(model: Path, threads: int, *flags: str, workers: int = 1) -> Iterator
         str(port),
         "--metrics-port",
         str(metrics_port),
+        "--http-port",
+        str(http_port),
         "--threads",
         str(threads),
         "--workers",
@@ -93,7 +99,7 @@ def server(model: Path, threads: int, *flags: str, workers: int = 1) -> Iterator
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
         try:
             _wait_serving(process, log, f"127.0.0.1:{port}", workers)
-            yield Served(f"127.0.0.1:{port}", process.pid, metrics_port)
+            yield Served(f"127.0.0.1:{port}", process.pid, metrics_port, f"127.0.0.1:{http_port}")
         finally:
             process.terminate()
             process.wait(60)
@@ -115,13 +121,15 @@ def _wait_serving(process: subprocess.Popen, log, target: str, workers: int) -> 
     raise RuntimeError(f"vae serve not SERVING after 60 s:\n{log.read()}")
 
 
-# (target, request, concurrency, seconds, the server's metrics port or None) → figures.
-Load = Callable[[str, vae_pb2.EncodeRequest, int, float, "int | None"], dict[str, float]]
+# (target, request, concurrency, seconds, the server's metrics port or None, protocol) → figures.
+Load = Callable[..., dict[str, float]]
 
 
-def python_load(target: str, message, concurrency: int, seconds: float, _metrics_port: int | None):
+def python_load(
+    target: str, message, concurrency: int, seconds: float, _metrics_port: int | None, protocol: str = "v1"
+):
     """The Python generator, which checks statuses itself (a failed call raises)."""
-    return run_load(target, message, concurrency, seconds)
+    return run_load(target, message, concurrency, seconds, protocol=protocol)
 
 
 def loads() -> dict[str, Load]:
@@ -139,9 +147,9 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def request(pixels: np.ndarray, binarization: str, dtype: str) -> vae_pb2.EncodeRequest:
+def request(pixels: np.ndarray, binarization: str, dtype: str, model: str = "") -> vae_pb2.EncodeRequest:
     rows = pixels if dtype == "uint8" else model_inputs(pixels, binarization)
-    return vae_pb2.EncodeRequest(inputs=to_tensor(rows))
+    return vae_pb2.EncodeRequest(model=model, inputs=to_tensor(rows))
 
 
 class InProcess:
@@ -231,6 +239,17 @@ def latency_table(
             rows(label, served.target, served.metrics_port)
 
 
+def soak_table(served: Served, pixels: np.ndarray, binarization: str, seconds: float) -> None:
+    before = rss_mb(served.pid)
+    soak = run_load(served.target, request(pixels[:64], binarization, "uint8"), 8, seconds)
+    after = rss_mb(served.pid)
+    calls = soak["calls_per_s"] * seconds
+    print(
+        f"\n3. Server RSS {before:.0f} MB before, {after:.0f} MB after {calls:,.0f} calls "
+        f"({seconds:.0f} s of batch-64 uint8 Encode at concurrency 8)"
+    )
+
+
 def transport_ceiling(
     local: InProcess,
     pixels: np.ndarray,
@@ -253,6 +272,39 @@ def transport_ceiling(
                 print(f"{name:>8}{concurrency:>6}{r['rows_per_s']:>11,.0f}{r['rows_per_s'] / rate:>22.2f}")
 
 
+def protocol_table(
+    served: Served,
+    name: str,
+    pixels: np.ndarray,
+    binarization: str,
+    seconds: float,
+    generators: dict[str, Load],
+) -> None:
+    """The same Encode calls over each protocol, one server, each generator's figures side by side."""
+    print("\n5. Encode over vae.v1, OIP gRPC and OIP REST (binary tensors), the same server (rows/s)")
+    print(
+        f"{'input':<8}{'batch':>6}{'conc':>6}"
+        + "".join(f"{g + ' v1':>13}{'OIP gRPC':>11}{'ratio':>7}{'REST':>11}{'ratio':>7}" for g in generators)
+    )
+    targets = {"v1": served.target, "oip-grpc": served.target, "oip-http": served.http}
+    for dtype in ("float32", "uint8"):
+        for batch in BATCHES:
+            for concurrency in (1, 8) if batch == 1 else (1, 4):
+                message = request(pixels[:batch], binarization, dtype, name)
+                line = f"{dtype:<8}{batch:>6}{concurrency:>6}"
+                for load in generators.values():
+                    rows = {
+                        protocol: load(target, message, concurrency, seconds, served.metrics_port, protocol)[
+                            "rows_per_s"
+                        ]
+                        for protocol, target in targets.items()
+                    }
+                    v1 = rows["v1"]
+                    line += f"{v1:>13,.0f}{rows['oip-grpc']:>11,.0f}{rows['oip-grpc'] / v1:>7.2f}"
+                    line += f"{rows['oip-http']:>11,.0f}{rows['oip-http'] / v1:>7.2f}"
+                print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
@@ -260,7 +312,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads, server and in-process")
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each load measurement")
     parser.add_argument("--soak-seconds", type=float, default=30.0, help="duration of the RSS soak run")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (default: all)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     version = open_path(args.model)
     binarization = version.manifest["binarization"]
     pixels = load_dataset(version.manifest["training"]["dataset"], args.data_dir, progress=False).test_images
@@ -270,17 +324,16 @@ def main() -> None:
         f"model {version.name}/{version.version}, {os.cpu_count()} cores, onnxruntime threads {args.threads}"
     )
     with server(args.model, args.threads, "--shared-memory") as served:
-        throughput_table(served, local, pixels, binarization, args.seconds, generators)
-        before = rss_mb(served.pid)
-        soak = run_load(served.target, request(pixels[:64], binarization, "uint8"), 8, args.soak_seconds)
-        after = rss_mb(served.pid)
-        calls = soak["calls_per_s"] * args.soak_seconds
-        print(
-            f"\n3. Server RSS {before:.0f} MB before, {after:.0f} MB after {calls:,.0f} calls "
-            f"({args.soak_seconds:.0f} s of batch-64 uint8 Encode at concurrency 8)"
-        )
-    latency_table(args.model, args.threads, pixels, binarization, args.seconds, generators)
-    transport_ceiling(local, pixels, binarization, version.latent_size, args.seconds, generators)
+        if "1" in sections:
+            throughput_table(served, local, pixels, binarization, args.seconds, generators)
+        if "3" in sections:
+            soak_table(served, pixels, binarization, args.soak_seconds)
+        if "5" in sections:
+            protocol_table(served, version.name, pixels, binarization, args.seconds, generators)
+    if "2" in sections:
+        latency_table(args.model, args.threads, pixels, binarization, args.seconds, generators)
+    if "4" in sections:
+        transport_ceiling(local, pixels, binarization, version.latent_size, args.seconds, generators)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=export_command)
 
 
+def register_triton(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export-triton",
+        help="write an exported version as a Triton Inference Server model repository",
+        description="Write OUT/NAME-encoder and OUT/NAME-decoder (config.pbtxt for Triton's onnxruntime "
+        "backend with dynamic batching, and VERSION/model.onnx) from a verified version of the "
+        "vaeserve repository. Triton serves the graphs only: sampling, seeds and raw pixels are vaeserve's.",
+    )
+    parser.add_argument("--repo", type=Path, required=True, help="vaeserve model repository folder")
+    parser.add_argument("--name", required=True, help="model name in the repository")
+    parser.add_argument("--version", default="latest", help="version number or latest (default: latest)")
+    parser.add_argument("--out", type=Path, required=True, help="Triton model repository to write into")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=4096, help="Triton's max_batch_size (default 4096)"
+    )
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=500,
+        help="dynamic batching: most microseconds a request waits for others (default 500)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace the version if Triton's folder has it")
+    parser.set_defaults(handler=export_triton_command)
+
+
+def export_triton_command(args: argparse.Namespace) -> int:
+    from vaeserve.export.triton import TritonExport, export_triton
+    from vaeserve.repository import resolve
+
+    if args.max_batch_size < 1 or args.max_queue_delay_us < 0:
+        raise ConfigError("--max-batch-size must be at least 1 and --max-queue-delay-us not negative")
+    version = resolve(args.repo, args.name, args.version)
+    request = TritonExport(args.out, args.max_batch_size, args.max_queue_delay_us, args.force)
+    for folder in export_triton(version, request):
+        print(f"wrote {folder}/{version.version}/model.onnx and {folder}/config.pbtxt")
+    return 0
+
+
 def export_command(args: argparse.Namespace) -> int:
     require("vae export", "train", "onnx", "torch")
     from vaeserve.export.exporter import ExportRequest, export_model

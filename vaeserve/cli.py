@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(subparsers)
     training_cli.register_evaluate(subparsers)
     export_cli.register(subparsers)
+    export_cli.register_triton(subparsers)
     service_cli.register(subparsers)
     service_cli.register_health(subparsers)
     demo.register(subparsers)
