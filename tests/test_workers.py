@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,16 @@ def test_workers_serve_one_port_with_one_metrics_page(repo: Path, tmp_path: Path
         np.testing.assert_allclose(result["mean"], mean, atol=1e-6)
         np.testing.assert_allclose(result["stddev"], stddev, atol=1e-6)
     assert calls_by_code(server.metrics_port)["OK"] >= len(results)  # summed over the workers
+    # Every worker serves OIP's REST API on the one HTTP port too (a connection per call).
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x[:3].shape), "data": x[:3].tolist()}]}
+    url = f"http://{server.http}/v2/models/tiny-encoder/infer"
+    for _ in range(8):
+        answer = json.load(
+            urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode()), timeout=30)
+        )
+        np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], (3, -1)), mean[:3], atol=1e-6)
+    assert calls_by_code(server.metrics_port)["200"] >= 8
+    assert server.output().count(f"OIP HTTP on :{server.http_port}") == 2  # one line per worker
     assert server.stop() == 0, server.output()
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists()
