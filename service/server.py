@@ -88,9 +88,12 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     registry = ModelRegistry.load(settings, executor, metrics)
     metrics.models.set(len(registry.all()))
     serving = asyncio.Event()  # set once warmed up, cleared when draining: OIP's readiness
-    server, health_servicer, regions = _grpc_server(settings, registry, metrics, token, serving.is_set)
+    catalogue = Catalogue(registry)  # the models as the Open Inference Protocol names them
+    server, health_servicer, regions = _grpc_server(
+        settings, registry, catalogue, metrics, token, serving.is_set
+    )
     port = _bind(server, f"{settings.host}:{settings.port}", credentials)
-    http = await _start_http(settings, registry, metrics, token, serving.is_set)
+    http = await _start_http(settings, catalogue, metrics, token, serving.is_set)
     metrics_server = (
         metrics.serve_http(settings.host, settings.metrics_port) if settings.metrics_port else None
     )
@@ -131,7 +134,12 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
 
 
 def _grpc_server(
-    settings: ServeSettings, registry: ModelRegistry, metrics: Metrics, token: str | None, ready: Callable
+    settings: ServeSettings,
+    registry: ModelRegistry,
+    catalogue: Catalogue,
+    metrics: Metrics,
+    token: str | None,
+    ready: Callable,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, SharedMemoryRegions]:
     """vae.v1, OIP's GRPCInferenceService, health and reflection on one server."""
     interceptors = [BearerTokenInterceptor(token, metrics.refused)] if token else []
@@ -142,7 +150,7 @@ def _grpc_server(
     )
     regions = SharedMemoryRegions(settings.shared_memory)
     vae_pb2_grpc.add_VaeServiceServicer_to_server(VaeServicer(registry, metrics, regions), server)
-    oip = InferenceServicer(Catalogue(registry), metrics, ready)
+    oip = InferenceServicer(catalogue, metrics, ready)
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(oip, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -152,12 +160,12 @@ def _grpc_server(
 
 
 async def _start_http(
-    settings: ServeSettings, registry: ModelRegistry, metrics: Metrics, token: str | None, ready: Callable
+    settings: ServeSettings, catalogue: Catalogue, metrics: Metrics, token: str | None, ready: Callable
 ) -> web.AppRunner | None:
     if not settings.http_port:
         return None
     app = create_app(
-        Catalogue(registry),
+        catalogue,
         metrics,
         ready,
         token,

@@ -9,6 +9,7 @@ through the same ``check_shape``, ``from_bytes`` and ``check_values``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -105,7 +106,7 @@ def from_bytes(
     data: Buffer, dtype: np.dtype, shape: tuple[int, ...], field: str, dtype_name: str
 ) -> np.ndarray:
     """Raw little-endian row-major bytes of a checked shape → a zero-copy, read-only array."""
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) != expected:
         raise TensorError(
             f"{field}: {len(data)} bytes for shape {list(shape)} of {dtype_name}; expected {expected}"

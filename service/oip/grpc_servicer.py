@@ -15,7 +15,7 @@ from vaeserve._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from vaeserve.errors import RequestError
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
-from vaeserve.service.oip.models import Catalogue, Outputs, Params, infer
+from vaeserve.service.oip.models import NO_PARAMS, Catalogue, Outputs, Params
 from vaeserve.service.statuses import rpc
 
 PROTOCOL = "oip-grpc"
@@ -75,7 +75,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @_rpc("ModelInfer")
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        model, kind = self.catalogue.resolve(request.model_name, request.model_version)
+        endpoint = self.catalogue.resolve(request.model_name, request.model_version)
         raw = request.raw_input_contents
         if raw and len(raw) != len(request.inputs):
             raise RequestError(
@@ -85,11 +85,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         given = (
             (t.name, t.datatype, t.shape, raw[i] if raw else _values(t)) for i, t in enumerate(request.inputs)
         )
-        inputs = tensors.read_inputs(model, kind, request.model_name, given)
-        params = Params.parse({k: parameter(v) for k, v in request.parameters.items()})
-        asked = [output.name for output in request.outputs]
-        outputs = await infer(model, kind, request.model_name, inputs, params, asked)
-        return _response(request, str(model.version.version), outputs, raw=bool(raw))
+        inputs = tensors.read_inputs(endpoint, given)
+        params = (
+            Params.parse({k: parameter(v) for k, v in request.parameters.items()})
+            if request.parameters
+            else NO_PARAMS
+        )
+        outputs = await endpoint.infer(inputs, params, [output.name for output in request.outputs])
+        return _response(request, endpoint.version, outputs, raw=bool(raw))
 
 
 def _values(tensor: pb.ModelInferRequest.InferInputTensor):

@@ -22,11 +22,11 @@ import orjson
 from aiohttp import web
 
 from vaeserve import __version__
-from vaeserve.errors import ConfigError, RequestError
+from vaeserve.errors import ConfigError, RequestError, TensorError
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
 from vaeserve.service.oip.grpc_servicer import EXTENSIONS, NAME
-from vaeserve.service.oip.models import Catalogue, Outputs, Params, infer
+from vaeserve.service.oip.models import Catalogue, Endpoint, Outputs, Params
 from vaeserve.service.oip.openapi import document
 from vaeserve.service.statuses import HTTP_STATUS, KNOWN
 
@@ -158,22 +158,19 @@ class Routes:
         return json_response(self.catalogue.metadata(name, version))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        name, version = _model(request)
-        self.catalogue.resolve(name, version)  # unknown: 404
+        endpoint = self.catalogue.resolve(*_model(request))  # unknown: 404
         ready = self.ready()
-        return json_response({"name": name, "ready": ready}, 200 if ready else 503)
+        return json_response({"name": endpoint.name, "ready": ready}, 200 if ready else 503)
 
     async def infer(self, request: web.Request) -> web.Response:
-        name, version = _model(request)
-        model, kind = self.catalogue.resolve(name, version)
+        endpoint = self.catalogue.resolve(*_model(request))
         header, binary = _split(await request.read(), request.headers.get(HEADER_LENGTH))
         body = _json(header)
-        given = list(_inputs(body, binary))
-        inputs = tensors.read_inputs(model, kind, name, given)
+        inputs = tensors.read_inputs(endpoint, list(_inputs(body, binary)))
         parameters = _object(body.get("parameters", {}), "parameters")
         asked, binary_out = _outputs(body, parameters)
-        outputs = await infer(model, kind, name, inputs, Params.parse(parameters), asked)
-        response = _infer_response(name, str(model.version.version), body.get("id"), outputs, binary_out)
+        outputs = await endpoint.infer(inputs, Params.parse(parameters), asked)
+        response = _infer_response(endpoint, body.get("id"), outputs, binary_out)
         response["rows"] = len(outputs[0][1]) if outputs else 0
         return response
 
@@ -222,6 +219,8 @@ def _inputs(body: dict, binary: memoryview):
         name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise RequestError(f'inputs[{index}]: "name" and "datatype" must be strings')
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise TensorError(f"{name}: shape {shape!r}; expected a list of integers")
         size = _object(tensor.get("parameters", {}), f"{name}.parameters").get("binary_data_size")
         if size is not None:
             if type(size) is not int or size < 0 or offset + size > len(binary):
@@ -258,7 +257,7 @@ def _outputs(body: dict, parameters: dict) -> tuple[list[str], set[str] | bool]:
 
 
 def _infer_response(
-    name: str, version: str, request_id: object, outputs: Outputs, binary: set[str] | bool
+    endpoint: Endpoint, request_id: object, outputs: Outputs, binary: set[str] | bool
 ) -> web.Response:
     described, chunks = [], []
     for output, array in outputs:
@@ -270,7 +269,7 @@ def _infer_response(
         else:
             tensor["data"] = array.ravel()
         described.append(tensor)
-    body = {"model_name": name, "model_version": version, "outputs": described}
+    body = {"model_name": endpoint.name, "model_version": endpoint.version, "outputs": described}
     if isinstance(request_id, str) and request_id:
         body["id"] = request_id
     header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -15,7 +15,6 @@ seeds and results.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -158,42 +157,47 @@ KINDS = (
 )
 
 
-@functools.lru_cache(maxsize=1024)
-def inputs_of(model: ServedModel, kind: Kind) -> dict[str, Input]:
-    """The inputs of a model's kind by name, built once (every call looks them up)."""
-    return {i.spec.name: i for i in kind.inputs(model)}
+class Endpoint:
+    """One OIP model at one loaded version: its inputs and outputs, built once, since every
+    call looks them up."""
 
+    def __init__(self, name: str, model: ServedModel, kind: Kind) -> None:
+        self.name = name
+        self.model = model
+        self.kind = kind
+        self.version = str(model.version.version)
+        self.inputs = {i.spec.name: i for i in kind.inputs(model)}
+        self.outputs = kind.outputs(model)
+        self.output_names = [s.name for s in self.outputs]
 
-def input_named(model: ServedModel, kind: Kind, name: str, oip_name: str) -> Input:
-    found = inputs_of(model, kind).get(name)
-    if found is None:
-        expected = ", ".join(_describe(i.spec) for i in kind.inputs(model))
-        raise RequestError(f"input {name!r}: {oip_name} has no such input; it takes {expected}")
-    return found
+    def input(self, name: str) -> Input:
+        found = self.inputs.get(name)
+        if found is None:
+            expected = ", ".join(_describe(i.spec) for i in self.inputs.values())
+            raise RequestError(f"input {name!r}: {self.name} has no such input; it takes {expected}")
+        return found
 
+    async def infer(self, inputs: dict[str, np.ndarray], params: Params, asked: list[str]) -> Outputs:
+        """Run on decoded inputs; the outputs asked for (all it gives when none), in order."""
+        if len(inputs) != len(self.inputs):
+            missing = [_describe(i.spec) for name, i in self.inputs.items() if name not in inputs]
+            raise RequestError(f"{self.name}: missing input {', '.join(missing)}")
+        wanted = frozenset(asked)
+        if not wanted.issubset(self.output_names):
+            unknown = sorted(wanted.difference(self.output_names))
+            names = ", ".join(self.output_names)
+            raise RequestError(f"outputs {unknown}: {self.name} has no such output; its outputs: {names}")
+        out = await self.kind.run(self.model, inputs, params, wanted)
+        return [(name, out[name]) for name in (asked or [n for n in self.output_names if n in out])]
 
-async def infer(
-    model: ServedModel,
-    kind: Kind,
-    oip_name: str,
-    inputs: dict[str, np.ndarray],
-    params: Params,
-    asked: list[str],
-) -> Outputs:
-    """Run the kind on decoded inputs; the outputs asked for (all it gives when none), in order."""
-    specs = inputs_of(model, kind)
-    if len(inputs) != len(specs):
-        missing = [_describe(i.spec) for name, i in specs.items() if name not in inputs]
-        raise RequestError(f"{oip_name}: missing input {', '.join(missing)}")
-    wanted = frozenset(asked)
-    names = [s.name for s in kind.outputs(model)]
-    if not wanted <= set(names):
-        raise RequestError(
-            f"outputs {sorted(wanted - set(names))}: {oip_name} has no such output; "
-            f"its outputs: {', '.join(names)}"
-        )
-    out = await kind.run(model, inputs, params, wanted)
-    return [(name, out[name]) for name in (asked or [n for n in names if n in out])]
+    def metadata(self, versions: list[str]) -> dict:
+        return {
+            "name": self.name,
+            "versions": versions,
+            "platform": PLATFORM,
+            "inputs": [i.spec.metadata() for i in self.inputs.values()],
+            "outputs": [s.metadata() for s in self.outputs],
+        }
 
 
 def _describe(spec: TensorSpec) -> str:
@@ -201,36 +205,41 @@ def _describe(spec: TensorSpec) -> str:
 
 
 class Catalogue:
-    """Resolves OIP model names (``NAME-suffix``) and versions to a loaded model and a kind."""
+    """Resolves OIP model names (``NAME-suffix``) and versions to endpoints, each built once."""
 
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self.by_suffix = {f"-{kind.suffix}": kind for kind in KINDS}
+        # (name, version as asked) → its endpoint; only names that resolved are kept.
+        self.endpoints: dict[tuple[str, str], Endpoint] = {}
 
-    def resolve(self, name: str, version: str) -> tuple[ServedModel, Kind]:
+    def resolve(self, name: str, version: str) -> Endpoint:
+        found = self.endpoints.get((name, version))
+        if found is None:
+            found = self._endpoint(name, version)
+            if version in ("", "latest"):  # other spellings ("01") are not kept: the cache stays bounded
+                self.endpoints[name, version] = found
+        return found
+
+    def _endpoint(self, name: str, version: str) -> Endpoint:
         for suffix, kind in self.by_suffix.items():
-            if name.endswith(suffix) and len(name) > len(suffix):
-                base = name[: -len(suffix)]
-                if base in self.registry.models:
-                    return self.registry.resolve(base, version), kind
+            base = name.removesuffix(suffix)
+            if base != name and base in self.registry.models:
+                model = self.registry.resolve(base, version)
+                # One endpoint per loaded version, whichever way a request names it.
+                key = (name, str(model.version.version))
+                return self.endpoints.get(key) or self.endpoints.setdefault(key, Endpoint(name, model, kind))
         raise ModelNotFoundError(f"model {name!r} is not served here; models: {', '.join(self.names())}")
 
     def names(self) -> list[str]:
         return [f"{base}{suffix}" for base in sorted(self.registry.models) for suffix in self.by_suffix]
 
-    def versions(self, name: str) -> list[str]:
-        model, _ = self.resolve(name, "")
-        return [str(v) for v in sorted(self.registry.models[model.version.name])]
+    def versions(self, endpoint: Endpoint) -> list[str]:
+        return [str(v) for v in sorted(self.registry.models[endpoint.model.version.name])]
 
     def metadata(self, name: str, version: str) -> dict:
-        model, kind = self.resolve(name, version)
-        return {
-            "name": name,
-            "versions": self.versions(name),
-            "platform": PLATFORM,
-            "inputs": [i.spec.metadata() for i in kind.inputs(model)],
-            "outputs": [s.metadata() for s in kind.outputs(model)],
-        }
+        endpoint = self.resolve(name, version)
+        return endpoint.metadata(self.versions(endpoint))
 
     def ready(self, name: str, version: str) -> bool:
         try:
