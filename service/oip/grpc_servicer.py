@@ -19,6 +19,7 @@ from vaeserve.service.oip.models import NO_PARAMS, Catalogue, Outputs, Params
 from vaeserve.service.statuses import rpc
 
 PROTOCOL = "oip-grpc"
+DATATYPE = tensors.DATATYPE
 NAME = "vaeserve"
 EXTENSIONS = ("binary_tensor_data", "parameters")
 
@@ -104,7 +105,7 @@ def _response(
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
     for name, array in outputs:
-        datatype = tensors.datatype_of(array)
+        datatype = DATATYPE[array.dtype]
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if raw:
             response.raw_output_contents.append(array.tobytes())

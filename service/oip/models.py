@@ -76,6 +76,7 @@ class Params:
 
 
 NO_PARAMS = Params()
+NOTHING: frozenset[str] = frozenset()
 Outputs = list[tuple[str, np.ndarray]]
 Run = Callable[[ServedModel, dict[str, np.ndarray], Params, frozenset[str]], Awaitable[dict[str, np.ndarray]]]
 
@@ -182,7 +183,7 @@ class Endpoint:
         if len(inputs) != len(self.inputs):
             missing = [_describe(i.spec) for name, i in self.inputs.items() if name not in inputs]
             raise RequestError(f"{self.name}: missing input {', '.join(missing)}")
-        wanted = frozenset(asked)
+        wanted = frozenset(asked) if asked else NOTHING
         if not wanted.issubset(self.output_names):
             unknown = sorted(wanted.difference(self.output_names))
             names = ", ".join(self.output_names)

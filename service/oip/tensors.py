@@ -35,6 +35,7 @@ DTYPES = {
         "FP64": "<f8",
     }.items()
 }
+BYTES = (bytes, bytearray, memoryview)  # raw tensor data; anything else holds typed values
 DATATYPE = {np.dtype("float32"): "FP32", np.dtype("uint8"): "UINT8", np.dtype("int64"): "INT64"}
 # gRPC's InferTensorContents field of each datatype, as the specification assigns them.
 CONTENTS = {
@@ -71,7 +72,7 @@ def read(expected: Input, datatype: str, shape: Sequence[int], data: codec.Buffe
         raise TensorError(f"{spec.name}: datatype {datatype!r}; expected {' or '.join(spec.datatypes)}")
     dtype = DTYPES[datatype]
     shape = _checked_shape(expected, shape)
-    if isinstance(data, bytes | bytearray | memoryview):
+    if isinstance(data, BYTES):
         array = codec.from_bytes(data, dtype, shape, spec.name, datatype)
     else:
         array = from_values(data, dtype, shape, spec.name, datatype)
