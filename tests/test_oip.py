@@ -479,3 +479,42 @@ def test_sigterm_drains_http_calls_in_flight(repo: Path, tmp_path: Path, pixels)
     assert results == [(len(big), D)] * 16, results
     assert max(finished) > signalled, "every call ended before the signal: nothing was drained"
     assert "draining calls" in started.output() and "stopped" in started.output()
+
+
+def test_http_overload_is_refused_quickly_with_json(repo: Path, tmp_path: Path, pixels) -> None:
+    """More requests than --max-concurrent-rpcs get 503 (Retry-After), a full queue 429: each a
+    JSON error, never a hang or a 500; the server keeps answering."""
+    import aiohttp
+
+    flags = ("--max-concurrent-rpcs", "3", "--batching", "--max-queue-rows", "4096")
+    big = np.tile(pixels, (64, 1))  # 4,096 rows: one fills the queue
+    body = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": list(big.shape), "parameters": {}}]}
+
+    async def burst(url: str) -> list[tuple[int, dict, str | None]]:
+        header = json.dumps(
+            {**body, "inputs": [{**body["inputs"][0], "parameters": {"binary_data_size": big.nbytes}}]}
+        )
+        data = header.encode() + big.tobytes()
+        headers = {"Inference-Header-Content-Length": str(len(header))}
+        async with aiohttp.ClientSession() as session:
+
+            async def call() -> tuple[int, dict, str | None]:
+                async with session.post(url, data=data, headers=headers) as answer:
+                    content = await answer.read()
+                    payload = json.loads(
+                        content[: int(answer.headers.get("Inference-Header-Content-Length", len(content)))]
+                    )
+                    return answer.status, payload, answer.headers.get("Retry-After")
+
+            return await asyncio.gather(*(call() for _ in range(24)))
+
+    with servers.running(repo, tmp_path / "serve.log", *flags) as busy:
+        answers = asyncio.run(burst(f"http://{busy.http}/v2/models/tiny-encoder/infer"))
+        statuses = [status for status, _, _ in answers]
+        assert set(statuses) <= {200, 429, 503} and 200 in statuses and 503 in statuses, statuses
+        for status, payload, retry_after in answers:
+            if status == 503:
+                assert "server busy" in payload["error"] and retry_after == "1"
+            if status == 429:
+                assert "rows already queued" in payload["error"]
+        assert tritonclient_http.InferenceServerClient(busy.http).is_server_ready()
