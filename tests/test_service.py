@@ -426,6 +426,14 @@ def test_serves_on_cuda(repo: Path, tmp_path: Path, x: np.ndarray, pair: OnnxPai
     ):
         assert client.model_info()[0]["execution_provider"] == "CUDAExecutionProvider"
         np.testing.assert_allclose(client.encode(x)["mean"], pair.encode(x)[0], atol=1e-4)
+        # The Open Inference Protocol runs on the same CUDA data plane (REST, plain JSON).
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [4, D], "data": x[:4].tolist()}]}
+        url = f"http://{gpu.http}/v2/models/tiny-encoder/infer"
+        answer = json.load(
+            urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode()), timeout=30)
+        )
+        mean = np.asarray(answer["outputs"][0]["data"], np.float32).reshape(4, M)
+        np.testing.assert_allclose(mean, pair.encode(x[:4])[0], atol=1e-4)
 
 
 def test_client_retries_unavailable_with_backoff() -> None:

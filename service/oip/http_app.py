@@ -11,7 +11,6 @@ code from ``statuses.HTTP_STATUS``; the bearer token guards everything but healt
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -33,7 +32,8 @@ from vaeserve.service.statuses import HTTP_STATUS, KNOWN
 log = logging.getLogger("vaeserve.service")
 PROTOCOL = "oip-http"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# Open without the token: health (orchestrators probe it) and the API description.
+# Open without the token and past the in-flight limit: health (orchestrators probe it) and
+# the API description.
 OPEN_ROUTES = frozenset({"ServerLive", "ServerReady", "ModelReady", "OpenAPI"})
 JSON = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -92,10 +92,11 @@ class Guard:
     async def _answer(
         self, request: web.Request, handler: Handler, method: str
     ) -> tuple[web.StreamResponse, int]:
-        if self.expected is not None and method not in OPEN_ROUTES and not self._authorized(request):
+        open_route = method in OPEN_ROUTES
+        if self.expected is not None and not open_route and not self._authorized(request):
             message = "missing or invalid bearer token (header 'Authorization: Bearer <token>')"
             return error(401, message, **{"WWW-Authenticate": "Bearer"}), 0
-        if self.in_flight >= self.max_in_flight:
+        if self.in_flight >= self.max_in_flight and not open_route:  # probes still get an answer
             message = (
                 f"server busy: {self.in_flight} requests in progress (limit {self.max_in_flight}); retry"
             )
@@ -107,8 +108,6 @@ class Guard:
             return error(HTTP_STATUS.get(type(exc), 400), str(exc)), 0
         except web.HTTPException as exc:  # the router's 404 and 405, the body-size limit's 413
             return error(exc.status, _reason(exc, request), **_allow(exc)), 0
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return error(500, f"{method}: internal error (see the server log)"), 0
