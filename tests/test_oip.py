@@ -386,6 +386,8 @@ def test_http_errors_are_json_with_precise_codes(server) -> None:
 def test_metrics_count_calls_by_protocol(server, pixels) -> None:
     grpc_infer(server, "tiny-encoder", {"x": pixels[:2]})
     http_infer(server, "tiny-encoder", {"x": pixels[:2]})
+    with pytest.raises(InferenceServerException):
+        http_infer(server, "tiny-nothing", {"x": pixels[:2]})
     text = (
         urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     )
@@ -518,3 +520,25 @@ def test_http_overload_is_refused_quickly_with_json(repo: Path, tmp_path: Path, 
             if status == 429:
                 assert "rows already queued" in payload["error"]
         assert tritonclient_http.InferenceServerClient(busy.http).is_server_ready()
+
+
+def test_a_client_gone_mid_request_is_counted_499_not_500(server) -> None:
+    """A client that closes its connection halfway through the body (as a load generator does when
+    its time is up) is no server error: counted as 499, nothing logged as a failure."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        head = "POST /v2/models/tiny-encoder/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        sock.sendall(head.encode() + b"{" * 1000)
+    deadline = time.monotonic() + 10
+    page = ""
+    while time.monotonic() < deadline and 'code="499"' not in page:
+        time.sleep(0.1)
+        page = (
+            urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
+    assert 'vaeserve_requests_total{code="499",method="ModelInfer",protocol="oip-http"}' in page
+    assert 'code="500"' not in page and "Traceback" not in server.output()
+    assert tritonclient_http.InferenceServerClient(server.http).is_server_live()

@@ -36,6 +36,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # the API description.
 OPEN_ROUTES = frozenset({"ServerLive", "ServerReady", "ModelReady", "OpenAPI"})
 JSON = "application/json"
+# Counted for a request whose client went away before the answer (nginx's code for it).
+CLIENT_CLOSED = 499
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -108,6 +110,9 @@ class Guard:
             return error(HTTP_STATUS.get(type(exc), 400), str(exc)), 0
         except web.HTTPException as exc:  # the router's 404 and 405, the body-size limit's 413
             return error(exc.status, _reason(exc, request), **_allow(exc)), 0
+        except ConnectionResetError:  # the client left mid-request: its failure, not the server's
+            log.debug("%s %s: the client closed the connection", request.method, request.path)
+            return error(CLIENT_CLOSED, "client closed the connection"), 0
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             return error(500, f"{method}: internal error (see the server log)"), 0
