@@ -68,7 +68,9 @@ class ServeSettings:
         "glibc: MiB of freed heap kept for the next calls' message buffers instead of fresh "
         "pages each call (0: glibc's defaults)",
     )
-    max_concurrent_rpcs: int = option(512, "calls in progress before new ones get RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = option(
+        512, "calls in progress on each port before new ones are refused (gRPC RESOURCE_EXHAUSTED, HTTP 503)"
+    )
     metrics_port: int = option(9464, "Prometheus metrics HTTP port (0: off)")
     grace_s: float = option(10.0, "on SIGTERM, seconds to finish calls in flight")
     token_file: Path | None = option(None, "file holding the bearer token clients must send")
