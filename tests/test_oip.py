@@ -542,3 +542,18 @@ def test_a_client_gone_mid_request_is_counted_499_not_500(server) -> None:
     assert 'vaeserve_requests_total{code="499",method="ModelInfer",protocol="oip-http"}' in page
     assert 'code="500"' not in page and "Traceback" not in server.output()
     assert tritonclient_http.InferenceServerClient(server.http).is_server_live()
+
+
+def test_compressed_http_bodies_as_tritonclient_sends_them(server, pixels) -> None:
+    client = tritonclient_http.InferenceServerClient(server.http)
+    x = tritonclient_http.InferInput("x", list(pixels[:8].shape), "UINT8")
+    x.set_data_from_numpy(pixels[:8], binary_data=True)
+    plain = client.infer("tiny-encoder", [x]).as_numpy("mean")
+    for algorithm in ("gzip", "deflate"):
+        squeezed = client.infer(
+            "tiny-encoder",
+            [x],
+            request_compression_algorithm=algorithm,
+            response_compression_algorithm=algorithm,
+        )
+        np.testing.assert_array_equal(squeezed.as_numpy("mean"), plain)
