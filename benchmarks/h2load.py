@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.wire import GRPC_PATHS, grpc_body, rest_request
 from vaeserve._proto import vae_pb2
+from vaeserve.bench import GRPC_PATHS, grpc_body, rest_request
 
 # Status codes of calls that succeeded: gRPC's over gRPC, HTTP's over REST.
 OK_CODES = ("OK", "200")

@@ -128,7 +128,7 @@ Load = Callable[..., dict[str, float]]
 def python_load(
     target: str, message, concurrency: int, seconds: float, _metrics_port: int | None, protocol: str = "v1"
 ):
-    """The Python generator, which checks statuses itself (a failed call raises)."""
+    """The Python generator, which reads every call's status itself: any failure is refused."""
     return run_load(target, message, concurrency, seconds, protocol=protocol)
 
 

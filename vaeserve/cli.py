@@ -29,7 +29,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vaeserve import demo
+    from vaeserve import bench, demo
     from vaeserve.embed import cli as embed_cli
     from vaeserve.export import cli as export_cli
     from vaeserve.service import cli as service_cli
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     service_cli.register_health(subparsers)
     demo.register(subparsers)
     embed_cli.register(subparsers)
+    bench.register(subparsers)
     return parser
 
 
