@@ -1,6 +1,6 @@
 """gRPC and REST load from h2load (nghttp2's HTTP/2 and HTTP/1.1 benchmarking tool, in C).
 
-The Python load generator (benchmarks/load.py) spends about as much CPU per call as the
+The Python load generator (vaeserve/bench.py, `vae bench`) spends about as much CPU per call as the
 server does, and on a 2-core machine it takes that CPU from the server: past ~3,000 calls/s
 what it measures is itself. h2load sends the same gRPC message (a 5-byte frame header and
 the serialized request) on ``concurrency`` connections, one call in flight on each, with a

@@ -17,9 +17,12 @@ load generator in a separate process measures:
    in-process encoder (the ceiling of the bytes column in 1);
 5. the same Encode calls over vae.v1, the Open Inference Protocol's gRPC (ModelInfer on
    NAME-encoder, raw tensors) and its REST API (binary tensors), on the cells of 1 and 2,
-   side by side on one server, with each load generator.
+   side by side on one server, with each load generator;
+6. vaeserve with its defaults (vae.v1 and OIP gRPC) beside Triton Inference Server 2.51 serving
+   the same encoder (benchmarks/triton_peer.py), on the cells issue 14 names; skipped with a
+   message where the peer cannot be installed.
 
-The load comes from the Python generator (benchmarks/load.py) and, where h2load is
+The load comes from the Python generator (`vae bench`'s, vaeserve/bench.py) and, where h2load is
 installed (`apt-get install nghttp2-client`), also from h2load, a C generator that leaves
 the server the CPU a Python client would take (benchmarks/h2load.py).
 """
@@ -41,7 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from benchmarks import h2load
+from benchmarks import h2load, triton_peer
 from benchmarks.load import noop_server, run_load
 from benchmarks.timing import rows_per_second
 from vaeserve._proto import vae_pb2
@@ -311,6 +314,62 @@ def protocol_table(
                 print(line, flush=True)
 
 
+# The cells the Triton comparison is judged on (issue 14): (batch, concurrency), float32 bytes.
+PEER_CELLS = ((1, 1), (1, 8), (256, 1), (256, 4), (1024, 1), (1024, 4))
+
+
+def triton_table(
+    model: Path,
+    version: ModelVersion,
+    pixels: np.ndarray,
+    seconds: float,
+    generators: dict[str, Load],
+    repeats: int,
+    threads: int,
+) -> None:
+    """vaeserve (defaults; vae.v1 and OIP gRPC) beside Triton serving the same encoder, both up at
+    once, the three taking turns per cell; medians."""
+    prepared = triton_peer.prepare()
+    if isinstance(prepared, str):
+        print(f"\n6. {prepared}")
+        return
+    tritonserver, site = prepared
+    print(
+        f"\n6. vaeserve beside Triton 2.51, float32 bytes (calls/s at batch 1, else rows/s; {repeats} turns)"
+    )
+    columns = ("vae.v1", "ratio", "OIP gRPC", "ratio", "Triton")
+    print(
+        f"{'batch':>6}{'conc':>6}{'load':>8}" + "".join(f"{c:>{7 if c == 'ratio' else 11}}" for c in columns)
+    )
+    encoder = version.graph_path("encoder")
+    peer = triton_peer.triton(
+        tritonserver, site, encoder, version.name, version.input_size, free_port(), threads
+    )
+    with server(model, threads) as served, peer as triton_target:
+        targets = {
+            "v1": (served.target, "v1"),
+            "oip": (served.target, "oip-grpc"),
+            "triton": (triton_target, "oip-grpc"),
+        }
+        for batch, concurrency in PEER_CELLS:
+            message = request(pixels[:batch], version.manifest["binarization"], "float32", version.name)
+            figure = "calls_per_s" if batch == 1 else "rows_per_s"
+            for name, load in generators.items():
+                turns: dict[str, list[float]] = {label: [] for label in targets}
+                for _ in range(repeats):
+                    for label, (target, protocol) in targets.items():
+                        metrics = served.metrics_port if target == served.target else None
+                        turns[label].append(
+                            load(target, message, concurrency, seconds, metrics, protocol)[figure]
+                        )
+                v1, oip, peer_rate = (float(np.median(turns[label])) for label in targets)
+                print(
+                    f"{batch:>6}{concurrency:>6}{name:>8}{v1:>11,.0f}{v1 / peer_rate:>7.2f}"
+                    f"{oip:>11,.0f}{oip / peer_rate:>7.2f}{peer_rate:>11,.0f}",
+                    flush=True,
+                )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True, help="models/NAME/VERSION")
@@ -318,7 +377,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads, server and in-process")
     parser.add_argument("--seconds", type=float, default=2.0, help="duration of each load measurement")
     parser.add_argument("--soak-seconds", type=float, default=30.0, help="duration of the RSS soak run")
-    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (default: all)")
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which sections to run (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="section 5: turns of each protocol per cell")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
@@ -341,6 +400,8 @@ def main() -> None:
         latency_table(args.model, args.threads, pixels, binarization, args.seconds, generators)
     if "4" in sections:
         transport_ceiling(local, pixels, binarization, version.latent_size, args.seconds, generators)
+    if "6" in sections:
+        triton_table(args.model, version, pixels, args.seconds, generators, args.repeats, args.threads)
 
 
 if __name__ == "__main__":

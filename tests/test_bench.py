@@ -51,6 +51,8 @@ def test_bad_targets_and_flags_are_one_line_errors(server) -> None:
     http = ("bench", "--target", "127.0.0.1:1", "--protocol", "oip-http", "--model", "tiny")
     assert_one_line_error(vae(*http), 1, "cannot read http://127.0.0.1:1/v2/models/tiny-encoder")
     assert_one_line_error(vae("bench", "--target", server.http, "--protocol", "oip-http"), 1, "needs --model")
+    unknown = vae("bench", "--target", server.target, "--protocol", "oip-grpc", "--model", "nothing")
+    assert_one_line_error(unknown, 1, "nothing-encoder's metadata: NOT_FOUND")
     too_many = vae(
         "bench", "--target", server.target, "--batch", "65", "--concurrency", "1", "--seconds", "0.2"
     )

@@ -331,6 +331,8 @@ def discover(protocol: str, target: str, model: str) -> tuple[str, int]:
         except (OSError, ValueError) as exc:
             raise LoadError(f"cannot read {url}: {first_line(exc)}") from None
         return model, int(metadata["inputs"][0]["shape"][1])
+    if protocol == "oip-grpc" and model:  # any OIP server (Triton too) answers ModelMetadata
+        return model, _oip_input_size(target, f"{model}-encoder")
     from vaeserve.client import VaeClient
 
     with VaeClient(target, timeout=10) as client:
@@ -340,6 +342,21 @@ def discover(protocol: str, target: str, model: str) -> tuple[str, int]:
             raise LoadError(f"cannot ask {target} for its models: {exc}") from None
     chosen = next((i for i in infos if i["is_default"]), infos[0]) if not model else infos[0]
     return chosen["name"], int(chosen["input_size"])
+
+
+def _oip_input_size(target: str, name: str) -> int:
+    from vaeserve._proto import grpc_predict_v2_pb2 as pb  # see oip_request
+    from vaeserve._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=name), timeout=10)
+        except grpc.RpcError as exc:
+            raise LoadError(
+                f"cannot ask {target} for {name}'s metadata: {exc.code().name}: {exc.details()}"
+            ) from None
+    return int(metadata.inputs[0].shape[-1])
 
 
 def _counts(text: str, flag: str) -> list[int]:
