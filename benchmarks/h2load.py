@@ -72,7 +72,7 @@ def run_h2load(
     protocol: str = "v1",
 ) -> dict[str, float]:
     """Calls/s, rows/s and latency percentiles (ms) of Encode calls sent by h2load over
-    ``protocol`` (wire.PROTOCOLS). With ``metrics_port`` the server's counters must show every
+    ``protocol`` (vaeserve.bench.PROTOCOLS). With ``metrics_port`` the server's counters must show every
     call OK."""
     before = calls_by_code(metrics_port) if metrics_port else {}
     url, data, flags = request_of(protocol, target, message)

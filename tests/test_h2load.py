@@ -46,7 +46,7 @@ def test_load_generators_speak_every_protocol(repo: Path, tmp_path: Path) -> Non
         for protocol, target in targets.items():
             result = run_load(target, message, 2, 0.3, protocol=protocol)
             assert result["calls_per_s"] > 0 and result["rows_per_s"] == 2 * result["calls_per_s"]
-        if h2load.available():  # the parent builds h2load's body: REST only (see wire.oip_request)
+        if h2load.available():  # the parent builds h2load's body: REST only (see bench.oip_request)
             result = h2load.run_h2load(server.http, message, 2, 0.5, server.metrics_port, "oip-http")
             assert result["calls_per_s"] > 0
         page = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()

@@ -237,7 +237,7 @@ def run_load(
     protocol: str = "v1",
 ) -> dict[str, float]:
     """Calls/s, rows/s and latency percentiles (ms) measured by a separate process; ``protocol``
-    is one of wire.PROTOCOLS (``target`` the HTTP port's for oip-http)."""
+    is one of PROTOCOLS (``target`` the HTTP port's for oip-http)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     args = (protocol, target, request.SerializeToString(), concurrency, seconds, shared, queue)
