@@ -97,7 +97,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _values(tensor: pb.ModelInferRequest.InferInputTensor):
-    return getattr(tensor.contents, tensors.contents_field(tensor.datatype))
+    """The typed values of an input; none for a datatype no model here takes (read() says so)."""
+    field = tensors.CONTENTS.get(tensor.datatype)
+    return getattr(tensor.contents, field) if field else ()
 
 
 def _response(

@@ -265,7 +265,7 @@ def _infer_response(
 ) -> web.Response:
     described, chunks = [], []
     for output, array in outputs:
-        tensor = {"name": output, "datatype": tensors.datatype_of(array), "shape": list(array.shape)}
+        tensor = {"name": output, "datatype": tensors.DATATYPE[array.dtype], "shape": list(array.shape)}
         if binary is True or output in binary:
             chunk = np.ascontiguousarray(array).tobytes()
             tensor["parameters"] = {"binary_data_size": len(chunk)}

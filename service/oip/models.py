@@ -88,7 +88,6 @@ class Kind:
     suffix: str
     inputs: Callable[[ServedModel], tuple[Input, ...]]
     outputs: Callable[[ServedModel], tuple[TensorSpec, ...]]
-    optional: frozenset[str]  # outputs given only with parameter sample (or when asked for)
     run: Run
 
 
@@ -131,28 +130,24 @@ KINDS = (
         "encoder",
         _x,
         lambda m: _specs(m, ("mean", "FP32", "M"), ("stddev", "FP32", "M"), ("z", "FP32", "M")),
-        frozenset({"z"}),
         _encode,
     ),
     Kind(
         "decoder",
         _z,
         lambda m: _specs(m, ("probs", "FP32", "D"), ("samples", "UINT8", "D")),
-        frozenset({"samples"}),
         _decode,
     ),
     Kind(
         "reconstruct",
         _x,
         lambda m: _specs(m, ("probs", "FP32", "D"), ("samples", "UINT8", "D"), ("latents", "FP32", "M")),
-        frozenset(),
         _reconstruct,
     ),
     Kind(
         "sample-prior",
         _count,
         lambda m: _specs(m, ("latents", "FP32", "M"), ("probs", "FP32", "D"), ("samples", "UINT8", "D")),
-        frozenset(),
         _sample_prior,
     ),
 )

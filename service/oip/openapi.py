@@ -56,7 +56,9 @@ def _errors(*codes: int) -> dict:
     return {str(code): _json(_ERROR, meaning[code]) for code in codes}
 
 
-def _model_paths(prefix: str, parameters: list[dict]) -> dict:
+def _model_paths(prefix: str, parameters: list[dict], suffix: str) -> dict:
+    """The paths of one model (``suffix`` "") or of one version of it ("Version"); operation ids
+    are the server's route names."""
     infer_body = {
         "required": True,
         "description": "JSON; or (binary tensor data extension) the JSON request, "
@@ -78,7 +80,7 @@ def _model_paths(prefix: str, parameters: list[dict]) -> dict:
         prefix: {
             "get": {
                 "summary": "Model metadata",
-                "operationId": f"ModelMetadata{len(parameters)}",
+                "operationId": f"ModelMetadata{suffix}",
                 "parameters": parameters,
                 "responses": {
                     "200": _json({"$ref": "#/components/schemas/ModelMetadata"}, "The model"),
@@ -89,7 +91,7 @@ def _model_paths(prefix: str, parameters: list[dict]) -> dict:
         f"{prefix}/ready": {
             "get": {
                 "summary": "Model ready",
-                "operationId": f"ModelReady{len(parameters)}",
+                "operationId": f"ModelReady{suffix}",
                 "parameters": parameters,
                 "responses": {"200": _json({"type": "object"}, "Ready"), **_errors(404, 503)},
             }
@@ -97,7 +99,7 @@ def _model_paths(prefix: str, parameters: list[dict]) -> dict:
         f"{prefix}/infer": {
             "post": {
                 "summary": "Inference",
-                "operationId": f"ModelInfer{len(parameters)}",
+                "operationId": f"ModelInfer{suffix}",
                 "parameters": [*parameters, header],
                 "requestBody": infer_body,
                 "responses": {
@@ -179,8 +181,8 @@ def document() -> dict:
             "/v2/health/ready": simple("Server ready", "ServerReady", {"type": "object"}, 503),
             "/v2": simple("Server metadata", "ServerMetadata", server_metadata, 401),
             "/v2/openapi.json": simple("This document", "OpenAPI", {"type": "object"}),
-            **_model_paths("/v2/models/{model}", [model]),
-            **_model_paths("/v2/models/{model}/versions/{version}", [model, version]),
+            **_model_paths("/v2/models/{model}", [model], ""),
+            **_model_paths("/v2/models/{model}/versions/{version}", [model, version], "Version"),
         },
         "components": {
             "schemas": {

@@ -17,40 +17,12 @@ from vaeserve import codec
 from vaeserve.errors import RequestError, TensorError
 from vaeserve.service.oip.models import Endpoint, Input
 
-# The specification's datatypes that map onto numpy (BYTES does not; no model here takes it).
-DTYPES = {
-    name: np.dtype(code)
-    for name, code in {
-        "BOOL": "?",
-        "UINT8": "u1",
-        "UINT16": "<u2",
-        "UINT32": "<u4",
-        "UINT64": "<u8",
-        "INT8": "i1",
-        "INT16": "<i2",
-        "INT32": "<i4",
-        "INT64": "<i8",
-        "FP16": "<f2",
-        "FP32": "<f4",
-        "FP64": "<f8",
-    }.items()
-}
+# The specification's datatypes the models here take or give, as numpy dtypes, and the field of
+# gRPC's InferTensorContents that carries each (the specification puts UINT8 in uint_contents).
+DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1"), "INT64": np.dtype("<i8")}
+DATATYPE = {dtype.newbyteorder("="): name for name, dtype in DTYPES.items()}
+CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents", "INT64": "int64_contents"}
 BYTES = (bytes, bytearray, memoryview)  # raw tensor data; anything else holds typed values
-DATATYPE = {np.dtype("float32"): "FP32", np.dtype("uint8"): "UINT8", np.dtype("int64"): "INT64"}
-# gRPC's InferTensorContents field of each datatype, as the specification assigns them.
-CONTENTS = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
 
 
 def read_inputs(
@@ -115,15 +87,3 @@ def from_values(
                 f"{field}: values span [{array.min()}, {array.max()}]; {datatype} holds {low} to {high}"
             )
     return array.astype(dtype, copy=False).reshape(shape)
-
-
-def datatype_of(array: np.ndarray) -> str:
-    return DATATYPE[array.dtype]
-
-
-def contents_field(datatype: str) -> str:
-    if datatype not in CONTENTS:
-        raise TensorError(
-            f"datatype {datatype!r}: not one this server reads; expected one of {list(CONTENTS)}"
-        )
-    return CONTENTS[datatype]
