@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,7 +72,8 @@ class Served(NamedTuple):
 
 
 @contextlib.contextmanager
-def server(model: Path, threads: int, *flags: str, workers: int = 1) -> Iterator[Served]:
+def server(model: Path, threads: int | None, *flags: str, workers: int | None = 1) -> Iterator[Served]:
+    """`vae serve` on free ports; ``threads`` or ``workers`` None: the server's own default."""
     port, metrics_port, http_port = free_port(), free_port(), free_port()
     command = [
         sys.executable,
@@ -92,23 +94,21 @@ def server(model: Path, threads: int, *flags: str, workers: int = 1) -> Iterator
         str(metrics_port),
         "--http-port",
         str(http_port),
-        "--threads",
-        str(threads),
-        "--workers",
-        str(workers),
+        *(["--threads", str(threads)] if threads is not None else []),
+        *(["--workers", str(workers)] if workers is not None else []),
         *flags,
     ]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
         try:
-            _wait_serving(process, log, f"127.0.0.1:{port}", workers)
+            _wait_serving(process, log, f"127.0.0.1:{port}")
             yield Served(f"127.0.0.1:{port}", process.pid, metrics_port, f"127.0.0.1:{http_port}")
         finally:
             process.terminate()
             process.wait(60)
 
 
-def _wait_serving(process: subprocess.Popen, log, target: str, workers: int) -> None:
+def _wait_serving(process: subprocess.Popen, log, target: str) -> None:
     """Until SERVING and, with workers, until the supervisor says every one is (a health
     check reaches only one of them)."""
     with VaeClient(target, timeout=5) as client:
@@ -116,7 +116,9 @@ def _wait_serving(process: subprocess.Popen, log, target: str, workers: int) -> 
     deadline = time.monotonic() + 60
     while serving and time.monotonic() < deadline:
         log.seek(0)
-        if workers == 1 or f"all {workers} workers serving" in log.read():
+        text = log.read()
+        supervising = re.search(r"supervising (\d+) workers", text)
+        if not supervising or f"all {supervising.group(1)} workers serving" in text:
             return
         time.sleep(0.1)
     process.kill()
@@ -216,7 +218,7 @@ def latency_table(
     generators: dict[str, Load],
 ) -> None:
     print("\n2. Batch-1 Encode calls from a separate process")
-    print(f"{'server':<28}{'load':>8}{'conc':>6}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    print(f"{'server':<34}{'load':>8}{'conc':>6}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
     one = request(pixels[:1], binarization, "float32")
     latents = to_tensor(np.zeros((1, open_path(model).latent_size), np.float32))
     answer = vae_pb2.EncodeResponse(mean=latents, stddev=latents)
@@ -226,15 +228,15 @@ def latency_table(
             for concurrency in (1, 8):
                 r = load(target, one, concurrency, seconds, metrics_port)
                 print(
-                    f"{label:<28}{name:>8}{concurrency:>6}{r['calls_per_s']:>10,.0f}"
+                    f"{label:<34}{name:>8}{concurrency:>6}{r['calls_per_s']:>10,.0f}"
                     f"{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                 )
 
     with noop_server(free_port(), answer) as target:
         rows("no-op grpc.aio (ceiling)", target, None)
     for label, flags, workers in (
-        ("vae serve --batching", ("--batching",), 1),
-        ("vae serve --no-batching", ("--no-batching",), 1),
+        ("vae serve --workers 1 --batching", ("--batching",), 1),
+        ("vae serve --workers 1", (), 1),
         ("vae serve --workers 2", (), 2),
     ):
         # Workers share the same threads out: one each of the two.
@@ -345,7 +347,7 @@ def triton_table(
     peer = triton_peer.triton(
         tritonserver, site, encoder, version.name, version.input_size, free_port(), threads
     )
-    with server(model, threads) as served, peer as triton_target:
+    with server(model, None, workers=None) as served, peer as triton_target:
         targets = {
             "v1": (served.target, "v1"),
             "oip": (served.target, "oip-grpc"),

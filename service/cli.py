@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     from vaeserve.service.server import repo_exists, serve
 
-    settings = ServeSettings(**values(args, ServeSettings)).validate()
+    settings = ServeSettings(**values(args, ServeSettings)).validate().with_workers()
     repo_exists(settings.repo)
     logging.getLogger("vaeserve").info("starting vae serve with %s", settings)
     if settings.workers > 1:

@@ -29,13 +29,20 @@ def _seed(request) -> int | None:
     return request.seed if request.HasField("seed") else None
 
 
+# The tensor whose first dimension counts a response's rows, for the rows-processed metric.
+_ROWS_FIELD = {
+    vae_pb2.EncodeResponse: "mean",
+    vae_pb2.DecodeResponse: "probs",
+    vae_pb2.ReconstructResponse: "probs",
+    vae_pb2.SamplePriorResponse: "probs",
+}
+
+
 def _rows(response) -> int:
-    """Rows a response carries, for the rows-processed metric."""
-    fields = response.DESCRIPTOR.fields_by_name
-    for name in ("mean", "probs"):
-        if name in fields and response.HasField(name):
-            return int(getattr(response, name).shape[0])
-    return 0
+    """Rows a response carries (none when its outputs went to shared memory)."""
+    field = _ROWS_FIELD.get(type(response))
+    shape = getattr(response, field).shape if field else ()
+    return shape[0] if shape else 0
 
 
 def _rpc(method: str) -> Callable:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from vaeserve.errors import ConfigError
 from vaeserve.flags import option
-from vaeserve.runtime import DEVICES
+from vaeserve.runtime import DEVICES, usable_cores
 
 ENV_PREFIX = "VAESERVE_"
 VARIANTS = ("fp32", "int8", "fp16")
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+# --workers 0 starts one worker per usable core up to this many: each loads every model, and past
+# a few workers the loop threads are no longer what limits calls/s.
+MAX_AUTO_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,10 @@ class ServeSettings:
         "auto", "auto: uvloop when installed (less CPU per call), else asyncio's own", EVENT_LOOPS
     )
     workers: int = option(
-        1,
-        "server processes sharing the port (SO_REUSEPORT); more than 1 lifts the one-event-loop "
-        "limit on calls/s, each worker loading every model",
+        0,
+        "server processes sharing the port (SO_REUSEPORT), each loading every model; more than 1 "
+        f"lifts the one-event-loop limit on calls/s (0: one per usable core, at most {MAX_AUTO_WORKERS}; "
+        "1 with --port 0)",
     )
     threads: int = option(
         0,
@@ -88,7 +93,6 @@ class ServeSettings:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         for name in (
-            "workers",
             "batch_max_rows",
             "max_request_rows",
             "max_queue_rows",
@@ -97,6 +101,8 @@ class ServeSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}: expected 0 (one per core) or a count of processes")
         if self.workers > 1 and self.port == 0:
             raise ConfigError(f"--workers {self.workers}: needs a fixed --port (0 gives each worker its own)")
         if min(self.batch_max_delay_ms, self.grace_s, self.threads, self.heap_keep_mb, self.http_port) < 0:
@@ -105,6 +111,14 @@ class ServeSettings:
                 "must not be negative"
             )
         return self
+
+    def with_workers(self) -> ServeSettings:
+        """--workers 0 made concrete: one per usable core (at most MAX_AUTO_WORKERS), or one when
+        the port is 0 (each worker would get a port of its own)."""
+        if self.workers:
+            return self
+        workers = 1 if self.port == 0 else min(usable_cores(), MAX_AUTO_WORKERS)
+        return dataclasses.replace(self, workers=workers)
 
     def read_token(self) -> str | None:
         if self.token_file is None:

@@ -78,7 +78,32 @@ def test_a_worker_that_dies_stops_the_service(repo: Path, tmp_path: Path) -> Non
 
 def test_workers_need_a_fixed_port() -> None:
     assert_one_line_error(vae("serve", "--workers", "2", "--port", "0"), 1, "--workers 2", "fixed --port")
-    assert_one_line_error(vae("serve", "--workers", "0"), 1, "--workers must be at least 1")
+    assert_one_line_error(vae("serve", "--workers", "-1"), 1, "--workers -1", "one per core")
+
+
+def test_workers_default_to_one_per_usable_core() -> None:
+    from vaeserve.runtime import usable_cores
+    from vaeserve.service.settings import MAX_AUTO_WORKERS, ServeSettings
+
+    assert ServeSettings().workers == 0  # the default: decided at start
+    assert ServeSettings().with_workers().workers == min(usable_cores(), MAX_AUTO_WORKERS)
+    assert ServeSettings(port=0).with_workers().workers == 1  # each worker would get its own port
+    assert ServeSettings(workers=3).with_workers().workers == 3
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "quota"), [("150000 100000\n", 1.5), ("max 100000\n", None), ("garbage", None)]
+)
+def test_a_container_cpu_quota_narrows_the_usable_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_max: str, quota: float | None
+) -> None:
+    from vaeserve import runtime
+
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    monkeypatch.setattr(runtime, "CGROUP_V2", tmp_path / "cpu.max")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert runtime.cgroup_cpu_quota() == quota
+    assert runtime.usable_cores() == (2 if quota else 4)  # 1.5 CPUs of time: two threads, not four
 
 
 @pytest.mark.parametrize("workers", ["1", "3"])

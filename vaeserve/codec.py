@@ -30,11 +30,11 @@ SharedBytes = Callable[[vae_pb2.SharedMemoryRef, int, str], memoryview]
 
 def to_tensor(array: np.ndarray) -> vae_pb2.Tensor:
     """float32 or uint8 array → Tensor."""
-    if array.dtype == np.uint8:
-        dtype, data = UINT8, np.ascontiguousarray(array)
-    else:
-        dtype, data = FLOAT32, np.ascontiguousarray(array, dtype="<f4")
-    return vae_pb2.Tensor(shape=array.shape, dtype=dtype, data=data.tobytes())
+    dtype = UINT8 if array.dtype == np.uint8 else FLOAT32
+    if dtype == FLOAT32 and array.dtype != _WIRE[FLOAT32]:
+        array = array.astype("<f4")
+    # tobytes() copies in C order whatever the layout: no separate contiguous copy first.
+    return vae_pb2.Tensor(shape=array.shape, dtype=dtype, data=array.tobytes())
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ The one place that opens ONNX sessions: the export checks, ``vae evaluate
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -24,8 +25,30 @@ CPU = "CPUExecutionProvider"
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which containers may narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Cores this process may use: its CPU affinity, narrowed by a cgroup CPU quota (a container
+    limited to 2 CPUs on a 64-core host sees all 64 in its affinity, and gets 2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+# cgroup v2's single file, then v1's pair: "max" or -1 mean no quota.
+CGROUP_V2 = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1 = (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+
+
+def cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time this container may use per period, or None without a limit."""
+    try:
+        if CGROUP_V2.exists():
+            quota, period = CGROUP_V2.read_text().split()[:2]
+        else:
+            quota, period = (path.read_text().strip() for path in CGROUP_V1)
+        if quota in ("max", "-1"):
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
 
 
 def choose_providers(device: str) -> list[str]:
