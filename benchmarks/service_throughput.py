@@ -239,8 +239,8 @@ def latency_table(
         ("vae serve --workers 1", (), 1),
         ("vae serve --workers 2", (), 2),
     ):
-        # Workers share the same threads out: one each of the two.
-        with server(model, max(1, threads // workers), *flags, workers=workers) as served:
+        # Each worker may use every thread, as `vae serve` gives them by default.
+        with server(model, threads, *flags, workers=workers) as served:
             rows(label, served.target, served.metrics_port)
 
 
