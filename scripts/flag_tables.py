@@ -18,6 +18,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"(<!-- flags: ([\w-]+) -->\n)(.*?)(<!-- /flags -->)", re.DOTALL)
 # `vae serve`'s help ends "[env VAESERVE_X; default: D]"; other commands' "(default: D)".
 ENV_HELP = re.compile(r"\s*\[env (\w+); default: (.*)\]$", re.DOTALL)
+PLAIN_DEFAULT = re.compile(r"\s*\(default: ([^()]*)\)$")
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -34,7 +35,9 @@ def table(parser: argparse.ArgumentParser) -> str:
     if not with_env:
         head = "| flag | default | meaning |\n|---|---|---|\n"
     lines = [
-        f"| `{flag}` | `{env}` | {default} | {meaning} |" if with_env else f"| `{flag}` | {default} | {meaning} |"
+        f"| `{flag}` | `{env}` | {default} | {meaning} |"
+        if with_env
+        else f"| `{flag}` | {default} | {meaning} |"
         for flag, env, default, meaning in rows
     ]
     return head + "\n".join(lines) + "\n"
@@ -50,6 +53,8 @@ def _row(action: argparse.Action) -> tuple[str, str, str, str]:
     if found:
         env, default = found.group(1), found.group(2)
         meaning = meaning[: found.start()]
+    elif plain := PLAIN_DEFAULT.search(meaning):
+        default, meaning = plain.group(1), meaning[: plain.start()]
     meaning = meaning.replace("|", "\\|")
     return flag, env, default, meaning
 

@@ -250,7 +250,7 @@ class Direct:
 
     async def submit(self, rows: np.ndarray, alone: bool = False) -> tuple[np.ndarray, ...]:
         # Nothing queues here, so no queue time is observed: a metric update is a measurable
-        # share of a batch-1 call (README, service benchmark).
+        # share of a batch-1 call (docs/benchmarks.md).
         self.observer.batch(self.name, len(rows))
         if len(rows) <= self.run.inline_rows:
             return self.run.small(rows)  # what Runner would do, one coroutine fewer per call

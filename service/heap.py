@@ -5,7 +5,7 @@ the top of the heap back to the OS as soon as it is free. Python gRPC copies eac
 received message several times (slices into a bytearray, into bytes, into the parsed
 message), so a 1,024-row request costs megabytes of page faults and zeroing per call:
 on 2 cores that halves what a no-op server can receive. Keeping such buffers in the heap,
-and the freed heap for the next call, removes that work (see the README's figures).
+and the freed heap for the next call, removes that work (docs/service.md).
 """
 
 from __future__ import annotations

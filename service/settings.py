@@ -49,7 +49,7 @@ class ServeSettings:
     batching: bool = option(
         False,
         "merge concurrent requests into one onnxruntime run (off: on CPU it costs more calls/s "
-        "than it saves; README, service benchmark)",
+        "than it saves; docs/benchmarks.md)",
     )
     batch_max_rows: int = option(1024, "largest merged batch, in rows")
     batch_max_delay_ms: float = option(

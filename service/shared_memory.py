@@ -3,7 +3,7 @@
 A client creates a POSIX shared-memory object, writes its inputs there and registers
 it; requests then carry only a reference (region, offset, size), and Encode can write
 its outputs back into the region. Bulk bytes never cross the socket, which on a
-CPU-bound host is most of what a large call costs besides the model (README, service).
+CPU-bound host is most of what a large call costs besides the model (docs/benchmarks.md).
 
 The server maps ``/dev/shm/KEY`` read-write. Every reference is bounds-checked; a
 region unregistered while a call uses it stays mapped until that call is done (the

@@ -1,7 +1,7 @@
 """`vae serve --workers N`: N server processes on one port, supervised by this one.
 
 A Python server runs its gRPC event loop on one thread, and on small batches that thread
-is the bottleneck (README, service benchmark). Each worker is a whole `vae serve` in its
+is the bottleneck (docs/benchmarks.md). Each worker is a whole `vae serve` in its
 own process; all bind the same port with SO_REUSEPORT, and the kernel spreads incoming
 connections (not calls) over them. This process only supervises:
 

@@ -98,14 +98,14 @@ def test_compose_services_agree_with_dockerfile_and_code(compose: dict, dockerfi
     assert client["entrypoint"] == ["vae", "client"] and "serve:50051" in client["command"]
 
 
-def test_env_example_and_readme_document_the_variables(compose: dict) -> None:
+def test_env_example_and_docs_document_the_variables(compose: dict) -> None:
     example = (ROOT / ".env.example").read_text()
     used = set(re.findall(r"\$\{([A-Z_]+)", (ROOT / "docker-compose.yml").read_text()))
     defined = set(re.findall(r"^([A-Z_]+)=", example, re.M))
     assert used - {"VAESERVE_TAG"} <= defined | {"VAESERVE_TAG"}, used - defined
-    readme = (ROOT / "README.md").read_text()
+    service_page = (ROOT / "docs" / "service.md").read_text()
     for variable in SERVE_VARIABLES:
-        assert f"`{variable}`" in readme, variable
+        assert f"`{variable}`" in service_page, variable
 
 
 def test_health_command_exit_codes(repo: Path, tmp_path: Path) -> None:
