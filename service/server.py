@@ -19,12 +19,15 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vaeserve._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, vae_pb2, vae_pb2_grpc
+from vaeserve._proto import grpc_predict_v2_pb2, vae_pb2
 from vaeserve.errors import ConfigError
 from vaeserve.runtime import usable_cores
+from vaeserve.service import wire
 from vaeserve.service.auth import BearerTokenInterceptor
 from vaeserve.service.heap import keep_freed_heap
 from vaeserve.service.metrics import Metrics
@@ -149,14 +152,50 @@ def _grpc_server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     regions = SharedMemoryRegions(settings.shared_memory)
-    vae_pb2_grpc.add_VaeServiceServicer_to_server(VaeServicer(registry, metrics, regions), server)
-    oip = InferenceServicer(catalogue, metrics, ready)
-    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(oip, server)
+    vae = vae_pb2.DESCRIPTOR.services_by_name["VaeService"]
+    add_service(server, VaeServicer(registry, metrics, regions), vae, {"Encode": ENCODE_REQUEST})
+    oip = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    add_service(server, InferenceServicer(catalogue, metrics, ready), oip, {"ModelInfer": INFER_REQUEST})
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     return server, health_servicer, regions
+
+
+# The hot RPCs read their tensor bytes in place (service.wire).
+ENCODE_REQUEST = wire.tensor_request(
+    vae_pb2.EncodeRequest, wire.field_number(vae_pb2.EncodeRequest, "inputs")
+)
+INFER_REQUEST = wire.repeated_bytes_request(
+    grpc_predict_v2_pb2.ModelInferRequest,
+    wire.field_number(grpc_predict_v2_pb2.ModelInferRequest, "raw_input_contents"),
+)
+HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_service(
+    server: grpc.aio.Server, servicer: object, service: ServiceDescriptor, read: dict[str, Callable]
+) -> None:
+    """What the generated ``add_*Servicer_to_server`` does, except that the methods in ``read``
+    take their requests from those functions (service.wire: tensor bytes as views), and every
+    response may be a ``wire.Reply``."""
+    handlers = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        make = HANDLERS[method.client_streaming, method.server_streaming]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=read.get(method.name, request.FromString),
+            response_serializer=wire.serialize,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 async def _start_http(

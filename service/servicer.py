@@ -19,10 +19,12 @@ from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
 from vaeserve.service.shared_memory import SharedMemoryRegions
 from vaeserve.service.statuses import GRPC_STATUS, KNOWN, rpc
+from vaeserve.service.wire import Received, Reply, field_number
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = "v1"
+ENCODE_FIELDS = {name: field_number(vae_pb2.EncodeResponse, name) for name in ("mean", "stddev", "z")}
 
 
 def _seed(request) -> int | None:
@@ -40,6 +42,8 @@ _ROWS_FIELD = {
 
 def _rows(response) -> int:
     """Rows a response carries (none when its outputs went to shared memory)."""
+    if isinstance(response, Reply):
+        return response.rows
     field = _ROWS_FIELD.get(type(response))
     shape = getattr(response, field).shape if field else ()
     return shape[0] if shape else 0
@@ -56,17 +60,31 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.regions = regions
 
     @_rpc("Encode")
-    async def Encode(self, request: vae_pb2.EncodeRequest, context) -> vae_pb2.EncodeResponse:
-        return await self._encode(request)
+    async def Encode(self, received: Received, context) -> Reply | vae_pb2.EncodeResponse:
+        """The request's tensor bytes arrive as a view and the answer's leave from the arrays
+        (service.wire, registered by the server for this method)."""
+        data = received.tensors[0] if received.tensors else None
+        request = received.message
+        model, out = await self._encoded(request, data)
+        if request.HasField("output_shared_memory"):
+            return self._in_shared_memory(request, model, out)
+        tensors = tuple((ENCODE_FIELDS[name], array) for name, array in out.items())
+        return Reply(vae_pb2.EncodeResponse(model=model.ref), tensors)
 
     async def _encode(self, request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
-        model = self.registry.resolve(request.model, request.version)
-        inputs = read_tensor(request.inputs, "inputs", model.pixels, self.regions.read)
-        out = await model.encode(inputs, request.sample, _seed(request))
+        model, out = await self._encoded(request)
         if request.HasField("output_shared_memory"):
-            tensors = self.regions.write(request.output_shared_memory, out, "output_shared_memory")
-        else:
-            tensors = {name: to_tensor(array) for name, array in out.items()}
+            return self._in_shared_memory(request, model, out)
+        tensors = {name: to_tensor(array) for name, array in out.items()}
+        return vae_pb2.EncodeResponse(**tensors, model=model.ref)
+
+    async def _encoded(self, request: vae_pb2.EncodeRequest, data: memoryview | None = None):
+        model = self.registry.resolve(request.model, request.version)
+        inputs = read_tensor(request.inputs, "inputs", model.pixels, self.regions.read, data)
+        return model, await model.encode(inputs, request.sample, _seed(request))
+
+    def _in_shared_memory(self, request, model, out: dict) -> vae_pb2.EncodeResponse:
+        tensors = self.regions.write(request.output_shared_memory, out, "output_shared_memory")
         return vae_pb2.EncodeResponse(**tensors, model=model.ref)
 
     @_rpc("Decode")

@@ -50,10 +50,15 @@ class Rows:
 
 
 def from_tensor(
-    tensor: vae_pb2.Tensor, field: str, expect: Rows, shared: SharedBytes | None = None
+    tensor: vae_pb2.Tensor,
+    field: str,
+    expect: Rows,
+    shared: SharedBytes | None = None,
+    data: Buffer | None = None,
 ) -> np.ndarray:
     """Tensor → array [N, columns], checking shape, dtype, byte length and row count.
-    Bytes in shared memory are read through ``shared``."""
+    Bytes in shared memory are read through ``shared``; ``data``, when given, holds the
+    tensor's bytes in place of its ``data`` field (read in place by service.wire)."""
     if tensor.dtype not in _WIRE:
         raise TensorError(
             f"{field}: unknown dtype {tensor.dtype}; expected DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8"
@@ -62,21 +67,26 @@ def from_tensor(
         raise TensorError(f"{field}: dtype uint8 is not accepted here; send DATA_TYPE_FLOAT32")
     shape = check_shape(tensor.shape, field, expect)
     dtype = _WIRE[tensor.dtype]
+    payload = tensor.data if data is None else data
     if tensor.HasField("shared_memory"):
-        if tensor.data:
+        if len(payload):
             raise TensorError(f"{field}: both data and shared_memory are set; send the bytes one way")
         if shared is None:
             raise TensorError(f"{field}: shared_memory is not accepted here; send the bytes in data")
         expected = shape[0] * shape[1] * dtype.itemsize
         return np.frombuffer(shared(tensor.shared_memory, expected, field), dtype=dtype).reshape(shape)
-    return from_bytes(tensor.data, dtype, shape, field, _NAMES[tensor.dtype])
+    return from_bytes(payload, dtype, shape, field, _NAMES[tensor.dtype])
 
 
 def read_tensor(
-    tensor: vae_pb2.Tensor, field: str, expect: Rows, shared: SharedBytes | None = None
+    tensor: vae_pb2.Tensor,
+    field: str,
+    expect: Rows,
+    shared: SharedBytes | None = None,
+    data: Buffer | None = None,
 ) -> np.ndarray:
     """A request's Tensor as the model's input rows: ``from_tensor``, then the values checked."""
-    rows = from_tensor(tensor, field, expect, shared)
+    rows = from_tensor(tensor, field, expect, shared, data)
     check_values(rows, field, expect)
     return rows
 

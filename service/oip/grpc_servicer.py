@@ -17,15 +17,19 @@ from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
 from vaeserve.service.oip.models import NO_PARAMS, Catalogue, Outputs, Params
 from vaeserve.service.statuses import rpc
+from vaeserve.service.wire import Received, Reply, field_number
 
 PROTOCOL = "oip-grpc"
 DATATYPE = tensors.DATATYPE
 NAME = "vaeserve"
 EXTENSIONS = ("binary_tensor_data", "parameters")
+RAW_OUTPUTS = field_number(pb.ModelInferResponse, "raw_output_contents")
 
 
 def _rows(response) -> int:
     """Rows an infer response carries (other responses: none), for the rows-processed metric."""
+    if isinstance(response, Reply):
+        return response.rows
     if isinstance(response, pb.ModelInferResponse) and response.outputs:
         return int(response.outputs[0].shape[0])
     return 0
@@ -75,9 +79,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @_rpc("ModelInfer")
-    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+    async def ModelInfer(self, received: Received, context) -> Reply | pb.ModelInferResponse:
+        """Raw input bytes arrive as views and raw outputs leave from the arrays (service.wire,
+        registered by the server for this method)."""
+        request = received.message
         endpoint = self.catalogue.resolve(request.model_name, request.model_version)
-        raw = request.raw_input_contents
+        raw = received.tensors if received.tensors is not None else request.raw_input_contents
         if raw and len(raw) != len(request.inputs):
             raise RequestError(
                 f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
@@ -104,13 +111,14 @@ def _values(tensor: pb.ModelInferRequest.InferInputTensor):
 
 def _response(
     request: pb.ModelInferRequest, version: str, outputs: Outputs, raw: bool
-) -> pb.ModelInferResponse:
+) -> Reply | pb.ModelInferResponse:
+    """The outputs in the form the request used: raw bytes (written by service.wire) or typed."""
     response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
     for name, array in outputs:
         datatype = DATATYPE[array.dtype]
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        if raw:
-            response.raw_output_contents.append(array.tobytes())
-        else:
+        if not raw:
             getattr(tensor.contents, tensors.CONTENTS[datatype]).extend(array.ravel().tolist())
-    return response
+    if not raw:
+        return response
+    return Reply(response, raw_field=RAW_OUTPUTS, raw_outputs=tuple(array for _, array in outputs))
