@@ -31,7 +31,7 @@ RUN pip install --no-cache-dir --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist \
     && mkdir /models && chown vae /models
 USER vae
 ENV VAESERVE_REPO=/models VAESERVE_HOST=0.0.0.0 VAESERVE_PORT=50051 VAESERVE_HTTP_PORT=8000 \
-    VAESERVE_METRICS_PORT=9464
+    VAESERVE_METRICS_PORT=9464 VAESERVE_POLL_S=30
 VOLUME ["/models"]
 EXPOSE 50051 8000 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["vae", "health"]
@@ -51,7 +51,7 @@ RUN pip install --no-cache-dir --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist \
     && mkdir /models && chown vae /models
 USER vae
 ENV VAESERVE_REPO=/models VAESERVE_HOST=0.0.0.0 VAESERVE_PORT=50051 VAESERVE_HTTP_PORT=8000 \
-    VAESERVE_METRICS_PORT=9464 VAESERVE_DEVICE=cuda
+    VAESERVE_METRICS_PORT=9464 VAESERVE_POLL_S=30 VAESERVE_DEVICE=cuda
 VOLUME ["/models"]
 EXPOSE 50051 8000 9464
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["vae", "health"]

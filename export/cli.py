@@ -68,6 +68,46 @@ def register_triton(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=export_triton_command)
 
 
+def register_label(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "label",
+        help="name versions of a model (stable=1 canary=2) for requests to ask for by name",
+        description="Set or remove version labels in REPO/NAME/labels.json, written whole and renamed "
+        "into place; a server started with --poll-s follows the file. Without LABEL=VERSION "
+        "arguments, print the labels.",
+    )
+    parser.add_argument("--repo", type=Path, required=True, help="model repository folder")
+    parser.add_argument("--name", required=True, help="model name in the repository")
+    parser.add_argument("assignments", nargs="*", metavar="LABEL=VERSION", help="labels to set")
+    parser.add_argument("--remove", nargs="+", default=[], metavar="LABEL", help="labels to remove")
+    parser.set_defaults(handler=label_command)
+
+
+def label_command(args: argparse.Namespace) -> int:
+    from vaeserve.repository import check_label, read_labels, version_numbers, write_labels
+
+    model_dir = args.repo / args.name
+    versions = version_numbers(model_dir)
+    if not versions:
+        raise ConfigError(f"--repo {args.repo} --name {args.name}: no versions in {model_dir}")
+    labels = read_labels(model_dir)
+    for assignment in args.assignments:
+        label, equals, version = assignment.partition("=")
+        if not equals or not version.isdigit():
+            raise ConfigError(f"{assignment!r}: expected LABEL=VERSION, such as stable=1")
+        if int(version) not in versions:
+            raise ConfigError(f"{assignment!r}: {args.name} has no version {version} (has {versions})")
+        labels[check_label(label)] = int(version)
+    for label in args.remove:
+        if labels.pop(label, None) is None:
+            raise ConfigError(f"--remove {label}: {args.name} has no such label (has {sorted(labels)})")
+    if args.assignments or args.remove:
+        write_labels(model_dir, labels)
+    for label, version in sorted(labels.items()):
+        print(f"{args.name} {label} = {version}")
+    return 0
+
+
 def export_triton_command(args: argparse.Namespace) -> int:
     from vaeserve.export.triton import TritonExport, export_triton
     from vaeserve.repository import resolve

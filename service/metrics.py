@@ -50,6 +50,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.repository = Counter(
+            "vaeserve_repository_events",
+            "Model repository changes followed while serving (--poll-s): loaded, refused, retired",
+            ["event"],
+            registry=self.registry,
+        )
         self.models = Gauge(
             "vaeserve_models_loaded",
             "Model versions being served",
@@ -78,6 +84,9 @@ class Metrics:
 
     def batch(self, graph: str, rows: int) -> None:
         self._child("batch_rows", graph).observe(rows)
+
+    def repository_event(self, event: str) -> None:
+        self._child("repository", event).inc()
 
     def serve_http(self, host: str, port: int):
         return serve_http(host, port, self.registry)

@@ -15,8 +15,8 @@ import numpy as np
 from vaeserve import codec
 from vaeserve._proto import vae_pb2
 from vaeserve.datasets import encoder_inputs
-from vaeserve.errors import ModelNotFoundError, TensorError, VaeError
-from vaeserve.repository import ModelVersion, load_version, model_names, version_numbers
+from vaeserve.errors import ModelNotFoundError, RepositoryError, TensorError, VaeError
+from vaeserve.repository import ModelVersion, load_version, model_names, read_labels, version_numbers
 from vaeserve.runtime import CPU, OnnxPair, usable_cores
 from vaeserve.service.batching import Batcher, Direct, Observer, Run, Runner
 from vaeserve.service.settings import ServeSettings
@@ -137,19 +137,25 @@ class ServedModel:
 
 
 class ModelRegistry:
-    """Every loaded version, by name and number; resolves what a request names."""
+    """Every loaded version, by name and number, and the models' version labels; resolves what
+    a request names. ``generation`` changes with every load, retirement or label change, so
+    that what is cached from a resolution (OIP's endpoints) knows when to look again."""
 
-    def __init__(self, models: dict[str, dict[int, ServedModel]], default: str) -> None:
+    def __init__(
+        self, models: dict[str, dict[int, ServedModel]], default: str, labels: dict | None = None
+    ) -> None:
         self.models = models
         self.default = default
+        self.labels: dict[str, dict[str, int]] = labels or {}
+        self.generation = 0
 
     @classmethod
     def load(cls, settings: ServeSettings, executor: Executor, observer: Observer) -> ModelRegistry:
         names = [settings.model] if settings.model else model_names(settings.repo)
         models: dict[str, dict[int, ServedModel]] = {}
         for name in names:
-            for number in _versions_to_load(settings, name):
-                served = _load_one(settings, name, number, executor, observer)
+            for number in versions_to_load(settings, name):
+                served = load_one(settings, name, number, executor, observer)
                 if served is not None:
                     models.setdefault(name, {})[number] = served
         if not models:
@@ -158,7 +164,13 @@ class ModelRegistry:
                 f"version {settings.version}); see the log lines above"
             )
         default = settings.model if settings.model in models else sorted(models)[0]
-        return cls(models, default)
+        registry = cls(models, default)
+        for name in models:
+            try:
+                registry.set_labels(name, read_labels(settings.repo / name))
+            except RepositoryError as exc:
+                log.error("refusing the labels of %s: %s", name, exc)
+        return registry
 
     def resolve(self, name: str, version: str) -> ServedModel:
         name = name or self.default
@@ -167,11 +179,39 @@ class ModelRegistry:
         versions = self.models[name]
         if version in ("", "latest"):
             return versions[max(versions)]
-        if not version.isdigit() or int(version) not in versions:
+        number = int(version) if version.isdigit() else self.labels.get(name, {}).get(version)
+        if number not in versions:
+            labels = self.labels.get(name, {})
+            what = "version" if version.isdigit() else "version or label"
             raise ModelNotFoundError(
-                f"model {name!r} has no loaded version {version!r}; loaded: {sorted(versions)}"
+                f"model {name!r} has no loaded {what} {version!r}; loaded: {sorted(versions)}"
+                + (f", labels: {', '.join(f'{k}={v}' for k, v in sorted(labels.items()))}" if labels else "")
             )
-        return versions[int(version)]
+        return versions[number]
+
+    def add(self, served: ServedModel) -> None:
+        self.models.setdefault(served.version.name, {})[served.version.version] = served
+        self.generation += 1
+
+    def retire(self, name: str, number: int) -> ServedModel:
+        """Out of the registry: new calls no longer reach it; calls holding it finish, and its
+        sessions are released with the last reference."""
+        served = self.models[name].pop(number)
+        self.generation += 1
+        return served
+
+    def set_labels(self, name: str, labels: dict[str, int]) -> None:
+        """Replace a model's labels, all or none: each must name a loaded version."""
+        loaded = self.models.get(name, {})
+        dangling = {label: v for label, v in labels.items() if v not in loaded}
+        if dangling:
+            raise RepositoryError(
+                f"labels {dangling} name versions that are not loaded (loaded: {sorted(loaded)}); "
+                "the labels in effect stay"
+            )
+        if self.labels.get(name, {}) != labels:
+            self.labels[name] = dict(labels)
+            self.generation += 1
 
     def all(self) -> list[ServedModel]:
         return [m for name in sorted(self.models) for _, m in sorted(self.models[name].items())]
@@ -201,23 +241,30 @@ def parallel_runs(settings: ServeSettings, provider: str) -> int:
     return settings.threads or usable_cores()
 
 
-def _versions_to_load(settings: ServeSettings, name: str) -> list[int]:
+def wanted_versions(settings: ServeSettings, name: str) -> list[int]:
+    """The versions of a model in the repository that --version asks to serve."""
     numbers = version_numbers(settings.repo / name)
-    if not numbers:
-        log.error("refusing model %s: no versions in %s", name, settings.repo / name)
-        return []
     if settings.version == "all":
         return numbers
     if settings.version == "latest":
         return numbers[-1:]
-    wanted = int(settings.version)
-    if wanted not in numbers:
-        log.error("refusing model %s: no version %d (has %s)", name, wanted, numbers)
-        return []
-    return [wanted]
+    return [int(settings.version)] if int(settings.version) in numbers else []
 
 
-def _load_one(
+def versions_to_load(settings: ServeSettings, name: str) -> list[int]:
+    wanted = wanted_versions(settings, name)
+    if not wanted:
+        log.error(
+            "refusing model %s: no version %s in %s (has %s)",
+            name,
+            settings.version,
+            settings.repo / name,
+            version_numbers(settings.repo / name),
+        )
+    return wanted
+
+
+def load_one(
     settings: ServeSettings, name: str, number: int, executor: Executor, observer: Observer
 ) -> ServedModel | None:
     path = settings.repo / name / str(number)

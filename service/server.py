@@ -30,6 +30,7 @@ from vaeserve.runtime import usable_cores
 from vaeserve.service import wire
 from vaeserve.service.auth import BearerTokenInterceptor
 from vaeserve.service.heap import keep_freed_heap
+from vaeserve.service.live import RepositoryWatcher
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
 from vaeserve.service.oip.grpc_servicer import InferenceServicer
@@ -106,9 +107,10 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     await asyncio.get_running_loop().run_in_executor(executor, _warm_up, registry)
     serving.set()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    watcher = _watch_repository(settings, registry, executor, metrics)
     log.info(
         "serving %s on %s: gRPC (vae.v1, OIP) on :%d, OIP HTTP on :%s (%s%s%s), batching %s, "
-        "shared memory %s; metrics on :%s",
+        "shared memory %s, repository %s; metrics on :%s",
         _describe(registry),
         settings.host,
         port,
@@ -118,6 +120,7 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
         ", bearer token" if token else "",
         _batching(settings),
         "on" if settings.shared_memory else "off",
+        f"polled every {settings.poll_s:g} s" if settings.poll_s else "loaded once",
         settings.metrics_port or "off",
     )
     if on_serving is not None:
@@ -125,6 +128,8 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     await _until_signalled()
     log.info("shutting down: health NOT_SERVING, draining calls for up to %.1f s", settings.grace_s)
     serving.clear()
+    if watcher is not None:
+        watcher.cancel()
     await health_servicer.enter_graceful_shutdown()
     await asyncio.gather(server.stop(settings.grace_s), http.cleanup() if http else asyncio.sleep(0))
     await registry.stop()
@@ -134,6 +139,16 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
         metrics_server.shutdown()
     log.info("stopped")
     return 0
+
+
+def _watch_repository(
+    settings: ServeSettings, registry: ModelRegistry, executor: ThreadPoolExecutor, metrics: Metrics
+) -> asyncio.Task | None:
+    """With --poll-s, a task that keeps the served versions in step with the repository."""
+    if not settings.poll_s:
+        return None
+    watcher = RepositoryWatcher(settings, registry, executor, metrics, metrics)
+    return asyncio.get_running_loop().create_task(watcher.run())
 
 
 def _grpc_server(

@@ -28,6 +28,11 @@ class ServeSettings:
     )
     version: str = option("all", "versions to load: all, latest or a number")
     variant: str = option("fp32", "graph variant: fp32, int8 (CPU) or fp16 (CUDA)", VARIANTS)
+    poll_s: float = option(
+        0.0,
+        "rescan the repository every this many seconds: load new versions, retire removed ones, "
+        "follow labels.json (0: load once at start)",
+    )
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50051, "gRPC port (vae.v1 and the Open Inference Protocol)")
     http_port: int = option(8000, "Open Inference Protocol HTTP/REST port (0: off)")
@@ -105,9 +110,19 @@ class ServeSettings:
             raise ConfigError(f"--workers {self.workers}: expected 0 (one per core) or a count of processes")
         if self.workers > 1 and self.port == 0:
             raise ConfigError(f"--workers {self.workers}: needs a fixed --port (0 gives each worker its own)")
-        if min(self.batch_max_delay_ms, self.grace_s, self.threads, self.heap_keep_mb, self.http_port) < 0:
+        if (
+            min(
+                self.batch_max_delay_ms,
+                self.grace_s,
+                self.threads,
+                self.heap_keep_mb,
+                self.http_port,
+                self.poll_s,
+            )
+            < 0
+        ):
             raise ConfigError(
-                "--batch-max-delay-ms, --grace-s, --threads, --heap-keep-mb and --http-port "
+                "--batch-max-delay-ms, --grace-s, --threads, --heap-keep-mb, --http-port and --poll-s "
                 "must not be negative"
             )
         return self

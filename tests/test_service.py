@@ -341,11 +341,12 @@ def test_tls_and_mutual_tls(repo: Path, tmp_path: Path) -> None:
 def test_bad_version_refused_at_load_env_configured(repo: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(repo, models)
-    shutil.copytree(models / "tiny" / "1", models / "tiny" / "2")
-    manifest = json.loads((models / "tiny" / "2" / "manifest.json").read_text())
-    manifest["version"] = 2
-    (models / "tiny" / "2" / "manifest.json").write_text(json.dumps(manifest))
-    shutil.copytree(models / "tiny" / "1", models / "tiny" / "3")
+    manifest = json.loads((models / "tiny" / "1" / "manifest.json").read_text())
+    for number in (2, 3):  # copies of version 1, each with its own manifest
+        shutil.copytree(models / "tiny" / "1", models / "tiny" / str(number))
+        (models / "tiny" / str(number) / "manifest.json").write_text(
+            json.dumps({**manifest, "version": number})
+        )
     (models / "tiny" / "3" / "decoder.onnx").write_bytes(b"tampered")
     with (
         servers.running(models, tmp_path / "serve.log", use_flags=False) as multi,

@@ -111,8 +111,18 @@ def open_path(path: Path) -> ModelVersion:
 
 
 def load_version(path: Path) -> ModelVersion:
-    """Read the manifest of a version folder and verify every file it lists."""
+    """Read the manifest of a version folder and verify every file it lists. In a repository
+    (``NAME/NUMBER``) the folder must be the one the manifest names: a copied folder left
+    with another version's manifest would answer under a version it is not."""
     manifest = read_manifest(path)
+    if path.name.isdigit() and (int(path.name), path.parent.name) != (
+        int(manifest["version"]),
+        manifest["name"],
+    ):
+        raise RepositoryError(
+            f"{path}: its manifest is {manifest['name']}/{manifest['version']}; a version folder "
+            "holds its own export (vae export --version N writes it there)"
+        )
     for record in listed_files(manifest):
         verify_file(path / record["file"], record)
     return ModelVersion(manifest["name"], int(manifest["version"]), path, manifest)
@@ -164,3 +174,39 @@ def _version_number(version: int | str) -> int:
     if number < 1:
         raise RepositoryError(f"version {version!r} is not a positive integer or 'latest'")
     return number
+
+
+# Version labels (as TF Serving's): REPO/NAME/labels.json maps names such as "stable" to versions.
+LABELS = "labels.json"
+RESERVED_LABELS = ("", "latest")
+
+
+def check_label(label: str) -> str:
+    if label in RESERVED_LABELS or label.isdigit() or not label.replace("-", "").replace("_", "").isalnum():
+        raise RepositoryError(
+            f"label {label!r}: expected letters, digits, '-' or '_', not a number and not 'latest'"
+        )
+    return label
+
+
+def read_labels(model_dir: Path) -> dict[str, int]:
+    """The labels of a model ({} without a labels file); a malformed file is a RepositoryError."""
+    path = model_dir / LABELS
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"{path}: not a JSON object of labels ({exc})") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw.values()
+    ):
+        raise RepositoryError(f'{path}: expected {{"label": version number, ...}}, got {raw!r}')
+    return {check_label(label): version for label, version in raw.items()}
+
+
+def write_labels(model_dir: Path, labels: dict[str, int]) -> None:
+    """Written whole and renamed into place: a server polling the folder never reads half a file."""
+    from vaeserve.atomic import atomic_write_text
+
+    atomic_write_text(model_dir / LABELS, json.dumps(dict(sorted(labels.items())), indent=2) + "\n")

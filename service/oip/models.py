@@ -206,10 +206,15 @@ class Catalogue:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self.by_suffix = {f"-{kind.suffix}": kind for kind in KINDS}
-        # (name, version as asked) → its endpoint; only names that resolved are kept.
+        # (name, version as asked) → its endpoint; only names that resolved are kept, and only
+        # while the registry stays as it was (a poll may load, retire or relabel versions).
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
+        self.generation = registry.generation
 
     def resolve(self, name: str, version: str) -> Endpoint:
+        if self.generation != self.registry.generation:
+            self.endpoints.clear()
+            self.generation = self.registry.generation
         found = self.endpoints.get((name, version))
         if found is None:
             found = self._endpoint(name, version)

@@ -1,0 +1,158 @@
+"""`vae serve --poll-s` and `vae label`: versions and labels followed while the real server runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import servers
+from test_cli import assert_one_line_error, vae
+
+from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.codec import to_tensor
+
+POLL = "0.2"
+
+
+def publish(repo: Path, source: Path, number: int) -> None:
+    """A new version as an export makes one: written under a staging name (the same graphs, the
+    manifest naming the new version), renamed into place."""
+    staging = repo / "tiny" / f".staging-{number}"
+    shutil.copytree(source, staging)
+    manifest = json.loads((staging / "manifest.json").read_text())
+    (staging / "manifest.json").write_text(json.dumps({**manifest, "version": number}))
+    os.rename(staging, repo / "tiny" / str(number))
+
+
+def until(check: Callable[[], object], timeout: float = 30) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError("the server did not follow the repository in time")
+
+
+def served_version(target: str, version: str = "") -> int | grpc.StatusCode:
+    """The version that answers an Encode naming ``version`` (a fresh connection each time)."""
+    request = vae_pb2.EncodeRequest(inputs=to_tensor(np.zeros((1, 784), np.uint8)), version=version)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            return vae_pb2_grpc.VaeServiceStub(channel).Encode(request, timeout=10).model.version
+        except grpc.RpcError as error:
+            return error.code()
+
+
+def events(server: servers.Server) -> dict[str, float]:
+    page = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    )
+    return {
+        e: float(n) for e, n in re.findall(r'vaeserve_repository_events_total\{event="(\w+)"\} (\S+)', page)
+    }
+
+
+@pytest.fixture()
+def live_repo(repo: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "models"
+    shutil.copytree(repo, copy)
+    return copy
+
+
+def test_new_versions_labels_and_removals_are_followed(live_repo: Path, tmp_path: Path) -> None:
+    one = live_repo / "tiny" / "1"
+    with servers.running(live_repo, tmp_path / "serve.log", "--poll-s", POLL, "--workers", "1") as server:
+        assert served_version(server.target) == 1
+        publish(live_repo, one, 2)  # a new version: latest moves to it once it is loaded and warm
+        until(lambda: served_version(server.target) == 2)
+        assert served_version(server.target, "1") == 1  # both are served
+
+        assert (
+            vae("label", "--repo", str(live_repo), "--name", "tiny", "stable=1", "canary=2").returncode == 0
+        )
+        until(lambda: served_version(server.target, "stable") == 1)
+        assert served_version(server.target, "canary") == 2
+        rest = f"http://{server.http}/v2/models/tiny-encoder/versions/stable"
+        assert json.loads(urllib.request.urlopen(rest, timeout=10).read())["name"] == "tiny-encoder"
+
+        # A label pointing at a version that is not loaded is refused; the labels in effect stay.
+        (live_repo / "tiny" / "labels.json").write_text(json.dumps({"stable": 9}))
+        until(lambda: "refusing" in server.output() and "labels.json" in server.output())
+        assert served_version(server.target, "stable") == 1
+
+        # A removed version a label points at is kept; unlabelled, it is retired.
+        shutil.rmtree(one)
+        time.sleep(1)
+        assert served_version(server.target, "1") == 1 and "a label points at it" in server.output()
+        (live_repo / "tiny" / "labels.json").write_text(json.dumps({"canary": 2}))
+        until(lambda: served_version(server.target, "1") == grpc.StatusCode.NOT_FOUND)
+        assert served_version(server.target) == 2
+        assert served_version(server.target, "stable") == grpc.StatusCode.NOT_FOUND  # the label is gone
+        with pytest.raises(urllib.error.HTTPError) as gone:
+            urllib.request.urlopen(f"http://{server.http}/v2/models/tiny-encoder/versions/1", timeout=10)
+        assert gone.value.code == 404
+
+        # The last version of a model is never retired, even when its folder goes.
+        shutil.move(live_repo / "tiny" / "2", tmp_path / "away")
+        time.sleep(1)
+        assert served_version(server.target) == 2 and "only loaded version" in server.output()
+        assert events(server) == {"loaded": 1.0, "retired": 1.0, "refused": 1.0}
+
+
+def test_a_broken_version_is_refused_once_and_what_was_served_stays(live_repo: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(live_repo / "tiny" / "1", broken)
+    (broken / "encoder.onnx").write_bytes(b"half a graph")  # its checksum no longer matches
+    with servers.running(live_repo, tmp_path / "serve.log", "--poll-s", POLL, "--workers", "1") as server:
+        publish(live_repo, broken, 3)
+        until(lambda: events(server).get("refused"))
+        time.sleep(1)  # several more polls: no second attempt, no second log line
+        assert server.output().count("refusing") == 1 and "encoder.onnx" in server.output()
+        assert (
+            served_version(server.target) == 1
+            and served_version(server.target, "3") == grpc.StatusCode.NOT_FOUND
+        )
+        shutil.rmtree(live_repo / "tiny" / "3")
+        publish(live_repo, live_repo / "tiny" / "1", 3)  # the folder replaced whole: tried again
+        until(lambda: served_version(server.target) == 3)
+
+
+def test_every_worker_loads_a_new_version(live_repo: Path, tmp_path: Path) -> None:
+    with servers.running(live_repo, tmp_path / "serve.log", "--poll-s", POLL, "--workers", "2") as server:
+        until(lambda: "all 2 workers serving" in server.output())
+        publish(live_repo, live_repo / "tiny" / "1", 2)
+        until(lambda: events(server).get("loaded") == 2.0)  # the supervisor sums both workers' counts
+        assert {served_version(server.target) for _ in range(8)} == {2}
+
+
+def test_label_command_errors_are_one_line(live_repo: Path) -> None:
+    repo = str(live_repo)
+    assert_one_line_error(vae("label", "--repo", repo, "--name", "tiny", "stable"), 1, "LABEL=VERSION")
+    assert_one_line_error(vae("label", "--repo", repo, "--name", "tiny", "stable=4"), 1, "no version 4")
+    assert_one_line_error(vae("label", "--repo", repo, "--name", "tiny", "latest=1"), 1, "not 'latest'")
+    assert_one_line_error(vae("label", "--repo", repo, "--name", "nope", "a=1"), 1, "no versions")
+    assert_one_line_error(vae("label", "--repo", repo, "--name", "tiny", "--remove", "x"), 1, "no such label")
+    listed = vae("label", "--repo", repo, "--name", "tiny", "stable=1")
+    assert listed.returncode == 0 and "tiny stable = 1" in listed.stdout
+    assert json.loads((live_repo / "tiny" / "labels.json").read_text()) == {"stable": 1}
+    assert not [p for p in (live_repo / "tiny").iterdir() if p.name.startswith(".tmp")]  # written whole
+
+
+def test_a_version_folder_must_hold_its_own_export(live_repo: Path) -> None:
+    from vaeserve.errors import RepositoryError
+    from vaeserve.repository import load_version
+
+    shutil.copytree(live_repo / "tiny" / "1", live_repo / "tiny" / "5")  # a copy, manifest unchanged
+    with pytest.raises(RepositoryError, match="its manifest is tiny/1"):
+        load_version(live_repo / "tiny" / "5")
