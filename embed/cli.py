@@ -22,7 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="IDX (raw or .gz), .npy, .npz, .parquet file, or a folder of PNG/JPEG images",
     )
     parser.add_argument("--output", type=Path, required=True, help="DST.npy or DST.parquet")
-    parser.add_argument("--server", help="HOST:PORT: encode through the gRPC service instead of in-process")
+    parser.add_argument(
+        "--server",
+        help="HOST:PORT: encode through the gRPC service instead of in-process; several replicas as "
+        "IP:PORT,IP:PORT or dns:///NAME:PORT, calls spread over them",
+    )
     parser.add_argument("--stddev", action="store_true", help="also write the latent standard deviations")
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted job, skipping chunks already written"

@@ -16,6 +16,7 @@ carry references, not bytes.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import time
 import uuid
@@ -34,6 +35,10 @@ from vaeserve.codec import FLOAT32, UINT8, Rows, SharedBytes, from_tensor, to_te
 from vaeserve.errors import UNKNOWN_REGION, VaeError
 
 RETRY_POLICY = {
+    # Several addresses (or a DNS name with several records): one connection to each, calls
+    # taken in turn; a replica that fails is skipped while it reconnects, and a call that got
+    # UNAVAILABLE is retried, on another replica.
+    "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
         {
             "name": [{"service": "vae.v1.VaeService"}, {"service": "grpc.health.v1.Health"}],
@@ -45,7 +50,7 @@ RETRY_POLICY = {
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
         }
-    ]
+    ],
 }
 
 
@@ -66,6 +71,34 @@ def _read(path: str | Path | bytes | None) -> bytes | None:
     if path is None or isinstance(path, bytes):
         return path
     return Path(path).read_bytes()
+
+
+def channel_target(target: str) -> str:
+    """gRPC's target for ``target``: ``HOST:PORT``, a gRPC target (``ipv4:IP:PORT,IP:PORT``,
+    ``dns:///NAME:PORT``), or several IP addresses separated by commas (given the ``ipv4:`` or
+    ``ipv6:`` scheme gRPC needs for a list)."""
+    if "," not in target or target.split(":", 1)[0] in SCHEMES:
+        return target
+    addresses = target.split(",")
+    try:
+        families = {ipaddress.ip_address(_host(address)).version for address in addresses}
+    except ValueError:
+        raise VaeError(
+            f"target {target!r}: a list of addresses must be IP:PORT,IP:PORT (or a gRPC target "
+            "such as ipv4:IP:PORT,IP:PORT); for host names, give one DNS name with several "
+            "records as dns:///NAME:PORT"
+        ) from None
+    if len(families) != 1:
+        raise VaeError(f"target {target!r}: IPv4 and IPv6 addresses cannot be mixed in one list")
+    return ("ipv4:" if families == {4} else "ipv6:") + target
+
+
+SCHEMES = ("ipv4", "ipv6", "dns", "unix", "unix-abstract", "vsock", "xds")
+
+
+def _host(address: str) -> str:
+    host, _, _port = address.strip().rpartition(":")
+    return host.strip("[]")
 
 
 class VaeClient:
@@ -100,9 +133,9 @@ class VaeClient:
             credentials = grpc.ssl_channel_credentials(
                 _read(root_certificates), _read(client_key), _read(client_certificate)
             )
-            self.channel = grpc.secure_channel(target, credentials, options)
+            self.channel = grpc.secure_channel(channel_target(target), credentials, options)
         else:
-            self.channel = grpc.insecure_channel(target, options)
+            self.channel = grpc.insecure_channel(channel_target(target), options)
         self.stub = vae_pb2_grpc.VaeServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.model, self.version, self.timeout = model, version, timeout
