@@ -1,7 +1,9 @@
 """Bearer-token authentication: a call without the token is refused before any model code runs.
 
 Health checks stay open (orchestrators probe them without credentials): grpc.health.v1 and the
-Open Inference Protocol's ServerLive, ServerReady and ModelReady.
+Open Inference Protocol's ServerLive, ServerReady and ModelReady. The model repository extension
+(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) takes the operators' admin token
+instead of the clients'.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+ADMIN_PREFIXES = ("/inference.GRPCInferenceService/Repository",)
 OPEN_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/inference.GRPCInferenceService/ServerLive",
@@ -19,9 +22,26 @@ OPEN_PREFIXES = (
 )
 
 
+def expected(token: str | None) -> bytes | None:
+    return f"Bearer {token}".encode() if token else None
+
+
+def authorized(supplied: str, wanted: bytes | None) -> bool:
+    """``wanted`` None: nothing is asked for."""
+    return wanted is None or hmac.compare_digest(supplied.encode(), wanted)
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str, on_reject: Callable[[str], None] | None = None) -> None:
-        self.expected = f"Bearer {token}".encode()
+    """The clients' token on every call but health; the operators' token alone on the model
+    repository extension (which, without an admin token, its handlers refuse)."""
+
+    def __init__(
+        self,
+        token: str | None,
+        admin_token: str | None = None,
+        on_reject: Callable[[str], None] | None = None,
+    ) -> None:
+        self.expected, self.admin = expected(token), expected(admin_token)
         self.on_reject = on_reject or (lambda method: None)
 
     async def intercept_service(
@@ -30,12 +50,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
+        admin = details.method.startswith(ADMIN_PREFIXES)
         metadata = dict(details.invocation_metadata or ())
-        supplied = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(supplied, self.expected):
+        if authorized(str(metadata.get("authorization", "")), self.admin if admin else self.expected):
             return handler
         self.on_reject(details.method)
-        return _denied(handler, "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+        whose = "the admin token" if admin else "a bearer token"
+        return _denied(handler, f"missing or invalid {whose} (metadata 'authorization: Bearer <token>')")
 
 
 def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

@@ -33,6 +33,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
     settings = ServeSettings(**values(args, ServeSettings)).validate().with_workers()
     repo_exists(settings.repo)
+    settings.read_token(), settings.read_admin_token()  # a bad token file fails here, not in each worker
     logging.getLogger("vaeserve").info("starting vae serve with %s", settings)
     if settings.workers > 1:
         from vaeserve.service.workers import run_workers

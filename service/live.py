@@ -1,6 +1,7 @@
-"""`vae serve --poll-s`: the served versions follow the repository folder while the server runs.
+"""The served versions follow the repository folder while the server runs.
 
-Every ``poll_s`` seconds the repository is scanned, and the registry moves towards what it holds:
+With ``--poll-s`` the repository is scanned every so many seconds, and the registry moves
+towards what it holds:
 
 - a new version (an export's atomic rename is what makes it appear: staging folders are not
   versions) is loaded and verified exactly as at start, warmed up, and only then added, so
@@ -14,28 +15,43 @@ Every ``poll_s`` seconds the repository is scanned, and the registry moves towar
 - each model's ``labels.json`` is read again; a label naming a version that is not loaded is
   refused with one log line, and the labels in effect stay.
 
-Every worker of ``--workers`` polls on its own and reaches the same set. Metrics count loads,
-refusals and retirements (``vaeserve_repository_events_total``).
+Operators may also load and unload models by hand (OIP's model repository extension, behind the
+admin token); a model unloaded so stays unloaded, polls included, until it is loaded again.
+With ``--workers`` each worker polls on its own, and a hand-made change is written to the
+supervisor's control folder, which every worker reads each second, so all reach the same set.
+Metrics count loads, refusals and retirements (``vaeserve_repository_events_total``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import weakref
 from concurrent.futures import Executor
 from pathlib import Path
 
-from vaeserve.errors import RepositoryError
-from vaeserve.repository import LABELS, MANIFEST, model_names, read_labels
+from vaeserve.atomic import atomic_write_text
+from vaeserve.errors import ModelNotFoundError, RepositoryError, VaeError
+from vaeserve.repository import LABELS, MANIFEST, model_names, read_labels, version_numbers
 from vaeserve.service.batching import Observer
 from vaeserve.service.metrics import Metrics
-from vaeserve.service.models import ModelRegistry, ServedModel, load_one, wanted_versions
+from vaeserve.service.models import ModelRegistry, ServedModel, load_one, open_version, wanted_versions
 from vaeserve.service.settings import ServeSettings
 
 log = logging.getLogger("vaeserve.service")
+# Set by the --workers supervisor: a folder its workers share for hand-made changes.
+CONTROL_ENV = "VAESERVE_CONTROL_DIR"
+UNLOADED = "unloaded.json"
+CONTROL_POLL_S = 1.0
 
 
-class RepositoryWatcher:
+class AdminDisabledError(VaeError):
+    """The model repository extension is off: the server has no admin token."""
+
+
+class LiveRepository:
     def __init__(
         self,
         settings: ServeSettings,
@@ -49,16 +65,30 @@ class RepositoryWatcher:
         self.executor = executor
         self.metrics = metrics
         self.observer = observer
+        self.unloaded: set[str] = set()  # by an operator: polls leave these models alone
+        control = os.environ.get(CONTROL_ENV)
+        self.control = Path(control) / UNLOADED if control else None
         # Versions refused, by folder, with the signature they were refused at: tried again
-        # only once the folder changes. The same for labels files, and for kept versions.
+        # only once the folder changes. Likewise what was reported about labels and kept versions.
         self.refused: dict[Path, tuple] = {}
         self.reported: dict[str, object] = {}
 
+    # -- following the folder ------------------------------------------------------------------
     async def run(self) -> None:
+        """Poll the folder every --poll-s (if set) and the workers' control file every second
+        (if there is one); never returns."""
+        loops = []
+        if self.settings.poll_s:
+            loops.append(self._every(self.settings.poll_s, self.poll))
+        if self.control is not None:
+            loops.append(self._every(CONTROL_POLL_S, self.follow_control))
+        await asyncio.gather(*loops)
+
+    async def _every(self, seconds: float, step) -> None:
         while True:
-            await asyncio.sleep(self.settings.poll_s)
+            await asyncio.sleep(seconds)
             try:
-                await self.poll()
+                await step()
             except Exception:  # a poll must never take the server down
                 log.exception("repository poll failed; serving what was loaded")
 
@@ -73,32 +103,48 @@ class RepositoryWatcher:
             self._retire_gone(name, set(found.get(name, [])))
             self._follow_labels(name)
 
+    def _names(self) -> list[str]:
+        return [self.settings.model] if self.settings.model else model_names(self.settings.repo)
+
     def _scan(self) -> dict[str, list[int]]:
-        names = [self.settings.model] if self.settings.model else model_names(self.settings.repo)
-        return {name: wanted_versions(self.settings, name) for name in names}
+        return {
+            name: wanted_versions(self.settings, name) for name in self._names() if name not in self.unloaded
+        }
 
     async def _load(self, name: str, number: int) -> None:
         path = self.settings.repo / name / str(number)
         signature = _signature(path)
         if self.refused.get(path) == signature:
             return
-        loop = asyncio.get_running_loop()
-        served = await loop.run_in_executor(self.executor, self._load_and_warm_up, name, number)
+        served = await asyncio.get_running_loop().run_in_executor(self.executor, self._warm, name, number)
         if served is None:  # load_one logged why
             self.refused[path] = signature
             self.metrics.repository_event("refused")
             return
         self.refused.pop(path, None)
-        self.registry.add(served)
-        self.metrics.repository_event("loaded")
-        self.metrics.models.set(len(self.registry.all()))
-        log.info("serving %s/%d (latest: %d)", name, number, max(self.registry.models[name]))
+        self._add(served)
 
-    def _load_and_warm_up(self, name: str, number: int) -> ServedModel | None:
+    def _warm(self, name: str, number: int) -> ServedModel | None:
         served = load_one(self.settings, name, number, self.executor, self.observer)
         if served is not None:
             served.warm_up()
         return served
+
+    def _add(self, served: ServedModel) -> None:
+        self.registry.add(served)
+        self.metrics.repository_event("loaded")
+        self.metrics.models.set(len(self.registry.all()))
+        name = served.version.name
+        log.info("serving %s/%d (latest: %d)", name, served.version.version, max(self.registry.models[name]))
+
+    def _retire(self, name: str, number: int) -> None:
+        served = self.registry.retire(name, number)
+        # Once the last call holding it is done, its sessions go with it: say so when they do.
+        weakref.finalize(served, log.info, "released %s/%d: its sessions are freed", name, number)
+        del served
+        self.metrics.repository_event("retired")
+        self.metrics.models.set(len(self.registry.all()))
+        log.info("retired %s/%d", name, number)
 
     def _retire_gone(self, name: str, wanted: set[int]) -> None:
         loaded = self.registry.models[name]
@@ -109,10 +155,7 @@ class RepositoryWatcher:
                 message = "keeping %s/%d, gone from the repository: %s"
                 self._once(f"keep {name}/{number}", why, message, name, number, why)
                 continue
-            self.registry.retire(name, number)
-            self.metrics.repository_event("retired")
-            self.metrics.models.set(len(self.registry.all()))
-            log.info("retired %s/%d: new calls go to %s/%d", name, number, name, max(loaded))
+            self._retire(name, number)
 
     def _follow_labels(self, name: str) -> None:
         path = self.settings.repo / name / LABELS
@@ -131,6 +174,87 @@ class RepositoryWatcher:
         self.reported[key] = state
         log.warning(message, *args)
         return True
+
+    # -- by hand: OIP's model repository extension --------------------------------------------
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Every version in the repository: READY (served), UNLOADED (by an operator) or
+        UNAVAILABLE (on disk, not served), with the reason."""
+        rows = []
+        for name in self._names():
+            loaded = self.registry.models.get(name, {})
+            for number in sorted(set(version_numbers(self.settings.repo / name)) | set(loaded)):
+                if number in loaded:
+                    state, reason = "READY", ""
+                elif name in self.unloaded:
+                    state, reason = "UNLOADED", "unloaded by an operator"
+                else:
+                    state, reason = "UNAVAILABLE", self._why_not(name, number)
+                if state == "READY" or not ready_only:
+                    rows.append({"name": name, "version": str(number), "state": state, "reason": reason})
+        return rows
+
+    def _why_not(self, name: str, number: int) -> str:
+        if self.settings.repo / name / str(number) in self.refused:
+            return "refused: it failed verification (see the server log)"
+        return f"not asked for by --version {self.settings.version}"
+
+    async def load_model(self, name: str) -> None:
+        """Load every version --version asks for of ``name``; RepositoryError naming the first
+        that fails (those loaded stay)."""
+        if name not in self._names():
+            raise ModelNotFoundError(f"model {name!r} is not in the repository; it has {self._names()}")
+        wanted = wanted_versions(self.settings, name)
+        if not wanted:
+            raise ModelNotFoundError(f"model {name!r} has no version {self.settings.version} to load")
+        self.unloaded.discard(name)
+        self._share()
+        loop = asyncio.get_running_loop()
+        for number in wanted:
+            if number in self.registry.models.get(name, {}):
+                continue
+            try:
+                served = await loop.run_in_executor(self.executor, self._open, name, number)
+            except VaeError as exc:
+                self.metrics.repository_event("refused")
+                raise RepositoryError(f"{name}/{number}: {exc}") from None
+            self._add(served)
+        self._follow_labels(name)
+
+    def _open(self, name: str, number: int) -> ServedModel:
+        served = open_version(self.settings, name, number, self.executor, self.observer)
+        served.warm_up()
+        return served
+
+    async def unload_model(self, name: str) -> None:
+        """Retire every version of ``name``, and keep polls from loading it again."""
+        if name not in self.registry.models and name not in self._names():
+            raise ModelNotFoundError(f"model {name!r} is not in the repository; it has {self._names()}")
+        self.unloaded.add(name)
+        self._share()
+        for number in sorted(self.registry.models.get(name, {})):
+            self._retire(name, number)
+        log.info("unloaded %s by request", name)
+
+    def _share(self) -> None:
+        if self.control is not None:
+            atomic_write_text(self.control, json.dumps(sorted(self.unloaded)))
+
+    async def follow_control(self) -> None:
+        """Another worker's hand-made change, read from the supervisor's control folder."""
+        try:
+            unloaded = set(json.loads(self.control.read_text()))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            self._once("control", str(exc), "ignoring %s: %s", self.control, exc)
+            return
+        for name in sorted(unloaded - self.unloaded):
+            await self.unload_model(name)
+        for name in sorted(self.unloaded - unloaded):
+            try:
+                await self.load_model(name)
+            except VaeError as exc:
+                log.error("loading %s as another worker did: %s", name, exc)
 
 
 def _signature(path: Path) -> tuple:

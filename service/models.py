@@ -195,8 +195,12 @@ class ModelRegistry:
 
     def retire(self, name: str, number: int) -> ServedModel:
         """Out of the registry: new calls no longer reach it; calls holding it finish, and its
-        sessions are released with the last reference."""
+        sessions are released with the last reference. A model's last version takes the model
+        (and its labels) with it."""
         served = self.models[name].pop(number)
+        if not self.models[name]:
+            del self.models[name]
+            self.labels.pop(name, None)
         self.generation += 1
         return served
 
@@ -267,17 +271,25 @@ def versions_to_load(settings: ServeSettings, name: str) -> list[int]:
 def load_one(
     settings: ServeSettings, name: str, number: int, executor: Executor, observer: Observer
 ) -> ServedModel | None:
-    path = settings.repo / name / str(number)
+    """``open_version``, or None with a log line saying why not."""
     try:
-        version = load_version(path)
-        small = OnnxPair.load(version, settings.device, 1, settings.variant)
-        # On CPU every run uses the one-thread session (large batches in parallel pieces).
-        pair = small
-        if small.provider != CPU:
-            pair = OnnxPair.load(version, settings.device, 0, settings.variant)
+        return open_version(settings, name, number, executor, observer)
     except VaeError as exc:
-        log.error("refusing %s: %s", path, exc)
+        log.error("refusing %s: %s", settings.repo / name / str(number), exc)
         return None
+
+
+def open_version(
+    settings: ServeSettings, name: str, number: int, executor: Executor, observer: Observer
+) -> ServedModel:
+    """A version loaded and verified (checksums, shapes), ready to warm up; VaeError if not."""
+    path = settings.repo / name / str(number)
+    version = load_version(path)
+    small = OnnxPair.load(version, settings.device, 1, settings.variant)
+    # On CPU every run uses the one-thread session (large batches in parallel pieces).
+    pair = small
+    if small.provider != CPU:
+        pair = OnnxPair.load(version, settings.device, 0, settings.variant)
     log.info(
         "loaded %s: D=%d, M=%d, variant %s on %s",
         path,

@@ -16,6 +16,7 @@ import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 from aiohttp import web
@@ -30,12 +31,12 @@ from vaeserve.runtime import usable_cores
 from vaeserve.service import wire
 from vaeserve.service.auth import BearerTokenInterceptor
 from vaeserve.service.heap import keep_freed_heap
-from vaeserve.service.live import RepositoryWatcher
+from vaeserve.service.live import LiveRepository
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
 from vaeserve.service.oip.grpc_servicer import InferenceServicer
 from vaeserve.service.oip.http_app import bound_port, create_app, start_http
-from vaeserve.service.oip.models import Catalogue
+from vaeserve.service.oip.models import Catalogue, Control
 from vaeserve.service.servicer import VaeServicer
 from vaeserve.service.settings import ServeSettings
 from vaeserve.service.shared_memory import SharedMemoryRegions
@@ -85,7 +86,7 @@ def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None
 async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None = None) -> int:
     keep_freed_heap(settings.heap_keep_mb)
     metrics = Metrics()
-    token = settings.read_token()
+    token, admin_token = settings.read_token(), settings.read_admin_token()
     credentials = server_credentials(settings)
     # One thread per parallel onnxruntime run: more would only take turns on the same cores.
     executor = ThreadPoolExecutor(settings.threads or usable_cores(), thread_name_prefix="onnxruntime")
@@ -93,11 +94,12 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     metrics.models.set(len(registry.all()))
     serving = asyncio.Event()  # set once warmed up, cleared when draining: OIP's readiness
     catalogue = Catalogue(registry)  # the models as the Open Inference Protocol names them
-    server, health_servicer, regions = _grpc_server(
-        settings, registry, catalogue, metrics, token, serving.is_set
-    )
+    live = LiveRepository(settings, registry, executor, metrics, metrics)
+    control = Control(live, admin_token is not None, settings.repo.name)
+    access = Access(token, admin_token, serving.is_set, control)
+    server, health_servicer, regions = _grpc_server(settings, registry, catalogue, metrics, access)
     port = _bind(server, f"{settings.host}:{settings.port}", credentials)
-    http = await _start_http(settings, catalogue, metrics, token, serving.is_set)
+    http = await _start_http(settings, catalogue, metrics, access)
     metrics_server = (
         metrics.serve_http(settings.host, settings.metrics_port) if settings.metrics_port else None
     )
@@ -107,10 +109,10 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     await asyncio.get_running_loop().run_in_executor(executor, _warm_up, registry)
     serving.set()
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-    watcher = _watch_repository(settings, registry, executor, metrics)
+    following = _follow(live)
     log.info(
         "serving %s on %s: gRPC (vae.v1, OIP) on :%d, OIP HTTP on :%s (%s%s%s), batching %s, "
-        "shared memory %s, repository %s; metrics on :%s",
+        "shared memory %s, repository %s, model control %s; metrics on :%s",
         _describe(registry),
         settings.host,
         port,
@@ -121,6 +123,7 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
         _batching(settings),
         "on" if settings.shared_memory else "off",
         f"polled every {settings.poll_s:g} s" if settings.poll_s else "loaded once",
+        "on (admin token)" if admin_token else "off",
         settings.metrics_port or "off",
     )
     if on_serving is not None:
@@ -128,8 +131,8 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     await _until_signalled()
     log.info("shutting down: health NOT_SERVING, draining calls for up to %.1f s", settings.grace_s)
     serving.clear()
-    if watcher is not None:
-        watcher.cancel()
+    if following is not None:
+        following.cancel()
     await health_servicer.enter_graceful_shutdown()
     await asyncio.gather(server.stop(settings.grace_s), http.cleanup() if http else asyncio.sleep(0))
     await registry.stop()
@@ -141,26 +144,33 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     return 0
 
 
-def _watch_repository(
-    settings: ServeSettings, registry: ModelRegistry, executor: ThreadPoolExecutor, metrics: Metrics
-) -> asyncio.Task | None:
-    """With --poll-s, a task that keeps the served versions in step with the repository."""
-    if not settings.poll_s:
+def _follow(live: LiveRepository) -> asyncio.Task | None:
+    """With --poll-s, or as a worker that must follow the others' hand-made changes, a task that
+    keeps the served versions in step with the repository."""
+    if not live.settings.poll_s and live.control is None:
         return None
-    watcher = RepositoryWatcher(settings, registry, executor, metrics, metrics)
-    return asyncio.get_running_loop().create_task(watcher.run())
+    return asyncio.get_running_loop().create_task(live.run())
+
+
+class Access(NamedTuple):
+    """Who may call what: the clients' and the operators' tokens, readiness, model control."""
+
+    token: str | None
+    admin_token: str | None
+    ready: Callable[[], bool]
+    control: Control
 
 
 def _grpc_server(
-    settings: ServeSettings,
-    registry: ModelRegistry,
-    catalogue: Catalogue,
-    metrics: Metrics,
-    token: str | None,
-    ready: Callable,
+    settings: ServeSettings, registry: ModelRegistry, catalogue: Catalogue, metrics: Metrics, access: Access
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, SharedMemoryRegions]:
     """vae.v1, OIP's GRPCInferenceService, health and reflection on one server."""
-    interceptors = [BearerTokenInterceptor(token, metrics.refused)] if token else []
+    # Without tokens no interceptor: it would cost every call a coroutine.
+    interceptors = (
+        [BearerTokenInterceptor(access.token, access.admin_token, metrics.refused)]
+        if access.token or access.admin_token
+        else []
+    )
     server = grpc.aio.server(
         options=grpc_options(settings),
         interceptors=interceptors,
@@ -170,7 +180,8 @@ def _grpc_server(
     vae = vae_pb2.DESCRIPTOR.services_by_name["VaeService"]
     add_service(server, VaeServicer(registry, metrics, regions), vae, {"Encode": ENCODE_REQUEST})
     oip = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
-    add_service(server, InferenceServicer(catalogue, metrics, ready), oip, {"ModelInfer": INFER_REQUEST})
+    inference = InferenceServicer(catalogue, metrics, access.ready, access.control)
+    add_service(server, inference, oip, {"ModelInfer": INFER_REQUEST})
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -214,17 +225,19 @@ def add_service(
 
 
 async def _start_http(
-    settings: ServeSettings, catalogue: Catalogue, metrics: Metrics, token: str | None, ready: Callable
+    settings: ServeSettings, catalogue: Catalogue, metrics: Metrics, access: Access
 ) -> web.AppRunner | None:
     if not settings.http_port:
         return None
     app = create_app(
         catalogue,
         metrics,
-        ready,
-        token,
+        access.ready,
+        access.token,
         max_body_bytes=settings.max_message_mb * 1024 * 1024,
         max_in_flight=settings.max_concurrent_rpcs,
+        control=access.control,
+        admin_token=access.admin_token,
     )
     return await start_http(
         app, settings.host, settings.http_port, http_ssl_context(settings), settings.grace_s

@@ -84,6 +84,11 @@ class ServeSettings:
     metrics_port: int = option(9464, "Prometheus metrics HTTP port (0: off)")
     grace_s: float = option(10.0, "on SIGTERM, seconds to finish calls in flight")
     token_file: Path | None = option(None, "file holding the bearer token clients must send")
+    admin_token_file: Path | None = option(
+        None,
+        "file holding the bearer token of operators: it alone opens the model repository extension "
+        "(index, load, unload), which is off without it",
+    )
     tls_cert: Path | None = option(None, "PEM server certificate (enables TLS)")
     tls_key: Path | None = option(None, "PEM private key of --tls-cert")
     tls_client_ca: Path | None = option(
@@ -136,12 +141,24 @@ class ServeSettings:
         return dataclasses.replace(self, workers=workers)
 
     def read_token(self) -> str | None:
-        if self.token_file is None:
-            return None
-        try:
-            token = self.token_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"--token-file {self.token_file}: cannot read ({exc.strerror})") from None
-        if not token:
-            raise ConfigError(f"--token-file {self.token_file} is empty")
+        return _read_token(self.token_file, "--token-file")
+
+    def read_admin_token(self) -> str | None:
+        token = _read_token(self.admin_token_file, "--admin-token-file")
+        if token is not None and token == self.read_token():
+            raise ConfigError(
+                "--admin-token-file holds the clients' token; give operators a token of their own"
+            )
         return token
+
+
+def _read_token(path: Path | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+    if not token:
+        raise ConfigError(f"{flag} {path} is empty")
+    return token

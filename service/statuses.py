@@ -14,8 +14,9 @@ from typing import Any
 
 import grpc
 
-from vaeserve.errors import ModelNotFoundError, RequestError, TensorError, VaeError
+from vaeserve.errors import ModelNotFoundError, RepositoryError, RequestError, TensorError, VaeError
 from vaeserve.service.batching import OverloadedError
+from vaeserve.service.live import AdminDisabledError
 from vaeserve.service.shared_memory import (
     RegionExistsError,
     RegionNotFoundError,
@@ -32,12 +33,16 @@ GRPC_STATUS: dict[type[VaeError], grpc.StatusCode] = {
     RegionNotFoundError: grpc.StatusCode.NOT_FOUND,
     RegionExistsError: grpc.StatusCode.ALREADY_EXISTS,
     SharedMemoryDisabledError: grpc.StatusCode.FAILED_PRECONDITION,
+    RepositoryError: grpc.StatusCode.FAILED_PRECONDITION,  # a version that failed to load
+    AdminDisabledError: grpc.StatusCode.PERMISSION_DENIED,
 }
 HTTP_STATUS: dict[type[VaeError], int] = {
     TensorError: 400,
     RequestError: 400,
     ModelNotFoundError: 404,
     OverloadedError: 429,
+    RepositoryError: 400,
+    AdminDisabledError: 403,
 }
 KNOWN = tuple(GRPC_STATUS)
 

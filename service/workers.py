@@ -28,6 +28,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 
 from vaeserve.runtime import usable_cores
+from vaeserve.service.live import CONTROL_ENV
 from vaeserve.service.settings import ServeSettings
 
 log = logging.getLogger("vaeserve.service")
@@ -49,6 +50,8 @@ def run_workers(settings: ServeSettings) -> int:
     each = worker_settings(settings)
     metrics_dir = tempfile.mkdtemp(prefix="vaeserve-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # read by each worker's prometheus_client at import
+    control_dir = tempfile.mkdtemp(prefix="vaeserve-control-")
+    os.environ[CONTROL_ENV] = control_dir  # hand-made model loads and unloads, shared by the workers
     stop = _stop_on_signals()
     level = logging.getLogger().getEffectiveLevel()
     context = multiprocessing.get_context("spawn")
@@ -78,6 +81,7 @@ def run_workers(settings: ServeSettings) -> int:
         if metrics_server is not None:
             metrics_server.shutdown()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(control_dir, ignore_errors=True)
 
 
 def _stop_on_signals() -> list[int]:

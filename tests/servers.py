@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,18 @@ class Server:
     http_port: int = 0
 
     @property
+    def host(self) -> str:
+        return self.target.rpartition(":")[0]
+
+    @property
     def http(self) -> str:
         """The OIP HTTP/REST endpoint, host:port."""
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self.host}:{self.http_port}"
+
+    def metrics(self) -> str:
+        """The Prometheus page."""
+        url = f"http://{self.host}:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=10).read().decode()
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -59,6 +69,7 @@ def start(
     client: dict | None = None,
     use_flags: bool = True,
     port: int | None = None,
+    host: str = "127.0.0.1",
 ) -> Server:
     port, metrics_port, http_port = port or free_port(), free_port(), free_port()
     command = [sys.executable, "-c", WITHOUT_TORCH, "serve"]
@@ -67,7 +78,7 @@ def start(
             "--repo",
             str(repo),
             "--host",
-            "127.0.0.1",
+            host,
             "--port",
             str(port),
             "--metrics-port",
@@ -87,7 +98,7 @@ def start(
         )
     handle = open(log, "w")  # noqa: SIM115 - the server writes to it for its whole life
     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=environment)
-    server = Server(f"127.0.0.1:{port}", metrics_port, process, log, http_port)
+    server = Server(f"{host}:{port}", metrics_port, process, log, http_port)
     wait_serving(server, client or {})
     return server
 

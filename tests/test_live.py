@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -156,3 +157,73 @@ def test_a_version_folder_must_hold_its_own_export(live_repo: Path) -> None:
     shutil.copytree(live_repo / "tiny" / "1", live_repo / "tiny" / "5")  # a copy, manifest unchanged
     with pytest.raises(RepositoryError, match="its manifest is tiny/1"):
         load_version(live_repo / "tiny" / "5")
+
+
+class Load:
+    """Callers sending Encode to ``latest`` (or a label) without retries, counting what answers."""
+
+    def __init__(self, target: str, version: str = "", callers: int = 3) -> None:
+        self.target, self.version = target, version
+        self.failures: list[str] = []
+        self.versions: list[int] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._call) for _ in range(callers)]
+
+    def _call(self) -> None:
+        request = vae_pb2.EncodeRequest(inputs=to_tensor(np.zeros((4, 784), np.uint8)), version=self.version)
+        # A channel of each caller's own, and no retries: every failure is seen.
+        with grpc.insecure_channel(self.target, options=[("grpc.enable_retries", 0)]) as channel:
+            stub = vae_pb2_grpc.VaeServiceStub(channel)
+            while not self.stop.is_set():
+                try:
+                    self.versions.append(stub.Encode(request, timeout=10).model.version)
+                except grpc.RpcError as error:
+                    self.failures.append(f"{error.code()}: {error.details()}")
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def now(self) -> int:
+        """The version the latest answer came from."""
+        until(lambda: self.versions)
+        return self.versions[-1]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_new_version_takes_over_under_load_without_a_failed_call(
+    live_repo: Path, tmp_path: Path, workers: str
+) -> None:
+    poll = 1.0
+    assert vae("label", "--repo", str(live_repo), "--name", "tiny", "stable=1").returncode == 0
+    flags = ("--poll-s", str(poll), "--workers", workers)
+    with servers.running(live_repo, tmp_path / "serve.log", *flags) as server:
+        until(lambda: workers == "1" or f"all {workers} workers serving" in server.output())
+        with Load(server.target) as latest, Load(server.target, version="stable") as stable:
+            assert latest.now() == 1 and stable.now() == 1
+            broken = tmp_path / "tampered"
+            shutil.copytree(live_repo / "tiny" / "1", broken)
+            (broken / "decoder.onnx").write_bytes(b"tampered")
+            publish(live_repo, broken, 3)  # refused; changes nothing
+            time.sleep(3 * poll)
+            assert latest.now() == 1 and "refusing" in server.output()
+            shutil.rmtree(live_repo / "tiny" / "3")
+            published = time.monotonic()
+            publish(live_repo, live_repo / "tiny" / "1", 2)  # exported while 1 answers traffic
+            until(lambda: latest.now() == 2)
+            took = time.monotonic() - published
+            assert vae("label", "--repo", str(live_repo), "--name", "tiny", "stable=2").returncode == 0
+            until(lambda: stable.now() == 2)  # the label moved the traffic
+            shutil.rmtree(live_repo / "tiny" / "1")  # the old version deleted
+            until(lambda: "released tiny/1" in server.output())
+            seen = len(latest.versions)
+            until(lambda: len(latest.versions) > seen + 20)
+        assert latest.failures == [] and stable.failures == []
+        assert took <= 2 * poll, took  # the next poll, then loading and warming up the new version
+        assert set(latest.versions[-20:]) == {2}

@@ -271,6 +271,7 @@ def test_openapi_document_is_valid_and_names_every_route(server) -> None:
         document["paths"]
     )
     assert "/v2/models/{model}/versions/{version}/ready" in document["paths"]
+    assert {"/v2/repository/index", "/v2/repository/models/{model}/unload"} <= set(document["paths"])
 
 
 # -- errors -------------------------------------------------------------------------------------

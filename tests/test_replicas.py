@@ -1,9 +1,11 @@
-"""Several replicas behind one client: calls spread over them, and a replica that goes is skipped."""
+"""Several replicas behind one client: calls spread over them, and a replica killed mid-load is
+skipped without a failed call."""
 
 from __future__ import annotations
 
 import re
-import urllib.request
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,33 +13,65 @@ import pytest
 import servers
 
 from vaeserve.client import VaeClient, channel_target
+from vaeserve.datasets import model_inputs
 from vaeserve.errors import VaeError
+from vaeserve.repository import resolve
+from vaeserve.runtime import OnnxPair
+
+HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
 
 def ok_calls(server: servers.Server) -> float:
-    page = (
-        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    found = re.search(
+        r'vaeserve_requests_total\{code="OK",method="Encode",protocol="v1"\} (\S+)', server.metrics()
     )
-    found = re.search(r'vaeserve_requests_total\{code="OK",method="Encode",protocol="v1"\} (\S+)', page)
     return float(found.group(1)) if found else 0.0
 
 
-def test_calls_spread_over_replicas_and_survive_one_going(repo: Path, tmp_path: Path) -> None:
-    first = servers.start(repo, tmp_path / "a.log", "--workers", "1")
-    second = servers.start(repo, tmp_path / "b.log", "--workers", "1")
-    pixels = np.zeros((1, 784), np.uint8)
+def test_three_replicas_one_killed_mid_load_no_failed_call(repo: Path, tmp_path: Path, mnist) -> None:
+    port = servers.free_port()  # the same port on three loopback addresses
+    replicas = [
+        servers.start(repo, tmp_path / f"{host}.log", "--workers", "1", host=host, port=port)
+        for host in HOSTS
+    ]
+    pixels = mnist.test_images[:64]
+    expected = OnnxPair.load(resolve(repo, "tiny")).encode(model_inputs(pixels, "threshold"))[0]
+    failures: list[BaseException] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def caller(client: VaeClient) -> None:
+        while not stop.is_set():
+            try:
+                mean = client.encode(pixels)["mean"]
+                np.testing.assert_allclose(mean, expected, atol=1e-6, rtol=0)  # every result correct
+                answered[0] += 1
+            except BaseException as exc:
+                failures.append(exc)
+                return
+
+    target = ",".join(f"{host}:{port}" for host in HOSTS)
     try:
-        with VaeClient(f"{first.target},{second.target}", timeout=10) as client:
-            for _ in range(20):
-                client.encode(pixels)
-            assert ok_calls(first) >= 5 and ok_calls(second) >= 5  # round robin, not one replica
-            first.stop()
-            for _ in range(20):  # every call still answered: the gone replica is skipped
-                assert client.encode(pixels)["mean"].shape == (1, 8)
-            assert ok_calls(second) >= 25
+        with VaeClient(target, timeout=20) as client:
+            threads = [threading.Thread(target=caller, args=(client,)) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            while answered[0] < 60 and not failures:
+                threading.Event().wait(0.05)
+            assert all(ok_calls(r) > 0 for r in replicas)  # round robin reaches every replica
+            replicas[0].process.send_signal(signal.SIGKILL)  # mid-load, calls in flight on it
+            before = answered[0]
+            while answered[0] < before + 100 and not failures:
+                threading.Event().wait(0.05)
+            stop.set()
+            for thread in threads:
+                thread.join(60)
+        assert not failures, failures[0]
+        assert ok_calls(replicas[1]) > 0 and ok_calls(replicas[2]) > 0
     finally:
-        first.stop()
-        second.stop()
+        stop.set()
+        for replica in replicas:
+            replica.stop()
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from vaeserve._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from vaeserve.errors import RequestError
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
-from vaeserve.service.oip.models import NO_PARAMS, Catalogue, Outputs, Params
+from vaeserve.service.oip.models import NO_PARAMS, Catalogue, Control, Outputs, Params
 from vaeserve.service.statuses import rpc
 from vaeserve.service.wire import Received, Reply, field_number
 
@@ -45,10 +45,13 @@ def parameter(value: pb.InferParameter) -> object:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, catalogue: Catalogue, metrics: Metrics, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, catalogue: Catalogue, metrics: Metrics, ready: Callable[[], bool], control: Control
+    ) -> None:
         self.catalogue = catalogue
         self.metrics = metrics
         self.ready = ready
+        self.control = control
 
     @_rpc("ServerLive")
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
@@ -101,6 +104,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         outputs = await endpoint.infer(inputs, params, [output.name for output in request.outputs])
         return _response(request, endpoint.version, outputs, raw=bool(raw))
+
+    # -- the model repository extension (the interceptor has checked the admin token) ---------
+    @_rpc("RepositoryIndex")
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context
+    ) -> pb.RepositoryIndexResponse:
+        rows = self.control.index(request.repository_name, request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
+
+    @_rpc("RepositoryModelLoad")
+    async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
+        await self.control.load(request.repository_name, request.model_name, dict(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @_rpc("RepositoryModelUnload")
+    async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
+        await self.control.unload(request.repository_name, request.model_name, dict(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
 
 
 def _values(tensor: pb.ModelInferRequest.InferInputTensor):

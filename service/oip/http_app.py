@@ -11,7 +11,6 @@ code from ``statuses.HTTP_STATUS``; the bearer token guards everything but healt
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,10 +21,11 @@ from aiohttp import web
 
 from vaeserve import __version__
 from vaeserve.errors import ConfigError, RequestError, TensorError
+from vaeserve.service.auth import authorized, expected
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
 from vaeserve.service.oip.grpc_servicer import EXTENSIONS, NAME
-from vaeserve.service.oip.models import Catalogue, Endpoint, Outputs, Params
+from vaeserve.service.oip.models import Catalogue, Control, Endpoint, Outputs, Params
 from vaeserve.service.oip.openapi import document
 from vaeserve.service.statuses import HTTP_STATUS, KNOWN
 
@@ -35,6 +35,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 # Open without the token and past the in-flight limit: health (orchestrators probe it) and
 # the API description.
 OPEN_ROUTES = frozenset({"ServerLive", "ServerReady", "ModelReady", "OpenAPI"})
+# The model repository extension: the operators' admin token, not the clients'.
+ADMIN_ROUTES = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
 JSON = "application/json"
 # Counted for a request whose client went away before the answer (nginx's code for it).
 CLIENT_CLOSED = 499
@@ -48,9 +50,11 @@ def create_app(
     token: str | None,
     max_body_bytes: int,
     max_in_flight: int,
+    control: Control,
+    admin_token: str | None = None,
 ) -> web.Application:
-    routes = Routes(catalogue, ready)
-    guard = Guard(metrics, token, max_in_flight)
+    routes = Routes(catalogue, ready, control)
+    guard = Guard(metrics, token, max_in_flight, admin_token)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[guard.middleware])
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
@@ -62,10 +66,14 @@ def create_app(
         app.router.add_get(prefix, routes.model_metadata, name=f"ModelMetadata{suffix}")
         app.router.add_get(f"{prefix}/ready", routes.model_ready, name=f"ModelReady{suffix}")
         app.router.add_post(f"{prefix}/infer", routes.infer, name=f"ModelInfer{suffix}")
+    app.router.add_post("/v2/repository/index", routes.repository_index, name="RepositoryIndex")
+    repository_model = "/v2/repository/models/{model}"
+    app.router.add_post(f"{repository_model}/load", routes.repository_load, name="RepositoryModelLoad")
+    app.router.add_post(f"{repository_model}/unload", routes.repository_unload, name="RepositoryModelUnload")
     return app
 
 
-def json_response(body: dict, status: int = 200, **headers: str) -> web.Response:
+def json_response(body: dict | list, status: int = 200, **headers: str) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type=JSON, headers=headers)
 
 
@@ -76,9 +84,11 @@ def error(status: int, message: str, **headers: str) -> web.Response:
 class Guard:
     """Every request's wrapper: the token, the in-flight limit, errors as JSON, and metrics."""
 
-    def __init__(self, metrics: Metrics, token: str | None, max_in_flight: int) -> None:
+    def __init__(
+        self, metrics: Metrics, token: str | None, max_in_flight: int, admin_token: str | None = None
+    ) -> None:
         self.metrics = metrics
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.expected, self.admin = expected(token), expected(admin_token)
         self.max_in_flight = max_in_flight
         self.in_flight = 0
 
@@ -95,8 +105,10 @@ class Guard:
         self, request: web.Request, handler: Handler, method: str
     ) -> tuple[web.StreamResponse, int]:
         open_route = method in OPEN_ROUTES
-        if self.expected is not None and not open_route and not self._authorized(request):
-            message = "missing or invalid bearer token (header 'Authorization: Bearer <token>')"
+        wanted = self.admin if method in ADMIN_ROUTES else self.expected
+        if not open_route and not authorized(request.headers.get("Authorization", ""), wanted):
+            whose = "the admin token" if method in ADMIN_ROUTES else "a bearer token"
+            message = f"missing or invalid {whose} (header 'Authorization: Bearer <token>')"
             return error(401, message, **{"WWW-Authenticate": "Bearer"}), 0
         if self.in_flight >= self.max_in_flight and not open_route:  # probes still get an answer
             message = (
@@ -120,10 +132,6 @@ class Guard:
             self.in_flight -= 1
         return response, response.get("rows", 0)
 
-    def _authorized(self, request: web.Request) -> bool:
-        supplied = request.headers.get("Authorization", "").encode()
-        return hmac.compare_digest(supplied, self.expected)
-
 
 def _reason(exc: web.HTTPException, request: web.Request) -> str:
     if exc.status == 404:
@@ -140,9 +148,10 @@ def _allow(exc: web.HTTPException) -> dict[str, str]:
 
 
 class Routes:
-    def __init__(self, catalogue: Catalogue, ready: Callable[[], bool]) -> None:
+    def __init__(self, catalogue: Catalogue, ready: Callable[[], bool], control: Control) -> None:
         self.catalogue = catalogue
         self.ready = ready
+        self.control = control
 
     async def live(self, request: web.Request) -> web.Response:
         return json_response({"live": True})
@@ -177,6 +186,33 @@ class Routes:
         response = _infer_response(endpoint, body.get("id"), outputs, binary_out)
         response["rows"] = len(outputs[0][1]) if outputs else 0
         return response
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = await _optional_json(request)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise RequestError(f"ready: {ready!r}; expected true or false")
+        return json_response(self.control.index(body.get("repository_name", ""), ready))
+
+    async def repository_load(self, request: web.Request) -> web.Response:
+        body = await _optional_json(request)
+        await self.control.load(
+            "", request.match_info["model"], _object(body.get("parameters", {}), "parameters")
+        )
+        return json_response({})
+
+    async def repository_unload(self, request: web.Request) -> web.Response:
+        body = await _optional_json(request)
+        await self.control.unload(
+            "", request.match_info["model"], _object(body.get("parameters", {}), "parameters")
+        )
+        return json_response({})
+
+
+async def _optional_json(request: web.Request) -> dict:
+    """A JSON object body, or {} without one."""
+    raw = await request.read()
+    return _json(memoryview(raw)) if raw.strip() else {}
 
 
 def _model(request: web.Request) -> tuple[str, str]:

@@ -44,10 +44,52 @@ def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _repository_paths(model: dict) -> dict:
+    """The model repository extension: the repository's model names (NAME), the admin token."""
+    index = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["name", "version", "state", "reason"],
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "state": {"type": "string", "enum": ["READY", "UNAVAILABLE", "UNLOADED"]},
+                "reason": {"type": "string"},
+            },
+        },
+    }
+    body = {
+        "required": False,
+        "content": {
+            "application/json": {"schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}
+        },
+    }
+
+    def post(summary: str, operation: str, schema: dict, parameters: list[dict]) -> dict:
+        responses = {"200": _json(schema, summary), **_errors(400, 401, 403, 404)}
+        operation_ = {"summary": summary, "operationId": operation, "responses": responses}
+        return {
+            "post": {**operation_, "requestBody": body, **({"parameters": parameters} if parameters else {})}
+        }
+
+    model_name = {**model, "description": "a model of the repository (NAME, not NAME-encoder)"}
+    return {
+        "/v2/repository/index": post("What the repository holds", "RepositoryIndex", index, []),
+        "/v2/repository/models/{model}/load": post(
+            "Load a model's versions", "RepositoryModelLoad", {"type": "object"}, [model_name]
+        ),
+        "/v2/repository/models/{model}/unload": post(
+            "Unload a model", "RepositoryModelUnload", {"type": "object"}, [model_name]
+        ),
+    }
+
+
 def _errors(*codes: int) -> dict:
     meaning = {
         400: "Bad request: the message says what was wrong and what was expected",
         401: "Missing or invalid bearer token",
+        403: "The model repository extension is off (the server has no --admin-token-file)",
         404: "Unknown model or version",
         413: "Request body over the server's limit (--max-message-mb)",
         429: "The model's queue is full; retry with backoff",
@@ -183,6 +225,7 @@ def document() -> dict:
             "/v2/openapi.json": simple("This document", "OpenAPI", {"type": "object"}),
             **_model_paths("/v2/models/{model}", [model], ""),
             **_model_paths("/v2/models/{model}/versions/{version}", [model, version], "Version"),
+            **_repository_paths(model),
         },
         "components": {
             "schemas": {
