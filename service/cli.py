@@ -29,11 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    from vaeserve.service.server import repo_exists, serve
+    from vaeserve.service.server import refuse_a_stray_server, repo_exists, serve
 
     settings = ServeSettings(**values(args, ServeSettings)).validate().with_workers()
     repo_exists(settings.repo)
     settings.read_token(), settings.read_admin_token()  # a bad token file fails here, not in each worker
+    refuse_a_stray_server(settings)
     logging.getLogger("vaeserve").info("starting vae serve with %s", settings)
     if settings.workers > 1:
         from vaeserve.service.workers import run_workers

@@ -10,8 +10,11 @@ both ports, calls in flight get ``--grace-s`` seconds, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +43,7 @@ from vaeserve.service.oip.models import Catalogue, Control
 from vaeserve.service.servicer import VaeServicer
 from vaeserve.service.settings import ServeSettings
 from vaeserve.service.shared_memory import SharedMemoryRegions
+from vaeserve.service.workers import WORKER_ENV
 
 log = logging.getLogger("vaeserve.service")
 SERVICE_NAME = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
@@ -95,6 +99,8 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     serving = asyncio.Event()  # set once warmed up, cleared when draining: OIP's readiness
     catalogue = Catalogue(registry)  # the models as the Open Inference Protocol names them
     live = LiveRepository(settings, registry, executor, metrics, metrics)
+    if live.control is not None:  # a worker (perhaps a restarted one) follows the operators' changes
+        await live.follow_control()
     control = Control(live, admin_token is not None, settings.repo.name)
     access = Access(token, admin_token, serving.is_set, control)
     server, health_servicer, regions = _grpc_server(settings, registry, catalogue, metrics, access)
@@ -176,7 +182,7 @@ def _grpc_server(
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    regions = SharedMemoryRegions(settings.shared_memory)
+    regions = SharedMemoryRegions(settings.shared_memory, prefix=settings.shared_memory_prefix)
     vae = vae_pb2.DESCRIPTOR.services_by_name["VaeService"]
     add_service(server, VaeServicer(registry, metrics, regions), vae, {"Encode": ENCODE_REQUEST})
     oip = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -282,6 +288,23 @@ def _batching(settings: ServeSettings) -> str:
     if not settings.batching:
         return "off"
     return f"up to {settings.batch_max_rows} rows, max delay {settings.batch_max_delay_ms} ms"
+
+
+def refuse_a_stray_server(settings: ServeSettings) -> None:
+    """SO_REUSEPORT lets a second server bind a port in use and take a share of its connections
+    unnoticed: refuse to start when one already answers there (the supervisor's own workers
+    share its port on purpose and skip this)."""
+    if os.environ.get(WORKER_ENV):
+        return
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
+    for flag, port in (("--port", settings.port), ("--http-port", settings.http_port)):
+        if not port:
+            continue
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            raise ConfigError(
+                f"{flag} {port}: another server already listens there (this one would share its "
+                "connections silently); stop it or choose another port"
+            )
 
 
 def repo_exists(path: Path) -> None:

@@ -70,6 +70,11 @@ class ServeSettings:
         "let clients on this host register shared-memory regions and pass tensors by reference "
         "(containers: share the IPC namespace)",
     )
+    shared_memory_prefix: str = option(
+        "vaeserve-",
+        "with --shared-memory, the only shared-memory objects (/dev/shm/NAME) a client may register: "
+        "names starting with this ('' allows any object the server's user can open)",
+    )
     max_request_rows: int = option(4096, "most rows (or SamplePrior count) one request may carry")
     max_queue_rows: int = option(65536, "rows queued per graph before new calls get RESOURCE_EXHAUSTED")
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")

@@ -39,8 +39,8 @@ class RegionExistsError(VaeError):
 
 
 class SharedMemoryRegions:
-    def __init__(self, enabled: bool, max_regions: int = 256) -> None:
-        self.enabled, self.max_regions = enabled, max_regions
+    def __init__(self, enabled: bool, max_regions: int = 256, prefix: str = "") -> None:
+        self.enabled, self.max_regions, self.prefix = enabled, max_regions, prefix
         self.regions: dict[str, mmap.mmap] = {}
         self.paths: dict[str, Path] = {}
 
@@ -55,6 +55,11 @@ class SharedMemoryRegions:
             raise TensorError(f"{self.max_regions} regions are registered already; unregister some first")
         if not KEY.fullmatch(key):
             raise TensorError(f"key {key!r}: expected a shared-memory object name like 'psm_1a2b' (no '/')")
+        if not key.lstrip("/").startswith(self.prefix):
+            raise TensorError(
+                f"key {key!r}: this server maps only objects named {self.prefix}... "
+                "(--shared-memory-prefix); name yours so"
+            )
         path = SHM_ROOT / key.lstrip("/")
         try:
             fd = os.open(path, os.O_RDWR)

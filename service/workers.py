@@ -9,23 +9,30 @@ connections (not calls) over them. This process only supervises:
   multiprocess mode, through a folder of per-process files it creates and removes);
 - on SIGTERM or SIGINT it passes SIGTERM on, each worker drains as a lone server does,
   and it exits 0 once they all have;
-- a worker that exits on its own (a failed start, a crash) stops the others and the
-  supervisor exits 1, so that Docker or the orchestrator restarts the whole service.
+- a worker that dies (a crash, SIGKILL, out of memory) is logged, counted
+  (``vaeserve_worker_restarts_total``) and restarted with backoff while the others keep serving;
+  one that keeps dying, or that fails its first start, stops the others and the supervisor exits
+  1, so that Docker or the orchestrator restarts the whole service;
+- its temporary folders carry its pid, and a fresh start removes those of supervisors that are
+  gone (a SIGKILLed supervisor cannot clean up).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
+from pathlib import Path
 
 from vaeserve.runtime import usable_cores
 from vaeserve.service.live import CONTROL_ENV
@@ -33,6 +40,14 @@ from vaeserve.service.settings import ServeSettings
 
 log = logging.getLogger("vaeserve.service")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Set for the workers: they share the supervisor's port on purpose (server.refuse_a_stray_server).
+WORKER_ENV = "VAESERVE_SUPERVISOR_PID"
+METRICS_PREFIX, CONTROL_PREFIX = "vaeserve-metrics-", "vaeserve-control-"
+# A dead worker is restarted after 0.5 s, then 1, 2, 4 s...; five deaths within a minute, or one
+# before it ever served (a bad model, a bad setting), and the supervisor gives up.
+RESTART_BACKOFF_S, MAX_BACKOFF_S = 0.5, 8.0
+GIVE_UP_EXITS, GIVE_UP_WINDOW_S = 5, 60.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 # Beyond the grace period, time for a worker to close its sessions and exit.
 EXIT_MARGIN_S = 30.0
 
@@ -48,40 +63,95 @@ def worker_settings(settings: ServeSettings) -> ServeSettings:
 
 def run_workers(settings: ServeSettings) -> int:
     each = worker_settings(settings)
-    metrics_dir = tempfile.mkdtemp(prefix="vaeserve-metrics-")
+    sweep_leftovers()
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # read by each worker's prometheus_client at import
-    control_dir = tempfile.mkdtemp(prefix="vaeserve-control-")
+    control_dir = tempfile.mkdtemp(prefix=f"{CONTROL_PREFIX}{os.getpid()}-")
     os.environ[CONTROL_ENV] = control_dir  # hand-made model loads and unloads, shared by the workers
+    os.environ[WORKER_ENV] = str(os.getpid())  # the workers may share the port: they are ours
     stop = _stop_on_signals()
-    level = logging.getLogger().getEffectiveLevel()
-    context = multiprocessing.get_context("spawn")
-    serving = [context.Event() for _ in range(settings.workers)]
-    workers = [
-        context.Process(
-            target=_worker, args=(i + 1, settings.workers, each, level, event), name=f"vae-serve-{i + 1}"
-        )
-        for i, event in enumerate(serving)
-    ]
+    pool = Pool(each, settings.workers, logging.getLogger().getEffectiveLevel(), metrics_dir)
     metrics_server = None
     try:
-        metrics_server = _serve_metrics(settings, metrics_dir) if settings.metrics_port else None
-        for worker in workers:
-            worker.start()
+        metrics_server = _serve_metrics(settings, metrics_dir, pool) if settings.metrics_port else None
+        for slot in range(settings.workers):
+            pool.start(slot)
         log.info(
             "supervising %d workers on port %d (%d onnxruntime threads each), pids %s; "
             "metrics of them all on :%s",
             settings.workers,
             settings.port,
             each.threads,
-            ", ".join(str(w.pid) for w in workers),
+            ", ".join(str(w.pid) for w in pool.workers),
             settings.metrics_port or "off",
         )
-        return _supervise(workers, serving, stop, settings.grace_s)
+        return _supervise(pool, stop, settings.grace_s)
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         shutil.rmtree(control_dir, ignore_errors=True)
+
+
+def sweep_leftovers(root: Path | None = None) -> None:
+    """Remove the folders of supervisors that are gone (a SIGKILLed one cannot clean up)."""
+    root = root or Path(tempfile.gettempdir())
+    for folder in [*root.glob(f"{METRICS_PREFIX}*"), *root.glob(f"{CONTROL_PREFIX}*")]:
+        owner = folder.name.removeprefix(METRICS_PREFIX).removeprefix(CONTROL_PREFIX).split("-")[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by a supervisor that is gone", folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Pool:
+    """The worker processes, one per slot, restarted when one dies."""
+
+    def __init__(self, settings: ServeSettings, count: int, level: int, metrics_dir: str) -> None:
+        self.settings, self.count, self.level, self.metrics_dir = settings, count, level, metrics_dir
+        self.context = multiprocessing.get_context("spawn")
+        self.workers: list[BaseProcess] = [None] * count  # type: ignore[list-item]
+        self.serving: list[Event] = [self.context.Event() for _ in range(count)]
+        self.exits: list[list[float]] = [[] for _ in range(count)]  # when each slot's worker died
+        self.served = [False] * count  # whether the slot has ever served
+        self.restarts = 0
+
+    def start(self, slot: int) -> None:
+        self.serving[slot] = self.context.Event()
+        worker = self.context.Process(
+            target=_worker,
+            args=(slot + 1, self.count, self.settings, self.level, self.serving[slot]),
+            name=f"vae-serve-{slot + 1}",
+        )
+        worker.start()
+        self.workers[slot] = worker
+
+    def reap(self, slot: int) -> None:
+        """A dead worker: its live gauges leave the metrics (its counts stay), its exit is noted."""
+        from prometheus_client import multiprocess
+
+        worker = self.workers[slot]
+        worker.join()  # its sentinel may signal just before it can be reaped
+        multiprocess.mark_process_dead(worker.pid, self.metrics_dir)
+        self.exits[slot].append(time.monotonic())
+        self.serving[slot].clear()  # "all N workers serving" waits for its successor
+
+    def backoff(self, slot: int) -> float | None:
+        """Seconds before restarting the slot, or None when it keeps dying (or failed its first
+        start: a bad model or setting, which restarting would not mend)."""
+        recent = [t for t in self.exits[slot] if t > time.monotonic() - GIVE_UP_WINDOW_S]
+        if not self.served[slot] or len(recent) >= GIVE_UP_EXITS:
+            return None
+        return min(RESTART_BACKOFF_S * 2 ** (len(recent) - 1), MAX_BACKOFF_S)
 
 
 def _stop_on_signals() -> list[int]:
@@ -92,22 +162,53 @@ def _stop_on_signals() -> list[int]:
     return received
 
 
-def _supervise(workers: list[BaseProcess], serving: list[Event], stop: list[int], grace_s: float) -> int:
+def _supervise(pool: Pool, stop: list[int], grace_s: float) -> int:
+    """Until a signal: restart a worker that dies, with backoff, while the others serve; give up
+    (exit 1, so that the orchestrator restarts the service) when one keeps dying or fails its
+    first start."""
     announced = False
+    restart_at: dict[int, float] = {}
     while not stop:
-        if not announced and all(event.is_set() for event in serving):
-            log.info("all %d workers serving", len(workers))
+        for slot, event in enumerate(pool.serving):
+            pool.served[slot] = pool.served[slot] or event.is_set()
+        if not announced and all(event.is_set() for event in pool.serving):
+            log.info("all %d workers serving", pool.count)
             announced = True
-        ended = wait([w.sentinel for w in workers], timeout=0.2)
-        for worker in workers:
-            if worker.sentinel in ended:
-                worker.join()  # its sentinel may signal just before it can be reaped
-                log.error("worker %s exited with %s; stopping the others", worker.name, worker.exitcode)
-        if ended:
-            _stop(workers, grace_s)
-            return 1
-    log.info("signal %d: stopping %d workers (grace %.1f s)", stop[0], len(workers), grace_s)
-    return _stop(workers, grace_s)
+        live = [w.sentinel for i, w in enumerate(pool.workers) if i not in restart_at]
+        ended = wait(live, timeout=0.2)
+        for slot, worker in enumerate(pool.workers):
+            if slot in restart_at or worker.sentinel not in ended:
+                continue
+            pool.reap(slot)
+            delay = pool.backoff(slot)
+            if delay is None:
+                why = (
+                    f"({GIVE_UP_EXITS} times in {GIVE_UP_WINDOW_S:.0f} s)"
+                    if pool.served[slot]
+                    else "before it ever served"
+                )
+                log.error(
+                    "worker %s exited with %s %s; stopping the others", worker.name, worker.exitcode, why
+                )
+                _stop(pool.workers, grace_s)
+                return 1
+            log.error(
+                "worker %s (pid %d) exited with %s; restarting it in %.1f s, the others serve meanwhile",
+                worker.name,
+                worker.pid,
+                worker.exitcode,
+                delay,
+            )
+            restart_at[slot] = time.monotonic() + delay
+            announced = False
+        for slot, when in list(restart_at.items()):
+            if time.monotonic() >= when:
+                del restart_at[slot]
+                pool.start(slot)
+                pool.restarts += 1
+                log.info("worker %s restarted, pid %d", pool.workers[slot].name, pool.workers[slot].pid)
+    log.info("signal %d: stopping %d workers (grace %.1f s)", stop[0], pool.count, grace_s)
+    return _stop([w for i, w in enumerate(pool.workers) if i not in restart_at], grace_s)
 
 
 def _stop(workers: list[BaseProcess], grace_s: float) -> int:
@@ -125,14 +226,34 @@ def _stop(workers: list[BaseProcess], grace_s: float) -> int:
     return 0 if all(w.exitcode == 0 for w in workers) else 1
 
 
-def _serve_metrics(settings: ServeSettings, metrics_dir: str):
+def _serve_metrics(settings: ServeSettings, metrics_dir: str, pool: Pool):
     from prometheus_client import CollectorRegistry, multiprocess
+    from prometheus_client.core import CounterMetricFamily
 
     from vaeserve.service.metrics import serve_http
 
+    class Restarts:
+        def collect(self):
+            yield CounterMetricFamily(
+                "vaeserve_worker_restarts", "Workers restarted after dying", value=pool.restarts
+            )
+
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+    registry.register(Restarts())
     return serve_http(settings.host, settings.metrics_port, registry)
+
+
+def _die_with(supervisor: int) -> None:
+    """A worker outlives no SIGKILLed supervisor: Linux sends it SIGTERM (it drains and exits)
+    when the supervisor dies; elsewhere it is left to the orchestrator."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker(index: int, count: int, settings: ServeSettings, level: int, serving: Event) -> None:
@@ -145,9 +266,12 @@ def _worker(index: int, count: int, settings: ServeSettings, level: int, serving
         level=level,
         format=f"%(asctime)s %(levelname)s %(name)s [worker {index}/{count}]: %(message)s",
     )
-    # The supervisor's handlers do not survive spawn; until the server installs its own,
-    # a Ctrl-C must not print a traceback.
+    # The supervisor's handlers do not survive spawn; until the server installs its own, a
+    # Ctrl-C must not print a traceback, and a SIGTERM (the supervisor stopping while this
+    # worker starts) ends it cleanly.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda _number, _frame: sys.exit(0))
+    _die_with(int(os.environ[WORKER_ENV]))
     try:
         code = run_on_event_loop(serve(settings, serving.set), settings.event_loop)
     except VaeError as exc:

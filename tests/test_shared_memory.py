@@ -3,6 +3,7 @@ outputs through shared memory (the real server, a real POSIX shared-memory objec
 
 from __future__ import annotations
 
+import uuid
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def stub(server):
 @pytest.fixture
 def region(stub):
     """A 64 KiB object registered as 'test-region'; the test's stub may use it."""
-    memory = shared_memory.SharedMemory(create=True, size=65536)
+    memory = shared_memory.SharedMemory(name=f"vaeserve-test-{uuid.uuid4().hex}", create=True, size=65536)
     stub.RegisterSharedMemory(
         vae_pb2.RegisterSharedMemoryRequest(name="test-region", key=memory.name, byte_size=memory.size)
     )
@@ -124,6 +125,7 @@ def test_bad_registrations_get_a_precise_status(stub, region) -> None:
     cases = [
         (register("a", "vaeserve-missing", 8), NOT_FOUND, "no shared-memory object"),
         (register("a", "../etc/passwd", 8), INVALID, "no '/'"),
+        (register("a", "psm_someone_elses", 8), INVALID, "only objects named vaeserve-"),
         (register("a", region.name, 10**6), INVALID, "holds 65,536 bytes"),
         (register("test-region", region.name, 8), grpc.StatusCode.ALREADY_EXISTS, "already registered"),
     ]
@@ -158,7 +160,7 @@ def test_client_registers_again_with_a_restarted_server(repo: Path, tmp_path: Pa
 
 
 def test_regions_of_deleted_objects_are_forgotten(stub, region) -> None:
-    doomed = shared_memory.SharedMemory(create=True, size=4096)
+    doomed = shared_memory.SharedMemory(name=f"vaeserve-test-{uuid.uuid4().hex}", create=True, size=4096)
     stub.RegisterSharedMemory(register("doomed", doomed.name, 4096))
     doomed.close()
     doomed.unlink()  # its client is gone without unregistering

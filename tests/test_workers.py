@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -67,13 +69,103 @@ def test_workers_serve_one_port_with_one_metrics_page(repo: Path, tmp_path: Path
     assert "[worker 1/2]: stopped" in log and "[worker 2/2]: stopped" in log
 
 
-def test_a_worker_that_dies_stops_the_service(repo: Path, tmp_path: Path) -> None:
+def test_a_worker_killed_under_load_is_restarted_without_a_failed_call(
+    repo: Path, tmp_path: Path, mnist
+) -> None:
+    server = servers.start(repo, tmp_path / "serve.log", "--workers", "2")
+    try:
+        first, second = wait_for_workers(server, 2)
+        pixels = mnist.test_images[:16]
+        failures: list[BaseException] = []
+        answered = [0]
+        stop = threading.Event()
+
+        def caller() -> None:
+            # Each caller a connection of its own, retries on (the client's default policy).
+            with VaeClient(server.target, timeout=20) as client:
+                while not stop.is_set():
+                    try:
+                        assert client.encode(pixels)["mean"].shape == (16, 8)
+                        answered[0] += 1
+                    except BaseException as exc:
+                        failures.append(exc)
+                        return
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        while answered[0] < 40 and not failures:
+            time.sleep(0.05)
+        killed = time.monotonic()
+        os.kill(first, signal.SIGKILL)
+        while "restarted, pid" not in server.output() and time.monotonic() < killed + 10:
+            time.sleep(0.05)
+        restarted = int(re.search(r"vae-serve-1 restarted, pid (\d+)", server.output()).group(1))
+        while server.output().count("all 2 workers serving") < 2 and time.monotonic() < killed + 10:
+            time.sleep(0.05)
+        assert time.monotonic() - killed < 10  # back and serving within 10 s
+        before = answered[0]
+        while answered[0] < before + 40 and not failures:
+            time.sleep(0.05)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert not failures, failures[0]
+        assert server.process.poll() is None  # the supervisor did not exit
+        assert Path(f"/proc/{second}").exists() and Path(f"/proc/{restarted}").exists()
+        assert f"vae-serve-1 (pid {first}) exited with -{signal.SIGKILL.value}; restarting" in server.output()
+        page = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
+        assert b"vaeserve_worker_restarts_total 1.0" in page
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_a_worker_that_keeps_dying_stops_the_service(repo: Path, tmp_path: Path) -> None:
     server = servers.start(repo, tmp_path / "serve.log", "--workers", "2")
     first, second = wait_for_workers(server, 2)
     os.kill(first, signal.SIGKILL)
+    for restart in range(1, 5):  # each new worker of slot 1 killed once it is up
+        deadline = time.monotonic() + 30
+        while len(re.findall(r"vae-serve-1 restarted, pid (\d+)", server.output())) < restart:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
+        pid = int(re.findall(r"vae-serve-1 restarted, pid (\d+)", server.output())[-1])
+        os.kill(pid, signal.SIGKILL)
     assert server.process.wait(60) == 1
-    assert f"vae-serve-1 exited with -{signal.SIGKILL.value}" in server.output()
+    assert "exited with -9 (5 times in 60 s); stopping the others" in server.output()
     assert not Path(f"/proc/{second}").exists()
+
+
+def test_a_worker_that_fails_its_first_start_stops_the_service(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    port = str(servers.free_port())
+    result = vae(
+        "serve", "--repo", str(tmp_path / "empty"), "--workers", "2", "--port", port, "--http-port", "0"
+    )
+    assert result.returncode == 1
+    assert "before it ever served; stopping the others" in result.stderr
+
+
+def test_a_stray_second_server_on_the_same_port_is_refused(repo: Path, tmp_path: Path) -> None:
+    with servers.running(repo, tmp_path / "serve.log", "--workers", "1") as first:
+        port = first.target.rpartition(":")[2]
+        second = vae("serve", "--repo", str(repo), "--host", "127.0.0.1", "--port", port, "--http-port", "0")
+        assert_one_line_error(second, 1, f"--port {port}", "another server already listens there")
+        assert VaeClient(first.target).health() == "SERVING"
+
+
+def test_a_fresh_supervisor_sweeps_folders_its_dead_predecessors_left(tmp_path: Path) -> None:
+    from vaeserve.service.workers import sweep_leftovers
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = [tmp_path / f"vaeserve-metrics-{gone.pid}-x1", tmp_path / f"vaeserve-control-{gone.pid}-x2"]
+    ours = tmp_path / f"vaeserve-metrics-{os.getpid()}-x3"
+    for folder in (*left, ours):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"\0")
+    sweep_leftovers(tmp_path)
+    assert not any(folder.exists() for folder in left) and ours.exists()
 
 
 def test_workers_need_a_fixed_port() -> None:
@@ -115,3 +207,14 @@ def test_each_worker_may_use_every_core(workers: str) -> None:
     each = worker_settings(ServeSettings(workers=int(workers), metrics_port=9464))
     assert each.workers == 1 and each.metrics_port == 0
     assert each.threads == usable_cores()  # a lone large call uses them all
+
+
+def test_workers_do_not_outlive_a_sigkilled_supervisor(repo: Path, tmp_path: Path) -> None:
+    server = servers.start(repo, tmp_path / "serve.log", "--workers", "2")
+    pids = wait_for_workers(server, 2)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(10)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # they drained and exited

@@ -54,6 +54,10 @@ RETRY_POLICY = {
 }
 
 
+# The shared-memory objects of vaeserve's clients: the only ones a server maps by default.
+SHARED_MEMORY_PREFIX = "vaeserve-"
+
+
 class ServiceError(VaeError):
     """A call failed; ``code`` is the gRPC status code."""
 
@@ -394,7 +398,9 @@ class SharedSlots:
 
     def __init__(self, count: int, slot_bytes: int, input_bytes: int) -> None:
         try:
-            self.memory = shared_memory.SharedMemory(create=True, size=count * slot_bytes)
+            # Named with the prefix a server accepts by default (--shared-memory-prefix).
+            name = f"{SHARED_MEMORY_PREFIX}{uuid.uuid4().hex}"
+            self.memory = shared_memory.SharedMemory(name=name, create=True, size=count * slot_bytes)
         except OSError as exc:
             raise VaeError(f"cannot create {count * slot_bytes:,} bytes of shared memory ({exc})") from None
         self.name = f"client-{uuid.uuid4().hex}"
