@@ -118,8 +118,7 @@ def test_serve_ports_in_use_are_named(repo: Path) -> None:
     import socket
 
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: the bind itself fails
         port = str(taken.getsockname()[1])
         common = ("serve", "--repo", str(repo), "--host", "127.0.0.1")
         common += ("--http-port", "0")
@@ -132,3 +131,9 @@ def test_serve_ports_in_use_are_named(repo: Path) -> None:
         result = vae(*common, "--port", "0", "--metrics-port", "0", "--http-port", port)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert f"--http-port {port}: cannot listen on 127.0.0.1" in result.stderr
+        taken.listen()  # now something answers there: a stray server is refused before binding
+        for flag in ("--port", "--http-port"):
+            others = {"--port": "0", "--http-port": "0", flag: port}
+            result = vae(*common[:-2], *[x for k, v in others.items() for x in (k, v)], "--metrics-port", "0")
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert f"{flag} {port}: another server already listens there" in result.stderr
