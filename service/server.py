@@ -223,7 +223,7 @@ def add_service(
         make = HANDLERS[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=read.get(method.name, request.FromString),
+            request_deserializer=wire.tolerant(read.get(method.name, request.FromString), request),
             response_serializer=wire.serialize,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -19,7 +19,7 @@ from vaeserve.service.metrics import Metrics
 from vaeserve.service.models import ModelRegistry
 from vaeserve.service.shared_memory import SharedMemoryRegions
 from vaeserve.service.statuses import GRPC_STATUS, KNOWN, rpc
-from vaeserve.service.wire import Received, Reply, field_number
+from vaeserve.service.wire import Received, Reply, checked, field_number
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         return Reply(vae_pb2.EncodeResponse(model=model.ref), tensors)
 
     async def _encode(self, request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
+        request = checked(request)  # a stream's message may be undecodable
         model, out = await self._encoded(request)
         if request.HasField("output_shared_memory"):
             return self._in_shared_memory(request, model, out)

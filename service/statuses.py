@@ -22,6 +22,7 @@ from vaeserve.service.shared_memory import (
     RegionNotFoundError,
     SharedMemoryDisabledError,
 )
+from vaeserve.service.wire import checked
 
 log = logging.getLogger("vaeserve.service")
 
@@ -57,7 +58,7 @@ def rpc(method: str, protocol: str, rows: Callable[[Any], int]) -> Callable:
             started = time.perf_counter()
             code, message, response = grpc.StatusCode.OK, "", None
             try:
-                response = await handler(self, request, context)
+                response = await handler(self, checked(request), context)
             except KNOWN as exc:
                 code, message = GRPC_STATUS[type(exc)], str(exc)
             except Exception:

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from vaeserve._proto import vae_pb2
+from vaeserve.errors import RequestError
 
 LEN = 2  # the wire type of bytes, strings and messages
 
@@ -52,6 +53,34 @@ class Received:
 
     message: Any
     tensors: tuple[memoryview, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """Bytes that are not the method's request message. gRPC would answer INTERNAL for a
+    parser that raises; the handler answers INVALID_ARGUMENT saying what was wrong."""
+
+    message: str
+    error: str
+
+
+def tolerant(parse: Callable[[bytes], Any], message: type[Message]) -> Callable[[bytes], Any]:
+    """``parse``, with undecodable bytes handed on as ``Undecodable`` instead of raised."""
+
+    def parse_or_flag(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except DecodeError as exc:
+            return Undecodable(message.DESCRIPTOR.full_name, str(exc) or "not a protobuf message")
+
+    return parse_or_flag
+
+
+def checked(request: Any) -> Any:
+    """The request, or RequestError if its bytes were not the message."""
+    if isinstance(request, Undecodable):
+        raise RequestError(f"the request is not a valid {request.message} message ({request.error})")
+    return request
 
 
 @dataclass(frozen=True, slots=True)
