@@ -19,6 +19,7 @@ refused, not queued.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from collections.abc import Callable
@@ -235,12 +236,24 @@ class Batcher:
             start = stop
 
 
-class Direct:
-    """The same interface without merging: each call runs on its own (``--no-batching``)."""
+# The deadline of the call being handled (time.monotonic()), set by the gRPC front ends: each
+# asyncio task has its own copy, so the data plane reads its call's without a parameter.
+deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
-    def __init__(self, run: Runner, name: str, observer: Observer | None = None) -> None:
-        self.run, self.name = run, name
+
+class Direct:
+    """The same interface without merging: each call runs on its own (batching off, the default).
+
+    Admission: runs above ``inline_rows`` wait for the executor's threads, so past
+    ``max_queue_rows`` rows admitted and unfinished a call is refused at once instead of waiting
+    behind all of them; and a call whose deadline the work ahead of it would pass is refused up
+    front, from the rows/s measured on this graph's recent runs."""
+
+    def __init__(self, run: Runner, name: str, max_queue_rows: int, observer: Observer | None = None) -> None:
+        self.run, self.name, self.max_queue_rows = run, name, max_queue_rows
         self.observer = observer or _Unobserved()
+        self.in_flight_rows = 0
+        self.rows_per_s = 0.0  # measured while busy; 0: not yet known
 
     def start(self) -> None:
         pass
@@ -254,4 +267,34 @@ class Direct:
         self.observer.batch(self.name, len(rows))
         if len(rows) <= self.run.inline_rows:
             return self.run.small(rows)  # what Runner would do, one coroutine fewer per call
-        return await self.run(rows)
+        self._admit(len(rows))
+        self.in_flight_rows += len(rows)
+        started = time.perf_counter()
+        try:
+            return await self.run(rows)
+        finally:
+            self.in_flight_rows -= len(rows)
+            self._measure(len(rows), time.perf_counter() - started)
+
+    def _admit(self, count: int) -> None:
+        ahead = self.in_flight_rows
+        if ahead + count > self.max_queue_rows:
+            raise OverloadedError(
+                f"server busy: {ahead} rows in progress for the {self.name} (limit "
+                f"{self.max_queue_rows}, --max-queue-rows); retry with backoff"
+            )
+        until = deadline.get()
+        if until is not None and self.rows_per_s:
+            needed = (ahead + count) / self.rows_per_s
+            left = until - time.monotonic()
+            if needed > left:
+                raise OverloadedError(
+                    f"server busy: {ahead} rows ahead of this call for the {self.name} need about "
+                    f"{needed:.2f} s, more than the {max(left, 0):.2f} s left before its deadline; "
+                    "retry with backoff or a longer deadline"
+                )
+
+    def _measure(self, count: int, seconds: float) -> None:
+        """Rows/s of this graph: a call's rows over its time, all calls in flight together."""
+        rate = (self.in_flight_rows + count) / seconds if seconds > 0 else 0.0
+        self.rows_per_s = rate if not self.rows_per_s else 0.8 * self.rows_per_s + 0.2 * rate

@@ -72,7 +72,7 @@ class ServedModel:
 
     def _batcher(self, runner: Runner, name: str, observer: Observer) -> Batcher | Direct:
         if not self.settings.batching:
-            return Direct(runner, name, observer)
+            return Direct(runner, name, self.settings.max_queue_rows, observer)
         delay = self.settings.batch_max_delay_ms / 1000
         return Batcher(
             runner, name, self.settings.batch_max_rows, delay, self.settings.max_queue_rows, observer

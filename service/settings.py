@@ -76,7 +76,11 @@ class ServeSettings:
         "names starting with this ('' allows any object the server's user can open)",
     )
     max_request_rows: int = option(4096, "most rows (or SamplePrior count) one request may carry")
-    max_queue_rows: int = option(65536, "rows queued per graph before new calls get RESOURCE_EXHAUSTED")
+    max_queue_rows: int = option(
+        65536,
+        "rows waiting or running per graph before new calls get RESOURCE_EXHAUSTED (a call whose "
+        "deadline the rows ahead would pass is refused up front too)",
+    )
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
     heap_keep_mb: int = option(
         128,

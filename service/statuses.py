@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from vaeserve.errors import ModelNotFoundError, RepositoryError, RequestError, TensorError, VaeError
-from vaeserve.service.batching import OverloadedError
+from vaeserve.service.batching import OverloadedError, deadline
 from vaeserve.service.live import AdminDisabledError
 from vaeserve.service.shared_memory import (
     RegionExistsError,
@@ -56,6 +56,8 @@ def rpc(method: str, protocol: str, rows: Callable[[Any], int]) -> Callable:
         @functools.wraps(handler)
         async def call(self, request, context: grpc.aio.ServicerContext):
             started = time.perf_counter()
+            remaining = context.time_remaining()
+            deadline.set(time.monotonic() + remaining if remaining is not None else None)
             code, message, response = grpc.StatusCode.OK, "", None
             try:
                 response = await handler(self, checked(request), context)

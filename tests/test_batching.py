@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -149,3 +150,40 @@ def test_a_lone_small_call_runs_at_once(pair: OnnxPair) -> None:
     mean, _ = asyncio.run(main())
     np.testing.assert_array_equal(mean, pair.encode(rows(2, 0))[0])
     assert recorder.batches == [2]
+
+
+def test_direct_admission_bounds_rows_in_flight_and_honours_deadlines(pair: OnnxPair) -> None:
+    from vaeserve.service.batching import Direct, deadline
+
+    gate = threading.Event()
+
+    def slow(rows: np.ndarray):
+        gate.wait(10)
+        return pair.encode(rows)
+
+    runner = Runner(slow, slow, ThreadPoolExecutor(2), inline_rows=4, parts=1)
+    direct = Direct(runner, "encoder", max_queue_rows=100)
+    rows = np.zeros((60, 784), np.float32)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(direct.submit(rows))
+        await asyncio.sleep(0.05)
+        with pytest.raises(OverloadedError, match=r"60 rows in progress .*\(limit 100"):
+            await direct.submit(rows)  # 60 + 60 > 100: refused at once, not queued
+        assert (await direct.submit(rows[:2]))[0].shape == (2, 8)  # small calls run inline
+        gate.set()
+        await first
+        assert direct.in_flight_rows == 0 and direct.rows_per_s > 0
+        gate.clear()
+        blocked = asyncio.ensure_future(direct.submit(rows[:40]))
+        await asyncio.sleep(0.05)
+        direct.rows_per_s = 100.0  # (40 ahead + 40) rows at 100 rows/s: 0.8 s of work
+        deadline.set(time.monotonic() + 0.2)
+        with pytest.raises(OverloadedError, match=r"more than the .* s left before its deadline"):
+            await direct.submit(rows[:40])
+        deadline.set(time.monotonic() + 5)
+        admitted = asyncio.ensure_future(direct.submit(rows[:40]))
+        gate.set()
+        await asyncio.gather(blocked, admitted)
+
+    asyncio.run(main())

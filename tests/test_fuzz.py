@@ -210,11 +210,13 @@ infer_like = st.fixed_dictionaries(
         ]
     ),
     body=bodies | infer_like,
-    header_length=st.none() | st.integers(-5, 400).map(str) | st.text(max_size=4),
+    header_length=st.none()
+    | st.integers(-5, 400).map(str)
+    | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=4),  # what a header can carry
 )
 def test_oip_rest_answers_ok_or_a_client_error(server, path: str, body: bytes, header_length) -> None:
     headers = {"Content-Type": "application/json"}
-    if header_length is not None and header_length.isprintable():
+    if header_length is not None:
         headers["Inference-Header-Content-Length"] = header_length
     request = urllib.request.Request(f"http://{server.http}{path}", data=body, headers=headers, method="POST")
     try:
