@@ -58,6 +58,11 @@ RETRY_POLICY = {
 SHARED_MEMORY_PREFIX = "vaeserve-"
 
 
+# Pauses before sending a data call again after UNAVAILABLE: about 10 s in all, what a restarting
+# server takes to answer again.
+RESEND_BACKOFF_S = (0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0)
+
+
 class ServiceError(VaeError):
     """A call failed; ``code`` is the gRPC status code."""
 
@@ -378,18 +383,36 @@ class VaeClient:
         return out
 
     def _pipelined(self, method: Callable, requests: Iterator) -> Iterator[Any]:
-        in_flight: deque[grpc.Future] = deque()
+        in_flight: deque[tuple[Any, grpc.Future]] = deque()
         try:
             for request in requests:
-                in_flight.append(method.future(request, timeout=self.timeout, metadata=self.metadata))
+                in_flight.append((request, self._send(method, request)))
                 if len(in_flight) >= self.max_in_flight:
-                    yield in_flight.popleft().result()
+                    yield self._answer(method, *in_flight.popleft())
             while in_flight:
-                yield in_flight.popleft().result()
+                yield self._answer(method, *in_flight.popleft())
         except grpc.RpcError as exc:
-            for future in in_flight:
+            for _, future in in_flight:
                 future.cancel()
             raise ServiceError(exc.code(), exc.details()) from None
+
+    def _send(self, method: Callable, request: Any) -> grpc.Future:
+        return method.future(request, timeout=self.timeout, metadata=self.metadata)
+
+    def _answer(self, method: Callable, request: Any, future: grpc.Future) -> Any:
+        """The response, the request sent again while the answer is UNAVAILABLE: gRPC's own
+        retries stop once a call has reached a server, so a server (or worker) that dies with
+        the call in flight, or restarts, would fail it. Data calls hold no state, so sending one
+        again is safe, and a seeded one gives the same answer."""
+        for pause in RESEND_BACKOFF_S:
+            try:
+                return future.result()
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(pause)
+                future = self._send(method, request)
+        return future.result()
 
 
 class SharedSlots:
