@@ -50,12 +50,21 @@ SERVICE_NAME = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
 OIP_SERVICE_NAME = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
+# Connections that hold resources without calls: a client that connects and never completes
+# the HTTP/2 (or TLS) handshake is dropped after 10 s, one idle for 5 minutes is closed (clients
+# reconnect on their own); headers (metadata) are limited to 16 KiB.
+HANDSHAKE_TIMEOUT_MS, IDLE_CONNECTION_MS, MAX_METADATA_BYTES = 10_000, 300_000, 16 * 1024
+
+
 def grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
     limit = settings.max_message_mb * 1024 * 1024
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 1),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+        ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
     ]
 
 

@@ -40,6 +40,7 @@ ADMIN_ROUTES = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryM
 JSON = "application/json"
 # Counted for a request whose client went away before the answer (nginx's code for it).
 CLIENT_CLOSED = 499
+MAX_HEADER_BYTES, KEEPALIVE_S = 8190, 75.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -326,7 +327,17 @@ async def start_http(
     app: web.Application, host: str, port: int, ssl_context, grace_s: float
 ) -> web.AppRunner:
     """Listen on ``host:port`` (shared with other workers: SO_REUSEPORT) on the running loop."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=grace_s,
+        # A request line or header over 8 KiB is refused (400) before the app sees it; an idle
+        # keep-alive connection is closed after 75 s.
+        max_line_size=MAX_HEADER_BYTES,
+        max_field_size=MAX_HEADER_BYTES,
+        keepalive_timeout=KEEPALIVE_S,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=True)
     try:
