@@ -228,6 +228,52 @@ def test_oip_rest_answers_ok_or_a_client_error(server, path: str, body: bytes, h
     assert status in HTTP_ALLOWED, status
 
 
+shared_refs = st.builds(
+    vae_pb2.SharedMemoryRef,
+    region=st.sampled_from(["", "fuzz-region", "nope"]) | st.text(max_size=4),
+    offset=st.integers(0, 2**64 - 1) | st.integers(0, 70_000),
+    byte_size=st.integers(0, 2**64 - 1) | st.integers(0, 70_000),
+)
+
+
+@pytest.fixture(scope="module")
+def region(server):
+    """A registered 64 KiB region for the fuzzed references to point into (or past)."""
+    import uuid
+    from multiprocessing import shared_memory
+
+    memory = shared_memory.SharedMemory(name=f"vaeserve-fuzz-{uuid.uuid4().hex}", create=True, size=65536)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        stub.RegisterSharedMemory(
+            vae_pb2.RegisterSharedMemoryRequest(name="fuzz-region", key=memory.name, byte_size=memory.size)
+        )
+        yield memory
+        stub.UnregisterSharedMemory(vae_pb2.UnregisterSharedMemoryRequest(name="fuzz-region"))
+    memory.close()
+    memory.unlink()
+
+
+@FUZZ
+@given(
+    shape=st.lists(sizes, max_size=3),
+    dtype=st.integers(0, 2),
+    reference=shared_refs,
+    output=st.none() | shared_refs,
+    data=st.sampled_from([b"", b"\0" * 8]),
+)
+def test_shared_memory_references_answer_ok_or_a_client_error(
+    server, region, shape, dtype, reference, output, data
+):
+    tensor = vae_pb2.Tensor(shape=shape, dtype=dtype, data=data, shared_memory=reference)
+    request = vae_pb2.EncodeRequest(inputs=tensor)
+    if output is not None:
+        request.output_shared_memory.CopyFrom(output)
+    with grpc.insecure_channel(server.target) as channel:
+        code, _ = servers.raw_status(vae_pb2_grpc.VaeServiceStub(channel).Encode, request)
+    assert code in GRPC_ALLOWED, code
+
+
 def test_the_server_is_still_up_and_its_memory_bounded(server) -> None:
     """Runs after the fuzzing above (module order): health, a correct answer, RSS."""
     with VaeClient(server.target) as client:
