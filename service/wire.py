@@ -2,8 +2,7 @@
 
 Parsing a message copies each bytes field, reading the field copies it again, and building a
 response copies an array into the message before serializing copies it once more. For vae.v1's
-Encode and OIP's ModelInfer, whose tensors are most of a large call's bytes, the server instead
-(docs/benchmarks.md: 6-8 % more rows/s at batch 256):
+Encode and OIP's ModelInfer, whose tensors are most of a large call's bytes, the server instead:
 
 - finds the tensor bytes in the received message (length-delimited fields of the encoding),
   parses the rest of the message as usual, and reads the tensors as views of the received bytes.

@@ -55,8 +55,8 @@ EXIT_MARGIN_S = 30.0
 def worker_settings(settings: ServeSettings) -> ServeSettings:
     """One worker's settings: metrics served by the supervisor. Each worker may cut a large call
     into one piece per core (``--threads 0``): a lone large call then uses every core, and under
-    load the workers' pieces share them (measured against one thread per worker: batch-1,024
-    calls at concurrency 1 went from 0.85 to 1.06 of Triton, other cells within noise)."""
+    load the workers' pieces share them (with one thread per worker, a lone large call ran on a
+    single core)."""
     threads = settings.threads or usable_cores()
     return dataclasses.replace(settings, workers=1, threads=threads, metrics_port=0)
 
