@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.service_throughput import server
-from vaeserve.client import ServiceError, VaeClient
+from vaeserve.client import RESEND_BACKOFF_S, ServiceError, VaeClient
 from vaeserve.datasets import load_dataset
 from vaeserve.repository import open_path
 
@@ -103,7 +103,7 @@ class Soak:
         request = urllib.request.Request(
             f"http://{self.http}/v2/models/{model}/infer", data=json.dumps(body).encode(), method="POST"
         )
-        for pause in (0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0):  # a worker that dies mid-call: send again
+        for pause in RESEND_BACKOFF_S:  # a worker that dies mid-call: send again, as VaeClient does
             try:
                 with urllib.request.urlopen(request, timeout=30) as answer:
                     return str(answer.status)
@@ -130,7 +130,7 @@ def raw_code(client: VaeClient, kind: str) -> str:
         "sample-prior": (client.stub.SamplePrior, vae_pb2.SamplePriorRequest(model="nope", count=4)),
     }
     method, request = calls[kind]
-    for pause in (0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0):
+    for pause in RESEND_BACKOFF_S:
         try:
             method(request, timeout=30)
             return "OK"

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.service_throughput import rss_mb
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.client import VaeClient
 from vaeserve.codec import Rows, read_tensor
@@ -60,13 +61,6 @@ def server(repo: Path, tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("fuzz") / "serve.log"
     with servers.running(repo, log, "--workers", "1", "--shared-memory") as started:
         yield started
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 # -- in-process ---------------------------------------------------------------------------------

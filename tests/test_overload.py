@@ -11,19 +11,13 @@ import grpc
 import numpy as np
 import servers
 
+from benchmarks.service_throughput import rss_mb
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.client import VaeClient
 from vaeserve.codec import to_tensor
 
 CALLERS = 32  # each with a batch-4,096 call in flight: 131,072 rows against a bound of 16,384
 SECONDS = 4.0
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_overload_is_served_or_refused_quickly(repo: Path, tmp_path: Path) -> None:
