@@ -255,7 +255,12 @@ async def _start_http(
         admin_token=access.admin_token,
     )
     return await start_http(
-        app, settings.host, settings.http_port, http_ssl_context(settings), settings.grace_s
+        app,
+        settings.host,
+        settings.http_port,
+        http_ssl_context(settings),
+        grace_s=settings.grace_s,
+        idle_s=settings.http_idle_s,
     )
 
 

@@ -90,6 +90,11 @@ class ServeSettings:
     max_concurrent_rpcs: int = option(
         512, "calls in progress on each port before new ones are refused (gRPC RESOURCE_EXHAUSTED, HTTP 503)"
     )
+    http_idle_s: float = option(
+        75.0,
+        "REST: close a connection that has not sent a whole request's headers this many seconds "
+        "after connecting or after its last answer (idle keep-alive and slow-header clients)",
+    )
     metrics_port: int = option(9464, "Prometheus metrics HTTP port (0: off)")
     grace_s: float = option(10.0, "on SIGTERM, seconds to finish calls in flight")
     token_file: Path | None = option(None, "file holding the bearer token clients must send")
@@ -120,6 +125,8 @@ class ServeSettings:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.http_idle_s <= 0:
+            raise ConfigError(f"--http-idle-s {self.http_idle_s}: expected seconds > 0")
         if self.workers < 0:
             raise ConfigError(f"--workers {self.workers}: expected 0 (one per core) or a count of processes")
         if self.workers > 1 and self.port == 0:

@@ -72,3 +72,31 @@ def test_oversized_headers_are_refused(repo: Path, tmp_path: Path) -> None:
         assert status in (400, 431)
         with VaeClient(server.target) as client:  # and the server goes on
             assert client.health() == "SERVING"
+
+
+def test_a_client_trickling_its_headers_is_cut_off(repo: Path, tmp_path: Path) -> None:
+    """Slowloris: a byte of header every 0.2 s never completes a request; --http-idle-s closes
+    the connection anyway, counted from the connection's start, while a normal call is served."""
+    with servers.running(repo, tmp_path / "serve.log", "--workers", "1", "--http-idle-s", "2") as server:
+        connection = socket.create_connection(("127.0.0.1", server.http_port), timeout=5)
+        connection.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")
+        started, closed = time.monotonic(), False
+        while time.monotonic() - started < 10 and not closed:
+            try:
+                connection.sendall(b"X")
+                time.sleep(0.2)
+            except OSError:  # reset or broken pipe: the server closed it
+                closed = True
+            connection.setblocking(False)
+            try:
+                closed = closed or connection.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+            connection.setblocking(True)
+        elapsed = time.monotonic() - started
+        connection.close()
+        assert closed and 1.5 < elapsed < 5, elapsed
+        ready = urllib.request.urlopen(f"http://{server.http}/v2/health/ready", timeout=5)
+        assert ready.status == 200

@@ -40,7 +40,7 @@ ADMIN_ROUTES = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryM
 JSON = "application/json"
 # Counted for a request whose client went away before the answer (nginx's code for it).
 CLIENT_CLOSED = 499
-MAX_HEADER_BYTES, KEEPALIVE_S = 8190, 75.0
+MAX_HEADER_BYTES = 8190
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -324,7 +324,7 @@ def _infer_response(
 
 
 async def start_http(
-    app: web.Application, host: str, port: int, ssl_context, grace_s: float
+    app: web.Application, host: str, port: int, ssl_context, *, grace_s: float, idle_s: float
 ) -> web.AppRunner:
     """Listen on ``host:port`` (shared with other workers: SO_REUSEPORT) on the running loop."""
     runner = web.AppRunner(
@@ -332,11 +332,12 @@ async def start_http(
         access_log=None,
         handle_signals=False,
         shutdown_timeout=grace_s,
-        # A request line or header over 8 KiB is refused (400) before the app sees it; an idle
-        # keep-alive connection is closed after 75 s.
+        # A request line or header over 8 KiB is refused (400) before the app sees it. aiohttp's
+        # keep-alive timer runs from the connection's start (or its last answer) until a whole
+        # request head has arrived, so it closes idle connections and slow-header ones alike.
         max_line_size=MAX_HEADER_BYTES,
         max_field_size=MAX_HEADER_BYTES,
-        keepalive_timeout=KEEPALIVE_S,
+        keepalive_timeout=idle_s,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=True)

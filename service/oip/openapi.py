@@ -68,7 +68,12 @@ def _repository_paths(model: dict) -> dict:
 
     def post(summary: str, operation: str, schema: dict, parameters: list[dict]) -> dict:
         responses = {"200": _json(schema, summary), **_errors(400, 401, 403, 404)}
-        operation_ = {"summary": summary, "operationId": operation, "responses": responses}
+        operation_ = {
+            "summary": summary,
+            "operationId": operation,
+            "responses": responses,
+            "security": [{"admin": []}],
+        }
         return {
             "post": {**operation_, "requestBody": body, **({"parameters": parameters} if parameters else {})}
         }
@@ -209,6 +214,11 @@ def document() -> dict:
         responses = {"200": _json(schema, summary), **_errors(*codes)}
         return {"get": {"summary": summary, "operationId": operation, "responses": responses}}
 
+    def open_(summary: str, operation: str, schema: dict, *codes: int) -> dict:
+        """What orchestrators and tools read without a token."""
+        get = simple(summary, operation, schema, *codes)["get"]
+        return {"get": {**get, "security": [{}]}}
+
     return {
         "openapi": "3.0.3",
         "info": {
@@ -219,15 +229,29 @@ def document() -> dict:
             "(bool), use_mean (bool).",
         },
         "paths": {
-            "/v2/health/live": simple("Server live", "ServerLive", {"type": "object"}),
-            "/v2/health/ready": simple("Server ready", "ServerReady", {"type": "object"}, 503),
+            "/v2/health/live": open_("Server live", "ServerLive", {"type": "object"}),
+            "/v2/health/ready": open_("Server ready", "ServerReady", {"type": "object"}, 503),
             "/v2": simple("Server metadata", "ServerMetadata", server_metadata, 401),
-            "/v2/openapi.json": simple("This document", "OpenAPI", {"type": "object"}),
+            "/v2/openapi.json": open_("This document", "OpenAPI", {"type": "object"}),
             **_model_paths("/v2/models/{model}", [model], ""),
             **_model_paths("/v2/models/{model}/versions/{version}", [model, version], "Version"),
             **_repository_paths(model),
         },
+        # Both tokens are optional: a server started without --token-file asks for none.
+        "security": [{}, {"client": []}],
         "components": {
+            "securitySchemes": {
+                "client": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the token of --token-file, when the server has one",
+                },
+                "admin": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the token of --admin-token-file (the repository extension)",
+                },
+            },
             "schemas": {
                 "Error": {
                     "type": "object",
@@ -237,6 +261,6 @@ def document() -> dict:
                 "ModelMetadata": metadata,
                 "InferenceRequest": request,
                 "InferenceResponse": response,
-            }
+            },
         },
     }
