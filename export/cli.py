@@ -153,7 +153,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_model_command(args: argparse.Namespace) -> int:
-    from vaeserve.datasets import evaluation_inputs, load_dataset
+    from vaeserve.datasets import evaluation_inputs, load_run_data
     from vaeserve.evaluation import evaluate
     from vaeserve.repository import open_path
     from vaeserve.runtime import OnnxPair
@@ -161,14 +161,23 @@ def evaluate_model_command(args: argparse.Namespace) -> int:
 
     version = open_path(args.model)
     pair = OnnxPair.load(version, variant=args.variant)
-    dataset_name = args.dataset or version.manifest["training"]["dataset"]
-    dataset = load_dataset(dataset_name, args.data_dir, args.cache_dir, progress=not args.no_progress)
+    training = version.manifest["training"]
+    config, recorded = training["config"], training.get("data_source")
+    if args.dataset:  # another dataset than the model's: read from --data-dir or the cache
+        config, recorded = {**config, "dataset": args.dataset}, None
+    dataset = load_run_data(config, recorded, args.data_dir, args.cache_dir, progress=not args.no_progress)
     images, _ = dataset.split(args.split)
     if args.limit:
         images = images[: args.limit]
     x = evaluation_inputs(images, version.manifest["binarization"], seed=0)
     result = evaluate(
-        pair.encode, pair.decode_logits, x, args.iw_samples, seed=0, progress=not args.no_progress
+        pair.encode,
+        pair.decode_logits,
+        x,
+        args.iw_samples,
+        seed=0,
+        progress=not args.no_progress,
+        likelihood=version.likelihood,
     )
     print_evaluation(result.to_dict(), args.split, args.json, None)
     return 0

@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def train_command(args: argparse.Namespace) -> int:
     require("vae train", "train", "torch")
-    from vaeserve.datasets import load_dataset
+    from vaeserve.datasets import load_run_data
     from vaeserve.training.trainer import resumed_config, saved_config, start_or_resume
 
     overrides = values(args, TrainConfig)
@@ -66,7 +66,9 @@ def train_command(args: argparse.Namespace) -> int:
         config = resumed_config(saved_config(args.out), overrides)
     else:
         config = resolve_config(args.preset, args.config, overrides)
-    dataset = load_dataset(config.dataset, args.data_dir, args.cache_dir, progress=not args.no_progress)
+    dataset = load_run_data(
+        config.to_dict(), data_dir=args.data_dir, cache_dir=args.cache_dir, progress=not args.no_progress
+    )
     trainer = start_or_resume(config, dataset, args.out, args.resume, progress=not args.no_progress)
     started = time.perf_counter()
     history = trainer.run()
@@ -145,18 +147,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
         return evaluate_model_command(args)
     require("vae evaluate --run", "train", "torch")
-    from vaeserve.datasets import load_dataset
+    from vaeserve.datasets import load_run_data
     from vaeserve.training import checkpoint
     from vaeserve.training.evaluate import evaluate_checkpoint, write_evaluation, write_pictures
 
     source = checkpoint.resolve(args.run)
     state = checkpoint.load(source)
-    dataset = load_dataset(
-        args.dataset or state["config"]["dataset"],
-        args.data_dir,
-        args.cache_dir,
-        progress=not args.no_progress,
-    )
+    config, recorded = state["config"], state["dataset"].get("source")
+    if args.dataset:  # another dataset than the run's: read from --data-dir or the cache
+        config, recorded = {**config, "dataset": args.dataset}, None
+    dataset = load_run_data(config, recorded, args.data_dir, args.cache_dir, progress=not args.no_progress)
     result = evaluate_checkpoint(
         state, dataset, args.split, args.iw_samples, not args.no_progress, args.limit
     )

@@ -21,6 +21,7 @@ INITS = ("seed", "torch")
 OPTIMIZERS = ("tf1-rmsprop", "adam")
 OBJECTIVES = ("elbo", "iwae")
 TRAIN_SPLITS = ("train", "all-train")
+LIKELIHOODS = ("bernoulli", "continuous-bernoulli")
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,20 @@ class TrainConfig:
     """Everything that determines a training run (apart from the data's location)."""
 
     dataset: str = option("mnist", "dataset name (mnist, fashion-mnist) or a path to a .npz")
+    image_shape: tuple[int, ...] | None = option(
+        None, "shape of one row as an image (8 8) when the .npz holds flat rows (default: the arrays')"
+    )
+    likelihood: str = option(
+        "bernoulli",
+        "p(x|z): bernoulli (binary pixels) or continuous-bernoulli (intensities in [0, 1], "
+        "Loaiza-Ganem & Cunningham 2019; use with --binarization dequantize or none)",
+        LIKELIHOODS,
+    )
     binarization: str = option(
-        "threshold", "threshold: x > 0.5; dynamic: fresh Bernoulli(x) each epoch; none", BINARIZATIONS
+        "threshold",
+        "threshold: x > 0.5; dynamic: fresh Bernoulli(x) each epoch; none: intensities; dequantize: "
+        "8-bit pixels plus fresh uniform noise each epoch, (p + u)/256 (for continuous likelihoods)",
+        BINARIZATIONS,
     )
     hidden_sizes: tuple[int, ...] = option(
         (200,), "widths of the encoder's hidden layers; the decoder mirrors them"
@@ -46,7 +59,12 @@ class TrainConfig:
     train_samples: int = option(1, "importance samples k per row for the iwae objective")
     kl_warmup_epochs: float = option(0.0, "epochs over which the KL weight rises 0 → 1")
     train_split: str = option(
-        "train", "train: first 50,000 rows; all-train: all 60,000 (no validation)", TRAIN_SPLITS
+        "train",
+        "train: the training rows but the validation rows; all-train: every training row (no validation)",
+        TRAIN_SPLITS,
+    )
+    validation_rows: int | None = option(
+        None, "training rows held out, from the end, for validation (default: a sixth, at most 10,000)"
     )
     patience: int | None = option(None, "stop when the validation ELBO has not improved for N epochs")
     max_minutes: float | None = option(None, "stop after the epoch that passes this wall-clock budget")
@@ -66,6 +84,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.epochs < 0 or (self.limit is not None and self.limit < 1):
             raise ConfigError("epochs must be >= 0 and limit >= 1")
+        if self.validation_rows is not None and self.validation_rows < 1:
+            raise ConfigError(f"validation_rows must be at least 1, got {self.validation_rows}")
+        if self.image_shape is not None and (not self.image_shape or min(self.image_shape) < 1):
+            raise ConfigError(f"image_shape must be positive sizes, got {self.image_shape}")
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ConfigError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
         if (self.patience is not None and self.patience < 1) or (
@@ -79,6 +101,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["hidden_sizes"] = list(self.hidden_sizes)
+        data["image_shape"] = None if self.image_shape is None else list(self.image_shape)
         return data
 
     @classmethod
@@ -88,8 +111,9 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
         values = dict(data)
-        if "hidden_sizes" in values:
-            values["hidden_sizes"] = tuple(int(v) for v in values["hidden_sizes"])
+        for key in ("hidden_sizes", "image_shape"):
+            if values.get(key) is not None:
+                values[key] = tuple(int(v) for v in values[key])
         return replace(cls(), **values)
 
 

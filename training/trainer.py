@@ -33,9 +33,10 @@ VALIDATION_SEED = 1234  # fixed ε for the per-epoch validation ELBO, so epochs 
 
 @dataclass
 class TrainingData:
-    train: torch.Tensor  # intensities in [0, 1] (dynamic) or the binarized rows
+    train: torch.Tensor  # intensities in [0, 1] (dynamic, dequantize) or the binarized rows
     validation: torch.Tensor | None  # evaluation inputs, fixed binarization
     dynamic: bool
+    dequantize: bool = False
 
 
 def prepare_data(config: TrainConfig, dataset: Dataset) -> TrainingData:
@@ -44,14 +45,15 @@ def prepare_data(config: TrainConfig, dataset: Dataset) -> TrainingData:
         images = images[: config.limit]
     if len(images) < config.batch_size:
         raise DataError(f"{len(images)} training rows are fewer than one batch of {config.batch_size}")
-    dynamic = config.binarization == "dynamic"
-    train = intensities(images) if dynamic else evaluation_inputs(images, config.binarization)
+    dynamic, dequantize = config.binarization == "dynamic", config.binarization == "dequantize"
+    fresh = dynamic or dequantize  # drawn again every epoch
+    train = intensities(images) if fresh else evaluation_inputs(images, config.binarization)
     validation = None
     if config.train_split == "train":
         validation = torch.from_numpy(
             evaluation_inputs(dataset.split("validation")[0], config.binarization, seed=config.seed)
         )
-    return TrainingData(torch.from_numpy(np.ascontiguousarray(train)), validation, dynamic)
+    return TrainingData(torch.from_numpy(np.ascontiguousarray(train)), validation, dynamic, dequantize)
 
 
 class Trainer:
@@ -77,7 +79,11 @@ class Trainer:
             "config": self.config.to_dict(),
             "input_size": self.dataset.input_size,
             "image_shape": list(self.dataset.image_shape),
-            "dataset": {"name": self.dataset.name, "split_sizes": self.dataset.split_sizes()},
+            "dataset": {
+                "name": self.dataset.name,
+                "split_sizes": self.dataset.split_sizes(),
+                "source": self.dataset.source,
+            },
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
@@ -157,11 +163,14 @@ class Trainer:
         return record
 
     def epoch_rows(self) -> torch.Tensor:
-        """This epoch's training rows in a fresh random order (and a fresh binarization)."""
+        """This epoch's training rows in a fresh random order (and a fresh binarization, or
+        fresh dequantization noise: (p + u)/256 for 8-bit pixel p)."""
         order = torch.randperm(len(self.data.train), generator=self.generator)
         rows = self.data.train[order]
         if self.data.dynamic:
             rows = torch.bernoulli(rows, generator=self.generator)
+        if self.data.dequantize:
+            rows = (torch.round(rows * 255) + torch.rand(rows.shape, generator=self.generator)) / 256
         return rows
 
     def step(self, x: torch.Tensor, kl_weight: float) -> float:

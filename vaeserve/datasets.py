@@ -1,13 +1,14 @@
 """MNIST and Fashion-MNIST (and users' own arrays): files, splits and binarization.
 
 Splits follow the literature: train = the first 50,000 rows of the training
-file, validation = its last 10,000, test = the 10,000 test images. Images stay
-uint8 in memory; ``binarize`` turns them into the model's float32 inputs.
+file, validation = its last 10,000, test = the 10,000 test images. Other sizes hold out
+a sixth of the training rows (at most 10,000) for validation unless told how many.
+Images stay uint8 in memory; ``binarize`` turns them into the model's float32 inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from vaeserve.errors import ConfigError, DataError
 from vaeserve.idx import read_idx
 
 SPLITS = ("train", "validation", "test", "all-train")
-BINARIZATIONS = ("threshold", "dynamic", "none")
-VALIDATION_ROWS = 10_000
+BINARIZATIONS = ("threshold", "dynamic", "none", "dequantize")
+MAX_VALIDATION_ROWS = 10_000  # MNIST's: 60,000 training rows → 50,000 + 10,000
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,34 @@ class Dataset:
     train_labels: np.ndarray | None
     test_images: np.ndarray
     test_labels: np.ndarray | None
+    # Where the rows were read from (an absolute .npz path or IDX folder), None when downloaded;
+    # runs record it so that export and evaluation find the same data offline.
+    source: str | None = None
+    validation_rows: int | None = None  # None: a sixth of the training rows, at most 10,000
 
     @property
     def input_size(self) -> int:
         return int(np.prod(self.image_shape))
+
+    @property
+    def validation_size(self) -> int:
+        if self.validation_rows is not None:
+            return self.validation_rows
+        return max(1, min(MAX_VALIDATION_ROWS, len(self.train_images) // 6))
+
+    def with_validation(self, rows: int | None) -> Dataset:
+        return replace(self, validation_rows=rows)
+
+    def with_image_shape(self, shape: tuple[int, ...] | None) -> Dataset:
+        """The rows seen as images of ``shape`` (a flat .npz of 64 features as 8×8, say)."""
+        if shape is None or tuple(shape) == self.image_shape:
+            return self
+        if int(np.prod(shape)) != self.input_size:
+            raise DataError(
+                f"{self.name}: --image-shape {' '.join(map(str, shape))} holds {int(np.prod(shape))} "
+                f"values; the rows hold {self.input_size}"
+            )
+        return replace(self, image_shape=tuple(shape))
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Images and labels of ``train``, ``validation``, ``test`` or ``all-train``."""
@@ -100,19 +125,24 @@ class Dataset:
             return self.train_images, self.train_labels
         if name not in ("train", "validation"):
             raise ConfigError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
-        cut = len(self.train_images) - VALIDATION_ROWS
-        if cut <= 0:
+        cut = len(self.train_images) - self.validation_size
+        if cut <= 0 or self.validation_size < 1:
             raise DataError(
-                f"{self.name}: {len(self.train_images)} training rows leave no validation split "
-                f"(it takes the last {VALIDATION_ROWS})"
+                f"{self.name}: {len(self.train_images)} training rows leave no training split with "
+                f"--validation-rows {self.validation_size}; pass fewer (at least 1), or "
+                "--train-split all-train to train on every row without validation"
             )
         part = slice(0, cut) if name == "train" else slice(cut, None)
         labels = None if self.train_labels is None else self.train_labels[part]
         return self.train_images[part], labels
 
     def split_sizes(self) -> dict[str, int]:
-        cut = len(self.train_images) - VALIDATION_ROWS
-        return {"train": cut, "validation": VALIDATION_ROWS, "test": len(self.test_images)}
+        validation = min(self.validation_size, len(self.train_images))
+        return {
+            "train": len(self.train_images) - validation,
+            "validation": validation,
+            "test": len(self.test_images),
+        }
 
 
 def load_dataset(
@@ -146,6 +176,7 @@ def load_dataset(
         train_labels=train_labels,
         test_images=test_images.reshape(len(test_images), -1),
         test_labels=test_labels,
+        source=None if data_dir is None else str(data_dir.resolve()),
     )
 
 
@@ -191,13 +222,14 @@ def load_npz(path: Path) -> Dataset:
         train_labels=archive["y_train"] if "y_train" in archive.files else None,
         test_images=test.reshape(len(test), -1),
         test_labels=archive["y_test"] if "y_test" in archive.files else None,
+        source=str(path.resolve()),
     )
 
 
 def check_pixels(array: np.ndarray, source: str) -> None:
     """Pixels are uint8 (0-255) or finite floats in [0, 1]."""
-    if array.ndim < 2:
-        raise DataError(f"{source}: expected rows of pixels [N, ...], got shape {array.shape}")
+    if array.ndim < 2 or len(array) == 0:
+        raise DataError(f"{source}: expected rows of pixels [N, ...] with N >= 1, got shape {array.shape}")
     if array.dtype == np.uint8:
         return
     if not np.issubdtype(array.dtype, np.floating):
@@ -217,7 +249,8 @@ def intensities(images: np.ndarray) -> np.ndarray:
 
 def binarize(images: np.ndarray, mode: str, rng: np.random.Generator | None = None) -> np.ndarray:
     """The model's inputs: ``threshold`` (x > 0.5, the seed's), ``dynamic`` (one Bernoulli(x)
-    draw from ``rng``) or ``none`` (intensities)."""
+    draw from ``rng``), ``none`` (intensities) or ``dequantize`` (8-bit pixel p as (p + u)/256,
+    u ~ U(0, 1) from ``rng``; without one, the bin's midpoint (p + 1/2)/256)."""
     if mode == "threshold" and images.dtype == np.uint8:
         return (images > 127).astype(np.float32)  # x/255 > 0.5 exactly when x >= 128: one pass
     x = intensities(images)
@@ -229,13 +262,19 @@ def binarize(images: np.ndarray, mode: str, rng: np.random.Generator | None = No
         return (rng.random(x.shape, dtype=np.float32) < x).astype(np.float32)
     if mode == "none":
         return x
+    if mode == "dequantize":
+        # Uniform dequantization (Theis et al. 2016): a continuous density on it bounds the
+        # 8-bit pixels' probability, where exact 0s would let the density grow without end.
+        u = np.float32(0.5) if rng is None else rng.random(x.shape, dtype=np.float32)
+        return (np.rint(x * np.float32(255.0)) + u) / np.float32(256.0)
     raise ConfigError(f"unknown binarization {mode!r}; expected one of {', '.join(BINARIZATIONS)}")
 
 
 def model_inputs(pixels: np.ndarray, mode: str) -> np.ndarray:
     """Raw pixels (uint8 0-255) as a trained model expects them at inference: thresholded for
-    ``threshold`` models, intensities for ``dynamic`` (the mean of its draws) and ``none``."""
-    return binarize(pixels, "threshold" if mode == "threshold" else "none")
+    ``threshold`` models, intensities for ``dynamic`` (the mean of its draws) and ``none``,
+    the bins' midpoints for ``dequantize``."""
+    return binarize(pixels, mode if mode in ("threshold", "dequantize") else "none")
 
 
 def encoder_inputs(rows: np.ndarray, mode: str) -> np.ndarray:
@@ -246,5 +285,34 @@ def encoder_inputs(rows: np.ndarray, mode: str) -> np.ndarray:
 
 def evaluation_inputs(images: np.ndarray, mode: str, seed: int = 0) -> np.ndarray:
     """A split as evaluated: dynamic binarization uses one fixed-seed draw (the literature's
-    protocol), so every evaluation of a model sees the same binary images."""
+    protocol), so every evaluation of a model sees the same binary images; dequantized pixels
+    are the bins' midpoints, as served."""
+    if mode == "dequantize":
+        return model_inputs(images, mode)
     return binarize(images, mode, np.random.default_rng(seed))
+
+
+def load_run_data(
+    config: dict,
+    recorded: str | None = None,
+    data_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """A run's dataset as its config describes it (validation rows, image shape), read from
+    ``data_dir`` when given, else from where the run read it (``recorded``: its absolute .npz
+    path or IDX folder), so export and evaluation work offline; else the download cache."""
+    name = config["dataset"]
+    if name.endswith(".npz"):
+        path = Path(name)
+        if recorded and Path(recorded).is_file() and not path.is_file():
+            path = Path(recorded)  # a relative path given where the run was started
+        dataset = load_npz(path)
+    else:
+        if data_dir is None and recorded and Path(recorded).is_dir():
+            data_dir = Path(recorded)
+        dataset = load_dataset(name, data_dir, cache_dir, progress)
+    shape = config.get("image_shape")
+    return dataset.with_validation(config.get("validation_rows")).with_image_shape(
+        None if shape is None else tuple(shape)
+    )
