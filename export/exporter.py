@@ -24,7 +24,7 @@ import onnx
 import torch
 
 from vaeserve import __version__
-from vaeserve.datasets import evaluation_inputs, load_dataset
+from vaeserve.datasets import evaluation_inputs, load_run_data
 from vaeserve.errors import ExportError
 from vaeserve.evaluation import evaluate
 from vaeserve.export import checks, graphs, variants
@@ -86,7 +86,9 @@ def build_version(
 ) -> None:
     config = state["config"]
     model = checkpoint.model_from(state)
-    dataset = load_dataset(config["dataset"], request.data_dir, request.cache_dir, progress=progress)
+    dataset = load_run_data(
+        config, state["dataset"].get("source"), request.data_dir, request.cache_dir, progress=progress
+    )
     x_test = evaluation_inputs(dataset.test_images, config["binarization"], EVALUATION_SEED)
     metadata = {
         "vaeserve_version": __version__,
@@ -96,6 +98,7 @@ def build_version(
         "latent_size": str(model.latent_size),
         "image_shape": json.dumps(state["image_shape"]),
         "binarization": config["binarization"],
+        "likelihood": model.likelihood,
     }
     encoder, decoder = graphs.export_pair(model, folder, metadata)
     for path in (encoder, decoder):
@@ -107,8 +110,8 @@ def build_version(
     for variant in request.variants:
         for role, path in (("encoder", encoder), ("decoder", decoder)):
             variants.build(variant, path, folder / f"{role}.{variant}.onnx")
-        built[variant] = variants.measure(variant, folder, pair, x_test)
-    evaluation = find_evaluation(source) or evaluate_pair(pair, x_test, request.iw_samples)
+        built[variant] = variants.measure(variant, folder, pair, x_test, model.likelihood)
+    evaluation = find_evaluation(source) or evaluate_pair(pair, x_test, request.iw_samples, model.likelihood)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "vaeserve_version": __version__,
@@ -119,6 +122,7 @@ def build_version(
         "latent_size": model.latent_size,
         "image_shape": state["image_shape"],
         "binarization": config["binarization"],
+        "likelihood": model.likelihood,
         "opset": graphs.OPSET,
         "exporter": f"torch.onnx dynamo exporter, torch {torch.__version__}, onnx {onnx.__version__}",
         "graphs": {
@@ -135,6 +139,7 @@ def build_version(
             "config": config,
             "dataset": state["dataset"]["name"],
             "split_sizes": state["dataset"]["split_sizes"],
+            "data_source": state["dataset"].get("source"),
             "epochs": state["epoch"],
             "best_validation_elbo": state["best_validation_elbo"],
         },
@@ -155,8 +160,10 @@ def find_evaluation(source: Path) -> dict[str, Any] | None:
     return {**saved, "source": "checkpoint"}
 
 
-def evaluate_pair(pair: OnnxPair, x_test: Any, iw_samples: int) -> dict[str, Any]:
-    result = evaluate(pair.encode, pair.decode_logits, x_test, iw_samples, seed=EVALUATION_SEED)
+def evaluate_pair(pair: OnnxPair, x_test: Any, iw_samples: int, likelihood: str) -> dict[str, Any]:
+    result = evaluate(
+        pair.encode, pair.decode_logits, x_test, iw_samples, seed=EVALUATION_SEED, likelihood=likelihood
+    )
     return {"split": "test", **result.to_dict(), "source": "onnx-at-export"}
 
 

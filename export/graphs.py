@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vaeserve import __version__
+from vaeserve.training.likelihoods import likelihood_mean
 from vaeserve.training.model import VAE
 
 OPSET = 18
@@ -42,7 +43,8 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """z [batch, M] → logits, probs [batch, D]."""
+    """z [batch, M] → logits, probs [batch, D]; probs is E[x|z] under the model's likelihood
+    (sigmoid(logits) for the Bernoulli)."""
 
     def __init__(self, model: VAE) -> None:
         super().__init__()
@@ -50,7 +52,7 @@ class DecoderGraph(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model.decode(z)
-        return logits, torch.sigmoid(logits)
+        return logits, likelihood_mean(logits, self.model.likelihood)
 
 
 def export_graph(

@@ -45,7 +45,9 @@ def _copy_metadata(source: Path, target: Path, variant: str) -> None:
     onnx.save_model(proto, target)
 
 
-def measure(variant: str, folder: Path, reference: OnnxPair, x_test: np.ndarray) -> dict[str, Any]:
+def measure(
+    variant: str, folder: Path, reference: OnnxPair, x_test: np.ndarray, likelihood: str
+) -> dict[str, Any]:
     """Files, parity with fp32 and change in test ELBO (same ε, so the change is paired)."""
     encoder, decoder = folder / f"encoder.{variant}.onnx", folder / f"decoder.{variant}.onnx"
     pair = OnnxPair(encoder, decoder)
@@ -57,8 +59,10 @@ def measure(variant: str, folder: Path, reference: OnnxPair, x_test: np.ndarray)
         "stddev": float(np.abs(pair.encode(x)[1] - reference.encode(x)[1]).max()),
         "probs": float(np.abs(pair.decode(z)[1] - reference.decode(z)[1]).max()),
     }
-    ours = evaluate(pair.encode, pair.decode_logits, x_test, iw_samples=1, seed=CHANGE_SEED)
-    base = evaluate(reference.encode, reference.decode_logits, x_test, iw_samples=1, seed=CHANGE_SEED)
+    ours, base = (
+        evaluate(p.encode, p.decode_logits, x_test, iw_samples=1, seed=CHANGE_SEED, likelihood=likelihood)
+        for p in (pair, reference)
+    )
     return {
         "encoder": file_record(encoder),
         "decoder": file_record(decoder),

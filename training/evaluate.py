@@ -35,7 +35,15 @@ def evaluate_checkpoint(
     images = dataset.split(split)[0][:limit]
     x = evaluation_inputs(images, config.binarization, EVALUATION_SEED)
     encode, decode = numpy_callables(checkpoint.model_from(state))
-    return evaluate(encode, decode, x, iw_samples, seed=EVALUATION_SEED, progress=progress)
+    return evaluate(
+        encode,
+        decode,
+        x,
+        iw_samples,
+        seed=EVALUATION_SEED,
+        progress=progress,
+        likelihood=config.likelihood,
+    )
 
 
 def write_evaluation(run_dir: Path, split: str, result: Evaluation, source: Path) -> Path:
@@ -55,4 +63,6 @@ def write_pictures(state: dict[str, Any], dataset: Dataset, split: str, out_dir:
     images, labels = dataset.split(split)
     x = evaluation_inputs(images[:5000], config.binarization, EVALUATION_SEED)
     encode, decode = numpy_callables(checkpoint.model_from(state))
-    return pictures.model_pictures(encode, decode, x, labels, dataset.image_shape, out_dir)
+    return pictures.model_pictures(
+        encode, decode, x, labels, dataset.image_shape, out_dir, likelihood=config.likelihood
+    )

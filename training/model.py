@@ -1,5 +1,6 @@
 """The VAE (Kingma & Welling, 2014): an MLP encoder giving a mean and a softplus
-standard deviation per latent dimension, and an MLP Bernoulli decoder on logits."""
+standard deviation per latent dimension, and an MLP decoder giving the logits of a Bernoulli
+or continuous Bernoulli p(x|z)."""
 
 from __future__ import annotations
 
@@ -28,17 +29,23 @@ def mlp(widths: list[int], activation: str) -> nn.Sequential:
 
 class VAE(nn.Module):
     def __init__(
-        self, input_size: int, hidden_sizes: tuple[int, ...], latent_size: int, activation: str = "relu"
+        self,
+        input_size: int,
+        hidden_sizes: tuple[int, ...],
+        latent_size: int,
+        activation: str = "relu",
+        likelihood: str = "bernoulli",
     ) -> None:
         super().__init__()
         self.input_size = input_size
         self.latent_size = latent_size
+        self.likelihood = likelihood
         self.encoder = mlp([input_size, *hidden_sizes, 2 * latent_size], activation)
         self.decoder = mlp([latent_size, *reversed(hidden_sizes), input_size], activation)
 
     @classmethod
     def from_config(cls, config: TrainConfig, input_size: int) -> VAE:
-        model = cls(input_size, config.hidden_sizes, config.latent_size, config.activation)
+        model = cls(input_size, config.hidden_sizes, config.latent_size, config.activation, config.likelihood)
         if config.init == "seed":
             model.apply(_seed_init)
         return model

@@ -10,15 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.nn import functional as F
 
+from vaeserve.training.likelihoods import log_likelihood
 from vaeserve.training.model import VAE
 
 Objective = Callable[[VAE, torch.Tensor, torch.Generator, float, int], torch.Tensor]
-
-
-def log_bernoulli(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
 
 
 def gaussian_kl(mean: torch.Tensor, stddev: torch.Tensor) -> torch.Tensor:
@@ -33,7 +29,7 @@ def elbo(
     mean, stddev = model.encode(x)
     eps = torch.randn(mean.shape, generator=generator)
     logits = model.decode(model.reparameterize(mean, stddev, eps))
-    return log_bernoulli(x, logits) - kl_weight * gaussian_kl(mean, stddev)
+    return log_likelihood(x, logits, model.likelihood) - kl_weight * gaussian_kl(mean, stddev)
 
 
 def iwae(
@@ -44,7 +40,7 @@ def iwae(
     eps = torch.randn((samples, *mean.shape), generator=generator)
     z = model.reparameterize(mean, stddev, eps)
     logits = model.decode(z)
-    log_px_z = log_bernoulli(x.expand_as(logits), logits)
+    log_px_z = log_likelihood(x.expand_as(logits), logits, model.likelihood)
     # log p(z) − log q(z|x); the 2π terms cancel and (z − mean)/stddev is ε.
     log_ratio = (-0.5 * z**2 + 0.5 * eps**2 + torch.log(stddev)).sum(-1)
     log_w = log_px_z + kl_weight * log_ratio

@@ -12,6 +12,7 @@ with the encoder as proposal, and the active units of Burda et al. (Cov_x E_q[z]
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from tqdm import tqdm
 
-from vaeserve.elbo import gaussian_kl, logmeanexp, softplus
+from vaeserve.elbo import gaussian_kl, log_cb_normaliser, logmeanexp, softplus
 
 Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 Decode = Callable[[np.ndarray], np.ndarray]
@@ -64,7 +65,12 @@ def active_units(means: np.ndarray) -> int:
 
 
 def importance_weights(
-    decode: Decode, x: np.ndarray, mean: np.ndarray, stddev: np.ndarray, eps: np.ndarray
+    decode: Decode,
+    x: np.ndarray,
+    mean: np.ndarray,
+    stddev: np.ndarray,
+    eps: np.ndarray,
+    likelihood: str = "bernoulli",
 ) -> tuple[np.ndarray, np.ndarray]:
     """log p(x|z_i) and log p(x, z_i)/q(z_i|x) for z_i = mean + stddev·ε_i; shapes [B, k]."""
     z = mean[:, None, :] + stddev[:, None, :] * eps
@@ -72,9 +78,61 @@ def importance_weights(
     logits = decode(z.reshape(batch * k, latent)).reshape(batch, k, -1)
     # log Bernoulli(x | l) = x·l − Σ softplus(l); x·l as a batched matmul is ~10x faster.
     log_px_z = np.matmul(logits, x[:, :, None])[..., 0] - softplus(logits).sum(axis=-1)
+    if likelihood == "continuous-bernoulli":  # the same term times C(λ) per pixel
+        log_px_z += log_cb_normaliser(logits).sum(axis=-1)
     # log p(z) − log q(z|x): the 2π terms cancel and (z − mean)/stddev is ε itself.
     log_prior_ratio = np.sum(-0.5 * z**2 + 0.5 * eps**2 + np.log(stddev)[:, None, :], axis=-1)
     return log_px_z, log_px_z + log_prior_ratio
+
+
+@dataclass(frozen=True)
+class RowScores:
+    """Per row (nats): the ELBO (its reconstruction part averaged over the k draws, the KL
+    exact), and log p(x) ≥ log (1/k) Σ_i p(x, z_i)/q(z_i|x), the importance-weighted bound."""
+
+    elbo: np.ndarray
+    reconstruction: np.ndarray
+    kl: np.ndarray
+    log_px: np.ndarray
+    means: np.ndarray
+
+
+def score_rows(
+    encode: Encode,
+    decode: Decode,
+    x: np.ndarray,
+    iw_samples: int = 5000,
+    seed: int | None = 0,
+    progress: bool = False,
+    likelihood: str = "bernoulli",
+    first_row: int = 0,
+) -> RowScores:
+    """Every row's bounds, in blocks of bounded memory. Row i's ε comes from its own generator,
+    seeded by (seed, first_row + i): a dataset scored whole, in chunks, resumed, or through
+    the service gets the same scores. ``seed`` None: fresh randomness."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    means, stddevs = encode_all(encode, x)
+    seed = np.random.SeedSequence().entropy if seed is None else seed
+    reconstruction = np.empty(len(x))
+    nll = np.empty(len(x))
+    images_per_block = max(1, BLOCK_ROWS // iw_samples)
+    samples_per_block = min(iw_samples, BLOCK_ROWS)
+    bar = tqdm(total=len(x), desc="score", unit="row", disable=None if progress else True, leave=False)
+    blocks = [slice(s, min(s + images_per_block, len(x))) for s in range(0, len(x), images_per_block)]
+    draw = functools.partial(_draw, seed, first_row, iw_samples, samples_per_block, means.shape[1])
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for wave in range(0, len(blocks), WORKERS):
+            jobs = [(rows, draw(rows)) for rows in blocks[wave : wave + WORKERS]]
+            futures = [
+                pool.submit(_block_bounds, decode, x[r], means[r], stddevs[r], eps, likelihood)
+                for r, eps in jobs
+            ]
+            for (rows, _), future in zip(jobs, futures):
+                reconstruction[rows], nll[rows] = future.result()
+                bar.update(len(x[rows]))
+    bar.close()
+    kl = gaussian_kl(means.astype(np.float64), stddevs.astype(np.float64))
+    return RowScores(reconstruction - kl, reconstruction, kl, -nll, means)
 
 
 def evaluate(
@@ -84,61 +142,49 @@ def evaluate(
     iw_samples: int = 5000,
     seed: int = 0,
     progress: bool = False,
+    likelihood: str = "bernoulli",
 ) -> Evaluation:
-    """ELBO, NLL_k and active units of the pair on the (binarized) rows ``x``."""
+    """ELBO, NLL_k and active units of the pair on the (binarized) rows ``x``: the means of
+    `score_rows`."""
     started = time.perf_counter()
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    means, stddevs = encode_all(encode, x)
-    rng = np.random.default_rng(seed)
-    reconstruction = np.empty(len(x))
-    nll = np.empty(len(x))
-    images_per_block = max(1, BLOCK_ROWS // iw_samples)
-    samples_per_block = min(iw_samples, BLOCK_ROWS)
-    bar = tqdm(total=len(x), desc="evaluate", unit="img", disable=None if progress else True, leave=False)
-    blocks = [slice(s, s + images_per_block) for s in range(0, len(x), images_per_block)]
-    with ThreadPoolExecutor(WORKERS) as pool:
-        # ε is drawn here, in block order, so results do not depend on the thread schedule.
-        for wave in range(0, len(blocks), WORKERS):
-            jobs = [
-                (rows, _draw(rng, len(x[rows]), iw_samples, samples_per_block, means.shape[1]))
-                for rows in blocks[wave : wave + WORKERS]
-            ]
-            futures = [pool.submit(_block_bounds, decode, x[r], means[r], stddevs[r], eps) for r, eps in jobs]
-            for (rows, _), future in zip(jobs, futures):
-                reconstruction[rows], nll[rows] = future.result()
-                bar.update(len(x[rows]))
-    bar.close()
-    kl = gaussian_kl(means.astype(np.float64), stddevs.astype(np.float64))
-    elbo = reconstruction - kl
+    rows = score_rows(encode, decode, x, iw_samples, seed, progress, likelihood)
+    elbo, nll = rows.elbo, -rows.log_px
     return Evaluation(
-        rows=len(x),
+        rows=len(elbo),
         elbo=float(elbo.mean()),
-        elbo_stderr=float(elbo.std() / np.sqrt(len(x))),
-        reconstruction=float(reconstruction.mean()),
-        kl=float(kl.mean()),
+        elbo_stderr=float(elbo.std() / np.sqrt(len(elbo))),
+        reconstruction=float(rows.reconstruction.mean()),
+        kl=float(rows.kl.mean()),
         nll=float(nll.mean()),
-        nll_stderr=float(nll.std() / np.sqrt(len(x))),
+        nll_stderr=float(nll.std() / np.sqrt(len(elbo))),
         iw_samples=iw_samples,
-        active_units=active_units(means),
-        latent_size=int(means.shape[1]),
+        active_units=active_units(rows.means),
+        latent_size=int(rows.means.shape[1]),
         seconds=time.perf_counter() - started,
     )
 
 
-def _draw(rng: np.random.Generator, images: int, k: int, per_call: int, latent: int) -> list[np.ndarray]:
-    """ε for a block, in pieces of at most ``per_call`` samples so memory stays bounded
-    even when one image's k samples exceed a block."""
+def _draw(seed: int, first_row: int, k: int, per_call: int, latent: int, rows: slice) -> list[np.ndarray]:
+    """ε [rows, ≤ per_call, latent] for a block, in pieces of at most ``per_call`` samples so
+    memory stays bounded even when one row's k samples exceed a block; each row's generator
+    draws its pieces in turn, so the pieces do not change the draws."""
+    generators = [np.random.default_rng((seed, first_row + i)) for i in range(rows.start, rows.stop)]
     return [
-        rng.standard_normal((images, min(per_call, k - done), latent), dtype=np.float32)
+        np.stack([g.standard_normal((min(per_call, k - done), latent), dtype=np.float32) for g in generators])
         for done in range(0, k, per_call)
     ]
 
 
 def _block_bounds(
-    decode: Decode, x: np.ndarray, mean: np.ndarray, stddev: np.ndarray, eps_parts: list[np.ndarray]
+    decode: Decode,
+    x: np.ndarray,
+    mean: np.ndarray,
+    stddev: np.ndarray,
+    eps_parts: list[np.ndarray],
+    likelihood: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per image: the mean of log p(x|z_i) and NLL_k = −logmeanexp of the log weights."""
-    parts = [importance_weights(decode, x, mean, stddev, eps) for eps in eps_parts]
+    parts = [importance_weights(decode, x, mean, stddev, eps, likelihood) for eps in eps_parts]
     log_px_z = np.concatenate([p[0] for p in parts], axis=1)
     log_w = np.concatenate([p[1] for p in parts], axis=1).astype(np.float64)
     return log_px_z.mean(axis=1), -logmeanexp(log_w, axis=1)

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from vaeserve.elbo import likelihood_mean, likelihood_sample
 from vaeserve.evaluation import Decode, Encode, encode_all
 
 
@@ -22,10 +23,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * logits))
 
 
 def tile(images: np.ndarray, image_shape: tuple[int, ...], cols: int) -> np.ndarray:
@@ -64,13 +61,15 @@ def posterior_predictive(
     image_shape: tuple[int, ...],
     path: Path,
     rng: np.random.Generator,
+    likelihood: str = "bernoulli",
 ) -> Path:
-    """Originals beside the probabilities and a sample of p(x|z), z ~ q(z|x)."""
+    """Originals beside E[x|z] and a sample of p(x|z), z ~ q(z|x)."""
     mean, stddev = encode(x)
-    probs = sigmoid(decode(mean + stddev * rng.standard_normal(mean.shape, dtype=np.float32)))
-    samples = (rng.random(probs.shape) < probs).astype(np.float32)
+    logits = decode(mean + stddev * rng.standard_normal(mean.shape, dtype=np.float32))
+    probs = likelihood_mean(logits, likelihood)
+    samples = likelihood_sample(logits, likelihood, rng)
     cols = int(np.ceil(np.sqrt(len(x))))
-    panels = [("originals", x), ("probabilities", probs), ("samples", samples)]
+    panels = [("originals", x), ("means", probs), ("samples", samples)]
     return save_panels(
         [(n, tile(a, image_shape, cols)) for n, a in panels], path, "Posterior predictive (reconstruction)"
     )
@@ -83,13 +82,15 @@ def prior_predictive(
     image_shape: tuple[int, ...],
     path: Path,
     rng: np.random.Generator,
+    likelihood: str = "bernoulli",
 ) -> Path:
-    """Probabilities and samples of p(x|z) for z ~ N(0, I)."""
-    probs = sigmoid(decode(rng.standard_normal((count, latent_size), dtype=np.float32)))
-    samples = (rng.random(probs.shape) < probs).astype(np.float32)
+    """E[x|z] and samples of p(x|z) for z ~ N(0, I)."""
+    logits = decode(rng.standard_normal((count, latent_size), dtype=np.float32))
+    probs = likelihood_mean(logits, likelihood)
+    samples = likelihood_sample(logits, likelihood, rng)
     cols = int(np.ceil(np.sqrt(count)))
     panels = [
-        ("probabilities", tile(probs, image_shape, cols)),
+        ("means", tile(probs, image_shape, cols)),
         ("samples", tile(samples, image_shape, cols)),
     ]
     return save_panels(panels, path, "Prior predictive, z ~ N(0, I)")
@@ -103,13 +104,14 @@ def latent_manifold(
     path: Path,
     steps: int = 20,
     extent: float = 2.5,
+    likelihood: str = "bernoulli",
 ) -> Path:
     """Decode a grid over two latent dimensions, the others at zero."""
     axis = np.linspace(-extent, extent, steps, dtype=np.float32)
     z = np.zeros((steps * steps, latent_size), dtype=np.float32)
     grid = np.stack(np.meshgrid(axis, axis[::-1]), axis=-1).reshape(-1, 2)
     z[:, dims[0]], z[:, dims[1]] = grid[:, 0], grid[:, 1]
-    mosaic = tile(sigmoid(decode(z)), image_shape, steps)
+    mosaic = tile(likelihood_mean(decode(z), likelihood), image_shape, steps)
     return save_panels(
         [(f"z[{dims[0]}] →, z[{dims[1]}] ↑", mosaic)], path, f"Latent manifold over [−{extent}, {extent}]²"
     )
@@ -122,10 +124,10 @@ def latent_pca(means: np.ndarray, labels: np.ndarray | None, path: Path) -> Path
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     xy = centred @ vt[:2].T
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    points = ax.scatter(
-        xy[:, 0], xy[:, 1], c=labels if labels is not None else "tab:blue", cmap="tab10", s=3, alpha=0.7
-    )
-    if labels is not None:
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], color="tab:blue", s=3, alpha=0.7)
+    else:
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7)
         fig.colorbar(points, ax=ax, label="label")
     ax.set(title="Latent means, first two principal components", xlabel="PC 1", ylabel="PC 2")
     fig.tight_layout()
@@ -142,19 +144,30 @@ def model_pictures(
     image_shape: tuple[int, ...],
     out_dir: Path,
     seed: int = 0,
+    likelihood: str = "bernoulli",
 ) -> list[Path]:
-    """The four uses of the model as PNGs in ``out_dir``."""
+    """The four uses of the model as PNGs in ``out_dir`` (rows that are flat vectors, not
+    images, get the latent picture only)."""
     rng = np.random.default_rng(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     means, _ = encode_all(encode, x[:5000])
     latent_size = means.shape[1]
     top2 = np.argsort(np.var(means, axis=0))[::-1][:2]
     dims = (int(top2[0]), int(top2[-1])) if latent_size > 1 else (0, 0)
+    pca = latent_pca(means, None if labels is None else labels[:5000], out_dir / "latent_pca.png")
+    if len(image_shape) < 2:
+        return [pca]
     return [
-        posterior_predictive(encode, decode, x[:64], image_shape, out_dir / "posterior_predictive.png", rng),
-        prior_predictive(decode, latent_size, 64, image_shape, out_dir / "prior_predictive.png", rng),
-        latent_manifold(decode, dims, latent_size, image_shape, out_dir / "latent_manifold.png"),
-        latent_pca(means, None if labels is None else labels[:5000], out_dir / "latent_pca.png"),
+        posterior_predictive(
+            encode, decode, x[:64], image_shape, out_dir / "posterior_predictive.png", rng, likelihood
+        ),
+        prior_predictive(
+            decode, latent_size, 64, image_shape, out_dir / "prior_predictive.png", rng, likelihood
+        ),
+        latent_manifold(
+            decode, dims, latent_size, image_shape, out_dir / "latent_manifold.png", likelihood=likelihood
+        ),
+        pca,
     ]
 
 

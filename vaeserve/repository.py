@@ -57,6 +57,11 @@ class ModelVersion:
         return tuple(self.manifest["image_shape"])
 
     @property
+    def likelihood(self) -> str:
+        """p(x|z): bernoulli, or continuous-bernoulli (exports before it existed: bernoulli)."""
+        return self.manifest.get("likelihood", "bernoulli")
+
+    @property
     def variants(self) -> list[str]:
         return ["fp32", *self.manifest.get("variants", {})]
 
