@@ -1,4 +1,4 @@
-"""`vae embed`: numpy and onnxruntime (or the service) only, no torch."""
+"""`vae embed` and `vae score`: numpy and onnxruntime (or the service) only, no torch."""
 
 from __future__ import annotations
 
@@ -14,32 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the encoder in chunks and write row_id, mean (and stddev) to .npy or Parquet, with a "
         "sidecar DST.manifest.json. Resumable after any crash with --resume.",
     )
-    parser.add_argument("--model", type=Path, required=True, help="models/NAME or models/NAME/VERSION")
-    parser.add_argument(
-        "--input",
-        type=Path,
-        required=True,
-        help="IDX (raw or .gz), .npy, .npz, .parquet file, or a folder of PNG/JPEG images",
-    )
-    parser.add_argument("--output", type=Path, required=True, help="DST.npy or DST.parquet")
-    parser.add_argument(
-        "--server",
-        help="HOST:PORT: encode through the gRPC service instead of in-process; several replicas as "
-        "IP:PORT,IP:PORT or dns:///NAME:PORT, calls spread over them",
-    )
+    _add_job_flags(parser, "encode")
     parser.add_argument("--stddev", action="store_true", help="also write the latent standard deviations")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue an interrupted job, skipping chunks already written"
-    )
-    parser.add_argument("--force", action="store_true", help="overwrite a finished output or restart")
-    parser.add_argument("--chunk-rows", type=int, default=8192, help="rows per chunk (default 8192)")
-    parser.add_argument(
-        "--column",
-        help="Parquet column of list rows (default: the only column, else every column is one pixel)",
-    )
-    parser.add_argument("--key", help=".npz array to read (default: x, else the first)")
-    parser.add_argument("--token-file", type=Path, help="with --server: file holding the bearer token")
-    parser.add_argument("--tls-ca", type=Path, help="with --server: PEM CA of a TLS server")
     parser.add_argument(
         "--shared-memory",
         action="store_true",
@@ -65,36 +41,104 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers", type=int, default=2, help="with --engine ray: onnxruntime actors (default 2)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=embed_command)
 
 
-def embed_command(args: argparse.Namespace) -> int:
-    from vaeserve.embed.job import EmbedRequest, run
+def register_score(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "score",
+        help="score every row of a dataset: ELBO, log p(x), out-of-distribution score",
+        description="Stream a dataset through the model's scores and write row_id, elbo, log_px "
+        "(k importance samples), complexity_bits (PNG) and ood_score (−log2 p(x) − bits; higher: "
+        "less like the training data) to .npy or Parquet, with a sidecar DST.manifest.json. "
+        "Seeded per row, so local, --server and resumed jobs give the same scores.",
+    )
+    _add_job_flags(parser, "score")
+    parser.add_argument(
+        "--iw-samples", type=int, default=1, help="importance samples k per row for log_px (default 1)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    parser.add_argument("--threads", type=int, default=0, help="in-process scoring threads (0: one per core)")
+    parser.set_defaults(handler=score_command)
+
+
+def _add_job_flags(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--model", type=Path, required=True, help="models/NAME or models/NAME/VERSION")
+    parser.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help="IDX (raw or .gz), .npy, .npz, .parquet file, or a folder of PNG/JPEG images",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="DST.npy or DST.parquet")
+    parser.add_argument(
+        "--server",
+        help=f"HOST:PORT: {verb} through the gRPC service instead of in-process; several replicas as "
+        "IP:PORT,IP:PORT or dns:///NAME:PORT, calls spread over them",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted job, skipping chunks already written"
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite a finished output or restart")
+    parser.add_argument("--chunk-rows", type=int, default=8192, help="rows per chunk (default 8192)")
+    parser.add_argument(
+        "--column",
+        help="Parquet column of list rows (default: the only column, else every column is one pixel)",
+    )
+    parser.add_argument("--key", help=".npz array to read (default: x, else the first)")
+    parser.add_argument("--token-file", type=Path, help="with --server: file holding the bearer token")
+    parser.add_argument("--tls-ca", type=Path, help="with --server: PEM CA of a TLS server")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _request(args: argparse.Namespace, **job):
+    from vaeserve.embed.job import EmbedRequest
 
     token = args.token_file.read_text().strip() if args.token_file else None
-    request = EmbedRequest(
+    return EmbedRequest(
         args.model,
         args.input,
         args.output,
-        args.server,
-        args.stddev,
-        args.resume,
-        args.force,
-        args.chunk_rows,
-        args.column,
-        args.key,
-        token,
-        args.tls_ca,
-        args.threads,
-        args.engine,
-        args.ray_address,
-        args.workers,
-        args.shared_memory,
+        server=args.server,
+        resume=args.resume,
+        force=args.force,
+        chunk_rows=args.chunk_rows,
+        column=args.column,
+        key=args.key,
+        token=token,
+        tls_ca=args.tls_ca,
+        threads=args.threads,
+        **job,
+    )
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    from vaeserve.embed.job import run
+
+    request = _request(
+        args,
+        stddev=args.stddev,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        shared_memory=args.shared_memory,
     )
     summary = run(request, progress=not args.no_progress)
     print(
         f"embedded {summary['rows']:,} rows into {summary['output']} ({summary['embedded_now']:,} now, "
         f"{summary['rows_per_s']:,.0f} rows/s); manifest {summary['output']}.manifest.json"
+    )
+    return 0
+
+
+def score_command(args: argparse.Namespace) -> int:
+    from vaeserve.embed.job import run
+
+    request = _request(args, score=True, iw_samples=args.iw_samples, seed=args.seed)
+    summary = run(request, progress=not args.no_progress)
+    print(
+        f"scored {summary['rows']:,} rows into {summary['output']} ({summary['embedded_now']:,} now, "
+        f"{summary['rows_per_s']:,.0f} rows/s, k = {args.iw_samples}); manifest "
+        f"{summary['output']}.manifest.json"
     )
     return 0

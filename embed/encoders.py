@@ -1,4 +1,4 @@
-"""The two ways `vae embed` runs the encoder, behind one interface.
+"""The two ways `vae embed` runs the encoder, and `vae score` the scores, behind one interface.
 
 ``start(rows, records)`` begins encoding one chunk of checked rows into its output
 records and returns a function that waits for it, so the job keeps the next chunk
@@ -11,6 +11,8 @@ encoding while the previous one is collected and written.
   call, while independent calls just keep going on the other core.
 - `ServiceEncoder`: the gRPC service through the Python client, which prepares pixels
   on the server and keeps several requests in flight.
+- `LocalScorer` and `ServiceScorer`: the same two for `vae score`'s per-row scores. Row i's
+  draws are seeded by (seed, row_id), so local, service and resumed jobs agree exactly.
 """
 
 from __future__ import annotations
@@ -121,6 +123,59 @@ class ServiceEncoder:
         self.pool.shutdown(cancel_futures=True)
         with ThreadPoolExecutor(len(self.clients)) as closing:  # each unregisters its memory
             list(closing.map(lambda client: client.close(), self.clients))
+
+
+class LocalScorer:
+    def __init__(self, version: ModelVersion, iw_samples: int, seed: int, threads: int = 0) -> None:
+        from vaeserve.runtime import OnnxPair, usable_cores
+
+        self.version, self.iw_samples, self.seed = version, iw_samples, seed
+        self.pair = OnnxPair.load(version, threads=1)
+        self.binarization = version.manifest.get("binarization", "none")
+        self.pool = ThreadPoolExecutor(threads or usable_cores(), thread_name_prefix="score")
+
+    def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
+        futures = [
+            self.pool.submit(self._score, rows[at : at + SUB_BATCH], records[at : at + SUB_BATCH])
+            for at in range(0, len(rows), SUB_BATCH)
+        ]
+        return lambda: _results(futures)
+
+    def _score(self, rows: np.ndarray, records: np.ndarray) -> None:
+        from vaeserve.ood import scores
+
+        out = scores(
+            self.pair.encode,
+            self.pair.decode_logits,
+            encoder_inputs(rows, self.binarization),
+            self.iw_samples,
+            self.seed,
+            self.version.likelihood,
+            self.version.image_shape,
+            first_row=int(records["row_id"][0]),
+        )
+        for name, values in out.items():
+            records[name] = values
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+class ServiceScorer(ServiceEncoder):
+    """ServiceEncoder's two clients, calling Score with each piece's first row id."""
+
+    def __init__(self, version: ModelVersion, target: str, iw_samples: int, seed: int, **client_options):
+        super().__init__(version, target, **client_options)
+        self.iw_samples, self.seed = iw_samples, seed
+
+    def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
+        client = self.idle.get()
+        try:
+            out = client.score(rows, self.iw_samples, self.seed, row_offset=int(records["row_id"][0]))
+        finally:
+            self.idle.put(client)
+        for name, values in out.items():
+            records[name] = values
 
 
 def _store(records: np.ndarray, mean: np.ndarray, stddev: np.ndarray) -> None:

@@ -1,4 +1,5 @@
-"""`vae embed`: stream a dataset through the encoder, chunk by chunk, resumably.
+"""`vae embed` and `vae score`: stream a dataset through the encoder (or the scores), chunk by
+chunk, resumably.
 
 A sidecar ``DST.manifest.json`` names the model (name, version, encoder SHA-256), the
 input (path and fingerprint), the chunking and the fields, and says ``completed`` only
@@ -26,8 +27,15 @@ from tqdm import tqdm
 
 from vaeserve import __version__
 from vaeserve.atomic import atomic_write_text
-from vaeserve.embed.encoders import ChunkEncoder, LocalEncoder, ServiceEncoder, Wait
-from vaeserve.embed.sinks import FORMATS, ChunkSink, aligned_records, open_sink, record_dtype
+from vaeserve.embed.encoders import (
+    ChunkEncoder,
+    LocalEncoder,
+    LocalScorer,
+    ServiceEncoder,
+    ServiceScorer,
+    Wait,
+)
+from vaeserve.embed.sinks import FORMATS, ChunkSink, aligned_records, open_sink, record_dtype, score_dtype
 from vaeserve.embed.sources import Source, open_source
 from vaeserve.errors import ConfigError, DataError
 from vaeserve.repository import ModelVersion, open_path
@@ -52,6 +60,13 @@ class EmbedRequest:
     ray_address: str | None = None
     workers: int = 2
     shared_memory: bool = False
+    score: bool = False  # vae score: per-row scores instead of latents
+    iw_samples: int = 1
+    seed: int = 0
+
+    def records(self, version: ModelVersion) -> np.dtype:
+        """The output's record: latents, or scores."""
+        return score_dtype() if self.score else record_dtype(version.latent_size, self.stddev)
 
 
 def sidecar_path(output: Path) -> Path:
@@ -65,6 +80,10 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         raise ConfigError("--chunk-rows must be at least 1")
     if request.threads < 0:
         raise ConfigError("--threads must be 0 (one per core) or more")
+    if request.score and (request.engine == "ray" or request.iw_samples < 1 or request.seed < 0):
+        raise ConfigError(
+            "vae score runs locally or through --server, with --iw-samples >= 1 and --seed >= 0"
+        )
     version = open_path(request.model)
     source = open_source(request.input, version.image_shape, request.column, request.key)
     if source.columns != version.input_size:
@@ -93,14 +112,14 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
 def embed_locally(
     request: EmbedRequest, manifest: dict[str, Any], version: ModelVersion, source: Source, progress: bool
 ) -> int:
-    dtype = record_dtype(version.latent_size, request.stddev)
+    dtype = request.records(version)
     sink = open_sink(request.output, source.rows, request.chunk_rows, dtype)
     claim_output(request, manifest, sink)
     try:
         finished = sink.start(request.resume)
         engine = encoder(request, version)
         try:
-            done = embed_chunks(source, engine, sink, finished, manifest, dtype, progress)
+            done = embed_chunks(source, engine, sink, finished, manifest, dtype, progress, request.score)
         finally:
             engine.close()
         sink.finish()
@@ -142,6 +161,16 @@ def embed_on_ray(request: EmbedRequest, manifest: dict[str, Any], version: Model
 
 
 def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> dict[str, Any]:
+    fields = ["row_id", "mean", *(["stddev"] if request.stddev else [])]
+    score = None
+    if request.score:
+        fields = list(request.records(version).names)
+        score = {
+            "iw_samples": request.iw_samples,
+            "seed": request.seed,
+            "decoder_sha256": version.manifest["graphs"]["decoder"]["sha256"],
+            "likelihood": version.likelihood,
+        }
     return {
         "vaeserve_version": __version__,
         "model": {
@@ -154,7 +183,8 @@ def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> di
         "rows": source.rows,
         "chunk_rows": request.chunk_rows,
         "chunks": -(-source.rows // request.chunk_rows),
-        "fields": ["row_id", "mean", *(["stddev"] if request.stddev else [])],
+        "fields": fields,
+        "score": score,
         "latent_size": version.latent_size,
         "output": str(request.output),
         "completed": False,
@@ -185,7 +215,7 @@ def claim_output(request: EmbedRequest, manifest: dict[str, Any], sink: ChunkSin
             raise ConfigError(f"nothing to resume: no {sidecar.name}")
         changed = [
             k
-            for k in ("model", "input", "rows", "chunk_rows", "fields")
+            for k in ("model", "input", "rows", "chunk_rows", "fields", "score")
             if previous.get(k) != manifest.get(k)
         ]
         if changed:
@@ -203,15 +233,14 @@ def claim_output(request: EmbedRequest, manifest: dict[str, Any], sink: ChunkSin
 
 
 def encoder(request: EmbedRequest, version: ModelVersion) -> ChunkEncoder:
+    options = {"token": request.token, "root_certificates": request.tls_ca}
+    if request.score:
+        if request.server is None:
+            return LocalScorer(version, request.iw_samples, request.seed, request.threads)
+        return ServiceScorer(version, request.server, request.iw_samples, request.seed, **options)
     if request.server is None:
         return LocalEncoder(version, request.threads)
-    return ServiceEncoder(
-        version,
-        request.server,
-        token=request.token,
-        root_certificates=request.tls_ca,
-        shared_memory=request.shared_memory,
-    )
+    return ServiceEncoder(version, request.server, shared_memory=request.shared_memory, **options)
 
 
 def embed_chunks(
@@ -222,6 +251,7 @@ def embed_chunks(
     manifest: dict[str, Any],
     dtype: np.dtype,
     progress: bool,
+    scoring: bool = False,
 ) -> int:
     chunk_rows = manifest["chunk_rows"]
     first = next((i for i in range(manifest["chunks"]) if i not in finished), manifest["chunks"])
@@ -229,7 +259,11 @@ def embed_chunks(
     done = 0
     initial = min(first * chunk_rows, source.rows)
     bar = tqdm(
-        total=source.rows, initial=initial, unit="rows", desc="embed", disable=None if progress else True
+        total=source.rows,
+        initial=initial,
+        unit="rows",
+        desc="score" if scoring else "embed",
+        disable=None if progress else True,
     )
     with bar, ChunkPipeline(engine, sink, dtype, chunk_rows, bar.update) as pipeline:
         for index, rows in _prefetched(source.chunks(chunk_rows, first), source, chunk_rows, first):

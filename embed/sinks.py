@@ -29,6 +29,7 @@ import numpy as np
 
 from vaeserve.atomic import atomic_path
 from vaeserve.errors import DataError, MissingExtraError
+from vaeserve.ood import SCORE_FIELDS
 
 FORMATS = (".npy", ".parquet")
 
@@ -42,6 +43,11 @@ def record_dtype(latent_size: int, stddev: bool) -> np.dtype:
     if stddev:
         fields.append(("stddev", "<f4", (latent_size,)))
     return np.dtype(fields)
+
+
+def score_dtype() -> np.dtype:
+    """`vae score`'s records: row_id and one float32 per score (vaeserve.ood)."""
+    return np.dtype([("row_id", "<i8"), *((name, "<f4") for name in SCORE_FIELDS)])
 
 
 class ChunkSink(Protocol):
@@ -244,15 +250,16 @@ def _write_parquet(parts: Iterator[np.ndarray], dtype: np.dtype, path: Path) -> 
         import pyarrow.parquet as pq
     except ImportError:
         raise MissingExtraError("writing Parquet", "embed", "pyarrow") from None
-    latent = dtype["mean"].shape[0]
+    # A vector field (mean, stddev) is a fixed-size list column, a scalar one (scores) a float.
+    widths = {name: dtype[name].shape[0] if dtype[name].shape else 0 for name in dtype.names[1:]}
     fields = [pa.field("row_id", pa.int64())] + [
-        pa.field(n, pa.list_(pa.float32(), latent)) for n in dtype.names[1:]
+        pa.field(n, pa.list_(pa.float32(), w) if w else pa.float32()) for n, w in widths.items()
     ]
     schema = pa.schema(fields)
     with pq.ParquetWriter(path, schema) as writer:
         for part in parts:
             columns = [pa.array(part["row_id"])]
-            for name in dtype.names[1:]:
+            for name, width in widths.items():
                 flat = pa.array(np.ascontiguousarray(part[name]).reshape(-1))
-                columns.append(pa.FixedSizeListArray.from_arrays(flat, latent))
+                columns.append(pa.FixedSizeListArray.from_arrays(flat, width) if width else flat)
             writer.write_table(pa.Table.from_arrays(columns, schema=schema))

@@ -1,4 +1,4 @@
-"""The data plane: loaded model versions and the four uses of a model, in numpy.
+"""The data plane: loaded model versions, the four uses of a model and scoring, in numpy.
 
 Nothing here knows gRPC. A ``ServedModel`` runs its encoder and decoder through
 batchers and draws every random number from the request's own generator, so a
@@ -7,6 +7,8 @@ seeded request gives bit-identical results however the server is loaded.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from concurrent.futures import Executor
 
@@ -15,7 +17,9 @@ import numpy as np
 from vaeserve import codec
 from vaeserve._proto import vae_pb2
 from vaeserve.datasets import encoder_inputs
+from vaeserve.elbo import likelihood_sample
 from vaeserve.errors import ModelNotFoundError, RepositoryError, TensorError, VaeError
+from vaeserve.ood import scores
 from vaeserve.repository import ModelVersion, load_version, model_names, read_labels, version_numbers
 from vaeserve.runtime import CPU, OnnxPair, usable_cores
 from vaeserve.service.batching import Batcher, Direct, Observer, Run, Runner
@@ -31,6 +35,9 @@ def generator(seed: int | None) -> np.random.Generator:
 
 def bernoulli(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (rng.random(probs.shape, dtype=np.float32) < probs).astype(np.uint8)
+
+
+SAMPLE_DTYPES = {"bernoulli": "UINT8", "continuous-bernoulli": "FP32"}
 
 
 class ServedModel:
@@ -50,6 +57,8 @@ class ServedModel:
         self.ref = vae_pb2.ModelRef(name=version.name, version=version.version)
         label = f"{version.name}/{version.version}"
         self.binarization = version.manifest.get("binarization", "none")
+        self.likelihood = version.likelihood
+        self.executor = executor
         limit = settings.max_request_rows
         # Raw uint8 pixels (prepared as in training when the encoder runs), or float32 model
         # inputs, which must lie in [0, 1]; latents are float32 and finite.
@@ -99,24 +108,58 @@ class ServedModel:
         return out
 
     async def decode(self, z: np.ndarray, sample: bool, seed: int | None) -> dict[str, np.ndarray]:
-        _, probs = await self.decoder.submit(z, alone=seed is not None)
+        logits, probs = await self.decoder.submit(z, alone=seed is not None)
         out = {"probs": probs}
         if sample:
-            out["samples"] = bernoulli(probs, generator(seed))
+            out["samples"] = self._draw(logits, probs, generator(seed))
         return out
 
     async def reconstruct(self, x: np.ndarray, use_mean: bool, seed: int | None) -> dict[str, np.ndarray]:
         rng = generator(seed)
         mean, stddev = await self.encoder.submit(x, alone=seed is not None)
         z = mean if use_mean else mean + stddev * rng.standard_normal(mean.shape, dtype=np.float32)
-        _, probs = await self.decoder.submit(np.ascontiguousarray(z, np.float32), alone=seed is not None)
-        return {"probs": probs, "samples": bernoulli(probs, rng), "latents": z}
+        logits, probs = await self.decoder.submit(np.ascontiguousarray(z, np.float32), alone=seed is not None)
+        return {"probs": probs, "samples": self._draw(logits, probs, rng), "latents": z}
 
     async def sample_prior(self, count: int, seed: int | None) -> dict[str, np.ndarray]:
         rng = generator(seed)
         z = rng.standard_normal((count, self.version.latent_size), dtype=np.float32)
-        _, probs = await self.decoder.submit(z, alone=seed is not None)
-        return {"latents": z, "probs": probs, "samples": bernoulli(probs, rng)}
+        logits, probs = await self.decoder.submit(z, alone=seed is not None)
+        return {"latents": z, "probs": probs, "samples": self._draw(logits, probs, rng)}
+
+    def _draw(self, logits: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """x ~ p(x|z): uint8 0/1 from a Bernoulli, float32 in [0, 1] from a continuous one."""
+        if self.likelihood == "bernoulli":
+            return bernoulli(probs, rng)
+        return likelihood_sample(logits, self.likelihood, rng)
+
+    async def score(
+        self, x: np.ndarray, iw_samples: int, seed: int | None, row_offset: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Per row: the ELBO, log p(x) with k importance samples (the evaluator's estimator,
+        vaeserve.evaluation) and the input-complexity OOD score; on the model's executor."""
+        k = self.iw_samples(iw_samples)
+        inputs = encoder_inputs(x, self.binarization)
+
+        run = functools.partial(
+            scores,
+            self.pair.encode,
+            self.pair.decode_logits,
+            inputs,
+            k,
+            seed,
+            self.likelihood,
+            self.version.image_shape,
+            row_offset,
+        )
+        return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+
+    def iw_samples(self, k: int) -> int:
+        """k as asked (0 means 1), within the server's --max-iw-samples."""
+        k = k or 1
+        if not 1 <= k <= self.settings.max_iw_samples:
+            raise TensorError(f"iw_samples: {k}; expected 1 to {self.settings.max_iw_samples}")
+        return k
 
     def info(self, is_default: bool) -> vae_pb2.ModelInfo:
         evaluation = self.version.manifest.get("evaluation") or {}
@@ -133,6 +176,7 @@ class ServedModel:
             metrics=metrics,
             is_default=is_default,
             max_batch_rows=self.settings.max_request_rows,
+            likelihood=self.likelihood,
         )
 
 

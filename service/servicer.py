@@ -37,6 +37,7 @@ _ROWS_FIELD = {
     vae_pb2.DecodeResponse: "probs",
     vae_pb2.ReconstructResponse: "probs",
     vae_pb2.SamplePriorResponse: "probs",
+    vae_pb2.ScoreResponse: "elbo",
 }
 
 
@@ -118,6 +119,14 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             samples=to_tensor(out["samples"]),
             model=model.ref,
         )
+
+    @_rpc("Score")
+    async def Score(self, request: vae_pb2.ScoreRequest, context) -> vae_pb2.ScoreResponse:
+        model = self.registry.resolve(request.model, request.version)
+        inputs = read_tensor(request.inputs, "inputs", model.pixels, self.regions.read)
+        out = await model.score(inputs, request.iw_samples, _seed(request), request.row_offset)
+        tensors = {name: to_tensor(array) for name, array in out.items()}
+        return vae_pb2.ScoreResponse(**tensors, model=model.ref, iw_samples=request.iw_samples or 1)
 
     @_rpc("GetModelInfo")
     async def GetModelInfo(

@@ -76,6 +76,9 @@ class ServeSettings:
         "names starting with this ('' allows any object the server's user can open)",
     )
     max_request_rows: int = option(4096, "most rows (or SamplePrior count) one request may carry")
+    max_iw_samples: int = option(
+        1000, "most importance samples k per row a Score call may ask for (rows × k decoder rows)"
+    )
     max_queue_rows: int = option(
         65536,
         "rows waiting or running per graph before new calls get RESOURCE_EXHAUSTED (a call whose "
@@ -119,6 +122,7 @@ class ServeSettings:
         for name in (
             "batch_max_rows",
             "max_request_rows",
+            "max_iw_samples",
             "max_queue_rows",
             "max_message_mb",
             "max_concurrent_rpcs",

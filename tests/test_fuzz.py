@@ -126,7 +126,24 @@ def test_vae_v1_encode_answers_ok_or_a_client_error(server, request, seed) -> No
     assert code in GRPC_ALLOWED, code
 
 
-METHODS = ["Encode", "Decode", "Reconstruct", "SamplePrior", "GetModelInfo", "RegisterSharedMemory"]
+METHODS = ["Encode", "Decode", "Reconstruct", "SamplePrior", "Score", "GetModelInfo", "RegisterSharedMemory"]
+
+
+@FUZZ
+@given(
+    tensor=tensors,
+    iw_samples=st.sampled_from([0, 1, 3, 1000, 1001, 2**32 - 1]),
+    seed=st.none() | st.integers(0, 2**64 - 1),
+    offset=st.integers(0, 2**64 - 1),
+    version=versions,
+)
+def test_vae_v1_score_answers_ok_or_a_client_error(server, tensor, iw_samples, seed, offset, version) -> None:
+    request = vae_pb2.ScoreRequest(
+        model="tiny", version=version, inputs=tensor, iw_samples=iw_samples, seed=seed, row_offset=offset
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        code, details = servers.raw_status(vae_pb2_grpc.VaeServiceStub(channel).Score, request)
+    assert code in GRPC_ALLOWED, (code, details)
 
 
 @FUZZ
@@ -142,7 +159,7 @@ def test_raw_bytes_to_any_vae_v1_method_are_a_client_error(server, method: str, 
 
 @FUZZ
 @given(
-    model=st.sampled_from(["tiny-encoder", "tiny-decoder", "tiny-sample-prior", "tiny", "x"]),
+    model=st.sampled_from(["tiny-encoder", "tiny-decoder", "tiny-sample-prior", "tiny-score", "tiny", "x"]),
     version=versions,
     inputs=st.lists(
         st.tuples(
@@ -153,7 +170,10 @@ def test_raw_bytes_to_any_vae_v1_method_are_a_client_error(server, method: str, 
         max_size=3,
     ),
     raw=st.lists(st.binary(max_size=2 * D * 4), max_size=3),
-    parameters=st.dictionaries(st.sampled_from(["seed", "sample", "use_mean", "other"]), st.integers(-5, 5)),
+    parameters=st.dictionaries(
+        st.sampled_from(["seed", "sample", "use_mean", "iw_samples", "row_offset", "other"]),
+        st.integers(-5, 5),
+    ),
 )
 def test_oip_model_infer_answers_ok_or_a_client_error(
     server, model, version, inputs, raw, parameters

@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     service_cli.register_health(subparsers)
     demo.register(subparsers)
     embed_cli.register(subparsers)
+    embed_cli.register_score(subparsers)
     bench.register(subparsers)
     return parser
 

@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import FLOAT32, UINT8, Rows, SharedBytes, from_tensor, to_tensor
 from vaeserve.errors import UNKNOWN_REGION, VaeError
+from vaeserve.ood import SCORE_FIELDS
 
 RETRY_POLICY = {
     # Several addresses (or a DNS name with several records): one connection to each, calls
@@ -297,6 +298,31 @@ class VaeClient:
         )
         return self._gather(self.stub.SamplePrior, requests, ("latents", "probs", "samples"), count)
 
+    def score(
+        self, inputs: np.ndarray, iw_samples: int = 1, seed: int | None = None, row_offset: int = 0
+    ) -> dict[str, np.ndarray]:
+        """Per row [N]: ``elbo``, ``log_px`` (k = ``iw_samples`` importance samples),
+        ``complexity_bits`` and ``ood_score``. Seeded scores do not depend on how the rows are
+        split into calls: row i's draws are seeded by (seed, row_offset + i)."""
+        starts = range(0, len(np.asarray(inputs)), self.chunk_rows)
+        requests = (
+            vae_pb2.ScoreRequest(
+                model=self.model,
+                version=self.version,
+                inputs=to_tensor(part),
+                iw_samples=iw_samples,
+                seed=seed,
+                row_offset=row_offset + start,
+            )
+            for start, part in zip(starts, self._chunks(inputs))
+        )
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in SCORE_FIELDS}
+        for response in self._pipelined(self.stub.Score, requests):
+            for name in SCORE_FIELDS:
+                tensor = getattr(response, name)
+                parts[name].append(np.frombuffer(tensor.data, "<f4").reshape(tuple(tensor.shape)))
+        return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
     def model_info(self, model: str = "") -> list[dict[str, Any]]:
         response = self._call(self.stub.GetModelInfo, vae_pb2.GetModelInfoRequest(model=model))
         return [
@@ -312,6 +338,7 @@ class VaeClient:
                 "metrics": dict(m.metrics),
                 "is_default": m.is_default,
                 "max_batch_rows": m.max_batch_rows,
+                "likelihood": m.likelihood or "bernoulli",
             }
             for m in response.models
         ]

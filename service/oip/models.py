@@ -1,4 +1,4 @@
-"""The loaded models as the Open Inference Protocol sees them: four OIP models per model.
+"""The loaded models as the Open Inference Protocol sees them: five OIP models per model.
 
 | OIP model          | inputs                          | outputs                              |
 |--------------------|---------------------------------|--------------------------------------|
@@ -6,6 +6,7 @@
 | NAME-decoder       | z [N, M] FP32                   | probs [N, D] (+ samples with sample)  |
 | NAME-reconstruct   | x as above                      | probs, samples, latents               |
 | NAME-sample-prior  | count [1] INT64                 | latents, probs, samples               |
+| NAME-score         | x as above                      | elbo, log_px, complexity_bits, ood_score [N] |
 
 Every version of NAME is a version of each ("1", "2"; empty: the latest). Both OIP front ends
 (gRPC and HTTP) turn their tensors into numpy (``tensors``) and call ``infer`` here, which
@@ -23,7 +24,7 @@ import numpy as np
 from vaeserve.codec import Rows
 from vaeserve.errors import ModelNotFoundError, RequestError
 from vaeserve.service.live import AdminDisabledError, LiveRepository
-from vaeserve.service.models import ModelRegistry, ServedModel
+from vaeserve.service.models import SAMPLE_DTYPES, ModelRegistry, ServedModel
 
 PLATFORM = "vaeserve"
 # Request parameters clients of other servers send that mean nothing here; accepted and ignored.
@@ -55,25 +56,34 @@ class Params:
     seed: int | None = None
     sample: bool = False
     use_mean: bool = False
+    iw_samples: int = 0
+    row_offset: int = 0
 
     @classmethod
     def parse(cls, values: Mapping[str, object]) -> Params:
         if not values:
             return NO_PARAMS
-        unknown = set(values) - {"seed", "sample", "use_mean"} - IGNORED_PARAMETERS
+        known = {"seed", "sample", "use_mean", "iw_samples", "row_offset"}
+        unknown = set(values) - known - IGNORED_PARAMETERS
         if unknown:
             raise RequestError(
                 f"parameters {sorted(unknown)}: not known here; expected seed (int64 >= 0), "
-                "sample (bool), use_mean (bool)"
+                "sample (bool), use_mean (bool), iw_samples and row_offset (int >= 0, NAME-score)"
             )
-        seed = values.get("seed")
-        if seed is not None and (type(seed) is not int or not 0 <= seed < 2**64):
-            raise RequestError(f"parameter seed: {seed!r}; expected an integer from 0 to 2**64 - 1")
+        numbers = {name: values.get(name) for name in ("seed", "iw_samples", "row_offset")}
+        for name, value in numbers.items():
+            if value is not None and (type(value) is not int or not 0 <= value < 2**64):
+                raise RequestError(f"parameter {name}: {value!r}; expected an integer from 0 to 2**64 - 1")
         flags = {name: values.get(name, False) for name in ("sample", "use_mean")}
         for name, value in flags.items():
             if type(value) is not bool:
                 raise RequestError(f"parameter {name}: {value!r}; expected true or false")
-        return cls(seed, **flags)
+        return cls(
+            numbers["seed"],
+            iw_samples=numbers["iw_samples"] or 0,
+            row_offset=numbers["row_offset"] or 0,
+            **flags,
+        )
 
 
 NO_PARAMS = Params()
@@ -84,7 +94,7 @@ Run = Callable[[ServedModel, dict[str, np.ndarray], Params, frozenset[str]], Awa
 
 @dataclass(frozen=True)
 class Kind:
-    """One of the four uses of a model, as an OIP model ``NAME-suffix``."""
+    """One use of a model, as an OIP model ``NAME-suffix``."""
 
     suffix: str
     inputs: Callable[[ServedModel], tuple[Input, ...]]
@@ -122,6 +132,19 @@ async def _reconstruct(model: ServedModel, inputs, params: Params, asked: frozen
     return await model.reconstruct(inputs["x"], params.use_mean, params.seed)
 
 
+async def _score(model: ServedModel, inputs, params: Params, asked: frozenset[str]):
+    return await model.score(inputs["x"], params.iw_samples, params.seed, params.row_offset)
+
+
+def _per_row(*names: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name, ("FP32",), (-1,)) for name in names)
+
+
+def _samples(model: ServedModel) -> tuple[str, str, str]:
+    """uint8 0/1 from a Bernoulli model, float32 intensities from a continuous one."""
+    return ("samples", SAMPLE_DTYPES[model.likelihood], "D")
+
+
 async def _sample_prior(model: ServedModel, inputs, params: Params, asked: frozenset[str]):
     return await model.sample_prior(model.count(int(inputs["count"][0])), params.seed)
 
@@ -136,21 +159,22 @@ KINDS = (
     Kind(
         "decoder",
         _z,
-        lambda m: _specs(m, ("probs", "FP32", "D"), ("samples", "UINT8", "D")),
+        lambda m: _specs(m, ("probs", "FP32", "D"), _samples(m)),
         _decode,
     ),
     Kind(
         "reconstruct",
         _x,
-        lambda m: _specs(m, ("probs", "FP32", "D"), ("samples", "UINT8", "D"), ("latents", "FP32", "M")),
+        lambda m: _specs(m, ("probs", "FP32", "D"), _samples(m), ("latents", "FP32", "M")),
         _reconstruct,
     ),
     Kind(
         "sample-prior",
         _count,
-        lambda m: _specs(m, ("latents", "FP32", "M"), ("probs", "FP32", "D"), ("samples", "UINT8", "D")),
+        lambda m: _specs(m, ("latents", "FP32", "M"), ("probs", "FP32", "D"), _samples(m)),
         _sample_prior,
     ),
+    Kind("score", _x, lambda m: _per_row("elbo", "log_px", "complexity_bits", "ood_score"), _score),
 )
 
 

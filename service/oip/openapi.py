@@ -225,8 +225,8 @@ def document() -> dict:
             "title": "vaeserve: Open Inference Protocol (KServe V2) REST API",
             "version": __version__,
             "description": "Every loaded model NAME appears as NAME-encoder, NAME-decoder, "
-            "NAME-reconstruct and NAME-sample-prior. Request parameters: seed (int), sample "
-            "(bool), use_mean (bool).",
+            "NAME-reconstruct, NAME-sample-prior and NAME-score. Request parameters: seed (int), "
+            "sample (bool), use_mean (bool), iw_samples and row_offset (int, NAME-score).",
         },
         "paths": {
             "/v2/health/live": open_("Server live", "ServerLive", {"type": "object"}),
