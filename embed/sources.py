@@ -145,10 +145,11 @@ class ImageFolderSource(Source):
     """PNG/JPEG files, sorted by name, converted to grayscale at the model's image shape."""
 
     def __init__(self, path: Path, image_shape: tuple[int, ...]) -> None:
-        try:
-            import PIL.Image  # noqa: F401
-        except ImportError:
-            raise MissingExtraError("reading image folders", "embed", "pillow") from None
+        if len(image_shape) < 2:
+            raise DataError(
+                f"{path}: the model's rows are {image_shape[0]} features, not images; "
+                "give a .npy, .npz or Parquet file"
+            )
         self.path, self.shape = path, image_shape
         self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:

@@ -37,6 +37,12 @@ def ok(result: subprocess.CompletedProcess) -> str:
     return result.stdout
 
 
+def job(verb: str, model: Path, source: Path, output: Path, *flags: str) -> str:
+    """`vae embed` or `vae score` of ``source`` into ``output``."""
+    paths = ("--model", str(model), "--input", str(source), "--output", str(output))
+    return ok(vae(verb, *paths, "--no-progress", *flags))
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory, mnist) -> Path:
     """360 images of 8×8 floats in [0, 1]: 300 to train, 60 to test."""
@@ -123,7 +129,8 @@ def test_evaluate_serve_score_and_embed_the_small_model(
     out = ok(vae("evaluate", "--model", str(digits_model), "--iw-samples", "50", "--json", "--no-progress"))
     evaluation = json.loads(out)
     x_test = np.load(digits)["x_test"].reshape(-1, 64).astype(np.float32)
-    np.save(tmp_path / "test.npy", x_test)
+    test = tmp_path / "test.npy"
+    np.save(test, x_test)
     repo = digits_model.parents[1]
     with servers.running(repo, tmp_path / "serve.log", "--workers", "1") as server:
         with VaeClient(server.target, chunk_rows=16) as client:
@@ -131,38 +138,19 @@ def test_evaluate_serve_score_and_embed_the_small_model(
             assert info["likelihood"] == "continuous-bernoulli" and info["image_shape"] == (8, 8)
             scores = client.score(x_test, iw_samples=50, seed=0)
             rebuilt = client.reconstruct(x_test[:4], seed=1)
-        ok(
-            vae(
-                "score",
-                "--model",
-                str(digits_model),
-                "--input",
-                str(tmp_path / "test.npy"),
-                "--output",
-                str(tmp_path / "served.npy"),
-                "--server",
-                server.target,
-                "--iw-samples",
-                "5",
-                "--chunk-rows",
-                "25",
-                "--no-progress",
-            )
+        through = ("--server", server.target)
+        job(
+            "score",
+            digits_model,
+            test,
+            tmp_path / "served.npy",
+            *through,
+            "--iw-samples",
+            "5",
+            "--chunk-rows",
+            "25",
         )
-        ok(
-            vae(
-                "embed",
-                "--model",
-                str(digits_model),
-                "--input",
-                str(tmp_path / "test.npy"),
-                "--output",
-                str(tmp_path / "latents.npy"),
-                "--server",
-                server.target,
-                "--no-progress",
-            )
-        )
+        job("embed", digits_model, test, tmp_path / "latents.npy", *through)
     # The judged agreement: Score's mean ELBO and log p(x) against the evaluator's, within its
     # standard error (different draws, the same estimator).
     assert abs(scores["elbo"].mean() - evaluation["elbo"]) < 2 * evaluation["elbo_stderr"]
@@ -171,20 +159,7 @@ def test_evaluate_serve_score_and_embed_the_small_model(
     samples = rebuilt["samples"]
     assert samples.dtype == np.float32 and samples.min() >= 0 and samples.max() <= 1  # continuous draws
     assert len(np.unique(samples)) > 100
-    ok(
-        vae(
-            "score",
-            "--model",
-            str(digits_model),
-            "--input",
-            str(tmp_path / "test.npy"),
-            "--output",
-            str(tmp_path / "local.npy"),
-            "--iw-samples",
-            "5",
-            "--no-progress",
-        )
-    )
+    job("score", digits_model, test, tmp_path / "local.npy", "--iw-samples", "5")
     served, local = np.load(tmp_path / "served.npy"), np.load(tmp_path / "local.npy")
     for name in ("elbo", "log_px", "complexity_bits", "ood_score"):
         np.testing.assert_allclose(served[name], local[name], rtol=0, atol=1e-3)
@@ -213,18 +188,7 @@ def test_flat_features_with_and_without_an_image_shape(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / "models" / "flat" / "1" / "manifest.json").read_text())
     assert manifest["image_shape"] == [20]
     np.save(tmp_path / "x.npy", features[200:])
-    ok(
-        vae(
-            "score",
-            "--model",
-            str(tmp_path / "models" / "flat"),
-            "--input",
-            str(tmp_path / "x.npy"),
-            "--output",
-            str(tmp_path / "s.parquet"),
-            "--no-progress",
-        )
-    )
+    job("score", tmp_path / "models" / "flat", tmp_path / "x.npy", tmp_path / "s.parquet")
     result = vae("train", "--out", str(tmp_path / "shaped"), "--image-shape", "4", "4", *flags)
     assert result.returncode == 1 and "--image-shape 4 4 holds 16 values; the rows hold 20" in result.stderr
     ok(vae("train", "--out", str(tmp_path / "shaped"), "--image-shape", "4", "5", *flags))
