@@ -169,7 +169,7 @@ class NpyChunks:
                 return set()
         lines = self.journal.read_text().split("\n")[:-1]  # a torn last line is not a finished chunk
         count = -(-self.rows // self.chunk_rows)
-        return {int(line) for line in lines if line.isdigit() and int(line) < count}
+        return {int(line) for line in lines if line.isdecimal() and int(line) < count}
 
     def close(self) -> None:
         for name in ("fd", "direct_fd", "journal_fd"):

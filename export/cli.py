@@ -93,7 +93,7 @@ def label_command(args: argparse.Namespace) -> int:
     labels = read_labels(model_dir)
     for assignment in args.assignments:
         label, equals, version = assignment.partition("=")
-        if not equals or not version.isdigit():
+        if not equals or not version.isdecimal():
             raise ConfigError(f"{assignment!r}: expected LABEL=VERSION, such as stable=1")
         if int(version) not in versions:
             raise ConfigError(f"{assignment!r}: {args.name} has no version {version} (has {versions})")

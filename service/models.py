@@ -223,10 +223,10 @@ class ModelRegistry:
         versions = self.models[name]
         if version in ("", "latest"):
             return versions[max(versions)]
-        number = int(version) if version.isdigit() else self.labels.get(name, {}).get(version)
+        number = int(version) if version.isdecimal() else self.labels.get(name, {}).get(version)
         if number not in versions:
             labels = self.labels.get(name, {})
-            what = "version" if version.isdigit() else "version or label"
+            what = "version" if version.isdecimal() else "version or label"
             raise ModelNotFoundError(
                 f"model {name!r} has no loaded {what} {version!r}; loaded: {sorted(versions)}"
                 + (f", labels: {', '.join(f'{k}={v}' for k, v in sorted(labels.items()))}" if labels else "")

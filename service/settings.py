@@ -113,7 +113,7 @@ class ServeSettings:
     )
 
     def validate(self) -> ServeSettings:
-        if self.version not in ("all", "latest") and not self.version.isdigit():
+        if self.version not in ("all", "latest") and not self.version.isdecimal():
             raise ConfigError(f"--version {self.version!r}: expected all, latest or a version number")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key go together")

@@ -98,7 +98,7 @@ def sweep_leftovers(root: Path | None = None) -> None:
     root = root or Path(tempfile.gettempdir())
     for folder in [*root.glob(f"{METRICS_PREFIX}*"), *root.glob(f"{CONTROL_PREFIX}*")]:
         owner = folder.name.removeprefix(METRICS_PREFIX).removeprefix(CONTROL_PREFIX).split("-")[0]
-        if owner.isdigit() and not _alive(int(owner)):
+        if owner.isdecimal() and not _alive(int(owner)):
             shutil.rmtree(folder, ignore_errors=True)
             log.info("removed %s, left by a supervisor that is gone", folder)
 

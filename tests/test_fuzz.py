@@ -53,7 +53,7 @@ tensors = st.builds(
 )
 floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
 names = st.sampled_from(["", "tiny", "nope", "tiny/1", "\0"]) | st.text(max_size=6)
-versions = st.sampled_from(["", "1", "latest", "9", "stable", "01", "-1"]) | st.text(max_size=6)
+versions = st.sampled_from(["", "1", "latest", "9", "stable", "01", "-1", "¹", "٣"]) | st.text(max_size=6)
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def version_numbers(model_dir: Path) -> list[int]:
     """The complete versions of a model, ascending."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and int(p.name) > 0)
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdecimal() and int(p.name) > 0)
 
 
 def model_names(repo: Path) -> list[str]:
@@ -110,7 +110,7 @@ def resolve(repo: Path, name: str, version: int | str = "latest") -> ModelVersio
 
 def open_path(path: Path) -> ModelVersion:
     """``models/NAME/VERSION`` or ``models/NAME`` (its latest version)."""
-    if path.name.isdigit():
+    if path.name.isdecimal():
         return load_version(path)
     return resolve(path.parent, path.name, "latest")
 
@@ -120,7 +120,7 @@ def load_version(path: Path) -> ModelVersion:
     (``NAME/NUMBER``) the folder must be the one the manifest names: a copied folder left
     with another version's manifest would answer under a version it is not."""
     manifest = read_manifest(path)
-    if path.name.isdigit() and (int(path.name), path.parent.name) != (
+    if path.name.isdecimal() and (int(path.name), path.parent.name) != (
         int(manifest["version"]),
         manifest["name"],
     ):
@@ -187,7 +187,7 @@ RESERVED_LABELS = ("", "latest")
 
 
 def check_label(label: str) -> str:
-    if label in RESERVED_LABELS or label.isdigit() or not label.replace("-", "").replace("_", "").isalnum():
+    if label in RESERVED_LABELS or label.isdecimal() or not label.replace("-", "").replace("_", "").isalnum():
         raise RepositoryError(
             f"label {label!r}: expected letters, digits, '-' or '_', not a number and not 'latest'"
         )

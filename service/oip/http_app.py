@@ -225,7 +225,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[memoryview, memoryvi
     view = memoryview(body)
     if header_length is None:
         return view, view[len(view) :]
-    if not header_length.isdigit() or int(header_length) > len(body):
+    if not header_length.isdecimal() or int(header_length) > len(body):
         raise RequestError(
             f"{HEADER_LENGTH}: {header_length!r}; expected the JSON header's length in bytes, "
             f"at most the body's {len(body)}"
