@@ -49,7 +49,7 @@ def train_and_export(name: str, data_dir: Path, work: Path, flags: list[str]) ->
             raise SystemExit(f"training {name} failed")
     if not model.exists():
         args = ["export", "--checkpoint", str(run), "--repo", str(work / "models"), "--name", name]
-        if main([*args, "--iw-samples", "100"]) != 0:
+        if main([*args, "--data-dir", str(data_dir), "--iw-samples", "100"]) != 0:
             raise SystemExit(f"exporting {name} failed")
     return model
 
