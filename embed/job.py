@@ -119,7 +119,7 @@ def embed_locally(
         finished = sink.start(request.resume)
         engine = encoder(request, version)
         try:
-            done = embed_chunks(source, engine, sink, finished, manifest, dtype, progress, request.score)
+            done = embed_chunks(source, engine, sink, finished, manifest, dtype, progress)
         finally:
             engine.close()
         sink.finish()
@@ -251,7 +251,6 @@ def embed_chunks(
     manifest: dict[str, Any],
     dtype: np.dtype,
     progress: bool,
-    scoring: bool = False,
 ) -> int:
     chunk_rows = manifest["chunk_rows"]
     first = next((i for i in range(manifest["chunks"]) if i not in finished), manifest["chunks"])
@@ -262,7 +261,7 @@ def embed_chunks(
         total=source.rows,
         initial=initial,
         unit="rows",
-        desc="score" if scoring else "embed",
+        desc="score" if manifest["score"] else "embed",
         disable=None if progress else True,
     )
     with bar, ChunkPipeline(engine, sink, dtype, chunk_rows, bar.update) as pipeline:

@@ -20,7 +20,7 @@ def log_cb_normaliser(logits: torch.Tensor) -> torch.Tensor:
     a = logits.abs()
     near = a < CB_TAYLOR_BELOW
     safe = torch.where(near, torch.ones_like(a), a)  # keeps the unused branch's gradient finite
-    exact = torch.log(safe) - torch.log(-torch.expm1(-safe)) + torch.log1p(torch.exp(-safe))
+    exact = torch.log(safe / torch.tanh(safe / 2.0))
     series = math.log(2.0) + a**2 / 12.0 - a**4 / 360.0
     return torch.where(near, series, exact)
 
