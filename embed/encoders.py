@@ -125,23 +125,14 @@ class ServiceEncoder:
             list(closing.map(lambda client: client.close(), self.clients))
 
 
-class LocalScorer:
+class LocalScorer(LocalEncoder):
+    """LocalEncoder's threads and sessions, each sub-batch scored from its first row id."""
+
     def __init__(self, version: ModelVersion, iw_samples: int, seed: int, threads: int = 0) -> None:
-        from vaeserve.runtime import OnnxPair, usable_cores
-
+        super().__init__(version, threads)
         self.version, self.iw_samples, self.seed = version, iw_samples, seed
-        self.pair = OnnxPair.load(version, threads=1)
-        self.binarization = version.manifest.get("binarization", "none")
-        self.pool = ThreadPoolExecutor(threads or usable_cores(), thread_name_prefix="score")
 
-    def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
-        futures = [
-            self.pool.submit(self._score, rows[at : at + SUB_BATCH], records[at : at + SUB_BATCH])
-            for at in range(0, len(rows), SUB_BATCH)
-        ]
-        return lambda: _results(futures)
-
-    def _score(self, rows: np.ndarray, records: np.ndarray) -> None:
+    def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
         from vaeserve.ood import scores
 
         out = scores(
@@ -156,9 +147,6 @@ class LocalScorer:
         )
         for name, values in out.items():
             records[name] = values
-
-    def close(self) -> None:
-        self.pool.shutdown(cancel_futures=True)
 
 
 class ServiceScorer(ServiceEncoder):

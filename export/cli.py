@@ -162,10 +162,14 @@ def evaluate_model_command(args: argparse.Namespace) -> int:
     version = open_path(args.model)
     pair = OnnxPair.load(version, variant=args.variant)
     training = version.manifest["training"]
-    config, recorded = training["config"], training.get("data_source")
-    if args.dataset:  # another dataset than the model's: read from --data-dir or the cache
-        config, recorded = {**config, "dataset": args.dataset}, None
-    dataset = load_run_data(config, recorded, args.data_dir, args.cache_dir, progress=not args.no_progress)
+    dataset = load_run_data(
+        training["config"],
+        training.get("data_source"),
+        args.data_dir,
+        args.cache_dir,
+        progress=not args.no_progress,
+        dataset=args.dataset,
+    )
     images, _ = dataset.split(args.split)
     if args.limit:
         images = images[: args.limit]

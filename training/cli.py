@@ -153,10 +153,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     source = checkpoint.resolve(args.run)
     state = checkpoint.load(source)
-    config, recorded = state["config"], state["dataset"].get("source")
-    if args.dataset:  # another dataset than the run's: read from --data-dir or the cache
-        config, recorded = {**config, "dataset": args.dataset}, None
-    dataset = load_run_data(config, recorded, args.data_dir, args.cache_dir, progress=not args.no_progress)
+    dataset = load_run_data(
+        state["config"],
+        state["dataset"].get("source"),
+        args.data_dir,
+        args.cache_dir,
+        progress=not args.no_progress,
+        dataset=args.dataset,
+    )
     result = evaluate_checkpoint(
         state, dataset, args.split, args.iw_samples, not args.no_progress, args.limit
     )

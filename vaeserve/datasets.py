@@ -298,10 +298,14 @@ def load_run_data(
     data_dir: Path | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
+    dataset: str | None = None,
 ) -> Dataset:
     """A run's dataset as its config describes it (validation rows, image shape), read from
     ``data_dir`` when given, else from where the run read it (``recorded``: its absolute .npz
-    path or IDX folder), so export and evaluation work offline; else the download cache."""
+    path or IDX folder), so export and evaluation work offline; else the download cache.
+    ``dataset`` names another dataset than the run's, read from ``data_dir`` or the cache."""
+    if dataset:
+        config, recorded = {**config, "dataset": dataset}, None
     name = config["dataset"]
     if name.endswith(".npz"):
         path = Path(name)
