@@ -94,22 +94,38 @@ class LiveRepository:
 
     async def poll(self) -> None:
         """One pass: load what is new, retire what is gone, follow the labels."""
-        found = await asyncio.get_running_loop().run_in_executor(self.executor, self._scan)
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(self.executor, self._scan)
+        except RepositoryError as exc:
+            self._once("scan", str(exc), "cannot read the repository, serving what was loaded: %s", exc)
+            return
+        self.reported.pop("scan", None)
         for name, numbers in found.items():
-            for number in numbers:
+            for number in numbers or []:
                 if number not in self.registry.models.get(name, {}):
                     await self._load(name, number)
         for name in list(self.registry.models):
+            if found.get(name, []) is None:  # unreadable now: what was loaded stays
+                continue
             self._retire_gone(name, set(found.get(name, [])))
             self._follow_labels(name)
 
     def _names(self) -> list[str]:
         return [self.settings.model] if self.settings.model else model_names(self.settings.repo)
 
-    def _scan(self) -> dict[str, list[int]]:
-        return {
-            name: wanted_versions(self.settings, name) for name in self._names() if name not in self.unloaded
-        }
+    def _scan(self) -> dict[str, list[int] | None]:
+        """The versions wanted of each model; None for a model whose folder cannot be read."""
+        found: dict[str, list[int] | None] = {}
+        for name in self._names():
+            if name in self.unloaded:
+                continue
+            try:
+                found[name] = wanted_versions(self.settings, name)
+                self.reported.pop(f"scan {name}", None)
+            except RepositoryError as exc:
+                self._once(f"scan {name}", str(exc), "cannot read %s, serving what was loaded: %s", name, exc)
+                found[name] = None
+        return found
 
     async def _load(self, name: str, number: int) -> None:
         path = self.settings.repo / name / str(number)
@@ -258,10 +274,12 @@ class LiveRepository:
 
 
 def _signature(path: Path) -> tuple:
-    """What changes when a version folder or a labels file is rewritten or renamed into place."""
+    """What changes when a version folder or a labels file is rewritten or renamed into place,
+    or made readable (chmod changes the change time, not the modification time)."""
     try:
         stat = path.stat()
-        manifest = (path / MANIFEST).stat().st_mtime_ns if path.is_dir() else 0
+        manifest = (path / MANIFEST).stat() if path.is_dir() else None
     except OSError:
         return ()
-    return (stat.st_ino, stat.st_mtime_ns, manifest)
+    inner = (manifest.st_mtime_ns, manifest.st_ctime_ns) if manifest else ()
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, *inner)

@@ -30,6 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def as_user(uid: int | None) -> list[str]:
+    """The command prefix that runs a program as ``uid`` (and the same gid), no other groups."""
+    if uid is None:
+        return []
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
 @dataclass
 class Server:
     target: str
@@ -70,9 +77,11 @@ def start(
     use_flags: bool = True,
     port: int | None = None,
     host: str = "127.0.0.1",
+    user: int | None = None,
 ) -> Server:
+    """``user``: run the server as that uid and gid (root only), as an image or a pod would."""
     port, metrics_port, http_port = port or free_port(), free_port(), free_port()
-    command = [sys.executable, "-c", WITHOUT_TORCH, "serve"]
+    command = [*as_user(user), sys.executable, "-c", WITHOUT_TORCH, "serve"]
     if use_flags:
         command += [
             "--repo",

@@ -10,8 +10,11 @@ file is refused with an error naming it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,20 @@ from vaeserve.errors import RepositoryError
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
 ROLES = ("encoder", "decoder")
+
+
+@contextlib.contextmanager
+def readable() -> Iterator[None]:
+    """A file or folder this process may not read is a RepositoryError naming it, the uid and the
+    fix: an image or a pod often runs as another uid than the job that exported."""
+    try:
+        yield
+    except PermissionError as exc:
+        raise RepositoryError(
+            f"{exc.filename}: permission denied to uid {os.getuid()}, the user this server runs as; "
+            "make the repository readable to it (chmod -R a+rX on the repository, or export with "
+            "umask 022)"
+        ) from None
 
 
 def sha256_file(path: Path) -> str:
@@ -78,15 +95,17 @@ class ModelVersion:
 
 def version_numbers(model_dir: Path) -> list[int]:
     """The complete versions of a model, ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdecimal() and int(p.name) > 0)
+    with readable():
+        if not model_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdecimal() and int(p.name) > 0)
 
 
 def model_names(repo: Path) -> list[str]:
-    if not repo.is_dir():
-        raise RepositoryError(f"{repo}: no such model repository")
-    return sorted(p.name for p in repo.iterdir() if p.is_dir() and version_numbers(p))
+    with readable():
+        if not repo.is_dir():
+            raise RepositoryError(f"{repo}: no such model repository")
+        return sorted(p.name for p in repo.iterdir() if p.is_dir() and version_numbers(p))
 
 
 def next_version(model_dir: Path) -> int:
@@ -119,6 +138,11 @@ def load_version(path: Path) -> ModelVersion:
     """Read the manifest of a version folder and verify every file it lists. In a repository
     (``NAME/NUMBER``) the folder must be the one the manifest names: a copied folder left
     with another version's manifest would answer under a version it is not."""
+    with readable():
+        return _load_version(path)
+
+
+def _load_version(path: Path) -> ModelVersion:
     manifest = read_manifest(path)
     if path.name.isdecimal() and (int(path.name), path.parent.name) != (
         int(manifest["version"]),
@@ -198,7 +222,8 @@ def read_labels(model_dir: Path) -> dict[str, int]:
     """The labels of a model ({} without a labels file); a malformed file is a RepositoryError."""
     path = model_dir / LABELS
     try:
-        raw = json.loads(path.read_text())
+        with readable():
+            raw = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
