@@ -24,9 +24,9 @@ train=(--preset "$PRESET" --out "$RUN_DIR")
 if [ -f "$RUN_DIR/checkpoint.pt" ]; then
   train=(--out "$RUN_DIR" --resume ${EPOCHS:+--epochs "$EPOCHS"})
 fi
-echo "== vae train ${train[*]}"
+echo "== vae train ${data[*]} ${train[*]}"
 vae train "${data[@]}" "${train[@]}"
-echo "== vae evaluate --run $RUN_DIR --iw-samples $IW_SAMPLES"
+echo "== vae evaluate --run $RUN_DIR ${data[*]} --iw-samples $IW_SAMPLES"
 vae evaluate --run "$RUN_DIR" "${data[@]}" --iw-samples "$IW_SAMPLES" --no-progress
 echo "== vae export --checkpoint $RUN_DIR --repo $REPO --name $MODEL_NAME --version $MODEL_VERSION"
 vae export --checkpoint "$RUN_DIR" --repo "$REPO" --name "$MODEL_NAME" --version "$MODEL_VERSION" --force \

@@ -1,5 +1,5 @@
-"""Docker cannot run here: check that Dockerfile and compose agree with each other and with the
-code, and run the commands they run, outside Docker."""
+"""Dockerfile and compose agree with each other and with the code (read, without an engine), and
+the commands they run work outside Docker; tests/test_images.py builds and runs the images."""
 
 from __future__ import annotations
 
@@ -49,12 +49,23 @@ def test_dockerfile_stages(dockerfile: str) -> None:
         assert "requirements-service.txt" in body
         for variable in re.findall(r"(VAESERVE_[A-Z_]+)=", body):
             assert variable in SERVE_VARIABLES, variable
-    assert "onnxruntime-gpu" in stage(dockerfile, "service-cuda")
+    assert "requirements-cuda.txt" in stage(dockerfile, "service-cuda")
+    assert "nvidia/cuda" not in dockerfile  # CUDA and cuDNN come as PyPI wheels
     train = stage(dockerfile, "train")
     assert "torch==2.13.0" in train and "download.pytorch.org/whl/cpu" in train and "USER vae" in train
-    assert "scripts/train_and_export.sh" in train
-    assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim", dockerfile, re.M)  # pinned
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\d+\.\d+\.\d+-", dockerfile, re.M)
+    assert "/opt/build/wheels/torch-2.13.0" in train and "scripts/train_and_export.sh" in train
+    assert re.search(r"^ARG BASE_IMAGE=python:\d+\.\d+\.\d+-slim", dockerfile, re.M)  # pinned
+    # Every stage copies what the package's setup.py installs.
+    packages = re.findall(r'"vaeserve\.\w+" = "(\w+)"', (ROOT / "pyproject.toml").read_text())
+    for folder in packages:
+        assert f"COPY {folder} {folder}" in stage(dockerfile, "wheel"), folder
+
+
+def test_cuda_requirements_pin_onnxruntime_gpu_with_its_libraries() -> None:
+    lines = (ROOT / "docker" / "requirements-cuda.txt").read_text().splitlines()
+    pins = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert pins == [p for p in pins if re.fullmatch(r"[a-z0-9-]+(\[[a-z,]+\])?==[0-9.]+", p)], pins
+    assert any(p.startswith("onnxruntime-gpu[cuda,cudnn]==") for p in pins)
 
 
 def test_pinned_requirements_match_the_project() -> None:
@@ -95,12 +106,16 @@ def test_compose_services_agree_with_dockerfile_and_code(compose: dict, dockerfi
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     client = services["client"]
     assert client["depends_on"]["serve"]["condition"] == "service_healthy"
-    assert client["entrypoint"] == ["vae", "client"] and "serve:50051" in client["command"]
+    assert "vae client --target serve:50051" in client["command"][0]
+    for name in ("train", "client"):  # MNIST_DIR mounted read-only, where the job reads it
+        assert "${MNIST_DIR:-no-mnist}:/data/mnist:ro" in services[name]["volumes"]
+        assert services[name]["environment"]["DATA_DIR"] == "${MNIST_DIR:+/data/mnist}"
 
 
 def test_env_example_and_docs_document_the_variables(compose: dict) -> None:
     example = (ROOT / ".env.example").read_text()
-    used = set(re.findall(r"\$\{([A-Z_]+)", (ROOT / "docker-compose.yml").read_text()))
+    # ${NAME} is compose's; $${NAME} is the container shell's own variable
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z_]+)", (ROOT / "docker-compose.yml").read_text()))
     defined = set(re.findall(r"^([A-Z_]+)=", example, re.M))
     assert used - {"VAESERVE_TAG"} <= defined | {"VAESERVE_TAG"}, used - defined
     service_page = (ROOT / "docs" / "service.md").read_text()
