@@ -6,6 +6,7 @@
 #   PYTHON_BASE=official  python:3.11.11-slim-bookworm, pulled
 #   PYTHON_BASE=debian    the Debian-made base
 #   IMAGES="service train cuda"   which to build
+#   NO_CACHE=1            build without Docker's layer cache
 # It stages docker/local/: the CA bundle the host's pip trusts, and torch's CPU wheel where
 # pip's find-links hold one (else the train image takes torch from PyTorch's CPU index).
 set -euo pipefail
@@ -60,7 +61,7 @@ build() {  # build TARGET NAME
   local start log
   start=$(date +%s)
   log=$(mktemp)
-  if ! docker build --quiet --build-arg "BASE_IMAGE=$base" --target "$1" \
+  if ! docker build --quiet ${NO_CACHE:+--no-cache} --build-arg "BASE_IMAGE=$base" --target "$1" \
       -t "$2:latest" -t "$2:$version" . >"$log" 2>&1; then
     cat "$log" >&2; rm -f "$log"
     echo "make images: building $2 ($1) failed" >&2; exit 1
