@@ -89,16 +89,29 @@ def register_health(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=health_command)
 
 
+def health_failure(exc, service: str) -> str:
+    """gRPC's health service answers NOT_FOUND, with no details, for a service it does not know."""
+    import grpc
+
+    from vaeserve._proto import vae_pb2
+
+    service_name = vae_pb2.DESCRIPTOR.services_by_name["VaeService"].full_name
+    if exc.code == grpc.StatusCode.NOT_FOUND and not exc.details:
+        return (
+            f"NOT_FOUND: the server reports no health for service {service!r}; it reports it for "
+            f"'' (the whole server, the default) and {service_name!r}"
+        )
+    return str(exc)
+
+
 def health_command(args: argparse.Namespace) -> int:
     from vaeserve.client import ServiceError, VaeClient
 
     with VaeClient(args.target, timeout=args.timeout, root_certificates=args.tls_ca) as client:
-        if args.wait > 0:
-            client.wait_until_serving(args.wait, args.service)
         try:
-            status = client.health(args.service)
+            status = client.poll_health(args.wait, args.service)
         except ServiceError as exc:
-            print(f"{args.target}: {exc}")
+            print(f"{args.target}: {health_failure(exc, args.service)}")
             return 1
     print(f"{args.target}: {status}")
     return 0 if status == "SERVING" else 1

@@ -195,9 +195,9 @@ class ModelRegistry:
 
     @classmethod
     def load(cls, settings: ServeSettings, executor: Executor, observer: Observer) -> ModelRegistry:
-        names = [settings.model] if settings.model else model_names(settings.repo)
+        found = find_servable(settings)  # nothing to serve: one error saying why, no log lines
         models: dict[str, dict[int, ServedModel]] = {}
-        for name in names:
+        for name in found:
             for number in versions_to_load(settings, name):
                 served = load_one(settings, name, number, executor, observer)
                 if served is not None:
@@ -205,7 +205,7 @@ class ModelRegistry:
         if not models:
             raise VaeError(
                 f"no servable model in {settings.repo} (model {settings.model or 'any'}, "
-                f"version {settings.version}); see the log lines above"
+                f"version {settings.version}): onnxruntime could not open any; see the log lines above"
             )
         default = settings.model if settings.model in models else sorted(models)[0]
         registry = cls(models, default)
@@ -297,6 +297,36 @@ def wanted_versions(settings: ServeSettings, name: str) -> list[int]:
     if settings.version == "latest":
         return numbers[-1:]
     return [int(settings.version)] if int(settings.version) in numbers else []
+
+
+def find_servable(settings: ServeSettings) -> dict[str, list[int]]:
+    """The versions vae serve would load, verified (manifest, sizes, checksums) but not opened;
+    where there is none, a RepositoryError that says why, each reason once (the supervisor
+    checks before its workers start, so a bad --model is one message, not one per worker)."""
+    names = [settings.model] if settings.model else model_names(settings.repo)
+    found: dict[str, list[int]] = {}
+    reasons = []
+    for name in names:
+        wanted = wanted_versions(settings, name)
+        if not wanted:
+            reasons.append(_no_version(settings, name))
+        for number in wanted:
+            try:
+                load_version(settings.repo / name / str(number))
+                found.setdefault(name, []).append(number)
+            except RepositoryError as exc:
+                reasons.append(str(exc))
+    if not found:
+        why = "; ".join(reasons) or "it holds no model versions (NAME/VERSION folders that vae export writes)"
+        raise RepositoryError(f"no servable model in {settings.repo}: {why}")
+    return found
+
+
+def _no_version(settings: ServeSettings, name: str) -> str:
+    numbers = version_numbers(settings.repo / name)
+    if not numbers:
+        return f"no model {name!r} (models there: {', '.join(model_names(settings.repo)) or 'none'})"
+    return f"model {name!r} has no version {settings.version} (has {numbers})"
 
 
 def versions_to_load(settings: ServeSettings, name: str) -> list[int]:

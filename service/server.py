@@ -127,7 +127,7 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
     following = _follow(live)
     log.info(
         "serving %s on %s: gRPC (vae.v1, OIP) on :%d, OIP HTTP on :%s (%s%s%s), batching %s, "
-        "shared memory %s, repository %s, model control %s; metrics on :%s",
+        "shared memory %s, repository %s, model control %s; %s",
         _describe(registry),
         settings.host,
         port,
@@ -139,7 +139,7 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
         "on" if settings.shared_memory else "off",
         f"polled every {settings.poll_s:g} s" if settings.poll_s else "loaded once",
         "on (admin token)" if admin_token else "off",
-        settings.metrics_port or "off",
+        _metrics_where(settings),
     )
     if on_serving is not None:
         on_serving()
@@ -273,6 +273,12 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
         raise ConfigError(
             f"--host/--port {address}: cannot listen there (in use, or not an address here)"
         ) from None
+
+
+def _metrics_where(settings: ServeSettings) -> str:
+    if os.environ.get(WORKER_ENV):
+        return "metrics served by the supervisor"
+    return f"metrics on :{settings.metrics_port}" if settings.metrics_port else "metrics off"
 
 
 def _warm_up(registry: ModelRegistry) -> None:

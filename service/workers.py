@@ -36,6 +36,7 @@ from pathlib import Path
 
 from vaeserve.runtime import usable_cores
 from vaeserve.service.live import CONTROL_ENV
+from vaeserve.service.models import find_servable
 from vaeserve.service.settings import ServeSettings
 
 log = logging.getLogger("vaeserve.service")
@@ -62,6 +63,7 @@ def worker_settings(settings: ServeSettings) -> ServeSettings:
 
 
 def run_workers(settings: ServeSettings) -> int:
+    find_servable(settings)  # a repository with nothing to serve is said once, here
     each = worker_settings(settings)
     sweep_leftovers()
     metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")

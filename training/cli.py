@@ -59,19 +59,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def train_command(args: argparse.Namespace) -> int:
     require("vae train", "train", "torch")
     from vaeserve.datasets import load_run_data
-    from vaeserve.training.trainer import resumed_config, saved_config, start_or_resume
+    from vaeserve.training.trainer import resumed_config, saved_state, start_or_resume
 
     overrides = values(args, TrainConfig)
-    if args.resume:
-        config = resumed_config(saved_config(args.out), overrides)
+    recorded = None
+    if args.resume:  # a resumed run reads its data where it read it before, as export does
+        state = saved_state(args.out)
+        config = resumed_config(state["config"], overrides)
+        recorded = state["dataset"].get("source")
     else:
         config = resolve_config(args.preset, args.config, overrides)
     dataset = load_run_data(
-        config.to_dict(), data_dir=args.data_dir, cache_dir=args.cache_dir, progress=not args.no_progress
+        config.to_dict(), recorded, args.data_dir, args.cache_dir, progress=not args.no_progress
     )
     trainer = start_or_resume(config, dataset, args.out, args.resume, progress=not args.no_progress)
+    done_before = len(trainer.history)
     started = time.perf_counter()
-    history = trainer.run()
+    history = trainer.run()[done_before:]
     plots = _training_pictures(trainer, dataset, args.out)
     _print_summary(history, time.perf_counter() - started, args.out, plots)
     return 0
@@ -92,13 +96,16 @@ def _training_pictures(trainer, dataset, run_dir: Path) -> list[Path]:
 
 def _print_summary(history: list[dict], seconds: float, run_dir: Path, plots: list[Path]) -> None:
     if not history:
-        print(f"nothing to train: the run in {run_dir} already has its epochs")
+        print(
+            f"nothing to train: the run in {run_dir} already has its epochs "
+            "(--resume --epochs N trains it to epoch N)"
+        )
         return
     last = history[-1]
     validation = last["validation_elbo"]
     rate = sum(r["rows_per_s"] for r in history) / len(history)
     print(
-        f"trained {last['epoch']} epochs in {seconds:.1f} s ({rate:,.0f} rows/s): "
+        f"trained {len(history)} epochs (to epoch {last['epoch']}) in {seconds:.1f} s ({rate:,.0f} rows/s): "
         f"train ELBO {last['train_elbo']:.2f}"
         + (f", validation ELBO {validation:.2f}" if validation is not None else "")
         + f"; checkpoints and plots in {run_dir}"

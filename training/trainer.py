@@ -231,11 +231,12 @@ def start_or_resume(
     return trainer
 
 
-def saved_config(run_dir: Path) -> dict[str, Any]:
+def saved_state(run_dir: Path) -> dict[str, Any]:
+    """The run's last checkpoint: its config, and where it read its data (``dataset.source``)."""
     last = run_dir / checkpoint.LAST
     if not last.exists():
         raise CheckpointError(f"{run_dir}: nothing to resume (no {checkpoint.LAST})")
-    return checkpoint.load(last)["config"]
+    return checkpoint.load(last)
 
 
 def resumed_config(saved: dict[str, Any], requested: dict[str, Any]) -> TrainConfig:

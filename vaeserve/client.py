@@ -205,6 +205,27 @@ class VaeClient:
         )
         return self._gather(self.stub.Encode, requests, fields, len(inputs), out=out)
 
+    def encode_stream(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """``mean`` and ``stddev`` [N, M] through EncodeStream: one bidirectional stream of
+        chunks, answered in order, for producers that keep one call open."""
+        requests = (
+            vae_pb2.EncodeRequest(model=self.model, version=self.version, inputs=to_tensor(part))
+            for part in self._chunks(inputs)
+        )
+        try:
+            answers = list(self.stub.EncodeStream(requests, timeout=self.timeout, metadata=self.metadata))
+        except grpc.RpcError as exc:
+            raise ServiceError(exc.code(), exc.details()) from None
+        return {
+            name: np.concatenate(
+                [
+                    np.frombuffer(getattr(a, name).data, "<f4").reshape(tuple(getattr(a, name).shape))
+                    for a in answers
+                ]
+            )
+            for name in ("mean", "stddev")
+        }
+
     def _encode_shared(
         self,
         inputs: np.ndarray,
@@ -343,22 +364,43 @@ class VaeClient:
             for m in response.models
         ]
 
-    def health(self, service: str = "") -> str:
+    def health(self, service: str = "", timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... of the whole server ("") or one service."""
-        response = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = self.health_stub.Check(
+                request, timeout=timeout or self.timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as exc:
+            raise ServiceError(exc.code(), exc.details()) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def wait_until_serving(self, timeout: float, service: str = "") -> bool:
-        """Ask for health until it is SERVING (True) or ``timeout`` seconds pass (False): a
-        server still starting refuses connections, then reports NOT_SERVING while it warms up."""
+    def poll_health(self, timeout: float, service: str = "") -> str:
+        """Ask for health until it is SERVING or ``timeout`` seconds pass, each ask bounded by
+        what is left: the last status, or the last ServiceError raised. A server still starting
+        refuses connections, then reports NOT_SERVING while it warms up."""
         deadline = time.monotonic() + timeout
+        error: ServiceError | None = None
         while True:
-            with contextlib.suppress(ServiceError):
-                if self.health(service) == "SERVING":
-                    return True
-            if time.monotonic() >= deadline:
-                return False
+            left = deadline - time.monotonic()
+            ask = self.timeout if timeout <= 0 else min(self.timeout, max(left, 0.5))
+            try:
+                status = self.health(service, ask)
+                if status == "SERVING" or left <= 0:
+                    return status
+            except ServiceError as exc:
+                # A short last ask's DEADLINE_EXCEEDED says less than an earlier refusal.
+                if error is None or exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    error = exc
+                if time.monotonic() >= deadline:
+                    raise error from None
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def wait_until_serving(self, timeout: float, service: str = "") -> bool:
+        """True once the server (or ``service``) is SERVING, False after ``timeout`` seconds."""
+        with contextlib.suppress(ServiceError):
+            return self.poll_health(timeout, service) == "SERVING"
+        return False
 
     # -- plumbing --------------------------------------------------------------------------------
     def _call(self, method: Callable, request: Any) -> Any:

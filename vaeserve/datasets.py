@@ -8,6 +8,7 @@ Images stay uint8 in memory; ``binarize`` turns them into the model's float32 in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -146,9 +147,14 @@ class Dataset:
 
 
 def load_dataset(
-    name: str, data_dir: Path | None = None, cache_dir: Path | None = None, progress: bool = True
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> Dataset:
     """Load a named dataset from ``data_dir``, the cache or a download; or a user's ``.npz``."""
+    data_dir = Path(data_dir) if data_dir is not None else None
+    cache_dir = Path(cache_dir) if cache_dir is not None else None
     if name.endswith(".npz"):
         return load_npz(Path(name))
     if name not in DATASETS:

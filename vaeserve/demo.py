@@ -1,11 +1,13 @@
 """`vae client`: every RPC of a running server, shown the way the seed program showed its
 model's uses, but as PNG files: reconstructions (Reconstruct), prior samples (SamplePrior),
-a latent-manifold grid and an interpolation between two digits (Encode, then Decode)."""
+a latent-manifold grid and an interpolation between two digits (Encode, then Decode); then the
+test images' per-row scores (Score) and Encode's rows/s, by unary calls and by EncodeStream."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -14,22 +16,31 @@ import numpy as np
 from vaeserve.client import VaeClient
 
 INTERPOLATION_STEPS = 10
+SCORED_ROWS = 1000
+SCORE_IW_SAMPLES = 10
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "client",
         help="call every RPC of a running server and write the pictures",
-        description="Demo client: calls GetModelInfo, Encode, Decode, Reconstruct and SamplePrior on a "
-        "running vae serve and writes PNGs of the model's uses, then measures Encode rows/s.",
+        description="Demo client: calls GetModelInfo, Encode, EncodeStream, Decode, Reconstruct, "
+        "SamplePrior and Score on a running vae serve, writes PNGs of the model's uses and "
+        "summary.json, and measures Encode rows/s.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server")
+    port = os.environ.get("VAESERVE_PORT", "50051")
+    parser.add_argument(
+        "--target", default=f"127.0.0.1:{port}", help="HOST:PORT of the server ($VAESERVE_PORT's port)"
+    )
     parser.add_argument("--dataset", default="mnist", help="dataset whose test images to send")
-    parser.add_argument("--data-dir", type=Path, help="read the dataset's IDX files from DIR")
+    parser.add_argument(
+        "--data-dir", type=Path, help="read the dataset's IDX files from DIR (default: the download cache)"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("out/demo"), help="folder for the PNGs and summary.json"
     )
-    parser.add_argument("--model", default="", help="model name (default: the server's default)")
+    parser.add_argument("--model", default="", help="model name; empty: the server's default model")
     parser.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
     parser.add_argument("--tls-ca", type=Path, help="PEM CA to verify a TLS server")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
@@ -40,9 +51,10 @@ def client_command(args: argparse.Namespace) -> int:
     from vaeserve.datasets import load_dataset
 
     token = args.token_file.read_text().strip() if args.token_file else None
-    pixels = load_dataset(args.dataset, args.data_dir, progress=False).test_images
     with VaeClient(args.target, model=args.model, token=token, root_certificates=args.tls_ca) as client:
-        summary = run_demo(client, pixels, args.out, args.seed)
+        info = served_model(client)  # the server first: a dead target is said before any download
+        pixels = load_dataset(args.dataset, args.data_dir, progress=False).test_images
+        summary = run_demo(client, info, pixels, args.out, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     info = summary["model"]
@@ -55,10 +67,17 @@ def client_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(client: VaeClient, pixels: np.ndarray, out: Path, seed: int) -> dict:
+def served_model(client: VaeClient) -> dict:
+    """What the client's calls reach: the model it names (its newest version, where calls that
+    name none go), else the server's default."""
+    if not client.model:
+        return next(m for m in client.model_info() if m["is_default"])
+    return max(client.model_info(client.model), key=lambda m: m["version"])
+
+
+def run_demo(client: VaeClient, info: dict, pixels: np.ndarray, out: Path, seed: int) -> dict:
     from vaeserve import pictures
 
-    info = next(m for m in client.model_info() if m["is_default"] or client.model == m["name"])
     shape = info["image_shape"]
     out.mkdir(parents=True, exist_ok=True)
     rebuilt = client.reconstruct(pixels[:64], seed=seed)
@@ -85,13 +104,24 @@ def run_demo(client: VaeClient, pixels: np.ndarray, out: Path, seed: int) -> dic
     started = time.perf_counter()
     means = client.encode(pixels)["mean"]
     seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    streamed = client.encode_stream(pixels)["mean"]
+    stream_seconds = time.perf_counter() - started
     dims = tuple(int(d) for d in np.argsort(means.var(axis=0))[::-1][:2])
     manifold(client, dims, info["latent_size"], shape, out / "latent_manifold.png")
     interpolation(client, means, shape, out / "interpolation.png")
+    scores = client.score(pixels[:SCORED_ROWS], iw_samples=SCORE_IW_SAMPLES, seed=seed)
     return {
         "model": info,
         "encoded_rows": len(pixels),
         "encode_rows_per_s": len(pixels) / seconds,
+        "encode_stream_rows_per_s": len(pixels) / stream_seconds,
+        "encode_stream_equals_encode": bool(np.array_equal(streamed, means)),
+        "score": {
+            "rows": len(scores["elbo"]),
+            "iw_samples": SCORE_IW_SAMPLES,
+            **{f"mean_{name}": float(values.mean()) for name, values in scores.items()},
+        },
         "pictures": sorted(p.name for p in out.glob("*.png")),
     }
 

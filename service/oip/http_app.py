@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vaeserve import __version__
 from vaeserve.errors import ConfigError, RequestError, TensorError
@@ -323,10 +324,32 @@ def _infer_response(
     )
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs a client's malformed HTTP as an error with its traceback, in every worker;
+    it is the client's mistake, answered 400: one warning line saying what came, and the likely
+    cause when it is HTTP/2's preface (a gRPC client sent to this port)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            said = (error.message or str(error)).splitlines()[0]
+            hint = ""
+            if "PRI" in said:
+                hint = " (HTTP/2's preface: gRPC goes to the gRPC port, --port, not --http-port)"
+            record.msg, record.args = "refused a malformed HTTP request: %s%s", (said, hint)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_MALFORMED = MalformedRequests()
+
+
 async def start_http(
     app: web.Application, host: str, port: int, ssl_context, *, grace_s: float, idle_s: float
 ) -> web.AppRunner:
     """Listen on ``host:port`` (shared with other workers: SO_REUSEPORT) on the running loop."""
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED)  # once: a filter is kept by identity
     runner = web.AppRunner(
         app,
         access_log=None,
