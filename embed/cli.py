@@ -124,6 +124,9 @@ def embed_command(args: argparse.Namespace) -> int:
         shared_memory=args.shared_memory,
     )
     summary = run(request, progress=not args.no_progress)
+    if summary["complete_before"]:
+        print(f"nothing to do: {summary['output']} is complete ({summary['rows']:,} rows)")
+        return 0
     print(
         f"embedded {summary['rows']:,} rows into {summary['output']} ({summary['embedded_now']:,} now, "
         f"{summary['rows_per_s']:,.0f} rows/s); manifest {summary['output']}.manifest.json"
@@ -136,6 +139,9 @@ def score_command(args: argparse.Namespace) -> int:
 
     request = _request(args, score=True, iw_samples=args.iw_samples, seed=args.seed)
     summary = run(request, progress=not args.no_progress)
+    if summary["complete_before"]:
+        print(f"nothing to do: {summary['output']} is complete ({summary['rows']:,} rows)")
+        return 0
     print(
         f"scored {summary['rows']:,} rows into {summary['output']} ({summary['embedded_now']:,} now, "
         f"{summary['rows_per_s']:,.0f} rows/s, k = {args.iw_samples}); manifest "

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vaeserve import __version__
-from vaeserve.atomic import atomic_write_text
+from vaeserve.atomic import atomic_write_text, disk_full_said
 from vaeserve.embed.encoders import (
     ChunkEncoder,
     LocalEncoder,
@@ -37,7 +37,7 @@ from vaeserve.embed.encoders import (
 )
 from vaeserve.embed.sinks import FORMATS, ChunkSink, aligned_records, open_sink, record_dtype, score_dtype
 from vaeserve.embed.sources import Source, open_source
-from vaeserve.errors import ConfigError, DataError
+from vaeserve.errors import ConfigError, DataError, TensorError, VaeError
 from vaeserve.repository import ModelVersion, open_path
 
 
@@ -69,6 +69,10 @@ class EmbedRequest:
         return score_dtype() if self.score else record_dtype(version.latent_size, self.stddev)
 
 
+# What a resumed job must share with the one it continues.
+RESUME_KEYS = ("model", "input", "rows", "chunk_rows", "fields", "score")
+
+
 def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + ".manifest.json")
 
@@ -92,6 +96,9 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
             f"{version.version} expects {version.input_size}"
         )
     manifest = describe(request, version, source)
+    if request.resume and not request.force and _already_complete(request, manifest):
+        return {"rows": source.rows, "embedded_now": 0, "seconds": 0.0, "rows_per_s": 0.0,
+                "output": str(request.output), "complete_before": True}  # fmt: skip
     started = time.perf_counter()
     if request.engine == "ray":
         done = embed_on_ray(request, manifest, version)
@@ -106,7 +113,24 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         "seconds": seconds,
         "rows_per_s": done / seconds if seconds else 0.0,
         "output": str(request.output),
+        "complete_before": False,
     }
+
+
+def _already_complete(request: EmbedRequest, manifest: dict[str, Any]) -> bool:
+    """--resume of a job that finished: nothing to do, if it is this job (same model, input,
+    chunking and fields) and its output is there."""
+    sidecar = sidecar_path(request.output)
+    previous = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+    if not previous.get("completed") or not request.output.exists():
+        return False
+    changed = [k for k in RESUME_KEYS if previous.get(k) != manifest.get(k)]
+    if changed:
+        raise ConfigError(
+            f"{request.output} is complete but was made with other {', '.join(changed)}; "
+            "pass --force to overwrite it"
+        )
+    return True
 
 
 def embed_locally(
@@ -116,16 +140,44 @@ def embed_locally(
     sink = open_sink(request.output, source.rows, request.chunk_rows, dtype)
     claim_output(request, manifest, sink)
     try:
-        finished = sink.start(request.resume)
-        engine = encoder(request, version)
-        try:
-            done = embed_chunks(source, engine, sink, finished, manifest, dtype, progress)
-        finally:
-            engine.close()
-        sink.finish()
+        with disk_full_said(request.output.parent):
+            finished = sink.start(request.resume)
+            engine = encoder(request, version)
+            try:
+                done = embed_chunks(source, engine, sink, finished, manifest, dtype, progress)
+            finally:
+                engine.close()
+            sink.finish()
+    except BaseException as exc:
+        sink.close()
+        settle_failure(request, sink, exc)
+        raise
     finally:
         sink.close()
     return done
+
+
+def settle_failure(request: EmbedRequest, sink: ChunkSink, exc: BaseException) -> None:
+    """Keep what a --resume can use, remove the rest, and say which in the error. No chunk
+    finished: nothing to resume. The input's fault (NaN, wrong values): the input must change,
+    and a changed input is not resumed."""
+    kept = set() if _input_fault(exc) else sink.finished()
+    if kept:
+        note = f"{len(kept)} finished chunks kept: --resume continues the job"
+    else:
+        sink.remove()
+        sidecar_path(request.output).unlink(missing_ok=True)
+        note = "nothing resumable, so nothing kept"
+    if isinstance(exc, VaeError) and exc.args:
+        exc.args = (f"{exc.args[0]}; {note}", *exc.args[1:])
+
+
+def _input_fault(exc: BaseException) -> bool:
+    from vaeserve.client import ServiceError
+
+    if isinstance(exc, ServiceError):
+        return exc.code.name == "INVALID_ARGUMENT"
+    return isinstance(exc, (DataError, TensorError))
 
 
 def embed_on_ray(request: EmbedRequest, manifest: dict[str, Any], version: ModelVersion) -> int:
@@ -213,11 +265,7 @@ def claim_output(request: EmbedRequest, manifest: dict[str, Any], sink: ChunkSin
     elif request.resume:
         if previous is None:
             raise ConfigError(f"nothing to resume: no {sidecar.name}")
-        changed = [
-            k
-            for k in ("model", "input", "rows", "chunk_rows", "fields", "score")
-            if previous.get(k) != manifest.get(k)
-        ]
+        changed = [k for k in RESUME_KEYS if previous.get(k) != manifest.get(k)]
         if changed:
             raise ConfigError(
                 f"cannot resume {request.output}: {', '.join(changed)} differ from the "

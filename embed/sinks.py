@@ -57,6 +57,9 @@ class ChunkSink(Protocol):
     def remove(self) -> None:
         """Delete what an unfinished job left behind."""
 
+    def finished(self) -> set[int]:
+        """The chunks on disk that a --resume would keep."""
+
     def start(self, resume: bool) -> set[int]:
         """Prepare to write; the chunks already finished (none unless resuming)."""
 
@@ -103,6 +106,10 @@ class NpyChunks:
         self.close()
         for path in (self.partial, self.journal):
             path.unlink(missing_ok=True)
+
+    def finished(self) -> set[int]:
+        """The chunks on disk that a --resume would keep."""
+        return self._journalled()
 
     def start(self, resume: bool) -> set[int]:
         finished = self._journalled() if resume else set()
@@ -221,15 +228,23 @@ class ParquetParts:
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def finished(self) -> set[int]:
+        """The chunks on disk that a --resume would keep."""
+        return {i for i in range(self.count) if self.path(i).exists()}
+
     def start(self, resume: bool) -> set[int]:
         if not resume:
             self.remove()
         self.folder.mkdir(parents=True, exist_ok=True)
-        return {i for i in range(self.count) if self.path(i).exists()}
+        return self.finished()
 
     def write(self, index: int, records: np.ndarray) -> None:
-        with atomic_path(self.path(index)) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, records, allow_pickle=False)
+        # Serialized in memory first: numpy's own file write reports a full disk as an OSError
+        # without its errno ("500 requested and 406 written").
+        buffer = io.BytesIO()
+        np.save(buffer, records, allow_pickle=False)
+        with atomic_path(self.path(index)) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
 
     def finish(self) -> None:
         with atomic_path(self.output) as tmp:

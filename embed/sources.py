@@ -142,7 +142,8 @@ class ParquetSource(Source):
 
 
 class ImageFolderSource(Source):
-    """PNG/JPEG files, sorted by name, converted to grayscale at the model's image shape."""
+    """PNG/JPEG files, sorted by name, converted to grayscale at the model's image shape; or one
+    such file, one row."""
 
     def __init__(self, path: Path, image_shape: tuple[int, ...]) -> None:
         if len(image_shape) < 2:
@@ -151,7 +152,8 @@ class ImageFolderSource(Source):
                 "give a .npy, .npz or Parquet file"
             )
         self.path, self.shape = path, image_shape
-        self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = path.iterdir() if path.is_dir() else [path]
+        self.files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise DataError(f"{path}: no PNG or JPEG files")
         self.rows, self.columns = len(self.files), int(np.prod(image_shape))
@@ -185,6 +187,8 @@ def open_source(
         return FileArraySource(path, *_npz_member(path, key))
     if suffix == ".parquet":
         return ParquetSource(path, column)
+    if suffix in IMAGE_SUFFIXES:
+        return ImageFolderSource(path, image_shape)
     with open(path, "rb") as handle:
         head = handle.read(4 + 4 * 8)
     if head.startswith(GZIP_MAGIC):

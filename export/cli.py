@@ -105,6 +105,8 @@ def label_command(args: argparse.Namespace) -> int:
         write_labels(model_dir, labels)
     for label, version in sorted(labels.items()):
         print(f"{args.name} {label} = {version}")
+    if not labels:
+        print(f"{args.name}: no labels (versions {versions}); set one with LABEL=VERSION, such as stable=1")
     return 0
 
 

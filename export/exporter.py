@@ -23,7 +23,7 @@ import onnx
 import torch
 
 from vaeserve import __version__
-from vaeserve.atomic import staging_dir
+from vaeserve.atomic import disk_full_said, staging_dir
 from vaeserve.datasets import evaluation_inputs, load_run_data
 from vaeserve.errors import ExportError
 from vaeserve.evaluation import evaluate
@@ -71,13 +71,14 @@ def export_model(request: ExportRequest, progress: bool = False) -> ModelVersion
         raise ExportError(f"{target} already exists; pass --force to replace it or omit --version")
     model_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale(model_dir)
-    staging = staging_dir(f".staging-{version}-{_owner()}-", model_dir)
-    try:
-        build_version(request, state, source, version, staging, progress)
-        load_version(staging)  # the manifest describes exactly the files we wrote
-        publish(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with disk_full_said(model_dir):
+        staging = staging_dir(f".staging-{version}-{_owner()}-", model_dir)
+        try:
+            build_version(request, state, source, version, staging, progress)
+            load_version(staging)  # the manifest describes exactly the files we wrote
+            publish(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return load_version(target)
 
 

@@ -55,7 +55,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if authorized(str(metadata.get("authorization", "")), self.admin if admin else self.expected):
             return handler
         self.on_reject(details.method)
-        whose = "the admin token" if admin else "a bearer token"
+        whose = "admin token" if admin else "bearer token"
         return _denied(handler, f"missing or invalid {whose} (metadata 'authorization: Bearer <token>')")
 
 

@@ -16,6 +16,7 @@ A run directory holds ``checkpoint.pt`` (the last complete epoch), ``best.pt``
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,12 @@ BEST = "best.pt"
 def save(state: dict[str, Any], path: Path) -> None:
     """Write atomically: an interrupted save leaves the previous checkpoint intact."""
     state = {"format": FORMAT, "format_version": FORMAT_VERSION, "vaeserve_version": __version__, **state}
+    # Serialized in memory first: torch's zip writer reports a full disk as a RuntimeError
+    # ("unexpected pos"), a plain write as the OSError it is.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -13,10 +13,15 @@ uid, a pod's ``runAsUser``). So what we rename into place gets the modes ``open`
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from vaeserve.errors import DiskFullError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def current_umask() -> int:
@@ -45,20 +50,33 @@ def staging_dir(prefix: str, parent: Path) -> Path:
 
 
 @contextlib.contextmanager
+def disk_full_said(folder: Path) -> Iterator[None]:
+    """A write that finds the device (or the quota) full is a DiskFullError naming the folder:
+    one line for the user, where the OSError may name no file at all."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise DiskFullError(f"no space left on the device holding {folder}") from None
+
+
+@contextlib.contextmanager
 def atomic_path(destination: Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``destination`` atomically."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{destination.name}.", dir=destination.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        publish_mode(tmp_path)
-        os.replace(tmp_path, destination)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with disk_full_said(destination.parent):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{destination.name}.", dir=destination.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as handle:
+                os.fsync(handle.fileno())
+            publish_mode(tmp_path)
+            os.replace(tmp_path, destination)
+        finally:
+            tmp_path.unlink(missing_ok=True)
 
 
 def atomic_write_text(destination: Path, text: str) -> None:

@@ -14,11 +14,13 @@ import sys
 from typing import NoReturn
 
 from vaeserve import __version__
+from vaeserve.atomic import DISK_FULL
 from vaeserve.errors import VaeError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -40,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=os.environ.get("VAESERVE_LOG_LEVEL"),
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        choices=LOG_LEVELS,
         help="logging level (env VAESERVE_LOG_LEVEL; default INFO for serve, else WARNING)",
     )
     subparsers = parser.add_subparsers(
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     embed_cli.register(subparsers)
     embed_cli.register_score(subparsers)
     bench.register(subparsers)
+    for command in subparsers.choices.values():  # also after the command: vae serve --log-level DEBUG
+        command.add_argument(
+            "--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, help="as vae --log-level"
+        )
     return parser
 
 
@@ -68,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except VaeError as exc:
         print(f"vae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f" (writing {exc.filename})" if exc.filename else ""
+        print(f"vae {args.command}: error: no space left on the device{where}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(

@@ -43,6 +43,10 @@ class RepositoryError(VaeError):
     """A model repository, version or file is missing, tampered with or inconsistent."""
 
 
+class DiskFullError(VaeError):
+    """The device (or quota) holding a file being written is full; what was complete stays."""
+
+
 class ExportError(VaeError):
     """An export check failed; nothing was written to the repository."""
 

@@ -49,7 +49,7 @@ def save_panels(panels: list[tuple[str, np.ndarray]], path: Path, title: str) ->
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -131,7 +131,7 @@ def latent_pca(means: np.ndarray, labels: np.ndarray | None, path: Path) -> Path
         fig.colorbar(points, ax=ax, label="label")
     ax.set(title="Latent means, first two principal components", xlabel="PC 1", ylabel="PC 2")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -193,6 +193,14 @@ def learning_curves(history: list[dict[str, Any]], costs: list[float], batch_siz
     right.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """Written whole and renamed into place, so a picture is never half a PNG (a full disk)."""
+    from vaeserve.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")

@@ -130,7 +130,18 @@ def resolve(repo: Path, name: str, version: int | str = "latest") -> ModelVersio
 def open_path(path: Path) -> ModelVersion:
     """``models/NAME/VERSION`` or ``models/NAME`` (its latest version)."""
     if path.name.isdecimal():
+        versions = version_numbers(path.parent)
+        if not (path / MANIFEST).exists() and versions and int(path.name) not in versions:
+            raise RepositoryError(f"{path.parent}: no version {path.name}; versions there: {versions}")
         return load_version(path)
+    if not version_numbers(path) and path.is_dir():
+        with readable():
+            models = sorted(p.name for p in path.iterdir() if p.is_dir() and version_numbers(p))
+        if models:
+            raise RepositoryError(
+                f"{path} is a model repository, not a model: name one, {path / models[0]} "
+                f"(models there: {', '.join(models)})"
+            )
     return resolve(path.parent, path.name, "latest")
 
 

@@ -109,7 +109,7 @@ class Guard:
         open_route = method in OPEN_ROUTES
         wanted = self.admin if method in ADMIN_ROUTES else self.expected
         if not open_route and not authorized(request.headers.get("Authorization", ""), wanted):
-            whose = "the admin token" if method in ADMIN_ROUTES else "a bearer token"
+            whose = "admin token" if method in ADMIN_ROUTES else "bearer token"
             message = f"missing or invalid {whose} (header 'Authorization: Bearer <token>')"
             return error(401, message, **{"WWW-Authenticate": "Bearer"}), 0
         if self.in_flight >= self.max_in_flight and not open_route:  # probes still get an answer
