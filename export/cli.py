@@ -185,5 +185,5 @@ def evaluate_model_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         likelihood=version.likelihood,
     )
-    print_evaluation(result.to_dict(), args.split, args.json, None)
+    print_evaluation(result.to_dict(), args.split, args.json)
     return 0

@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 import torch
 
-from vaeserve import __version__
+from vaeserve import __version__, ood
 from vaeserve.atomic import disk_full_said, staging_dir
 from vaeserve.datasets import evaluation_inputs, load_run_data
 from vaeserve.errors import ExportError
@@ -58,6 +58,7 @@ class ExportRequest:
 
 
 def export_model(request: ExportRequest, progress: bool = False) -> ModelVersion:
+    graphs.check_torch()
     if not NAME_PATTERN.match(request.name):
         raise ExportError(f"model name {request.name!r}: use letters, digits, '.', '_', '-' (max 64)")
     if request.version is not None and request.version < 1:
@@ -113,6 +114,7 @@ def build_version(
             variants.build(variant, path, folder / f"{role}.{variant}.onnx")
         built[variant] = variants.measure(variant, folder, pair, x_test, model.likelihood)
     evaluation = find_evaluation(source) or evaluate_pair(pair, x_test, request.iw_samples, model.likelihood)
+    reference = score_reference(pair, x_test, model.likelihood, tuple(state["image_shape"]))
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "vaeserve_version": __version__,
@@ -145,6 +147,7 @@ def build_version(
             "best_validation_elbo": state["best_validation_elbo"],
         },
         "evaluation": evaluation,
+        "score_reference": reference,
         "source_checkpoint": {"file": source.name, "sha256": sha256_file(source)},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -159,6 +162,13 @@ def find_evaluation(source: Path) -> dict[str, Any] | None:
     if saved.get("checkpoint_sha256") != sha256_file(source):
         return None
     return {**saved, "source": "checkpoint"}
+
+
+def score_reference(pair: OnnxPair, x_test: Any, likelihood: str, image_shape: tuple) -> dict[str, Any]:
+    """The test set's Score percentiles (vaeserve.ood.reference), for flagging both tails."""
+    k = ood.REFERENCE_IW_SAMPLES
+    values = ood.scores(pair.encode, pair.decode_logits, x_test, k, EVALUATION_SEED, likelihood, image_shape)
+    return {"split": "test", "rows": len(x_test), "iw_samples": k, "percentiles": ood.reference(values)}
 
 
 def evaluate_pair(pair: OnnxPair, x_test: Any, iw_samples: int, likelihood: str) -> dict[str, Any]:

@@ -23,10 +23,27 @@ import torch
 from torch import nn
 
 from vaeserve import __version__
+from vaeserve.errors import ExportError
 from vaeserve.training.likelihoods import likelihood_mean
 from vaeserve.training.model import VAE
 
 OPSET = 18
+# The torch releases the dynamo exporter is tested with here (pyproject's train extra pins the
+# same): on torch 2.11 with onnx 1.23, ONNX shape inference failed on the encoder ("Inferred
+# shape and existing shape differ in dimension 0").
+TESTED_TORCH = ("2.13",)
+
+
+def check_torch() -> None:
+    """An untested torch is one line naming the tested releases, not a shape-inference failure."""
+    release = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if release not in TESTED_TORCH:
+        raise ExportError(
+            f"vae export is tested with torch {', '.join(TESTED_TORCH)}; this is torch {torch.__version__} "
+            f"(pip install torch=={TESTED_TORCH[-1]}.0, the CPU build: see the README)"
+        )
+
+
 ENCODER_IO = (["x"], ["mean", "stddev"])
 DECODER_IO = (["z"], ["logits", "probs"])
 

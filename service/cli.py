@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     from vaeserve.service.server import refuse_a_stray_server, repo_exists, serve
 
+    warn_unknown_variables(os.environ)
     settings = ServeSettings(**values(args, ServeSettings)).validate().with_workers()
     repo_exists(settings.repo)
     settings.read_token(), settings.read_admin_token()  # a bad token file fails here, not in each worker
@@ -41,6 +43,27 @@ def serve_command(args: argparse.Namespace) -> int:
 
         return run_workers(settings)
     return run_on_event_loop(serve(settings), settings.event_loop)
+
+
+# VAESERVE_* variables read elsewhere than by vae serve's flags: the download cache, the log
+# level, vae health's CA, the workers' plumbing, the tests' and compose's own settings.
+OTHER_VARIABLES = {
+    "CACHE_DIR", "LOG_LEVEL", "HEALTH_TLS_CA", "SUPERVISOR_PID", "CONTROL_DIR", "TEST_MNIST",
+    "FUZZ_EXAMPLES", "TAG", "PUBLISHED_PORT", "PUBLISHED_HTTP_PORT", "PUBLISHED_METRICS_PORT",
+}  # fmt: skip
+
+
+def warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """A misspelt VAESERVE_* variable would be ignored in silence: one warning, naming the
+    closest variable that is read."""
+    import difflib
+
+    known = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(ServeSettings)}
+    known |= {ENV_PREFIX + name for name in OTHER_VARIABLES}
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        logging.getLogger("vaeserve").warning("ignoring %s: vae serve reads no such variable%s", name, hint)
 
 
 def run_on_event_loop(main: Coroutine[Any, Any, T], choice: str) -> T:

@@ -164,6 +164,9 @@ class ServedModel:
     def info(self, is_default: bool) -> vae_pb2.ModelInfo:
         evaluation = self.version.manifest.get("evaluation") or {}
         metrics = {k: float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
+        reference = self.version.manifest.get("score_reference") or {}
+        for field, percentiles in reference.get("percentiles", {}).items():
+            metrics.update({f"{field}_p{p}": float(v) for p, v in percentiles.items()})
         return vae_pb2.ModelInfo(
             name=self.version.name,
             version=self.version.version,

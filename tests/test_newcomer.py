@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import servers
 from test_cli import assert_one_line_error, vae
@@ -128,3 +129,110 @@ def test_serve_refuses_a_repository_with_nothing_to_serve_once(
     nothing = vae("serve", "--repo", str(empty), "--port", str(servers.free_port()), "--workers", "2")
     errors = [line for line in nothing.stderr.splitlines() if "INFO" not in line]
     assert nothing.returncode == 1 and len(errors) == 1 and "it holds no model versions" in errors[0]
+
+
+def test_blank_constant_and_noise_images_fall_outside_the_test_sets_scores(
+    repo: Path, mnist, tmp_path: Path
+) -> None:
+    """The served model's info carries the test set's score percentiles (from its export); a
+    blank, a constant and a noise image each fall in one of the two tails, test images rarely."""
+    from vaeserve.client import VaeClient
+    from vaeserve.ood import outside
+
+    rng = np.random.default_rng(0)
+    odd = {
+        "blank": np.zeros(784, np.uint8),
+        "constant": np.full(784, 200, np.uint8),
+        "noise": rng.integers(0, 256, 784).astype(np.uint8),
+    }
+    with (
+        servers.running(repo, tmp_path / "serve.log", "--workers", "1") as server,
+        VaeClient(server.target) as client,
+    ):
+        metrics = client.model_info("tiny")[0]["metrics"]
+        tails = {p: metrics[f"ood_score_p{p}"] for p in ("0.5", "99.5")}
+        strange = client.score(np.stack(list(odd.values())), iw_samples=10, seed=0)["ood_score"]
+        typical = client.score(mnist.test_images[:2000].reshape(2000, -1), iw_samples=10, seed=0)["ood_score"]
+    flags = outside(strange, tails)
+    assert all(flags != 0), dict(zip(odd, zip(strange, flags)))
+    assert np.mean(outside(typical, tails) != 0) < 0.03
+
+
+def test_embed_messages_and_what_a_failed_job_leaves(repo: Path, mnist, tmp_path: Path) -> None:
+    from PIL import Image
+
+    model = str(repo / "tiny")
+    missing = vae("embed", "--model", str(repo / "tiny" / "9"), "--input", "x.npy", "--output", "o.npy")
+    assert_one_line_error(missing, 1, "no version 9; versions there: [1]")
+    whole = vae("embed", "--model", str(repo), "--input", "x.npy", "--output", "o.npy")
+    assert_one_line_error(whole, 1, "is a model repository, not a model", "models there: tiny")
+    Image.fromarray(mnist.test_images[0].reshape(28, 28)).save(tmp_path / "one.png")
+    one = tmp_path / "one.npy"
+    assert (
+        vae("embed", "--model", model, "--input", str(tmp_path / "one.png"), "--output", str(one)).returncode
+        == 0
+    )
+    assert np.load(one).shape == (1,)
+    again = vae(
+        "embed", "--model", model, "--input", str(tmp_path / "one.png"), "--output", str(one), "--resume"
+    )
+    assert again.returncode == 0 and again.stdout.startswith("nothing to do: "), again.stderr
+    rows = mnist.test_images[:3000].reshape(3000, -1).astype(np.float32) / 255
+    rows[2500, 3] = np.nan  # the input's fault, in the last chunk: nothing a resume could use
+    np.save(tmp_path / "nan.npy", rows)
+    out = tmp_path / "nan-out.npy"
+    bad = vae("embed", "--model", model, "--input", str(tmp_path / "nan.npy"), "--output", str(out),
+              "--chunk-rows", "1000", "--no-progress")  # fmt: skip
+    assert_one_line_error(bad, 1, "is nan", "nothing kept")
+    assert sorted(p.name for p in tmp_path.glob("nan-out*")) == []
+
+
+def test_embed_with_shared_memory_against_a_server_without_it_keeps_nothing(
+    repo: Path, mnist, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "rows.npy", mnist.test_images[:2000].reshape(2000, -1))
+    out = tmp_path / "out.npy"
+    with servers.running(repo, tmp_path / "serve.log", "--workers", "1") as server:
+        args = ("--input", str(tmp_path / "rows.npy"), "--output", str(out), "--server", server.target)
+        result = vae("embed", "--model", str(repo / "tiny"), *args, "--shared-memory", "--no-progress")
+    assert result.returncode == 1 and "nothing kept" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.glob("out*")) == []
+
+
+def test_label_lists_and_log_level_after_the_command(repo: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(repo, models)
+    listed = vae("label", "--repo", str(models), "--name", "tiny")
+    assert listed.returncode == 0 and "tiny: no labels (versions [1])" in listed.stdout
+    assert vae("health", "--target", "127.0.0.1:1", "--log-level", "DEBUG").returncode == 1  # parsed
+
+
+def test_serve_warns_of_a_misspelt_variable(repo: Path) -> None:
+    env = {**os.environ, "VAESERVE_PORTT": "1"}
+    command = [sys.executable, "-m", "vaeserve.cli", "serve", "--repo", str(repo), "--model", "nosuch"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert (
+        result.stderr.count("ignoring VAESERVE_PORTT") == 1 and "did you mean VAESERVE_PORT?" in result.stderr
+    )
+
+
+def test_export_names_the_tested_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from vaeserve.errors import ExportError
+    from vaeserve.export import graphs
+
+    graphs.check_torch()  # this one is tested
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cpu")
+    with pytest.raises(ExportError, match=r"tested with torch 2\.13; this is torch 2\.11\.0"):
+        graphs.check_torch()
+
+
+def test_a_limited_evaluation_says_it_was_not_saved(tiny_run: Path, mnist_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "evaluation-test.json").unlink(missing_ok=True)
+    result = vae("evaluate", "--run", str(run), "--data-dir", str(mnist_dir), "--limit", "100",
+                 "--iw-samples", "2", "--no-pictures", "--no-progress")  # fmt: skip
+    assert result.returncode == 0 and "not saved (a partial evaluation: --limit)" in result.stdout
+    assert not (run / "evaluation-test.json").exists()

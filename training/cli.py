@@ -175,11 +175,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
     written = write_evaluation(run_dir, args.split, result, source) if not args.limit else None
     if not args.no_pictures:
         write_pictures(state, dataset, args.split, run_dir / "plots")
-    print_evaluation(result.to_dict(), args.split, args.json, written)
+    saved = f"saved {written}" if written else "not saved (a partial evaluation: --limit)"
+    print_evaluation(result.to_dict(), args.split, args.json, saved)
     return 0
 
 
-def print_evaluation(result: dict, split: str, as_json: bool, written: Path | None) -> None:
+def print_evaluation(result: dict, split: str, as_json: bool, saved: str = "") -> None:
+    """``saved``: where the result went, said after it."""
     if as_json:
         print(json.dumps({"split": split, **result}, indent=2))
         return
@@ -188,5 +190,5 @@ def print_evaluation(result: dict, split: str, as_json: bool, written: Path | No
         f"(reconstruction {result['reconstruction']:.2f}, KL {result['kl']:.2f}); "
         f"NLL_{result['iw_samples']} {result['nll']:.2f} ± {result['nll_stderr']:.2f}; "
         f"active units {result['active_units']}/{result['latent_size']}; "
-        f"{result['rows']} images in {result['seconds']:.1f} s" + (f"; saved {written}" if written else "")
+        f"{result['rows']} images in {result['seconds']:.1f} s" + (f"; {saved}" if saved else "")
     )

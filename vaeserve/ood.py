@@ -67,3 +67,29 @@ def scores(
     bits = complexity_bits(x, image_shape)
     values = (rows.elbo, rows.log_px, bits, ood_score(rows.log_px, bits))
     return {name: value.astype(np.float32) for name, value in zip(SCORE_FIELDS, values)}
+
+
+# The test set's score percentiles, recorded at export: a likelihood ranks blank and constant
+# inputs as very likely (an all-black digit scores far below every test image), so a useful
+# check flags both tails of the test set's distribution, not only the high one.
+REFERENCE_PERCENTILES = (0.1, 0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5, 99.9)
+REFERENCE_IW_SAMPLES = 10
+
+
+def reference(values: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Each score's percentiles over a set of rows: {field: {"0.1": value, ..., "99.9": value}}."""
+    return {
+        field: {
+            f"{p:g}": float(v)
+            for p, v in zip(REFERENCE_PERCENTILES, np.percentile(row, REFERENCE_PERCENTILES))
+        }
+        for field, row in values.items()
+    }
+
+
+def outside(values: np.ndarray, percentiles: dict[str, float], tail: float = 0.5) -> np.ndarray:
+    """-1 where a score is below the reference's ``tail`` percentile (more typical than nearly
+    every test row: blank or constant inputs), +1 above its 100 - ``tail`` one, else 0."""
+    low, high = percentiles[f"{tail:g}"], percentiles[f"{100 - tail:g}"]
+    values = np.asarray(values)
+    return np.where(values < low, -1, np.where(values > high, 1, 0))
