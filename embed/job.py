@@ -97,8 +97,7 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         )
     manifest = describe(request, version, source)
     if request.resume and not request.force and _already_complete(request, manifest):
-        return {"rows": source.rows, "embedded_now": 0, "seconds": 0.0, "rows_per_s": 0.0,
-                "output": str(request.output), "complete_before": True}  # fmt: skip
+        return _summary(request, source.rows, 0, 0.0, complete_before=True)
     started = time.perf_counter()
     if request.engine == "ray":
         done = embed_on_ray(request, manifest, version)
@@ -106,14 +105,19 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         done = embed_locally(request, manifest, version, source, progress)
     manifest.update(completed=True, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_write_text(sidecar_path(request.output), json.dumps(manifest, indent=2) + "\n")
-    seconds = time.perf_counter() - started
+    return _summary(request, source.rows, done, time.perf_counter() - started)
+
+
+def _summary(
+    request: EmbedRequest, rows: int, done: int, seconds: float, complete_before: bool = False
+) -> dict[str, Any]:
     return {
-        "rows": source.rows,
+        "rows": rows,
         "embedded_now": done,
         "seconds": seconds,
         "rows_per_s": done / seconds if seconds else 0.0,
         "output": str(request.output),
-        "complete_before": False,
+        "complete_before": complete_before,
     }
 
 
