@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -21,7 +22,7 @@ from test_cli import assert_one_line_error, vae
 from benchmarks.h2load import calls_by_code
 from vaeserve.client import VaeClient
 from vaeserve.datasets import model_inputs
-from vaeserve.repository import resolve
+from vaeserve.repository import file_record, resolve
 from vaeserve.runtime import OnnxPair
 
 
@@ -136,12 +137,18 @@ def test_a_worker_that_keeps_dying_stops_the_service(repo: Path, tmp_path: Path)
     assert not Path(f"/proc/{second}").exists()
 
 
-def test_a_worker_that_fails_its_first_start_stops_the_service(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
+def test_a_worker_that_fails_its_first_start_stops_the_service(repo: Path, tmp_path: Path) -> None:
+    """A version that passes the supervisor's check (its manifest lists the files as they are)
+    but that onnxruntime cannot open: every worker fails to start."""
+    broken = tmp_path / "models"
+    shutil.copytree(repo, broken)
+    version = broken / "tiny" / "1"
+    (version / "encoder.onnx").write_bytes(b"not an onnx graph")
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["graphs"]["encoder"].update(file_record(version / "encoder.onnx"))
+    (version / "manifest.json").write_text(json.dumps(manifest))
     port = str(servers.free_port())
-    result = vae(
-        "serve", "--repo", str(tmp_path / "empty"), "--workers", "2", "--port", port, "--http-port", "0"
-    )
+    result = vae("serve", "--repo", str(broken), "--workers", "2", "--port", port, "--http-port", "0")
     assert result.returncode == 1
     assert "before it ever served; stopping the others" in result.stderr
 
