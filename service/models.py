@@ -198,11 +198,11 @@ class ModelRegistry:
 
     @classmethod
     def load(cls, settings: ServeSettings, executor: Executor, observer: Observer) -> ModelRegistry:
-        found = find_servable(settings)  # nothing to serve: one error saying why, no log lines
+        found = find_servable(settings, log_refusals=True)  # nothing to serve: one error saying why
         models: dict[str, dict[int, ServedModel]] = {}
-        for name in found:
-            for number in versions_to_load(settings, name):
-                served = load_one(settings, name, number, executor, observer)
+        for name, versions in found.items():
+            for number, version in versions.items():
+                served = load_one(settings, name, number, executor, observer, version)
                 if served is not None:
                     models.setdefault(name, {})[number] = served
         if not models:
@@ -302,12 +302,13 @@ def wanted_versions(settings: ServeSettings, name: str) -> list[int]:
     return [int(settings.version)] if int(settings.version) in numbers else []
 
 
-def find_servable(settings: ServeSettings) -> dict[str, list[int]]:
+def find_servable(settings: ServeSettings, log_refusals: bool = False) -> dict[str, dict[int, ModelVersion]]:
     """The versions vae serve would load, verified (manifest, sizes, checksums) but not opened;
     where there is none, a RepositoryError that says why, each reason once (the supervisor
-    checks before its workers start, so a bad --model is one message, not one per worker)."""
+    checks before its workers start, so a bad --model is one message, not one per worker).
+    ``log_refusals``: log why each version left out was, when others are servable."""
     names = [settings.model] if settings.model else model_names(settings.repo)
-    found: dict[str, list[int]] = {}
+    found: dict[str, dict[int, ModelVersion]] = {}
     reasons = []
     for name in names:
         wanted = wanted_versions(settings, name)
@@ -315,13 +316,14 @@ def find_servable(settings: ServeSettings) -> dict[str, list[int]]:
             reasons.append(_no_version(settings, name))
         for number in wanted:
             try:
-                load_version(settings.repo / name / str(number))
-                found.setdefault(name, []).append(number)
+                found.setdefault(name, {})[number] = load_version(settings.repo / name / str(number))
             except RepositoryError as exc:
                 reasons.append(str(exc))
     if not found:
         why = "; ".join(reasons) or "it holds no model versions (NAME/VERSION folders that vae export writes)"
         raise RepositoryError(f"no servable model in {settings.repo}: {why}")
+    for reason in reasons if log_refusals else []:
+        log.error("refusing %s", reason)
     return found
 
 
@@ -332,36 +334,34 @@ def _no_version(settings: ServeSettings, name: str) -> str:
     return f"model {name!r} has no version {settings.version} (has {numbers})"
 
 
-def versions_to_load(settings: ServeSettings, name: str) -> list[int]:
-    wanted = wanted_versions(settings, name)
-    if not wanted:
-        log.error(
-            "refusing model %s: no version %s in %s (has %s)",
-            name,
-            settings.version,
-            settings.repo / name,
-            version_numbers(settings.repo / name),
-        )
-    return wanted
-
-
 def load_one(
-    settings: ServeSettings, name: str, number: int, executor: Executor, observer: Observer
+    settings: ServeSettings,
+    name: str,
+    number: int,
+    executor: Executor,
+    observer: Observer,
+    version: ModelVersion | None = None,
 ) -> ServedModel | None:
     """``open_version``, or None with a log line saying why not."""
     try:
-        return open_version(settings, name, number, executor, observer)
+        return open_version(settings, name, number, executor, observer, version)
     except VaeError as exc:
         log.error("refusing %s: %s", settings.repo / name / str(number), exc)
         return None
 
 
 def open_version(
-    settings: ServeSettings, name: str, number: int, executor: Executor, observer: Observer
+    settings: ServeSettings,
+    name: str,
+    number: int,
+    executor: Executor,
+    observer: Observer,
+    version: ModelVersion | None = None,
 ) -> ServedModel:
-    """A version loaded and verified (checksums, shapes), ready to warm up; VaeError if not."""
+    """A version loaded and verified (checksums, shapes), ready to warm up; VaeError if not.
+    ``version``: already verified (find_servable), not read again."""
     path = settings.repo / name / str(number)
-    version = load_version(path)
+    version = version or load_version(path)
     small = OnnxPair.load(version, settings.device, 1, settings.variant)
     # On CPU every run uses the one-thread session (large batches in parallel pieces).
     pair = small
