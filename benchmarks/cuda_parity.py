@@ -120,9 +120,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each rows/s measurement")
     args = parser.parse_args()
     version = resolve(args.repo, args.name)
-    dataset = load_dataset(version.manifest["training"]["dataset"], args.data_dir, progress=False)
+    dataset = load_dataset(version.manifest.dataset, args.data_dir, progress=False)
     pixels = dataset.test_images[:1024].reshape(1024, -1)
-    parity(args.repo, args.name, pixels, version.manifest["binarization"])
+    parity(args.repo, args.name, pixels, version.manifest.binarization)
     for device in ("cuda", "cpu"):
         rate = rows_per_s(args.repo, device, pixels, args.seconds)
         print(f"{device}: batch-1,024 uint8 Encode from one client: {rate:,.0f} rows/s")

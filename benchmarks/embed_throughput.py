@@ -70,7 +70,7 @@ def main() -> None:
     version = open_path(args.model)
     dataset = load_dataset("mnist", args.data_dir, progress=False)
     pixels = np.concatenate([dataset.train_images, dataset.test_images])
-    x = model_inputs(pixels, version.manifest["binarization"])
+    x = model_inputs(pixels, version.manifest.binarization)
     sessions, single = OnnxPair.load(version), OnnxPair.load(version, threads=1)
     rates = {
         "session": max(bare_encoder(sessions, x) for _ in range(args.repeats)),

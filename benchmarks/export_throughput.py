@@ -41,8 +41,8 @@ def main() -> None:
     fp32 = OnnxPair.load(version, threads=args.threads)
     has_int8 = "int8" in version.variants
     int8 = OnnxPair.load(version, threads=args.threads, variant="int8") if has_int8 else None
-    dataset = load_dataset(version.manifest["training"]["dataset"], args.data_dir, progress=False)
-    images = evaluation_inputs(dataset.test_images, version.manifest["binarization"])
+    dataset = load_dataset(version.manifest.dataset, args.data_dir, progress=False)
+    images = evaluation_inputs(dataset.test_images, version.manifest.binarization)
     print(
         f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads, model {version.name}/{version.version}"
@@ -67,7 +67,7 @@ def main() -> None:
                 line += f"{rates['int8']:>12,.0f}{rates['int8'] / rates['ort']:>10.2f}"
             print(line)
     if int8:
-        change = version.manifest["variants"]["int8"]["test_elbo_change"]
+        change = version.manifest.variants["int8"]["test_elbo_change"]
         print(f"int8 test ELBO change vs fp32 (from the manifest, paired draws): {change:+.3f} nats")
 
 

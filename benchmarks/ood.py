@@ -21,21 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve.datasets import load_dataset, model_inputs
-from vaeserve.ood import scores
+from vaeserve.ood import auroc, scores
 from vaeserve.repository import open_path
 from vaeserve.runtime import OnnxPair
 
 DATASETS = ("mnist", "fashion-mnist")
 SCORES = {"likelihood": "−log₂ p(x)", "corrected": "−log₂ p(x) − PNG bits"}
-
-
-def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
-    """P(an outlier scores above an inlier), ties counted half (the Mann-Whitney U / n·m)."""
-    ordered = np.sort(np.asarray(inliers, np.float64))
-    outliers = np.asarray(outliers, np.float64)
-    below = np.searchsorted(ordered, outliers, side="left")
-    ties = np.searchsorted(ordered, outliers, side="right") - below
-    return float(np.sum(below + 0.5 * ties) / (len(ordered) * len(outliers)))
 
 
 def train_and_export(name: str, data_dir: Path, work: Path, flags: list[str]) -> Path:
@@ -57,7 +48,7 @@ def train_and_export(name: str, data_dir: Path, work: Path, flags: list[str]) ->
 def score_sets(model: Path, tests: dict[str, np.ndarray], iw_samples: int) -> dict[str, dict]:
     version = open_path(model)
     pair = OnnxPair.load(version)
-    binarization = version.manifest["binarization"]
+    binarization = version.manifest.binarization
     return {
         name: scores(
             pair.encode,

@@ -24,7 +24,7 @@ load generator in a separate process measures:
 
 The load comes from the Python generator (`vae bench`'s, vaeserve/bench.py) and, where h2load is
 installed (`apt-get install nghttp2-client`), also from h2load, a C generator that leaves
-the server the CPU a Python client would take (benchmarks/h2load.py).
+the server the CPU a Python client would take (vaeserve/h2load.py).
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from benchmarks import h2load, triton_peer
+from benchmarks import triton_peer
 from benchmarks.load import noop_server, run_load
 from benchmarks.timing import rows_per_second
+from vaeserve import h2load
 from vaeserve._proto import vae_pb2
+from vaeserve.bench import rss_mb
 from vaeserve.client import VaeClient
 from vaeserve.codec import to_tensor
 from vaeserve.datasets import load_dataset, model_inputs
@@ -143,13 +145,6 @@ def loads() -> dict[str, Load]:
         print(h2load.MISSING)
         return {"Python": python_load}
     return {"Python": python_load, "h2load": h2load.run_h2load}
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def request(pixels: np.ndarray, binarization: str, dtype: str, model: str = "") -> vae_pb2.EncodeRequest:
@@ -354,7 +349,7 @@ def triton_table(
             "triton": (triton_target, "oip-grpc"),
         }
         for batch, concurrency in PEER_CELLS:
-            message = request(pixels[:batch], version.manifest["binarization"], "float32", version.name)
+            message = request(pixels[:batch], version.manifest.binarization, "float32", version.name)
             figure = "calls_per_s" if batch == 1 else "rows_per_s"
             for name, load in generators.items():
                 turns: dict[str, list[float]] = {label: [] for label in targets}
@@ -384,8 +379,8 @@ def main() -> None:
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     version = open_path(args.model)
-    binarization = version.manifest["binarization"]
-    pixels = load_dataset(version.manifest["training"]["dataset"], args.data_dir, progress=False).test_images
+    binarization = version.manifest.binarization
+    pixels = load_dataset(version.manifest.dataset, args.data_dir, progress=False).test_images
     local = InProcess(version, args.threads)
     generators = loads()
     print(

@@ -174,7 +174,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     version = open_path(args.model)
-    pixels = load_dataset(version.manifest["training"]["dataset"], args.data_dir, progress=False).test_images
+    pixels = load_dataset(version.manifest.dataset, args.data_dir, progress=False).test_images
     with server(args.model, None, workers=None) as served:
         start_rss, start_fds = footprint(served.pid)
         soak = Soak(served.target, served.http, version.name, version.latent_size, pixels, args.bad_fraction)

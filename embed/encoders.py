@@ -55,7 +55,7 @@ class LocalEncoder:
         from vaeserve.runtime import OnnxPair, usable_cores
 
         self.pair = OnnxPair.load(version, threads=1)
-        self.binarization = version.manifest.get("binarization", "none")
+        self.binarization = version.manifest.binarization
         self.pool = ThreadPoolExecutor(threads or usable_cores(), thread_name_prefix="embed-encode")
 
     def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:

@@ -26,7 +26,7 @@ def read_chunks(
     key: str | None,
 ) -> dict[str, np.ndarray]:
     """Rows of the chunks named in ``batch["chunk"]``, with their row ids."""
-    from vaeserve.embed.job import check_rows
+    from vaeserve.embed.pipeline import check_rows
     from vaeserve.embed.sources import open_source
 
     source = open_source(Path(path), image_shape, column, key)
@@ -47,7 +47,7 @@ class Encoder:
 
         version = open_path(Path(model))
         self.pair = OnnxPair.load(version, threads=threads)
-        self.binarization = version.manifest.get("binarization", "none")
+        self.binarization = version.manifest.binarization
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from vaeserve.datasets import encoder_inputs

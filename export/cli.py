@@ -1,4 +1,4 @@
-"""`vae export` and `vae evaluate --model` (the latter needs numpy and onnxruntime only)."""
+"""`vae export`, `vae export-triton` and `vae label`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import argparse
 from pathlib import Path
 
 from vaeserve.errors import ConfigError, require
+from vaeserve.flags import add_data_flags
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from vaeserve.training.cli import add_data_flags
-
     parser = subparsers.add_parser(
         "export",
         help="write a checkpoint as encoder/decoder ONNX graphs into a model repository",
@@ -145,45 +144,10 @@ def export_command(args: argparse.Namespace) -> int:
     )
     version = export_model(request, progress=not args.no_progress)
     manifest = version.manifest
-    parity = max(manifest["parity"]["max_abs_diff"][k] for k in ("mean", "stddev", "probs"))
+    parity = max(manifest.parity["max_abs_diff"][k] for k in ("mean", "stddev", "probs"))
     print(
         f"exported {version.path}: D={version.input_size}, M={version.latent_size}, "
         f"parity with PyTorch {parity:.1e} (≤ 1e-5), variants {', '.join(version.variants)}, "
-        f"test NLL_{manifest['evaluation']['iw_samples']} {manifest['evaluation']['nll']:.2f}"
+        f"test NLL_{manifest.evaluation['iw_samples']} {manifest.evaluation['nll']:.2f}"
     )
-    return 0
-
-
-def evaluate_model_command(args: argparse.Namespace) -> int:
-    from vaeserve.datasets import evaluation_inputs, load_run_data
-    from vaeserve.evaluation import evaluate
-    from vaeserve.repository import open_path
-    from vaeserve.runtime import OnnxPair
-    from vaeserve.training.cli import print_evaluation
-
-    version = open_path(args.model)
-    pair = OnnxPair.load(version, variant=args.variant)
-    training = version.manifest["training"]
-    dataset = load_run_data(
-        training["config"],
-        training.get("data_source"),
-        args.data_dir,
-        args.cache_dir,
-        progress=not args.no_progress,
-        dataset=args.dataset,
-    )
-    images, _ = dataset.split(args.split)
-    if args.limit:
-        images = images[: args.limit]
-    x = evaluation_inputs(images, version.manifest["binarization"], seed=0)
-    result = evaluate(
-        pair.encode,
-        pair.decode_logits,
-        x,
-        args.iw_samples,
-        seed=0,
-        progress=not args.no_progress,
-        likelihood=version.likelihood,
-    )
-    print_evaluation(result.to_dict(), args.split, args.json)
     return 0

@@ -28,15 +28,8 @@ from vaeserve.datasets import evaluation_inputs, load_run_data
 from vaeserve.errors import ExportError
 from vaeserve.evaluation import evaluate
 from vaeserve.export import checks, graphs, variants
-from vaeserve.repository import (
-    MANIFEST,
-    SCHEMA_VERSION,
-    ModelVersion,
-    file_record,
-    load_version,
-    next_version,
-    sha256_file,
-)
+from vaeserve.manifest import FileRecord, Manifest
+from vaeserve.repository import ModelVersion, file_record, load_version, next_version, sha256_file
 from vaeserve.runtime import OnnxPair
 from vaeserve.training import checkpoint
 from vaeserve.training.evaluate import EVALUATION_SEED, evaluation_path
@@ -115,30 +108,26 @@ def build_version(
         built[variant] = variants.measure(variant, folder, pair, x_test, model.likelihood)
     evaluation = find_evaluation(source) or evaluate_pair(pair, x_test, request.iw_samples, model.likelihood)
     reference = score_reference(pair, x_test, model.likelihood, tuple(state["image_shape"]))
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "vaeserve_version": __version__,
-        "name": request.name,
-        "version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "input_size": model.input_size,
-        "latent_size": model.latent_size,
-        "image_shape": state["image_shape"],
-        "binarization": config["binarization"],
-        "likelihood": model.likelihood,
-        "opset": graphs.OPSET,
-        "exporter": f"torch.onnx dynamo exporter, torch {torch.__version__}, onnx {onnx.__version__}",
-        "graphs": {
-            "encoder": {**file_record(encoder), **graphs.io_signature(onnx.load(encoder))},
-            "decoder": {**file_record(decoder), **graphs.io_signature(onnx.load(decoder))},
-        },
-        "parity": {
+    manifest = Manifest(
+        vaeserve_version=__version__,
+        name=request.name,
+        version=version,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        input_size=model.input_size,
+        latent_size=model.latent_size,
+        image_shape=tuple(state["image_shape"]),
+        binarization=config["binarization"],
+        likelihood=model.likelihood,
+        opset=graphs.OPSET,
+        exporter=f"torch.onnx dynamo exporter, torch {torch.__version__}, onnx {onnx.__version__}",
+        graphs={role: _graph_record(path) for role, path in (("encoder", encoder), ("decoder", decoder))},
+        parity={
             "batch_sizes": list(checks.PARITY_BATCH_SIZES),
             "tolerance": checks.PARITY_TOLERANCE,
             "max_abs_diff": differences,
         },
-        "variants": built,
-        "training": {
+        variants=built,
+        training={
             "config": config,
             "dataset": state["dataset"]["name"],
             "split_sizes": state["dataset"]["split_sizes"],
@@ -146,11 +135,16 @@ def build_version(
             "epochs": state["epoch"],
             "best_validation_elbo": state["best_validation_elbo"],
         },
-        "evaluation": evaluation,
-        "score_reference": reference,
-        "source_checkpoint": {"file": source.name, "sha256": sha256_file(source)},
-    }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        evaluation=evaluation,
+        score_reference=reference,
+        source_checkpoint={"file": source.name, "sha256": sha256_file(source)},
+    )
+    manifest.write(folder)
+
+
+def _graph_record(path: Path) -> FileRecord:
+    record = file_record(path)
+    return FileRecord(record.file, record.size, record.sha256, graphs.io_signature(onnx.load(path)))
 
 
 def find_evaluation(source: Path) -> dict[str, Any] | None:

@@ -64,8 +64,8 @@ def measure(
         for p in (pair, reference)
     )
     return {
-        "encoder": file_record(encoder),
-        "decoder": file_record(decoder),
+        "encoder": file_record(encoder).to_dict(),
+        "decoder": file_record(decoder).to_dict(),
         "device": "cpu" if variant == "int8" else "cuda",
         "max_abs_diff_vs_fp32": diffs,
         "test_elbo": ours.elbo,

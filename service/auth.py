@@ -1,70 +1,48 @@
-"""Bearer-token authentication: a call without the token is refused before any model code runs.
-
-Health checks stay open (orchestrators probe them without credentials): grpc.health.v1 and the
-Open Inference Protocol's ServerLive, ServerReady and ModelReady. The model repository extension
-(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) takes the operators' admin token
-instead of the clients'.
+"""Bearer tokens on gRPC: a call without the token its operation needs is refused before any
+model code runs. Which operations need which token is ``service.policy``'s table, shared with
+the HTTP front end.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 
 import grpc
 
-ADMIN_PREFIXES = ("/inference.GRPCInferenceService/Repository",)
-OPEN_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/inference.GRPCInferenceService/ServerLive",
-    "/inference.GRPCInferenceService/ServerReady",
-    "/inference.GRPCInferenceService/ModelReady",
-)
+from vaeserve.service import policy
+from vaeserve.service.errors import UnauthenticatedError
 
-
-def expected(token: str | None) -> bytes | None:
-    return f"Bearer {token}".encode() if token else None
-
-
-def authorized(supplied: str, wanted: bytes | None) -> bool:
-    """``wanted`` None: nothing is asked for."""
-    return wanted is None or hmac.compare_digest(supplied.encode(), wanted)
+WHERE = "metadata 'authorization: Bearer <token>'"
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """The clients' token on every call but health; the operators' token alone on the model
-    repository extension (which, without an admin token, its handlers refuse)."""
-
-    def __init__(
-        self,
-        token: str | None,
-        admin_token: str | None = None,
-        on_reject: Callable[[str], None] | None = None,
-    ) -> None:
-        self.expected, self.admin = expected(token), expected(admin_token)
+    def __init__(self, tokens: policy.Tokens, on_reject: Callable[[str], None] | None = None) -> None:
+        self.tokens = tokens
         self.on_reject = on_reject or (lambda method: None)
 
     async def intercept_service(
         self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_PREFIXES):
+        if handler is None:
             return handler
-        admin = details.method.startswith(ADMIN_PREFIXES)
         metadata = dict(details.invocation_metadata or ())
-        if authorized(str(metadata.get("authorization", "")), self.admin if admin else self.expected):
-            return handler
-        self.on_reject(details.method)
-        whose = "admin token" if admin else "bearer token"
-        return _denied(handler, f"missing or invalid {whose} (metadata 'authorization: Bearer <token>')")
+        try:
+            self.tokens.check(
+                policy.grpc_operation(details.method), str(metadata.get("authorization", "")), WHERE
+            )
+        except UnauthenticatedError as exc:
+            self.on_reject(details.method)
+            return _denied(handler, policy.grpc_status(exc), str(exc))
+        return handler
 
 
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     async def abort(request, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
     async def abort_stream(requests, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
         yield  # pragma: no cover - abort raises
 
     kwargs = {

@@ -19,17 +19,18 @@ refused, not queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from vaeserve.errors import VaeError
+from vaeserve.service.errors import OverloadedError
 
 Run = Callable[[np.ndarray], tuple[np.ndarray, ...]]
 
@@ -73,10 +74,6 @@ MIN_PART_ROWS = 32
 
 # One run computing, one ready to start the moment it ends.
 RUNS_IN_FLIGHT = 2
-
-
-class OverloadedError(VaeError):
-    """The queue is full; the client should back off and retry."""
 
 
 class Observer(Protocol):
@@ -241,40 +238,28 @@ class Batcher:
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
-class Direct:
-    """The same interface without merging: each call runs on its own (batching off, the default).
+class Admission:
+    """Bounds the rows a graph (or the scorer) has admitted and not finished: past
+    ``max_queue_rows`` a call is refused at once instead of waiting behind all of them, and a call
+    whose deadline the work ahead of it would pass is refused up front, from the rows/s measured
+    on the recent runs."""
 
-    Admission: runs above ``inline_rows`` wait for the executor's threads, so past
-    ``max_queue_rows`` rows admitted and unfinished a call is refused at once instead of waiting
-    behind all of them; and a call whose deadline the work ahead of it would pass is refused up
-    front, from the rows/s measured on this graph's recent runs."""
-
-    def __init__(self, run: Runner, name: str, max_queue_rows: int, observer: Observer | None = None) -> None:
-        self.run, self.name, self.max_queue_rows = run, name, max_queue_rows
-        self.observer = observer or _Unobserved()
+    def __init__(self, name: str, max_queue_rows: int) -> None:
+        self.name, self.max_queue_rows = name, max_queue_rows
         self.in_flight_rows = 0
         self.rows_per_s = 0.0  # measured while busy; 0: not yet known
 
-    def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def submit(self, rows: np.ndarray, alone: bool = False) -> tuple[np.ndarray, ...]:
-        # Nothing queues here, so no queue time is observed: a metric update is a measurable
-        # share of a batch-1 call (docs/benchmarks.md).
-        self.observer.batch(self.name, len(rows))
-        if len(rows) <= self.run.inline_rows:
-            return self.run.small(rows)  # what Runner would do, one coroutine fewer per call
-        self._admit(len(rows))
-        self.in_flight_rows += len(rows)
+    @contextlib.contextmanager
+    def holding(self, count: int) -> Iterator[None]:
+        """Admit ``count`` rows (OverloadedError if not) and hold them until the block ends."""
+        self._admit(count)
+        self.in_flight_rows += count
         started = time.perf_counter()
         try:
-            return await self.run(rows)
+            yield
         finally:
-            self.in_flight_rows -= len(rows)
-            self._measure(len(rows), time.perf_counter() - started)
+            self.in_flight_rows -= count
+            self._measure(count, time.perf_counter() - started)
 
     def _admit(self, count: int) -> None:
         ahead = self.in_flight_rows
@@ -295,6 +280,31 @@ class Direct:
                 )
 
     def _measure(self, count: int, seconds: float) -> None:
-        """Rows/s of this graph: a call's rows over its time, all calls in flight together."""
+        """Rows/s: a call's rows over its time, all calls in flight together."""
         rate = (self.in_flight_rows + count) / seconds if seconds > 0 else 0.0
         self.rows_per_s = rate if not self.rows_per_s else 0.8 * self.rows_per_s + 0.2 * rate
+
+
+class Direct:
+    """The same interface without merging: each call runs on its own (batching off, the default);
+    runs above ``inline_rows`` wait for the executor's threads, so they pass ``Admission``."""
+
+    def __init__(self, run: Runner, name: str, max_queue_rows: int, observer: Observer | None = None) -> None:
+        self.run, self.name = run, name
+        self.observer = observer or _Unobserved()
+        self.admission = Admission(name, max_queue_rows)
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def submit(self, rows: np.ndarray, alone: bool = False) -> tuple[np.ndarray, ...]:
+        # Nothing queues here, so no queue time is observed: a metric update is a measurable
+        # share of a batch-1 call (docs/benchmarks.md).
+        self.observer.batch(self.name, len(rows))
+        if len(rows) <= self.run.inline_rows:
+            return self.run.small(rows)  # what Runner would do, one coroutine fewer per call
+        with self.admission.holding(len(rows)):
+            return await self.run(rows)

@@ -91,7 +91,7 @@ class ServeSettings:
         "pages each call (0: glibc's defaults)",
     )
     max_concurrent_rpcs: int = option(
-        512, "calls in progress on each port before new ones are refused (gRPC RESOURCE_EXHAUSTED, HTTP 503)"
+        512, "calls in progress on each port before new ones are refused (gRPC RESOURCE_EXHAUSTED, HTTP 429)"
     )
     http_idle_s: float = option(
         75.0,

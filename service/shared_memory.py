@@ -20,22 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve._proto import vae_pb2
-from vaeserve.errors import UNKNOWN_REGION, TensorError, VaeError
+from vaeserve.errors import UNKNOWN_REGION, TensorError
+from vaeserve.service.errors import RegionExistsError, RegionNotFoundError, SharedMemoryDisabledError
 
 SHM_ROOT = Path("/dev/shm")
 KEY = re.compile(r"/?[A-Za-z0-9_.-]{1,200}")
-
-
-class SharedMemoryDisabledError(VaeError):
-    """The server runs without --shared-memory."""
-
-
-class RegionNotFoundError(VaeError):
-    """No registered region, or no shared-memory object, of that name."""
-
-
-class RegionExistsError(VaeError):
-    """A region of that name is already registered."""
 
 
 class SharedMemoryRegions:

@@ -35,15 +35,14 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 
 from vaeserve.runtime import usable_cores
-from vaeserve.service.live import CONTROL_ENV
-from vaeserve.service.models import find_servable
+from vaeserve.service.manager import SHARED_UNLOADS_ENV, find_servable
 from vaeserve.service.settings import ServeSettings
 
 log = logging.getLogger("vaeserve.service")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Set for the workers: they share the supervisor's port on purpose (server.refuse_a_stray_server).
 WORKER_ENV = "VAESERVE_SUPERVISOR_PID"
-METRICS_PREFIX, CONTROL_PREFIX = "vaeserve-metrics-", "vaeserve-control-"
+METRICS_PREFIX, SHARED_PREFIX = "vaeserve-metrics-", "vaeserve-control-"
 # A dead worker is restarted after 0.5 s, then 1, 2, 4 s...; five deaths within a minute, or one
 # before it ever served (a bad model, a bad setting), and the supervisor gives up.
 RESTART_BACKOFF_S, MAX_BACKOFF_S = 0.5, 8.0
@@ -68,8 +67,8 @@ def run_workers(settings: ServeSettings) -> int:
     sweep_leftovers()
     metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # read by each worker's prometheus_client at import
-    control_dir = tempfile.mkdtemp(prefix=f"{CONTROL_PREFIX}{os.getpid()}-")
-    os.environ[CONTROL_ENV] = control_dir  # hand-made model loads and unloads, shared by the workers
+    shared_dir = tempfile.mkdtemp(prefix=f"{SHARED_PREFIX}{os.getpid()}-")
+    os.environ[SHARED_UNLOADS_ENV] = shared_dir  # operators' model loads and unloads, for every worker
     os.environ[WORKER_ENV] = str(os.getpid())  # the workers may share the port: they are ours
     stop = _stop_on_signals()
     pool = Pool(each, settings.workers, logging.getLogger().getEffectiveLevel(), metrics_dir)
@@ -92,14 +91,14 @@ def run_workers(settings: ServeSettings) -> int:
         if metrics_server is not None:
             metrics_server.shutdown()
         shutil.rmtree(metrics_dir, ignore_errors=True)
-        shutil.rmtree(control_dir, ignore_errors=True)
+        shutil.rmtree(shared_dir, ignore_errors=True)
 
 
 def sweep_leftovers(root: Path | None = None) -> None:
     """Remove the folders of supervisors that are gone (a SIGKILLed one cannot clean up)."""
     root = root or Path(tempfile.gettempdir())
-    for folder in [*root.glob(f"{METRICS_PREFIX}*"), *root.glob(f"{CONTROL_PREFIX}*")]:
-        owner = folder.name.removeprefix(METRICS_PREFIX).removeprefix(CONTROL_PREFIX).split("-")[0]
+    for folder in [*root.glob(f"{METRICS_PREFIX}*"), *root.glob(f"{SHARED_PREFIX}*")]:
+        owner = folder.name.removeprefix(METRICS_PREFIX).removeprefix(SHARED_PREFIX).split("-")[0]
         if owner.isdecimal() and not _alive(int(owner)):
             shutil.rmtree(folder, ignore_errors=True)
             log.info("removed %s, left by a supervisor that is gone", folder)

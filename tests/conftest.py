@@ -51,3 +51,30 @@ def repo(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path, mnist_dir: Pa
     )
     export_model(request)
     return repo
+
+
+@pytest.fixture(scope="session")
+def serve(repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The one factory of shared test servers: ``serve(*flags, token=..., admin_token=...)``
+    starts a real `vae serve` (tests/servers.py) on 127.0.0.1 over the tiny repository, once per
+    set of arguments for the whole session; at its end each drains and must exit 0."""
+    import servers
+
+    started: dict[tuple, servers.Server] = {}
+
+    def start(*flags: str, token: str | None = None, admin_token: str | None = None) -> servers.Server:
+        key = (flags, token, admin_token)
+        if key not in started:
+            folder = tmp_path_factory.mktemp("serve")
+            extra: list[str] = []
+            for flag, value in (("--token-file", token), ("--admin-token-file", admin_token)):
+                if value:
+                    (folder / flag.strip("-")).write_text(value)
+                    extra += [flag, str(folder / flag.strip("-"))]
+            client = {"token": token} if token else None
+            started[key] = servers.start(repo, folder / "serve.log", *flags, *extra, client=client)
+        return started[key]
+
+    yield start
+    for server in started.values():
+        assert server.stop() == 0 and "stopped" in server.output(), server.output()

@@ -13,7 +13,8 @@ import pytest
 
 from vaeserve.repository import resolve
 from vaeserve.runtime import OnnxPair
-from vaeserve.service.batching import Batcher, OverloadedError, Runner
+from vaeserve.service.batching import Batcher, Runner
+from vaeserve.service.errors import OverloadedError
 
 
 class Recorder:
@@ -173,11 +174,11 @@ def test_direct_admission_bounds_rows_in_flight_and_honours_deadlines(pair: Onnx
         assert (await direct.submit(rows[:2]))[0].shape == (2, 8)  # small calls run inline
         gate.set()
         await first
-        assert direct.in_flight_rows == 0 and direct.rows_per_s > 0
+        assert direct.admission.in_flight_rows == 0 and direct.admission.rows_per_s > 0
         gate.clear()
         blocked = asyncio.ensure_future(direct.submit(rows[:40]))
         await asyncio.sleep(0.05)
-        direct.rows_per_s = 100.0  # (40 ahead + 40) rows at 100 rows/s: 0.8 s of work
+        direct.admission.rows_per_s = 100.0  # (40 ahead + 40) rows at 100 rows/s: 0.8 s of work
         deadline.set(time.monotonic() + 0.2)
         with pytest.raises(OverloadedError, match=r"more than the .* s left before its deadline"):
             await direct.submit(rows[:40])

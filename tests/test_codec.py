@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vaeserve.codec import check_finite
 from vaeserve.errors import TensorError
+from vaeserve.rows import check_finite
 
 
 @pytest.mark.parametrize("value", [0.0, -0.0, 1.0, 0.5, 1e-45])

@@ -15,7 +15,8 @@ import pytest
 import servers
 
 from vaeserve.datasets import model_inputs
-from vaeserve.embed.job import EmbedRequest, run, sidecar_path
+from vaeserve.embed.job import EmbedRequest, run
+from vaeserve.embed.sidecar import Sidecar
 from vaeserve.errors import ConfigError, DataError
 from vaeserve.repository import resolve
 from vaeserve.runtime import OnnxPair
@@ -136,7 +137,7 @@ def test_killed_job_resumes_to_the_same_bytes(repo: Path, tmp_path: Path, mnist_
     written = journalled(journal)
     assert 3 <= written < 30, "the job was not caught midway"
     assert partial.stat().st_size == whole.stat().st_size
-    assert not output.exists() and '"completed": false' in sidecar_path(output).read_text()
+    assert not output.exists() and '"completed": false' in Sidecar.path(output).read_text()
     with pytest.raises(ConfigError, match="pass --resume"):
         embed(repo, source, output, chunk_rows=2000)
     with pytest.raises(ConfigError, match="chunk_rows differ"):
@@ -144,7 +145,7 @@ def test_killed_job_resumes_to_the_same_bytes(repo: Path, tmp_path: Path, mnist_
     summary = run(EmbedRequest(repo / "tiny", source, output, chunk_rows=2000, resume=True), progress=False)
     assert summary["embedded_now"] <= 60000 - 2000 * (written - 1)
     assert output.read_bytes() == whole.read_bytes()
-    assert '"completed": true' in sidecar_path(output).read_text()
+    assert '"completed": true' in Sidecar.path(output).read_text()
     assert not journal.exists() and not partial.exists()
     with pytest.raises(ConfigError, match="is complete; pass --force"):
         embed(repo, source, output, chunk_rows=2000)
@@ -183,7 +184,7 @@ def test_bad_inputs_name_the_file_and_row(repo: Path, tmp_path: Path, pixels) ->
     floats = model_inputs(pixels[:100], "none")
     floats[57, 3] = np.nan
     np.save(tmp_path / "nan.npy", floats)
-    with pytest.raises(DataError, match=r"nan\.npy: row 57, column 3 is nan"):
+    with pytest.raises(DataError, match=r"nan\.npy: NaN or infinity at row 57, column 3"):
         embed(repo, tmp_path / "nan.npy", tmp_path / "o1.npy")
     assert not (tmp_path / "o1.npy").exists()
     np.save(tmp_path / "wide.npy", np.zeros((4, 785), np.uint8))
@@ -230,7 +231,7 @@ def test_ray_engine_equals_local(repo: Path, tmp_path: Path, pixels) -> None:
         ),
         progress=False,
     )
-    assert output.is_dir() and '"completed": true' in sidecar_path(output).read_text()
+    assert output.is_dir() and '"completed": true' in Sidecar.path(output).read_text()
     table = pq.read_table(output).sort_by("row_id")
     np.testing.assert_array_equal(table.column("row_id").to_numpy(), local["row_id"])
     for name in ("mean", "stddev"):

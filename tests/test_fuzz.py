@@ -9,7 +9,6 @@ import json
 import os
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,11 +18,12 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.service_throughput import rss_mb
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.bench import rss_mb
 from vaeserve.client import VaeClient
-from vaeserve.codec import Rows, read_tensor
+from vaeserve.codec import read_tensor
 from vaeserve.errors import TensorError
+from vaeserve.rows import Rows
 from vaeserve.service import wire
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is installed by make setup")
@@ -57,10 +57,8 @@ versions = st.sampled_from(["", "1", "latest", "9", "stable", "01", "-1", "¹", 
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("fuzz") / "serve.log"
-    with servers.running(repo, log, "--workers", "1", "--shared-memory") as started:
-        yield started
+def server(serve):
+    return serve("--workers", "1", "--shared-memory")
 
 
 # -- in-process ---------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The C load generator of the service benchmark (benchmarks/h2load.py), against the real server."""
+"""The load generators of the service benchmark (vaeserve.h2load, vaeserve.bench), against the real server."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import servers
 
-from benchmarks import h2load
-from benchmarks.load import run_load
+from vaeserve import h2load
 from vaeserve._proto import vae_pb2
+from vaeserve.bench import run_load
 from vaeserve.codec import to_tensor
 
 
@@ -45,6 +45,7 @@ def test_load_generators_speak_every_protocol(repo: Path, tmp_path: Path) -> Non
         targets = {"v1": server.target, "oip-grpc": server.target, "oip-http": server.http}
         for protocol, target in targets.items():
             result = run_load(target, message, 2, 0.3, protocol=protocol)
+            assert not result["errors"], result["errors"]
             assert result["calls_per_s"] > 0 and result["rows_per_s"] == 2 * result["calls_per_s"]
         if h2load.available():  # the parent builds h2load's body: REST only (see bench.oip_request)
             result = h2load.run_h2load(server.http, message, 2, 0.5, server.metrics_port, "oip-http")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.ood import auroc
 from vaeserve.datasets import binarize, model_inputs
 from vaeserve.elbo import likelihood_mean, likelihood_sample, log_cb_normaliser, log_likelihood
 from vaeserve.evaluation import score_rows
+from vaeserve.ood import auroc
 from vaeserve.training import likelihoods
 
 LOGITS = np.array([-40.0, -6.0, -0.7, -0.1, -0.02, 0.0, 1e-4, 0.09, 0.5, 3.0, 25.0], np.float32)

@@ -183,7 +183,7 @@ def test_embed_messages_and_what_a_failed_job_leaves(repo: Path, mnist, tmp_path
     out = tmp_path / "nan-out.npy"
     bad = vae("embed", "--model", model, "--input", str(tmp_path / "nan.npy"), "--output", str(out),
               "--chunk-rows", "1000", "--no-progress")  # fmt: skip
-    assert_one_line_error(bad, 1, "is nan", "nothing kept")
+    assert_one_line_error(bad, 1, "NaN or infinity", "nothing kept")
     assert sorted(p.name for p in tmp_path.glob("nan-out*")) == []
 
 

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import servers
 
-from benchmarks.ood import auroc
 from vaeserve.datasets import load_dataset, model_inputs
-from vaeserve.ood import scores
+from vaeserve.ood import auroc, scores
 from vaeserve.repository import open_path
 from vaeserve.runtime import OnnxPair
 
@@ -48,7 +47,7 @@ def test_scores_through_the_service_separate_the_sets_and_equal_in_process(
     local = scores(
         pair.encode,
         pair.decode_logits,
-        model_inputs(inliers, version.manifest["binarization"]),
+        model_inputs(inliers, version.manifest.binarization),
         4,
         9,
         version.likelihood,

@@ -1,17 +1,15 @@
 """The REST API fuzzed from its own OpenAPI document (schemathesis, on hypothesis): every
 operation, with bodies, path parameters and headers that fit the document and ones that do not,
 with the client token, a wrong one and none. Every answer is a status the document lists for
-that operation, with the body and content type it promises, never a 5xx but the documented 503;
+that operation, with the body and content type it promises, never a 5xx but a documented 503 (not ready);
 bad data is refused. The server runs with both tokens so the repository extension is reached."""
 
 from __future__ import annotations
 
 import collections
 import os
-from pathlib import Path
 
 import pytest
-import servers
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -36,15 +34,8 @@ CHECKS = [
 
 
 @pytest.fixture(scope="module")
-def rest(repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("openapi-fuzz")
-    (folder / "token").write_text(CLIENT)
-    (folder / "admin").write_text(ADMIN)
-    flags = ["--workers", "1", "--token-file", str(folder / "token")]
-    flags += ["--admin-token-file", str(folder / "admin")]
-    options = {"client": {"token": CLIENT}}
-    with servers.running(repo, folder / "serve.log", *flags, **options) as server:
-        yield server
+def rest(serve):
+    return serve("--workers", "1", token=CLIENT, admin_token=ADMIN)
 
 
 # The document the server serves at /v2/openapi.json (test_oip checks they are the same).

@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import servers
 
-from benchmarks.service_throughput import rss_mb
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.bench import rss_mb
 from vaeserve.client import VaeClient
 from vaeserve.codec import to_tensor
 

@@ -29,13 +29,9 @@ D, M = 784, 8
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("server") / "serve.log"
+def server(serve):
     # Batching on (off by default): every RPC's check below also covers merged batches.
-    started = servers.start(repo, log, "--batching", "--max-message-mb", "8", "--max-request-rows", "4096")
-    yield started
-    assert started.stop() == 0, started.output()
-    assert "stopped" in started.output()
+    return serve("--batching", "--max-message-mb", "8", "--max-request-rows", "4096")
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,8 @@ INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    with servers.running(repo, tmp_path_factory.mktemp("shm") / "serve.log", "--shared-memory") as started:
-        yield started
+def server(serve):
+    return serve("--shared-memory")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def test_the_configs_parse_and_match_the_graphs(repo: Path, tmp_path: Path) -> N
     for role in ("encoder", "decoder"):
         config = parse(out / f"tiny-{role}" / "config.pbtxt")
         graph = out / f"tiny-{role}" / "1" / "model.onnx"
-        assert sha256_file(graph) == version.manifest["graphs"][role]["sha256"]
+        assert sha256_file(graph) == version.manifest.graphs[role].sha256
         assert (config.name, config.backend, config.max_batch_size) == (f"tiny-{role}", "onnxruntime", 4096)
         assert config.dynamic_batching.max_queue_delay_microseconds == 500
         session = open_session(graph, [CPU])

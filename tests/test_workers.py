@@ -19,9 +19,9 @@ import pytest
 import servers
 from test_cli import assert_one_line_error, vae
 
-from benchmarks.h2load import calls_by_code
 from vaeserve.client import VaeClient
 from vaeserve.datasets import model_inputs
+from vaeserve.h2load import calls_by_code
 from vaeserve.repository import file_record, resolve
 from vaeserve.runtime import OnnxPair
 
@@ -145,7 +145,7 @@ def test_a_worker_that_fails_its_first_start_stops_the_service(repo: Path, tmp_p
     version = broken / "tiny" / "1"
     (version / "encoder.onnx").write_bytes(b"not an onnx graph")
     manifest = json.loads((version / "manifest.json").read_text())
-    manifest["graphs"]["encoder"].update(file_record(version / "encoder.onnx"))
+    manifest["graphs"]["encoder"].update(file_record(version / "encoder.onnx").to_dict())
     (version / "manifest.json").write_text(json.dumps(manifest))
     port = str(servers.free_port())
     result = vae("serve", "--repo", str(broken), "--workers", "2", "--port", port, "--http-port", "0")

@@ -4,24 +4,13 @@ CLI still starts where only the service's dependencies are installed."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from vaeserve.errors import ConfigError, require
-from vaeserve.flags import add_dataclass_flags, values
+from vaeserve.evaluate_cli import print_evaluation
+from vaeserve.flags import add_data_flags, add_dataclass_flags, values
 from vaeserve.training.config import PRESETS, TrainConfig, resolve_config
-
-
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        help="read the dataset's IDX files (raw or .gz) from DIR instead of the download cache",
-    )
-    parser.add_argument(
-        "--cache-dir", type=Path, help="download cache (default $VAESERVE_CACHE_DIR or ~/.cache/vaeserve)"
-    )
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -150,7 +139,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     if args.iw_samples < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--iw-samples and --limit must be at least 1")
     if args.model is not None:
-        from vaeserve.export.cli import evaluate_model_command  # numpy and onnxruntime only
+        from vaeserve.evaluate_cli import evaluate_model_command  # numpy and onnxruntime only
 
         return evaluate_model_command(args)
     require("vae evaluate --run", "train", "torch")
@@ -178,17 +167,3 @@ def evaluate_command(args: argparse.Namespace) -> int:
     saved = f"saved {written}" if written else "not saved (a partial evaluation: --limit)"
     print_evaluation(result.to_dict(), args.split, args.json, saved)
     return 0
-
-
-def print_evaluation(result: dict, split: str, as_json: bool, saved: str = "") -> None:
-    """``saved``: where the result went, said after it."""
-    if as_json:
-        print(json.dumps({"split": split, **result}, indent=2))
-        return
-    print(
-        f"{split}: ELBO {result['elbo']:.2f} ± {result['elbo_stderr']:.2f} nats "
-        f"(reconstruction {result['reconstruction']:.2f}, KL {result['kl']:.2f}); "
-        f"NLL_{result['iw_samples']} {result['nll']:.2f} ± {result['nll_stderr']:.2f}; "
-        f"active units {result['active_units']}/{result['latent_size']}; "
-        f"{result['rows']} images in {result['seconds']:.1f} s" + (f"; {saved}" if saved else "")
-    )

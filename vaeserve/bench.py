@@ -23,14 +23,16 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
-from vaeserve.client import SharedSlots
-from vaeserve.codec import Rows, from_tensor, to_tensor
+from vaeserve.codec import from_tensor, to_tensor
 from vaeserve.errors import ConfigError, VaeError, first_line
+from vaeserve.rows import Rows
+from vaeserve.shared_slots import SharedSlots
 
 Call = Callable[[], Awaitable[object]]
 
@@ -376,3 +378,11 @@ def _row(cell: dict) -> str:
         f"{cell['p50_ms']:>11.2f}{cell['p90_ms']:>11.2f}{cell['p99_ms']:>11.2f}{errors:>11,}"
         f"{cell['load_cpu_cores']:>10.2f}c"
     )
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory in MiB (Linux), as the benchmarks and tests read a server's."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

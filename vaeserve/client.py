@@ -2,27 +2,22 @@
 
 Arrays larger than one request are split into chunks of ``chunk_rows`` rows,
 sent with up to ``max_in_flight`` requests outstanding, and reassembled in order.
-UNAVAILABLE is retried with exponential backoff by gRPC's own retry policy (the
-channel's service config), every call carries a deadline, and TLS, mutual TLS
-and a bearer token are supported. When a seeded call is split, chunk i uses
+UNAVAILABLE is retried (vaeserve.channel), every call carries a deadline, and TLS,
+mutual TLS and a bearer token are supported. When a seeded call is split, chunk i uses
 seed + i, so the same call with the same chunking is reproducible.
 
 With ``shared_memory=True`` (a server on the same host, started with
 ``--shared-memory``), Encode passes inputs and outputs through a POSIX
 shared-memory object split into one slot per request in flight: the messages
-carry references, not bytes.
+carry references, not bytes (vaeserve.shared_slots).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import json
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -31,84 +26,21 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
-from vaeserve.codec import FLOAT32, UINT8, Rows, SharedBytes, from_tensor, to_tensor
+from vaeserve.channel import ServiceError, channel_target, open_channel
+from vaeserve.codec import SharedBytes, from_response, to_tensor
 from vaeserve.errors import UNKNOWN_REGION, VaeError
 from vaeserve.ood import SCORE_FIELDS
+from vaeserve.shared_slots import SharedSlots
 
-RETRY_POLICY = {
-    # Several addresses (or a DNS name with several records): one connection to each, calls
-    # taken in turn; a replica that fails is skipped while it reconnects, and a call that got
-    # UNAVAILABLE is retried, on another replica.
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [
-        {
-            "name": [{"service": "vae.v1.VaeService"}, {"service": "grpc.health.v1.Health"}],
-            "retryPolicy": {
-                "maxAttempts": 5,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }
-    ],
-}
-
-
-# The shared-memory objects of vaeserve's clients: the only ones a server maps by default.
-SHARED_MEMORY_PREFIX = "vaeserve-"
-
+__all__ = ["ServiceError", "VaeClient", "channel_target"]
 
 # Pauses before sending a data call again after UNAVAILABLE: about 10 s in all, what a restarting
 # server takes to answer again.
 RESEND_BACKOFF_S = (0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0)
 
 
-class ServiceError(VaeError):
-    """A call failed; ``code`` is the gRPC status code."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
 def _region_unknown(exc: ServiceError) -> bool:
     return exc.code == grpc.StatusCode.NOT_FOUND and UNKNOWN_REGION in exc.details
-
-
-def _read(path: str | Path | bytes | None) -> bytes | None:
-    if path is None or isinstance(path, bytes):
-        return path
-    return Path(path).read_bytes()
-
-
-def channel_target(target: str) -> str:
-    """gRPC's target for ``target``: ``HOST:PORT``, a gRPC target (``ipv4:IP:PORT,IP:PORT``,
-    ``dns:///NAME:PORT``), or several IP addresses separated by commas (given the ``ipv4:`` or
-    ``ipv6:`` scheme gRPC needs for a list)."""
-    if "," not in target or target.split(":", 1)[0] in SCHEMES:
-        return target
-    addresses = target.split(",")
-    try:
-        families = {ipaddress.ip_address(_host(address)).version for address in addresses}
-    except ValueError:
-        raise VaeError(
-            f"target {target!r}: a list of addresses must be IP:PORT,IP:PORT (or a gRPC target "
-            "such as ipv4:IP:PORT,IP:PORT); for host names, give one DNS name with several "
-            "records as dns:///NAME:PORT"
-        ) from None
-    if len(families) != 1:
-        raise VaeError(f"target {target!r}: IPv4 and IPv6 addresses cannot be mixed in one list")
-    return ("ipv4:" if families == {4} else "ipv6:") + target
-
-
-SCHEMES = ("ipv4", "ipv6", "dns", "unix", "unix-abstract", "vsock", "xds")
-
-
-def _host(address: str) -> str:
-    host, _, _port = address.strip().rpartition(":")
-    return host.strip("[]")
 
 
 class VaeClient:
@@ -129,23 +61,9 @@ class VaeClient:
         max_message_mb: int = 64,
         shared_memory: bool = False,
     ) -> None:
-        limit = max_message_mb * 1024 * 1024
-        options = [
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.enable_retries", 1),
-            # A connection of its own (channels with equal options share one otherwise), so
-            # that several clients spread over a server's --workers.
-            ("grpc.use_local_subchannel_pool", 1),
-            ("grpc.service_config", json.dumps(RETRY_POLICY)),
-        ]
-        if tls or root_certificates or client_certificate:
-            credentials = grpc.ssl_channel_credentials(
-                _read(root_certificates), _read(client_key), _read(client_certificate)
-            )
-            self.channel = grpc.secure_channel(channel_target(target), credentials, options)
-        else:
-            self.channel = grpc.insecure_channel(channel_target(target), options)
+        self.channel = open_channel(
+            target, tls, root_certificates, client_certificate, client_key, max_message_mb
+        )
         self.stub = vae_pb2_grpc.VaeServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.model, self.version, self.timeout = model, version, timeout
@@ -217,12 +135,7 @@ class VaeClient:
         except grpc.RpcError as exc:
             raise ServiceError(exc.code(), exc.details()) from None
         return {
-            name: np.concatenate(
-                [
-                    np.frombuffer(getattr(a, name).data, "<f4").reshape(tuple(getattr(a, name).shape))
-                    for a in answers
-                ]
-            )
+            name: np.concatenate([from_response(getattr(a, name), name) for a in answers])
             for name in ("mean", "stddev")
         }
 
@@ -337,12 +250,7 @@ class VaeClient:
             )
             for start, part in zip(starts, self._chunks(inputs))
         )
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in SCORE_FIELDS}
-        for response in self._pipelined(self.stub.Score, requests):
-            for name in SCORE_FIELDS:
-                tensor = getattr(response, name)
-                parts[name].append(np.frombuffer(tensor.data, "<f4").reshape(tuple(tensor.shape)))
-        return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+        return self._gather(self.stub.Score, requests, SCORE_FIELDS, len(inputs))
 
     def model_info(self, model: str = "") -> list[dict[str, Any]]:
         response = self._call(self.stub.GetModelInfo, vae_pb2.GetModelInfoRequest(model=model))
@@ -439,10 +347,9 @@ class VaeClient:
         done = 0
         for response in self._pipelined(method, requests):
             for name in fields:
-                tensor = getattr(response, name)
-                part = from_tensor(tensor, name, Rows(int(tensor.shape[1])), shared)
+                part = from_response(getattr(response, name), name, shared)
                 if name not in out:
-                    out[name] = np.empty((rows, part.shape[1]), part.dtype)
+                    out[name] = np.empty((rows, *part.shape[1:]), part.dtype)
                 if done + len(part) > rows:
                     raise VaeError(f"{name}: the server returned more than the {rows} rows sent")
                 out[name][done : done + len(part)] = part
@@ -482,54 +389,6 @@ class VaeClient:
                 time.sleep(pause)
                 future = self._send(method, request)
         return future.result()
-
-
-class SharedSlots:
-    """A shared-memory object of ``count`` slots: a request's inputs, then room for its outputs.
-    The client uses one slot per request in flight; so does the benchmarks' load generator."""
-
-    def __init__(self, count: int, slot_bytes: int, input_bytes: int) -> None:
-        try:
-            # Named with the prefix a server accepts by default (--shared-memory-prefix).
-            name = f"{SHARED_MEMORY_PREFIX}{uuid.uuid4().hex}"
-            self.memory = shared_memory.SharedMemory(name=name, create=True, size=count * slot_bytes)
-        except OSError as exc:
-            raise VaeError(f"cannot create {count * slot_bytes:,} bytes of shared memory ({exc})") from None
-        self.name = f"client-{uuid.uuid4().hex}"
-        self.slot_bytes, self.input_bytes = slot_bytes, input_bytes
-
-    def registration(self) -> vae_pb2.RegisterSharedMemoryRequest:
-        return vae_pb2.RegisterSharedMemoryRequest(
-            name=self.name, key=self.memory.name, byte_size=self.memory.size
-        )
-
-    def put(self, slot: int, rows: np.ndarray) -> tuple[vae_pb2.Tensor, vae_pb2.SharedMemoryRef]:
-        """Copy rows into a slot: their Tensor, and the range left for the outputs."""
-        if rows.nbytes > self.input_bytes:
-            raise ValueError(
-                f"a chunk of shape {rows.shape} ({rows.nbytes:,} bytes) does not fit the "
-                f"{self.input_bytes:,}-byte input slot sized from the model's input size"
-            )
-        base = slot * self.slot_bytes
-        view = np.ndarray(rows.shape, rows.dtype, buffer=self.memory.buf, offset=base)
-        view[...] = rows
-        where = vae_pb2.SharedMemoryRef(region=self.name, offset=base, byte_size=rows.nbytes)
-        dtype = UINT8 if rows.dtype == np.uint8 else FLOAT32
-        tensor = vae_pb2.Tensor(shape=rows.shape, dtype=dtype, shared_memory=where)
-        outputs = vae_pb2.SharedMemoryRef(
-            region=self.name, offset=base + self.input_bytes, byte_size=self.slot_bytes - self.input_bytes
-        )
-        return tensor, outputs
-
-    def read(self, ref: vae_pb2.SharedMemoryRef, byte_size: int, field: str) -> memoryview:
-        if ref.region != self.name or ref.byte_size != byte_size or ref.offset + byte_size > self.memory.size:
-            raise VaeError(f"{field}: the server pointed outside this client's shared memory")
-        return self.memory.buf[ref.offset : ref.offset + byte_size]
-
-    def close(self) -> None:
-        """Unmap and delete the object (after unregistering it from the server)."""
-        self.memory.close()
-        self.memory.unlink()
 
 
 def _chunk_seed(seed: int | None, index: int) -> int | None:

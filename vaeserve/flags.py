@@ -1,4 +1,4 @@
-"""Command-line flags (and environment variables) generated from a config dataclass.
+"""Command-line flags: those generated from a config dataclass, and the dataset flags commands share.
 
 Each field ``some_name`` becomes ``--some-name``, with its help, choices and type
 taken from the field, so a dataclass stays the single source of defaults. With
@@ -88,3 +88,14 @@ def _from_env(variable: str, kind: Any, optional: bool, field: dataclasses.Field
     if choices and value not in choices:
         raise ConfigError(f"environment variable {variable}={raw!r}; expected one of {', '.join(choices)}")
     return value
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="read the dataset's IDX files (raw or .gz) from DIR instead of the download cache",
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, help="download cache (default $VAESERVE_CACHE_DIR or ~/.cache/vaeserve)"
+    )

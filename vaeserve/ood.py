@@ -93,3 +93,12 @@ def outside(values: np.ndarray, percentiles: dict[str, float], tail: float = 0.5
     low, high = percentiles[f"{tail:g}"], percentiles[f"{100 - tail:g}"]
     values = np.asarray(values)
     return np.where(values < low, -1, np.where(values > high, 1, 0))
+
+
+def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float:
+    """P(an outlier scores above an inlier), ties counted half (the Mann-Whitney U / n·m)."""
+    ordered = np.sort(np.asarray(inliers, np.float64))
+    outliers = np.asarray(outliers, np.float64)
+    below = np.searchsorted(ordered, outliers, side="left")
+    ties = np.searchsorted(ordered, outliers, side="right") - below
+    return float(np.sum(below + 0.5 * ties) / (len(ordered) * len(outliers)))

@@ -17,13 +17,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vaeserve.errors import RepositoryError
+from vaeserve.manifest import MANIFEST, SCHEMA_VERSION, FileRecord, Manifest
 
-MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
-ROLES = ("encoder", "decoder")
+__all__ = ["MANIFEST", "SCHEMA_VERSION", "Manifest", "ModelVersion"]
 
 
 @contextlib.contextmanager
@@ -48,8 +46,8 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_record(path: Path) -> dict[str, Any]:
-    return {"file": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+def file_record(path: Path) -> FileRecord:
+    return FileRecord(path.name, path.stat().st_size, sha256_file(path))
 
 
 @dataclass(frozen=True)
@@ -59,38 +57,36 @@ class ModelVersion:
     name: str
     version: int
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def input_size(self) -> int:
-        return int(self.manifest["input_size"])
+        return self.manifest.input_size
 
     @property
     def latent_size(self) -> int:
-        return int(self.manifest["latent_size"])
+        return self.manifest.latent_size
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["image_shape"])
+        return self.manifest.image_shape
 
     @property
     def likelihood(self) -> str:
-        """p(x|z): bernoulli, or continuous-bernoulli (exports before it existed: bernoulli)."""
-        return self.manifest.get("likelihood", "bernoulli")
+        return self.manifest.likelihood
 
     @property
     def variants(self) -> list[str]:
-        return ["fp32", *self.manifest.get("variants", {})]
+        return ["fp32", *self.manifest.variants]
 
     def graph_path(self, role: str, variant: str = "fp32") -> Path:
         """The ONNX file of ``role`` (encoder or decoder) in ``variant`` (fp32, int8, fp16)."""
-        if variant == "fp32":
-            return self.path / self.manifest["graphs"][role]["file"]
-        if variant not in self.manifest.get("variants", {}):
+        file = self.manifest.graph_file(role, variant)
+        if file is None:
             raise RepositoryError(
                 f"{self.path}: no {variant!r} variant; this version has {', '.join(self.variants)}"
             )
-        return self.path / self.manifest["variants"][variant][role]["file"]
+        return self.path / file
 
 
 def version_numbers(model_dir: Path) -> list[int]:
@@ -154,55 +150,26 @@ def load_version(path: Path) -> ModelVersion:
 
 
 def _load_version(path: Path) -> ModelVersion:
-    manifest = read_manifest(path)
-    if path.name.isdecimal() and (int(path.name), path.parent.name) != (
-        int(manifest["version"]),
-        manifest["name"],
-    ):
+    manifest = Manifest.read(path)
+    if path.name.isdecimal() and (int(path.name), path.parent.name) != (manifest.version, manifest.name):
         raise RepositoryError(
-            f"{path}: its manifest is {manifest['name']}/{manifest['version']}; a version folder "
+            f"{path}: its manifest is {manifest.name}/{manifest.version}; a version folder "
             "holds its own export (vae export --version N writes it there)"
         )
-    for record in listed_files(manifest):
-        verify_file(path / record["file"], record)
-    return ModelVersion(manifest["name"], int(manifest["version"]), path, manifest)
+    for record in manifest.files():
+        verify_file(path / record.file, record)
+    return ModelVersion(manifest.name, manifest.version, path, manifest)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise RepositoryError(f"{manifest_path}: no manifest; not a model version folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RepositoryError(f"{manifest_path}: corrupt manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-        found = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        raise RepositoryError(
-            f"{manifest_path}: manifest schema version {found!r}, this vaeserve reads {SCHEMA_VERSION}"
-        )
-    missing = {"name", "version", "input_size", "latent_size", "image_shape", "graphs"} - set(manifest)
-    if missing:
-        raise RepositoryError(f"{manifest_path}: manifest lacks {sorted(missing)}")
-    return manifest
-
-
-def listed_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    records = [manifest["graphs"][role] for role in ROLES]
-    for variant in manifest.get("variants", {}).values():
-        records += [variant[role] for role in ROLES]
-    return records
-
-
-def verify_file(path: Path, record: dict[str, Any]) -> None:
+def verify_file(path: Path, record: FileRecord) -> None:
     if not path.is_file():
         raise RepositoryError(f"{path}: listed in the manifest but missing")
     size = path.stat().st_size
-    if size != record["size"]:
+    if size != record.size:
         raise RepositoryError(
-            f"{path}: {size} bytes, the manifest says {record['size']} (truncated or replaced)"
+            f"{path}: {size} bytes, the manifest says {record.size} (truncated or replaced)"
         )
-    if sha256_file(path) != record["sha256"]:
+    if sha256_file(path) != record.sha256:
         raise RepositoryError(f"{path}: SHA-256 does not match the manifest (file was modified)")
 
 

@@ -1,8 +1,8 @@
 """The Open Inference Protocol's GRPCInferenceService: a thin translation onto the data plane.
 
 Inputs come as ``raw_input_contents`` (bytes, one entry per input) or typed ``contents``;
-the response answers in the form the request used. Errors become statuses in
-``statuses.rpc``, as for vae.v1.
+the response answers in the form the request used. Every handler runs in
+``grpc_calls.rpc``, as vae.v1's do.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from vaeserve import __version__
 from vaeserve._proto import grpc_predict_v2_pb2 as pb
 from vaeserve._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from vaeserve.errors import RequestError
+from vaeserve.service.grpc_calls import rpc
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
-from vaeserve.service.oip.models import NO_PARAMS, Catalogue, Control, Outputs, Params
-from vaeserve.service.statuses import rpc
+from vaeserve.service.oip.endpoints import NO_PARAMS, Catalogue, Outputs, Params
+from vaeserve.service.oip.repository_extension import RepositoryExtension
 from vaeserve.service.wire import Received, Reply, field_number
 
 PROTOCOL = "oip-grpc"
-DATATYPE = tensors.DATATYPE
 NAME = "vaeserve"
 EXTENSIONS = ("binary_tensor_data", "parameters")
 RAW_OUTPUTS = field_number(pb.ModelInferResponse, "raw_output_contents")
@@ -46,12 +46,16 @@ def parameter(value: pb.InferParameter) -> object:
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, catalogue: Catalogue, metrics: Metrics, ready: Callable[[], bool], control: Control
+        self,
+        catalogue: Catalogue,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        repository: RepositoryExtension,
     ) -> None:
         self.catalogue = catalogue
         self.metrics = metrics
         self.ready = ready
-        self.control = control
+        self.repository = repository
 
     @_rpc("ServerLive")
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
@@ -105,22 +109,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         outputs = await endpoint.infer(inputs, params, [output.name for output in request.outputs])
         return _response(request, endpoint.version, outputs, raw=bool(raw))
 
-    # -- the model repository extension (the interceptor has checked the admin token) ---------
+    # -- the model repository extension (the interceptor has checked the admin token) ----------
     @_rpc("RepositoryIndex")
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context
     ) -> pb.RepositoryIndexResponse:
-        rows = self.control.index(request.repository_name, request.ready)
+        rows = self.repository.index(request.repository_name, request.ready)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**r) for r in rows])
 
     @_rpc("RepositoryModelLoad")
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
-        await self.control.load(request.repository_name, request.model_name, dict(request.parameters))
+        await self.repository.load(request.repository_name, request.model_name, dict(request.parameters))
         return pb.RepositoryModelLoadResponse()
 
     @_rpc("RepositoryModelUnload")
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
-        await self.control.unload(request.repository_name, request.model_name, dict(request.parameters))
+        await self.repository.unload(request.repository_name, request.model_name, dict(request.parameters))
         return pb.RepositoryModelUnloadResponse()
 
 
@@ -136,10 +140,9 @@ def _response(
     """The outputs in the form the request used: raw bytes (written by service.wire) or typed."""
     response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
     for name, array in outputs:
-        datatype = DATATYPE[array.dtype]
-        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        tensor = response.outputs.add(**tensors.describe(name, array))
         if not raw:
-            getattr(tensor.contents, tensors.CONTENTS[datatype]).extend(array.ravel().tolist())
+            getattr(tensor.contents, tensors.contents_field(array)).extend(array.ravel().tolist())
     if not raw:
         return response
     return Reply(response, raw_field=RAW_OUTPUTS, raw_outputs=tuple(array for _, array in outputs))

@@ -6,7 +6,7 @@ Routes (KServe's REST paths): ``GET /v2/health/live``, ``/v2/health/ready``, ``/
 binary tensor data extension: ``Inference-Header-Content-Length`` gives the JSON's length,
 an input's ``binary_data_size`` parameter its bytes; outputs asked for with ``binary_data``
 or ``binary_data_output`` come back the same way). Errors are ``{"error": "..."}`` with the
-code from ``statuses.HTTP_STATUS``; the bearer token guards everything but health and the OpenAPI document.
+code ``service.policy`` gives them, and the tokens each route needs are policy's too.
 """
 
 from __future__ import annotations
@@ -15,32 +15,26 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import numpy as np
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from vaeserve import __version__
 from vaeserve.errors import ConfigError, RequestError, TensorError
-from vaeserve.service.auth import authorized, expected
+from vaeserve.service import policy
+from vaeserve.service.errors import ClientGoneError, OverloadedError
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
+from vaeserve.service.oip.endpoints import Catalogue, Endpoint, Outputs, Params
 from vaeserve.service.oip.grpc_servicer import EXTENSIONS, NAME
-from vaeserve.service.oip.models import Catalogue, Control, Endpoint, Outputs, Params
 from vaeserve.service.oip.openapi import document
-from vaeserve.service.statuses import HTTP_STATUS, KNOWN
+from vaeserve.service.oip.repository_extension import RepositoryExtension
 
 log = logging.getLogger("vaeserve.service")
 PROTOCOL = "oip-http"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# Open without the token and past the in-flight limit: health (orchestrators probe it) and
-# the API description.
-OPEN_ROUTES = frozenset({"ServerLive", "ServerReady", "ModelReady", "OpenAPI"})
-# The model repository extension: the operators' admin token, not the clients'.
-ADMIN_ROUTES = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
 JSON = "application/json"
-# Counted for a request whose client went away before the answer (nginx's code for it).
-CLIENT_CLOSED = 499
+WHERE = "header 'Authorization: Bearer <token>'"
 MAX_HEADER_BYTES = 8190
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,14 +43,13 @@ def create_app(
     catalogue: Catalogue,
     metrics: Metrics,
     ready: Callable[[], bool],
-    token: str | None,
+    tokens: policy.Tokens,
     max_body_bytes: int,
     max_in_flight: int,
-    control: Control,
-    admin_token: str | None = None,
+    repository: RepositoryExtension,
 ) -> web.Application:
-    routes = Routes(catalogue, ready, control)
-    guard = Guard(metrics, token, max_in_flight, admin_token)
+    routes = Routes(catalogue, ready, repository)
+    guard = Guard(metrics, tokens, max_in_flight)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[guard.middleware])
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
@@ -86,11 +79,9 @@ def error(status: int, message: str, **headers: str) -> web.Response:
 class Guard:
     """Every request's wrapper: the token, the in-flight limit, errors as JSON, and metrics."""
 
-    def __init__(
-        self, metrics: Metrics, token: str | None, max_in_flight: int, admin_token: str | None = None
-    ) -> None:
+    def __init__(self, metrics: Metrics, tokens: policy.Tokens, max_in_flight: int) -> None:
         self.metrics = metrics
-        self.expected, self.admin = expected(token), expected(admin_token)
+        self.tokens = tokens
         self.max_in_flight = max_in_flight
         self.in_flight = 0
 
@@ -99,40 +90,44 @@ class Guard:
         started = time.perf_counter()
         route = request.match_info.route.name or "unknown"
         method = route.removesuffix("Version")
-        response, rows = await self._answer(request, handler, method)
+        try:
+            response, rows = await self._answer(request, handler, method)
+        except Exception as exc:
+            response, rows = self._error(exc, request, method), 0
         self.metrics.call(method, str(response.status), time.perf_counter() - started, rows, PROTOCOL)
         return response
 
     async def _answer(
         self, request: web.Request, handler: Handler, method: str
     ) -> tuple[web.StreamResponse, int]:
-        open_route = method in OPEN_ROUTES
-        wanted = self.admin if method in ADMIN_ROUTES else self.expected
-        if not open_route and not authorized(request.headers.get("Authorization", ""), wanted):
-            whose = "admin token" if method in ADMIN_ROUTES else "bearer token"
-            message = f"missing or invalid {whose} (header 'Authorization: Bearer <token>')"
-            return error(401, message, **{"WWW-Authenticate": "Bearer"}), 0
-        if self.in_flight >= self.max_in_flight and not open_route:  # probes still get an answer
-            message = (
+        self.tokens.check(method, request.headers.get("Authorization", ""), WHERE)
+        probe = policy.credential(method) is policy.Credential.NONE  # probes still get an answer
+        if self.in_flight >= self.max_in_flight and not probe:
+            raise OverloadedError(
                 f"server busy: {self.in_flight} requests in progress (limit {self.max_in_flight}); retry"
             )
-            return error(503, message, **{"Retry-After": "1"}), 0
         self.in_flight += 1
         try:
             response = await handler(request)
-        except KNOWN as exc:
-            return error(HTTP_STATUS.get(type(exc), 400), str(exc)), 0
-        except web.HTTPException as exc:  # the router's 404 and 405, the body-size limit's 413
-            return error(exc.status, _reason(exc, request), **_allow(exc)), 0
         except ConnectionResetError:  # the client left mid-request: its failure, not the server's
             log.debug("%s %s: the client closed the connection", request.method, request.path)
-            return error(CLIENT_CLOSED, "client closed the connection"), 0
-        except Exception:
-            log.exception("%s %s failed", request.method, request.path)
-            return error(500, f"{method}: internal error (see the server log)"), 0
+            raise ClientGoneError("client closed the connection") from None
         finally:
             self.in_flight -= 1
         return response, response.get("rows", 0)
+
+    def _error(self, exc: Exception, request: web.Request, method: str) -> web.Response:
+        if isinstance(exc, web.HTTPException):  # the router's 404 and 405, the body-size limit's 413
+            return error(exc.status, _reason(exc, request), **_allow(exc))
+        status = policy.http_status(exc)
+        if status == 500:
+            log.error("%s %s failed", request.method, request.path, exc_info=exc)
+            return error(500, policy.internal_error(method))
+        return error(status, str(exc), **_HEADERS.get(status, {}))
+
+
+# What a refusal tells the client to do: authenticate, or come back in a second.
+_HEADERS = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": "1"}}
 
 
 def _reason(exc: web.HTTPException, request: web.Request) -> str:
@@ -150,10 +145,12 @@ def _allow(exc: web.HTTPException) -> dict[str, str]:
 
 
 class Routes:
-    def __init__(self, catalogue: Catalogue, ready: Callable[[], bool], control: Control) -> None:
+    def __init__(
+        self, catalogue: Catalogue, ready: Callable[[], bool], repository: RepositoryExtension
+    ) -> None:
         self.catalogue = catalogue
         self.ready = ready
-        self.control = control
+        self.repository = repository
 
     async def live(self, request: web.Request) -> web.Response:
         return json_response({"live": True})
@@ -194,18 +191,18 @@ class Routes:
         ready = body.get("ready", False)
         if not isinstance(ready, bool):
             raise RequestError(f"ready: {ready!r}; expected true or false")
-        return json_response(self.control.index(body.get("repository_name", ""), ready))
+        return json_response(self.repository.index(body.get("repository_name", ""), ready))
 
     async def repository_load(self, request: web.Request) -> web.Response:
         body = await _optional_json(request)
-        await self.control.load(
+        await self.repository.load(
             "", request.match_info["model"], _object(body.get("parameters", {}), "parameters")
         )
         return json_response({})
 
     async def repository_unload(self, request: web.Request) -> web.Response:
         body = await _optional_json(request)
-        await self.control.unload(
+        await self.repository.unload(
             "", request.match_info["model"], _object(body.get("parameters", {}), "parameters")
         )
         return json_response({})
@@ -303,9 +300,9 @@ def _infer_response(
 ) -> web.Response:
     described, chunks = [], []
     for output, array in outputs:
-        tensor = {"name": output, "datatype": tensors.DATATYPE[array.dtype], "shape": list(array.shape)}
+        tensor = tensors.describe(output, array)
         if binary is True or output in binary:
-            chunk = np.ascontiguousarray(array).tobytes()
+            chunk = tensors.raw(array)
             tensor["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:

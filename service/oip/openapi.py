@@ -67,7 +67,7 @@ def _repository_paths(model: dict) -> dict:
     }
 
     def post(summary: str, operation: str, schema: dict, parameters: list[dict]) -> dict:
-        responses = {"200": _json(schema, summary), **_errors(400, 401, 403, 404)}
+        responses = {"200": _json(schema, summary), **_errors(400, 401, 403, 404, 429)}
         operation_ = {
             "summary": summary,
             "operationId": operation,
@@ -97,8 +97,9 @@ def _errors(*codes: int) -> dict:
         403: "The model repository extension is off (the server has no --admin-token-file)",
         404: "Unknown model or version",
         413: "Request body over the server's limit (--max-message-mb)",
-        429: "The model's queue is full; retry with backoff",
-        503: "Not ready, or too many requests in progress; retry",
+        429: "Too many requests in progress (--max-concurrent-rpcs) or rows queued for the model "
+        "(--max-queue-rows); retry after Retry-After seconds, with backoff",
+        503: "Not ready; retry",
     }
     return {str(code): _json(_ERROR, meaning[code]) for code in codes}
 
@@ -131,7 +132,7 @@ def _model_paths(prefix: str, parameters: list[dict], suffix: str) -> dict:
                 "parameters": parameters,
                 "responses": {
                     "200": _json({"$ref": "#/components/schemas/ModelMetadata"}, "The model"),
-                    **_errors(401, 404),
+                    **_errors(401, 404, 429),
                 },
             }
         },
@@ -151,7 +152,7 @@ def _model_paths(prefix: str, parameters: list[dict], suffix: str) -> dict:
                 "requestBody": infer_body,
                 "responses": {
                     "200": _json({"$ref": "#/components/schemas/InferenceResponse"}, "The outputs"),
-                    **_errors(400, 401, 404, 413, 429, 503),
+                    **_errors(400, 401, 404, 413, 429),
                 },
             }
         },
@@ -231,7 +232,7 @@ def document() -> dict:
         "paths": {
             "/v2/health/live": open_("Server live", "ServerLive", {"type": "object"}),
             "/v2/health/ready": open_("Server ready", "ServerReady", {"type": "object"}, 503),
-            "/v2": simple("Server metadata", "ServerMetadata", server_metadata, 401),
+            "/v2": simple("Server metadata", "ServerMetadata", server_metadata, 401, 429),
             "/v2/openapi.json": open_("This document", "OpenAPI", {"type": "object"}),
             **_model_paths("/v2/models/{model}", [model], ""),
             **_model_paths("/v2/models/{model}/versions/{version}", [model, version], "Version"),

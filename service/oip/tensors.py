@@ -1,9 +1,9 @@
 """Open Inference Protocol tensors ↔ numpy: datatypes, raw bytes, typed values.
 
-The one place OIP's tensors are converted, for both front ends: raw bytes (gRPC's
-``raw_input_contents``, HTTP's binary tensor data extension) and typed values (gRPC's
-``contents``, HTTP's JSON ``data``). Shapes, byte lengths and values are checked by
-vaeserve.codec, so a bad tensor gets the same message over every protocol.
+The one place OIP's tensors are converted, inputs and outputs, for both front ends: raw bytes
+(gRPC's ``raw_input_contents``/``raw_output_contents``, HTTP's binary tensor data extension)
+and typed values (gRPC's ``contents``, HTTP's JSON ``data``). Shapes, byte lengths and values
+are checked by vaeserve.rows, so a bad tensor gets the same message over every protocol.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from vaeserve import codec
+from vaeserve import rows as checks
 from vaeserve.errors import RequestError, TensorError
-from vaeserve.service.oip.models import Endpoint, Input
+from vaeserve.service.oip.endpoints import Endpoint, Input
 
 # The specification's datatypes the models here take or give, as numpy dtypes, and the field of
 # gRPC's InferTensorContents that carries each (the specification puts UINT8 in uint_contents).
@@ -37,7 +37,7 @@ def read_inputs(
     return inputs
 
 
-def read(expected: Input, datatype: str, shape: Sequence[int], data: codec.Buffer | Sequence) -> np.ndarray:
+def read(expected: Input, datatype: str, shape: Sequence[int], data: checks.Buffer | Sequence) -> np.ndarray:
     """One input tensor → the model's array: raw bytes (``data`` bytes-like) or values."""
     spec = expected.spec
     if datatype not in spec.datatypes:
@@ -45,18 +45,18 @@ def read(expected: Input, datatype: str, shape: Sequence[int], data: codec.Buffe
     dtype = DTYPES[datatype]
     shape = _checked_shape(expected, shape)
     if isinstance(data, BYTES):
-        array = codec.from_bytes(data, dtype, shape, spec.name, datatype)
+        array = checks.from_bytes(data, dtype, shape, spec.name, datatype)
     else:
         array = from_values(data, dtype, shape, spec.name, datatype)
     if expected.rows is not None:
-        codec.check_values(array, spec.name, expected.rows)
+        checks.check_values(array, spec.name, expected.rows)
     return array
 
 
 def _checked_shape(expected: Input, shape: Sequence[int]) -> tuple[int, ...]:
     spec = expected.spec
     if expected.rows is not None:
-        return codec.check_shape(shape, spec.name, expected.rows)
+        return checks.check_shape(shape, spec.name, expected.rows)
     if tuple(shape) != spec.shape:
         raise TensorError(f"{spec.name}: shape {list(shape)}; expected {list(spec.shape)}")
     return tuple(shape)
@@ -87,3 +87,19 @@ def from_values(
                 f"{field}: values span [{array.min()}, {array.max()}]; {datatype} holds {low} to {high}"
             )
     return array.astype(dtype, copy=False).reshape(shape)
+
+
+# -- outputs -------------------------------------------------------------------------------------
+def describe(name: str, array: np.ndarray) -> dict:
+    """An output tensor's name, datatype and shape, as both front ends answer them."""
+    return {"name": name, "datatype": DATATYPE[array.dtype], "shape": list(array.shape)}
+
+
+def contents_field(array: np.ndarray) -> str:
+    """The field of gRPC's InferTensorContents that carries an output's typed values."""
+    return CONTENTS[DATATYPE[array.dtype]]
+
+
+def raw(array: np.ndarray) -> bytes:
+    """An output's raw bytes: little-endian, row-major."""
+    return np.ascontiguousarray(array).tobytes()

@@ -1,5 +1,9 @@
-"""The served versions follow the repository folder while the server runs.
+"""The one owner of the model repository at run time: load, verify, warm up, poll, label,
+unload and retire.
 
+At start every version ``--model``/``--version`` ask for is verified (manifest, sizes,
+checksums), opened and warmed up; the supervisor of ``--workers`` checks the same before any
+worker starts (``find_servable``). While the server runs the served versions follow the folder.
 With ``--poll-s`` the repository is scanned every so many seconds, and the registry moves
 towards what it holds:
 
@@ -18,7 +22,7 @@ towards what it holds:
 Operators may also load and unload models by hand (OIP's model repository extension, behind the
 admin token); a model unloaded so stays unloaded, polls included, until it is loaded again.
 With ``--workers`` each worker polls on its own, and a hand-made change is written to the
-supervisor's control folder, which every worker reads each second, so all reach the same set.
+folder the supervisor shares with its workers, which each reads every second, so all reach the same set.
 Metrics count loads, refusals and retirements (``vaeserve_repository_events_total``).
 """
 
@@ -34,54 +38,86 @@ from pathlib import Path
 
 from vaeserve.atomic import atomic_write_text
 from vaeserve.errors import ModelNotFoundError, RepositoryError, VaeError
-from vaeserve.repository import LABELS, MANIFEST, model_names, read_labels, version_numbers
+from vaeserve.repository import (
+    LABELS,
+    MANIFEST,
+    ModelVersion,
+    load_version,
+    model_names,
+    read_labels,
+    version_numbers,
+)
+from vaeserve.runtime import CPU, OnnxPair
 from vaeserve.service.batching import Observer
+from vaeserve.service.dataplane import ModelRegistry, ServedModel
 from vaeserve.service.metrics import Metrics
-from vaeserve.service.models import ModelRegistry, ServedModel, load_one, open_version, wanted_versions
 from vaeserve.service.settings import ServeSettings
 
 log = logging.getLogger("vaeserve.service")
-# Set by the --workers supervisor: a folder its workers share for hand-made changes.
-CONTROL_ENV = "VAESERVE_CONTROL_DIR"
+# Set by the --workers supervisor: a folder its workers share for operators' loads and unloads.
+SHARED_UNLOADS_ENV = "VAESERVE_CONTROL_DIR"
 UNLOADED = "unloaded.json"
-CONTROL_POLL_S = 1.0
+SHARED_UNLOADS_POLL_S = 1.0
 
 
-class AdminDisabledError(VaeError):
-    """The model repository extension is off: the server has no admin token."""
-
-
-class LiveRepository:
-    def __init__(
-        self,
-        settings: ServeSettings,
-        registry: ModelRegistry,
-        executor: Executor,
-        metrics: Metrics,
-        observer: Observer,
-    ) -> None:
+class ModelManager:
+    def __init__(self, settings: ServeSettings, executor: Executor, metrics: Metrics) -> None:
         self.settings = settings
-        self.registry = registry
         self.executor = executor
         self.metrics = metrics
-        self.observer = observer
+        self.observer: Observer = metrics
+        self.registry = self._load_all()
+        self.metrics.models.set(len(self.registry.all()))
         self.unloaded: set[str] = set()  # by an operator: polls leave these models alone
-        control = os.environ.get(CONTROL_ENV)
-        self.control = Path(control) / UNLOADED if control else None
+        shared = os.environ.get(SHARED_UNLOADS_ENV)
+        self.shared_unloads = Path(shared) / UNLOADED if shared else None
         # Versions refused, by folder, with the signature they were refused at: tried again
         # only once the folder changes. Likewise what was reported about labels and kept versions.
         self.refused: dict[Path, tuple] = {}
         self.reported: dict[str, object] = {}
 
+    # -- at start ---------------------------------------------------------------------------------
+    def _load_all(self) -> ModelRegistry:
+        found = find_servable(self.settings, log_refusals=True)  # nothing to serve: one error saying why
+        models: dict[str, dict[int, ServedModel]] = {}
+        for name, versions in found.items():
+            for number, version in versions.items():
+                served = self._load_one(name, number, version)
+                if served is not None:
+                    models.setdefault(name, {})[number] = served
+        if not models:
+            raise VaeError(
+                f"no servable model in {self.settings.repo} (model {self.settings.model or 'any'}, "
+                f"version {self.settings.version}): onnxruntime could not open any; see the log lines above"
+            )
+        default = self.settings.model if self.settings.model in models else sorted(models)[0]
+        registry = ModelRegistry(models, default)
+        for name in models:
+            try:
+                registry.set_labels(name, read_labels(self.settings.repo / name))
+            except RepositoryError as exc:
+                log.error("refusing the labels of %s: %s", name, exc)
+        return registry
+
+    def warm_up(self) -> None:
+        """Every loaded version, once, before the server reports SERVING."""
+        for model in self.registry.all():
+            model.warm_up()
+
+    def following(self) -> bool:
+        """Whether the served versions follow anything: the folder (--poll-s), or the other
+        workers' hand-made changes."""
+        return bool(self.settings.poll_s) or self.shared_unloads is not None
+
     # -- following the folder ------------------------------------------------------------------
     async def run(self) -> None:
-        """Poll the folder every --poll-s (if set) and the workers' control file every second
-        (if there is one); never returns."""
+        """Poll the folder every --poll-s (if set) and the workers' shared unloads every second
+        (if there are any); never returns."""
         loops = []
         if self.settings.poll_s:
             loops.append(self._every(self.settings.poll_s, self.poll))
-        if self.control is not None:
-            loops.append(self._every(CONTROL_POLL_S, self.follow_control))
+        if self.shared_unloads is not None:
+            loops.append(self._every(SHARED_UNLOADS_POLL_S, self.follow_shared_unloads))
         await asyncio.gather(*loops)
 
     async def _every(self, seconds: float, step) -> None:
@@ -133,7 +169,7 @@ class LiveRepository:
         if self.refused.get(path) == signature:
             return
         served = await asyncio.get_running_loop().run_in_executor(self.executor, self._warm, name, number)
-        if served is None:  # load_one logged why
+        if served is None:  # _load_one logged why
             self.refused[path] = signature
             self.metrics.repository_event("refused")
             return
@@ -141,10 +177,39 @@ class LiveRepository:
         self._add(served)
 
     def _warm(self, name: str, number: int) -> ServedModel | None:
-        served = load_one(self.settings, name, number, self.executor, self.observer)
+        served = self._load_one(name, number)
         if served is not None:
             served.warm_up()
         return served
+
+    def _load_one(self, name: str, number: int, version: ModelVersion | None = None) -> ServedModel | None:
+        """``_open``, or None with a log line saying why not."""
+        try:
+            return self._open(name, number, version)
+        except VaeError as exc:
+            log.error("refusing %s: %s", self.settings.repo / name / str(number), exc)
+            return None
+
+    def _open(self, name: str, number: int, version: ModelVersion | None = None) -> ServedModel:
+        """A version loaded and verified (checksums, shapes), ready to warm up; VaeError if not.
+        ``version``: already verified (find_servable), not read again."""
+        settings = self.settings
+        path = settings.repo / name / str(number)
+        version = version or load_version(path)
+        small = OnnxPair.load(version, settings.device, 1, settings.variant)
+        # On CPU every run uses the one-thread session (large batches in parallel pieces).
+        pair = small
+        if small.provider != CPU:
+            pair = OnnxPair.load(version, settings.device, 0, settings.variant)
+        log.info(
+            "loaded %s: D=%d, M=%d, variant %s on %s",
+            path,
+            version.input_size,
+            version.latent_size,
+            settings.variant,
+            pair.provider,
+        )
+        return ServedModel(version, pair, small, settings, self.executor, self.observer)
 
     def _add(self, served: ServedModel) -> None:
         self.registry.add(served)
@@ -229,15 +294,15 @@ class LiveRepository:
             if number in self.registry.models.get(name, {}):
                 continue
             try:
-                served = await loop.run_in_executor(self.executor, self._open, name, number)
+                served = await loop.run_in_executor(self.executor, self._opened_warm, name, number)
             except VaeError as exc:
                 self.metrics.repository_event("refused")
                 raise RepositoryError(f"{name}/{number}: {exc}") from None
             self._add(served)
         self._follow_labels(name)
 
-    def _open(self, name: str, number: int) -> ServedModel:
-        served = open_version(self.settings, name, number, self.executor, self.observer)
+    def _opened_warm(self, name: str, number: int) -> ServedModel:
+        served = self._open(name, number)
         served.warm_up()
         return served
 
@@ -252,17 +317,17 @@ class LiveRepository:
         log.info("unloaded %s by request", name)
 
     def _share(self) -> None:
-        if self.control is not None:
-            atomic_write_text(self.control, json.dumps(sorted(self.unloaded)))
+        if self.shared_unloads is not None:
+            atomic_write_text(self.shared_unloads, json.dumps(sorted(self.unloaded)))
 
-    async def follow_control(self) -> None:
-        """Another worker's hand-made change, read from the supervisor's control folder."""
+    async def follow_shared_unloads(self) -> None:
+        """Another worker's hand-made change, read from the supervisor's shared folder."""
         try:
-            unloaded = set(json.loads(self.control.read_text()))
+            unloaded = set(json.loads(self.shared_unloads.read_text()))
         except FileNotFoundError:
             return
         except (OSError, ValueError) as exc:
-            self._once("control", str(exc), "ignoring %s: %s", self.control, exc)
+            self._once("shared unloads", str(exc), "ignoring %s: %s", self.shared_unloads, exc)
             return
         for name in sorted(unloaded - self.unloaded):
             await self.unload_model(name)
@@ -283,3 +348,45 @@ def _signature(path: Path) -> tuple:
         return ()
     inner = (manifest.st_mtime_ns, manifest.st_ctime_ns) if manifest else ()
     return (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, *inner)
+
+
+def wanted_versions(settings: ServeSettings, name: str) -> list[int]:
+    """The versions of a model in the repository that --version asks to serve."""
+    numbers = version_numbers(settings.repo / name)
+    if settings.version == "all":
+        return numbers
+    if settings.version == "latest":
+        return numbers[-1:]
+    return [int(settings.version)] if int(settings.version) in numbers else []
+
+
+def find_servable(settings: ServeSettings, log_refusals: bool = False) -> dict[str, dict[int, ModelVersion]]:
+    """The versions vae serve would load, verified (manifest, sizes, checksums) but not opened;
+    where there is none, a RepositoryError that says why, each reason once (the supervisor
+    checks before its workers start, so a bad --model is one message, not one per worker).
+    ``log_refusals``: log why each version left out was, when others are servable."""
+    names = [settings.model] if settings.model else model_names(settings.repo)
+    found: dict[str, dict[int, ModelVersion]] = {}
+    reasons = []
+    for name in names:
+        wanted = wanted_versions(settings, name)
+        if not wanted:
+            reasons.append(_no_version(settings, name))
+        for number in wanted:
+            try:
+                found.setdefault(name, {})[number] = load_version(settings.repo / name / str(number))
+            except RepositoryError as exc:
+                reasons.append(str(exc))
+    if not found:
+        why = "; ".join(reasons) or "it holds no model versions (NAME/VERSION folders that vae export writes)"
+        raise RepositoryError(f"no servable model in {settings.repo}: {why}")
+    for reason in reasons if log_refusals else []:
+        log.error("refusing %s", reason)
+    return found
+
+
+def _no_version(settings: ServeSettings, name: str) -> str:
+    numbers = version_numbers(settings.repo / name)
+    if not numbers:
+        return f"no model {name!r} (models there: {', '.join(model_names(settings.repo)) or 'none'})"
+    return f"model {name!r} has no version {settings.version} (has {numbers})"

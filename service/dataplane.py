@@ -1,31 +1,30 @@
 """The data plane: loaded model versions, the four uses of a model and scoring, in numpy.
 
-Nothing here knows gRPC. A ``ServedModel`` runs its encoder and decoder through
-batchers and draws every random number from the request's own generator, so a
-seeded request gives bit-identical results however the server is loaded.
+Every front end (vae.v1, OIP over gRPC and HTTP) calls these and nothing else, and nothing
+here knows a protocol. A ``ServedModel`` runs its encoder and decoder through batchers (or,
+batching off, straight, bounded by admission) and its scoring through admission, and draws every
+random number from the request's own generator, so a seeded request gives bit-identical results
+however the server is loaded. Loading and unloading are ``service.manager``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from concurrent.futures import Executor
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from vaeserve import codec
-from vaeserve._proto import vae_pb2
 from vaeserve.datasets import encoder_inputs
 from vaeserve.elbo import likelihood_sample
-from vaeserve.errors import ModelNotFoundError, RepositoryError, TensorError, VaeError
+from vaeserve.errors import ModelNotFoundError, RepositoryError, TensorError
 from vaeserve.ood import scores
-from vaeserve.repository import ModelVersion, load_version, model_names, read_labels, version_numbers
+from vaeserve.repository import ModelVersion
+from vaeserve.rows import Rows
 from vaeserve.runtime import CPU, OnnxPair, usable_cores
-from vaeserve.service.batching import Batcher, Direct, Observer, Run, Runner
+from vaeserve.service.batching import Admission, Batcher, Direct, Observer, Run, Runner
 from vaeserve.service.settings import ServeSettings
-
-log = logging.getLogger(__name__)
 
 
 def generator(seed: int | None) -> np.random.Generator:
@@ -38,6 +37,24 @@ def bernoulli(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 SAMPLE_DTYPES = {"bernoulli": "UINT8", "continuous-bernoulli": "FP32"}
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What a loaded version tells about itself (vae.v1's ModelInfo has the same fields)."""
+
+    name: str
+    version: int
+    input_size: int
+    latent_size: int
+    image_shape: tuple[int, ...]
+    execution_provider: str
+    variant: str
+    binarization: str
+    likelihood: str
+    max_batch_rows: int
+    is_default: bool
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class ServedModel:
@@ -54,21 +71,22 @@ class ServedModel:
         self.pair = pair
         self.small = small
         self.settings = settings
-        self.ref = vae_pb2.ModelRef(name=version.name, version=version.version)
         label = f"{version.name}/{version.version}"
-        self.binarization = version.manifest.get("binarization", "none")
+        self.binarization = version.manifest.binarization
         self.likelihood = version.likelihood
         self.executor = executor
         limit = settings.max_request_rows
         # Raw uint8 pixels (prepared as in training when the encoder runs), or float32 model
         # inputs, which must lie in [0, 1]; latents are float32 and finite.
-        self.pixels = codec.Rows(version.input_size, limit, uint8=True, low=0.0, high=1.0)
-        self.latent_rows = codec.Rows(version.latent_size, limit, uint8=False)
+        self.pixels = Rows(version.input_size, limit, uint8=True, low=0.0, high=1.0)
+        self.latent_rows = Rows(version.latent_size, limit, uint8=False)
         inline, parts = settings.inline_max_rows, parallel_runs(settings, pair.provider)
         encoder = Runner(self._prepared(small.encode), self._prepared(pair.encode), executor, inline, parts)
         decoder = Runner(small.decode, pair.decode, executor, inline, parts)
         self.encoder = self._batcher(encoder, f"{label} encoder", observer)
         self.decoder = self._batcher(decoder, f"{label} decoder", observer)
+        # Score runs k importance samples per row on the executor: bounded like any long run.
+        self.scorer = Admission(f"{label} scorer", settings.max_queue_rows)
 
     def _prepared(self, encode: Run) -> Run:
         """Raw uint8 pixels are prepared where the encoder runs (on the executor's threads, in
@@ -137,8 +155,13 @@ class ServedModel:
         self, x: np.ndarray, iw_samples: int, seed: int | None, row_offset: int = 0
     ) -> dict[str, np.ndarray]:
         """Per row: the ELBO, log p(x) with k importance samples (the evaluator's estimator,
-        vaeserve.evaluation) and the input-complexity OOD score; on the model's executor."""
+        vaeserve.evaluation) and the input-complexity OOD score; on the model's executor, once
+        admitted."""
         k = self.iw_samples(iw_samples)
+        with self.scorer.holding(len(x)):
+            return await self._score(x, k, seed, row_offset)
+
+    async def _score(self, x: np.ndarray, k: int, seed: int | None, row_offset: int) -> dict[str, np.ndarray]:
         inputs = encoder_inputs(x, self.binarization)
 
         run = functools.partial(
@@ -161,13 +184,9 @@ class ServedModel:
             raise TensorError(f"iw_samples: {k}; expected 1 to {self.settings.max_iw_samples}")
         return k
 
-    def info(self, is_default: bool) -> vae_pb2.ModelInfo:
-        evaluation = self.version.manifest.get("evaluation") or {}
-        metrics = {k: float(v) for k, v in evaluation.items() if isinstance(v, int | float)}
-        reference = self.version.manifest.get("score_reference") or {}
-        for field, percentiles in reference.get("percentiles", {}).items():
-            metrics.update({f"{field}_p{p}": float(v) for p, v in percentiles.items()})
-        return vae_pb2.ModelInfo(
+    def summary(self, is_default: bool) -> ModelSummary:
+        manifest = self.version.manifest
+        return ModelSummary(
             name=self.version.name,
             version=self.version.version,
             input_size=self.version.input_size,
@@ -176,10 +195,10 @@ class ServedModel:
             execution_provider=self.pair.provider,
             variant=self.settings.variant,
             binarization=self.binarization,
-            metrics=metrics,
-            is_default=is_default,
-            max_batch_rows=self.settings.max_request_rows,
             likelihood=self.likelihood,
+            max_batch_rows=self.settings.max_request_rows,
+            is_default=is_default,
+            metrics={**manifest.evaluation_metrics(), **manifest.reference_metrics()},
         )
 
 
@@ -195,29 +214,6 @@ class ModelRegistry:
         self.default = default
         self.labels: dict[str, dict[str, int]] = labels or {}
         self.generation = 0
-
-    @classmethod
-    def load(cls, settings: ServeSettings, executor: Executor, observer: Observer) -> ModelRegistry:
-        found = find_servable(settings, log_refusals=True)  # nothing to serve: one error saying why
-        models: dict[str, dict[int, ServedModel]] = {}
-        for name, versions in found.items():
-            for number, version in versions.items():
-                served = load_one(settings, name, number, executor, observer, version)
-                if served is not None:
-                    models.setdefault(name, {})[number] = served
-        if not models:
-            raise VaeError(
-                f"no servable model in {settings.repo} (model {settings.model or 'any'}, "
-                f"version {settings.version}): onnxruntime could not open any; see the log lines above"
-            )
-        default = settings.model if settings.model in models else sorted(models)[0]
-        registry = cls(models, default)
-        for name in models:
-            try:
-                registry.set_labels(name, read_labels(settings.repo / name))
-            except RepositoryError as exc:
-                log.error("refusing the labels of %s: %s", name, exc)
-        return registry
 
     def resolve(self, name: str, version: str) -> ServedModel:
         name = name or self.default
@@ -267,11 +263,13 @@ class ModelRegistry:
     def all(self) -> list[ServedModel]:
         return [m for name in sorted(self.models) for _, m in sorted(self.models[name].items())]
 
-    def describe(self, name: str = "") -> list[vae_pb2.ModelInfo]:
+    def describe(self, name: str = "") -> list[ModelSummary]:
         if name and name not in self.models:
             raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self.models)}")
         return [
-            m.info(m.version.name == self.default) for m in self.all() if not name or m.version.name == name
+            m.summary(m.version.name == self.default)
+            for m in self.all()
+            if not name or m.version.name == name
         ]
 
     def start(self) -> None:
@@ -290,89 +288,3 @@ def parallel_runs(settings: ServeSettings, provider: str) -> int:
     if provider != CPU:
         return 1
     return settings.threads or usable_cores()
-
-
-def wanted_versions(settings: ServeSettings, name: str) -> list[int]:
-    """The versions of a model in the repository that --version asks to serve."""
-    numbers = version_numbers(settings.repo / name)
-    if settings.version == "all":
-        return numbers
-    if settings.version == "latest":
-        return numbers[-1:]
-    return [int(settings.version)] if int(settings.version) in numbers else []
-
-
-def find_servable(settings: ServeSettings, log_refusals: bool = False) -> dict[str, dict[int, ModelVersion]]:
-    """The versions vae serve would load, verified (manifest, sizes, checksums) but not opened;
-    where there is none, a RepositoryError that says why, each reason once (the supervisor
-    checks before its workers start, so a bad --model is one message, not one per worker).
-    ``log_refusals``: log why each version left out was, when others are servable."""
-    names = [settings.model] if settings.model else model_names(settings.repo)
-    found: dict[str, dict[int, ModelVersion]] = {}
-    reasons = []
-    for name in names:
-        wanted = wanted_versions(settings, name)
-        if not wanted:
-            reasons.append(_no_version(settings, name))
-        for number in wanted:
-            try:
-                found.setdefault(name, {})[number] = load_version(settings.repo / name / str(number))
-            except RepositoryError as exc:
-                reasons.append(str(exc))
-    if not found:
-        why = "; ".join(reasons) or "it holds no model versions (NAME/VERSION folders that vae export writes)"
-        raise RepositoryError(f"no servable model in {settings.repo}: {why}")
-    for reason in reasons if log_refusals else []:
-        log.error("refusing %s", reason)
-    return found
-
-
-def _no_version(settings: ServeSettings, name: str) -> str:
-    numbers = version_numbers(settings.repo / name)
-    if not numbers:
-        return f"no model {name!r} (models there: {', '.join(model_names(settings.repo)) or 'none'})"
-    return f"model {name!r} has no version {settings.version} (has {numbers})"
-
-
-def load_one(
-    settings: ServeSettings,
-    name: str,
-    number: int,
-    executor: Executor,
-    observer: Observer,
-    version: ModelVersion | None = None,
-) -> ServedModel | None:
-    """``open_version``, or None with a log line saying why not."""
-    try:
-        return open_version(settings, name, number, executor, observer, version)
-    except VaeError as exc:
-        log.error("refusing %s: %s", settings.repo / name / str(number), exc)
-        return None
-
-
-def open_version(
-    settings: ServeSettings,
-    name: str,
-    number: int,
-    executor: Executor,
-    observer: Observer,
-    version: ModelVersion | None = None,
-) -> ServedModel:
-    """A version loaded and verified (checksums, shapes), ready to warm up; VaeError if not.
-    ``version``: already verified (find_servable), not read again."""
-    path = settings.repo / name / str(number)
-    version = version or load_version(path)
-    small = OnnxPair.load(version, settings.device, 1, settings.variant)
-    # On CPU every run uses the one-thread session (large batches in parallel pieces).
-    pair = small
-    if small.provider != CPU:
-        pair = OnnxPair.load(version, settings.device, 0, settings.variant)
-    log.info(
-        "loaded %s: D=%d, M=%d, variant %s on %s",
-        path,
-        version.input_size,
-        version.latent_size,
-        settings.variant,
-        pair.provider,
-    )
-    return ServedModel(version, pair, small, settings, executor, observer)

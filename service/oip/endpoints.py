@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vaeserve.codec import Rows
 from vaeserve.errors import ModelNotFoundError, RequestError
-from vaeserve.service.live import AdminDisabledError, LiveRepository
-from vaeserve.service.models import SAMPLE_DTYPES, ModelRegistry, ServedModel
+from vaeserve.rows import Rows
+from vaeserve.service.dataplane import SAMPLE_DTYPES, ModelRegistry, ServedModel
 
 PLATFORM = "vaeserve"
 # Request parameters clients of other servers send that mean nothing here; accepted and ignored.
@@ -273,41 +272,3 @@ class Catalogue:
         except ModelNotFoundError:
             return False
         return True
-
-
-# What Triton's clients send with an unload: vaeserve's models have no dependents to unload.
-IGNORED_REPOSITORY_PARAMETERS = frozenset({"unload_dependents"})
-
-
-class Control:
-    """OIP's model repository extension over the live repository, for both front ends: the
-    repository's own model names (NAME, not NAME-encoder), one repository, no parameters."""
-
-    def __init__(self, live: LiveRepository, enabled: bool, repository: str) -> None:
-        self.live, self.enabled, self.repository = live, enabled, repository
-
-    def index(self, repository: str, ready_only: bool) -> list[dict[str, str]]:
-        self._check(repository, {})
-        return self.live.index(ready_only)
-
-    async def load(self, repository: str, name: str, parameters: Mapping) -> None:
-        self._check(repository, parameters)
-        await self.live.load_model(name)
-
-    async def unload(self, repository: str, name: str, parameters: Mapping) -> None:
-        self._check(repository, parameters)
-        await self.live.unload_model(name)
-
-    def _check(self, repository: str, parameters: Mapping) -> None:
-        if not self.enabled:
-            raise AdminDisabledError(
-                "the model repository extension is off: start the server with --admin-token-file"
-            )
-        if repository not in ("", self.repository):
-            raise ModelNotFoundError(f"repository {repository!r}: this server serves {self.repository!r}")
-        unknown = set(parameters) - IGNORED_REPOSITORY_PARAMETERS
-        if unknown:
-            raise RequestError(
-                f"parameters {sorted(unknown)}: none are taken here (a model loads from its folder "
-                "as exported; no config or files in the request)"
-            )

@@ -1,25 +1,24 @@
-"""VaeService over gRPC: thin translations between messages and the data plane.
+"""vae.v1's VaeService over gRPC: thin translations between messages and the data plane.
 
-Each handler decodes tensors (vaeserve.codec), calls the ServedModel, and encodes
-the result. Errors become gRPC statuses in one place, ``statuses.rpc``.
+Each handler decodes tensors (vaeserve.codec), calls the ServedModel, and encodes the result;
+every handler, EncodeStream's included, runs in ``grpc_calls``' wrapper, whose statuses are
+``service.policy``'s.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
-
-import grpc
+from collections.abc import Callable
 
 from vaeserve import __version__
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import read_tensor, to_tensor
+from vaeserve.service.dataplane import ModelRegistry, ServedModel
+from vaeserve.service.grpc_calls import rpc, stream_rpc
 from vaeserve.service.metrics import Metrics
-from vaeserve.service.models import ModelRegistry
 from vaeserve.service.shared_memory import SharedMemoryRegions
-from vaeserve.service.statuses import GRPC_STATUS, KNOWN, rpc
-from vaeserve.service.wire import Received, Reply, checked, field_number
+from vaeserve.service.wire import Received, Reply, field_number
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,10 @@ def _rpc(method: str) -> Callable:
     return rpc(method, PROTOCOL, _rows)
 
 
+def _ref(model: ServedModel) -> vae_pb2.ModelRef:
+    return vae_pb2.ModelRef(name=model.version.name, version=model.version.version)
+
+
 class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     def __init__(self, registry: ModelRegistry, metrics: Metrics, regions: SharedMemoryRegions) -> None:
         self.registry = registry
@@ -70,15 +73,16 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         if request.HasField("output_shared_memory"):
             return self._in_shared_memory(request, model, out)
         tensors = tuple((ENCODE_FIELDS[name], array) for name, array in out.items())
-        return Reply(vae_pb2.EncodeResponse(model=model.ref), tensors)
+        return Reply(vae_pb2.EncodeResponse(model=_ref(model)), tensors)
 
-    async def _encode(self, request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
-        request = checked(request)  # a stream's message may be undecodable
+    @stream_rpc("EncodeStream", PROTOCOL, _rows)
+    async def EncodeStream(self, request: vae_pb2.EncodeRequest) -> vae_pb2.EncodeResponse:
+        """One response per request, in order; an error ends the stream with its status."""
         model, out = await self._encoded(request)
         if request.HasField("output_shared_memory"):
             return self._in_shared_memory(request, model, out)
         tensors = {name: to_tensor(array) for name, array in out.items()}
-        return vae_pb2.EncodeResponse(**tensors, model=model.ref)
+        return vae_pb2.EncodeResponse(**tensors, model=_ref(model))
 
     async def _encoded(self, request: vae_pb2.EncodeRequest, data: memoryview | None = None):
         model = self.registry.resolve(request.model, request.version)
@@ -87,7 +91,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
 
     def _in_shared_memory(self, request, model, out: dict) -> vae_pb2.EncodeResponse:
         tensors = self.regions.write(request.output_shared_memory, out, "output_shared_memory")
-        return vae_pb2.EncodeResponse(**tensors, model=model.ref)
+        return vae_pb2.EncodeResponse(**tensors, model=_ref(model))
 
     @_rpc("Decode")
     async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
@@ -95,7 +99,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         latents = read_tensor(request.latents, "latents", model.latent_rows, self.regions.read)
         out = await model.decode(latents, request.sample, _seed(request))
         samples = to_tensor(out["samples"]) if "samples" in out else None
-        return vae_pb2.DecodeResponse(probs=to_tensor(out["probs"]), samples=samples, model=model.ref)
+        return vae_pb2.DecodeResponse(probs=to_tensor(out["probs"]), samples=samples, model=_ref(model))
 
     @_rpc("Reconstruct")
     async def Reconstruct(self, request: vae_pb2.ReconstructRequest, context) -> vae_pb2.ReconstructResponse:
@@ -106,7 +110,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             probs=to_tensor(out["probs"]),
             samples=to_tensor(out["samples"]),
             latents=to_tensor(out["latents"]),
-            model=model.ref,
+            model=_ref(model),
         )
 
     @_rpc("SamplePrior")
@@ -117,7 +121,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
             latents=to_tensor(out["latents"]),
             probs=to_tensor(out["probs"]),
             samples=to_tensor(out["samples"]),
-            model=model.ref,
+            model=_ref(model),
         )
 
     @_rpc("Score")
@@ -126,15 +130,14 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         inputs = read_tensor(request.inputs, "inputs", model.pixels, self.regions.read)
         out = await model.score(inputs, request.iw_samples, _seed(request), request.row_offset)
         tensors = {name: to_tensor(array) for name, array in out.items()}
-        return vae_pb2.ScoreResponse(**tensors, model=model.ref, iw_samples=request.iw_samples or 1)
+        return vae_pb2.ScoreResponse(**tensors, model=_ref(model), iw_samples=request.iw_samples or 1)
 
     @_rpc("GetModelInfo")
     async def GetModelInfo(
         self, request: vae_pb2.GetModelInfoRequest, context
     ) -> vae_pb2.GetModelInfoResponse:
-        return vae_pb2.GetModelInfoResponse(
-            models=self.registry.describe(request.model), server_version=__version__
-        )
+        models = [vae_pb2.ModelInfo(**dataclasses.asdict(m)) for m in self.registry.describe(request.model)]
+        return vae_pb2.GetModelInfoResponse(models=models, server_version=__version__)
 
     @_rpc("RegisterSharedMemory")
     async def RegisterSharedMemory(
@@ -151,18 +154,3 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         self.regions.unregister(request.name)
         log.info("shared memory: unregistered %r", request.name)
         return vae_pb2.UnregisterSharedMemoryResponse()
-
-    async def EncodeStream(
-        self, requests: AsyncIterator[vae_pb2.EncodeRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[vae_pb2.EncodeResponse]:
-        """One response per request, in order; an error ends the stream with its status."""
-        async for request in requests:
-            started = time.perf_counter()
-            try:
-                response = await self._encode(request)
-            except KNOWN as exc:
-                code = GRPC_STATUS[type(exc)]
-                self.metrics.call("EncodeStream", code.name, time.perf_counter() - started, 0, PROTOCOL)
-                await context.abort(code, str(exc))
-            self.metrics.call("EncodeStream", "OK", time.perf_counter() - started, _rows(response), PROTOCOL)
-            yield response

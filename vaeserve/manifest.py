@@ -1,0 +1,148 @@
+"""A version's ``manifest.json``, as one typed record: read, validated and written here only.
+
+``vae export`` builds a ``Manifest`` and writes it; the repository loader, the service, the
+embedding tool, the evaluator and the benchmarks read it through this record. Keys a newer
+vaeserve added and this one does not know are kept and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vaeserve.errors import RepositoryError
+
+MANIFEST = "manifest.json"
+SCHEMA_VERSION = 1
+ROLES = ("encoder", "decoder")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file of the version: its name in the folder, size and SHA-256 (and, for the fp32
+    graphs, their inputs' and outputs' names, dtypes and shapes)."""
+
+    file: str
+    size: int
+    sha256: str
+    signature: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> FileRecord:
+        return cls(
+            raw["file"],
+            int(raw["size"]),
+            raw["sha256"],
+            {k: raw[k] for k in ("inputs", "outputs") if k in raw},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "size": self.size, "sha256": self.sha256, **self.signature}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    input_size: int
+    latent_size: int
+    image_shape: tuple[int, ...]
+    graphs: dict[str, FileRecord]  # by role: encoder, decoder
+    binarization: str = "none"  # how training prepared pixels; exports before it existed: none
+    likelihood: str = "bernoulli"  # p(x|z); exports before continuous-bernoulli: bernoulli
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # int8, fp16: files and changes
+    vaeserve_version: str = ""
+    created: str = ""
+    opset: int | None = None
+    exporter: str = ""
+    parity: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    score_reference: dict[str, Any] = field(default_factory=dict)
+    source_checkpoint: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    unknown: dict[str, Any] = field(default_factory=dict)  # keys of a newer vaeserve, kept
+
+    # -- reading and writing ----------------------------------------------------------------------
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RepositoryError(f"{path}: no manifest; not a model version folder") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RepositoryError(f"{path}: corrupt manifest ({exc})") from None
+        return cls.parse(raw, path)
+
+    @classmethod
+    def parse(cls, raw: object, where: Path | str = MANIFEST) -> Manifest:
+        """A manifest's JSON object, validated: RepositoryError saying what is wrong."""
+        if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+            found = raw.get("schema_version") if isinstance(raw, dict) else None
+            raise RepositoryError(
+                f"{where}: manifest schema version {found!r}, this vaeserve reads {SCHEMA_VERSION}"
+            )
+        missing = {"name", "version", "input_size", "latent_size", "image_shape", "graphs"} - set(raw)
+        if missing:
+            raise RepositoryError(f"{where}: manifest lacks {sorted(missing)}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"unknown"}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        try:
+            values.update(
+                version=int(raw["version"]),
+                input_size=int(raw["input_size"]),
+                latent_size=int(raw["latent_size"]),
+                image_shape=tuple(int(d) for d in raw["image_shape"]),
+                graphs={role: FileRecord.parse(raw["graphs"][role]) for role in ROLES},
+            )
+            for variant in raw.get("variants", {}).values():
+                [FileRecord.parse(variant[role]) for role in ROLES]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
+        return cls(**values, unknown={k: v for k, v in raw.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "unknown"}
+        raw.update(
+            image_shape=list(self.image_shape), graphs={r: g.to_dict() for r, g in self.graphs.items()}
+        )
+        return {**raw, **self.unknown}
+
+    def write(self, folder: Path) -> None:
+        """Into a staging folder (export renames the whole folder into place)."""
+        (folder / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # -- what readers ask ---------------------------------------------------------------------------
+    def files(self) -> list[FileRecord]:
+        """Every file the version holds, fp32 graphs and variants, for verification."""
+        records = [self.graphs[role] for role in ROLES]
+        for variant in self.variants.values():
+            records += [FileRecord.parse(variant[role]) for role in ROLES]
+        return records
+
+    def graph_file(self, role: str, variant: str = "fp32") -> str | None:
+        """The file of ``role`` in ``variant``; None when the version has no such variant."""
+        if variant == "fp32":
+            return self.graphs[role].file
+        found = self.variants.get(variant)
+        return found[role]["file"] if found else None
+
+    @property
+    def dataset(self) -> str:
+        """The dataset the model was trained on (its name in vaeserve.datasets)."""
+        return self.training["dataset"]
+
+    def evaluation_metrics(self) -> dict[str, float]:
+        """The test evaluation's numbers (ELBO, NLL, ...), by name."""
+        return {k: float(v) for k, v in self.evaluation.items() if isinstance(v, int | float)}
+
+    def reference_metrics(self) -> dict[str, float]:
+        """The test set's Score percentiles as metrics, ``ood_score_p0.5`` and so on."""
+        metrics = {}
+        for name, percentiles in self.score_reference.get("percentiles", {}).items():
+            metrics.update({f"{name}_p{p}": float(v) for p, v in percentiles.items()})
+        return metrics
