@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,3 +140,15 @@ def raw_status(call, request) -> tuple[grpc.StatusCode, str]:
     except grpc.RpcError as exc:
         return exc.code(), exc.details()
     return grpc.StatusCode.OK, ""
+
+
+def until(check: Callable[[], object], timeout: float = 30, what: str = "the condition") -> object:
+    """Wait on a condition, never on a clock: ``check()``'s first true result, or an
+    AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not hold within {timeout} s")

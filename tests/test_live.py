@@ -36,13 +36,7 @@ def publish(repo: Path, source: Path, number: int) -> None:
 
 
 def until(check: Callable[[], object], timeout: float = 30) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError("the server did not follow the repository in time")
+    return servers.until(check, timeout, "the server following the repository")
 
 
 def served_version(target: str, version: str = "") -> int | grpc.StatusCode:
@@ -94,8 +88,8 @@ def test_new_versions_labels_and_removals_are_followed(live_repo: Path, tmp_path
 
         # A removed version a label points at is kept; unlabelled, it is retired.
         shutil.rmtree(one)
-        time.sleep(1)
-        assert served_version(server.target, "1") == 1 and "a label points at it" in server.output()
+        until(lambda: "a label points at it" in server.output())
+        assert served_version(server.target, "1") == 1
         (live_repo / "tiny" / "labels.json").write_text(json.dumps({"canary": 2}))
         until(lambda: served_version(server.target, "1") == grpc.StatusCode.NOT_FOUND)
         assert served_version(server.target) == 2
@@ -106,8 +100,8 @@ def test_new_versions_labels_and_removals_are_followed(live_repo: Path, tmp_path
 
         # The last version of a model is never retired, even when its folder goes.
         shutil.move(live_repo / "tiny" / "2", tmp_path / "away")
-        time.sleep(1)
-        assert served_version(server.target) == 2 and "only loaded version" in server.output()
+        until(lambda: "only loaded version" in server.output())
+        assert served_version(server.target) == 2
         assert events(server) == {"loaded": 1.0, "retired": 1.0, "refused": 1.0}
 
 
@@ -211,8 +205,8 @@ def test_a_new_version_takes_over_under_load_without_a_failed_call(
             shutil.copytree(live_repo / "tiny" / "1", broken)
             (broken / "decoder.onnx").write_bytes(b"tampered")
             publish(live_repo, broken, 3)  # refused; changes nothing
-            time.sleep(3 * poll)
-            assert latest.now() == 1 and "refusing" in server.output()
+            until(lambda: "refusing" in server.output())
+            assert latest.now() == 1
             shutil.rmtree(live_repo / "tiny" / "3")
             published = time.monotonic()
             publish(live_repo, live_repo / "tiny" / "1", 2)  # exported while 1 answers traffic

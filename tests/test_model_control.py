@@ -122,15 +122,15 @@ def test_every_worker_follows_an_unload(repo: Path, tmp_path: Path, tokens) -> N
     models = tmp_path / "models"
     shutil.copytree(repo, models)
     with servers.running(models, tmp_path / "serve.log", *tokens, "--workers", "2") as server:
-        deadline = time.monotonic() + 30
-        while "all 2 workers serving" not in server.output() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        servers.until(lambda: "all 2 workers serving" in server.output(), what="both workers serving")
+
+        def every_worker_answers(code: str) -> bool:  # 8 fresh connections reach both workers
+            return {encode_code(server, CLIENT) for _ in range(8)} == {code}
+
         assert post(server, "/v2/repository/models/tiny/unload", ADMIN) == (200, {})
-        time.sleep(2.5)  # each worker reads the shared control file every second
-        assert {encode_code(server, CLIENT) for _ in range(8)} == {"StatusCode.NOT_FOUND"}
+        servers.until(lambda: every_worker_answers("StatusCode.NOT_FOUND"), what="every worker unloaded")
         assert post(server, "/v2/repository/models/tiny/load", ADMIN) == (200, {})
-        time.sleep(2.5)
-        assert {encode_code(server, CLIENT) for _ in range(8)} == {"OK"}
+        servers.until(lambda: every_worker_answers("OK"), what="every worker loaded again")
 
 
 def test_the_admin_token_must_differ_from_the_clients(repo: Path, tmp_path: Path) -> None:
