@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vaeserve.errors import ExportError
-from vaeserve.repository import ROLES, ModelVersion
+from vaeserve.manifest import ROLES
+from vaeserve.repository import ModelVersion
 from vaeserve.runtime import CPU, open_session
 
 # onnxruntime's type strings → Triton's model-config data types.
