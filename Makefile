@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/*/*.proto protos/*
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[train,embed,ray,test]'
+	$(BIN)/python -m pip install --quiet -e '.[train,embed,store,ray,test]'
 	$(BIN)/python -m pip install --quiet --no-deps "$(TRITONCLIENT)"
 	touch $@
 

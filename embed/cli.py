@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vaeserve.storage import location
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -28,19 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         help="in-process encoder threads, each making single-threaded onnxruntime calls (0: one per core)",
     )
-    parser.add_argument(
-        "--engine",
-        choices=("local", "ray"),
-        default="local",
-        help="local: this process (default); ray: Ray Data with a pool of onnxruntime actors "
-        "(writes a folder of Parquet files)",
-    )
-    parser.add_argument(
-        "--ray-address", help="with --engine ray: the cluster's address (default: a local Ray)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=2, help="with --engine ray: onnxruntime actors (default 2)"
-    )
     parser.set_defaults(handler=embed_command)
 
 
@@ -63,14 +52,26 @@ def register_score(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_job_flags(parser: argparse.ArgumentParser, verb: str) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="models/NAME or models/NAME/VERSION")
+    parser.add_argument(
+        "--model",
+        type=location,
+        required=True,
+        help="models/NAME or models/NAME/VERSION, or the same on object storage (s3://BUCKET/models/NAME)",
+    )
     parser.add_argument(
         "--input",
-        type=Path,
+        type=location,
         required=True,
-        help="IDX (raw or .gz), .npy, .npz, .parquet file, or a folder of PNG/JPEG images",
+        help="IDX (raw or .gz), .npy, .npz, .parquet file, a folder of PNG/JPEG images, or a folder of "
+        ".parquet/.npy parts; on object storage (s3://, gs://) a .parquet/.npy object or a prefix of them",
     )
-    parser.add_argument("--output", type=Path, required=True, help="DST.npy or DST.parquet")
+    parser.add_argument(
+        "--output",
+        type=location,
+        required=True,
+        help="DST.npy or DST.parquet; on object storage (or with --engine ray) DST.parquet is a "
+        "prefix of Parquet parts, complete once DST.parquet/_SUCCESS and the sidecar say so",
+    )
     parser.add_argument(
         "--server",
         help=f"HOST:PORT: {verb} through the gRPC service instead of in-process; several replicas as "
@@ -89,6 +90,19 @@ def _add_job_flags(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("--token-file", type=Path, help="with --server: file holding the bearer token")
     parser.add_argument("--tls-ca", type=Path, help="with --server: PEM CA of a TLS server")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: Ray tasks, each reading, encoding and writing its "
+        "chunks (writes a partitioned Parquet dataset; resumable)",
+    )
+    parser.add_argument(
+        "--ray-address", help="with --engine ray: the cluster's address (default: a local Ray)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="with --engine ray: chunks encoded at a time (default 2)"
+    )
 
 
 def _request(args: argparse.Namespace, **job):
@@ -108,6 +122,9 @@ def _request(args: argparse.Namespace, **job):
         token=token,
         tls_ca=args.tls_ca,
         threads=args.threads,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        workers=args.workers,
         **job,
     )
 
@@ -118,9 +135,6 @@ def embed_command(args: argparse.Namespace) -> int:
     request = _request(
         args,
         stddev=args.stddev,
-        engine=args.engine,
-        ray_address=args.ray_address,
-        workers=args.workers,
         shared_memory=args.shared_memory,
     )
     summary = run(request, progress=not args.no_progress)

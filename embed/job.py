@@ -9,7 +9,7 @@ onnxruntime or the service, embed.pipeline; or Ray, embed.ray_engine), and marks
 
 from __future__ import annotations
 
-import os
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,14 +32,16 @@ from vaeserve.embed.sidecar import Sidecar
 from vaeserve.embed.sinks import FORMATS, ChunkSink, open_sink, record_dtype, score_dtype
 from vaeserve.embed.sources import Source, open_source
 from vaeserve.errors import ConfigError, DataError, TensorError, VaeError
-from vaeserve.repository import ModelVersion, open_path
+from vaeserve.remote_repository import open_model
+from vaeserve.repository import ModelVersion
+from vaeserve.storage import Location, ObjectPath
 
 
 @dataclass(frozen=True)
 class EmbedRequest:
-    model: Path
-    input: Path
-    output: Path
+    model: Location
+    input: Location
+    output: Location
     server: str | None = None
     stddev: bool = False
     resume: bool = False
@@ -70,11 +72,9 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         raise ConfigError("--chunk-rows must be at least 1")
     if request.threads < 0:
         raise ConfigError("--threads must be 0 (one per core) or more")
-    if request.score and (request.engine == "ray" or request.iw_samples < 1 or request.seed < 0):
-        raise ConfigError(
-            "vae score runs locally or through --server, with --iw-samples >= 1 and --seed >= 0"
-        )
-    version = open_path(request.model)
+    if request.score and (request.iw_samples < 1 or request.seed < 0):
+        raise ConfigError("vae score needs --iw-samples >= 1 and --seed >= 0")
+    version = open_model(request.model)
     source = open_source(request.input, version.image_shape, request.column, request.key)
     if source.columns != version.input_size:
         raise DataError(
@@ -86,7 +86,7 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         return _summary(request, source.rows, 0, 0.0, complete_before=True)
     started = time.perf_counter()
     if request.engine == "ray":
-        done = embed_on_ray(request, job, version)
+        done = embed_on_ray(request, job, version, progress)
     else:
         done = embed_locally(request, job, version, source, progress)
     job.completed_at(datetime.now(timezone.utc).isoformat(timespec="seconds")).write(request.output)
@@ -128,7 +128,7 @@ def embed_locally(
     sink = open_sink(request.output, source.rows, request.chunk_rows, dtype)
     claim_output(request, job, sink)
     try:
-        with disk_full_said(request.output.parent):
+        with _disk_full_said(request.output):
             finished = sink.start(request.resume)
             engine = encoder(request, version)
             try:
@@ -143,6 +143,10 @@ def embed_locally(
     finally:
         sink.close()
     return done
+
+
+def _disk_full_said(output: Location) -> contextlib.AbstractContextManager:
+    return disk_full_said(output.parent) if isinstance(output, Path) else contextlib.nullcontext()
 
 
 def settle_failure(request: EmbedRequest, sink: ChunkSink, exc: BaseException) -> None:
@@ -168,36 +172,23 @@ def _input_fault(exc: BaseException) -> bool:
     return isinstance(exc, (DataError, TensorError))
 
 
-def embed_on_ray(request: EmbedRequest, job: Sidecar, version: ModelVersion) -> int:
-    """Ray writes a folder of Parquet files; it appears under its name only once complete."""
+def embed_on_ray(request: EmbedRequest, job: Sidecar, version: ModelVersion, progress: bool) -> int:
+    """Ray tasks read, encode and write their own chunks as parts of a partitioned dataset."""
     from vaeserve.embed.ray_engine import run_ray
 
-    if request.output.suffix != ".parquet" or request.server or request.resume:
-        raise ConfigError(
-            "--engine ray writes Parquet (--output DST.parquet), encodes in its own actors "
-            "(no --server) and retries failed tasks itself (no --resume)"
-        )
-    dtype = record_dtype(version.latent_size, request.stddev)
-    claim_output(request, job, open_sink(request.output, job.rows, request.chunk_rows, dtype))
-    staging = request.output.with_name(f".{request.output.name}.ray-tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    run_ray(
-        request.model,
-        request.input,
-        staging,
-        job.chunks,
-        request.chunk_rows,
-        version.image_shape,
-        request.stddev,
-        request.column,
-        request.key,
-        request.ray_address,
-        request.workers,
-    )
-    if request.output.exists():
-        shutil.rmtree(request.output) if request.output.is_dir() else request.output.unlink()
-    os.replace(staging, request.output)
-    return job.rows
+    if request.server:
+        raise ConfigError("--engine ray encodes in its own tasks; it takes no --server")
+    dtype = request.records(version)
+    sink = open_sink(request.output, job.rows, request.chunk_rows, dtype, dataset=True)
+    claim_output(request, job, sink)
+    try:
+        finished = sink.start(request.resume)
+        done = run_ray(request, job, finished, progress)
+        sink.finish()
+    except BaseException as exc:
+        settle_failure(request, sink, exc)
+        raise
+    return done
 
 
 def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> Sidecar:
@@ -232,7 +223,7 @@ def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> Si
 
 def _engine(request: EmbedRequest) -> str:
     if request.engine == "ray":
-        return f"ray {request.ray_address or 'local'} ({request.workers} actors)"
+        return f"ray {request.ray_address or 'local'} ({request.workers} tasks at a time)"
     if request.server:
         return f"service {request.server}" + (" (shared memory)" if request.shared_memory else "")
     return "local onnxruntime"
@@ -243,9 +234,7 @@ def claim_output(request: EmbedRequest, job: Sidecar, sink: ChunkSink) -> None:
     previous = Sidecar.read(request.output)
     if request.force:
         sink.remove()
-        if request.output.is_dir():
-            shutil.rmtree(request.output)
-        request.output.unlink(missing_ok=True)
+        _remove(request.output)
     elif previous and previous.completed:
         raise ConfigError(f"{request.output} is complete; pass --force to overwrite it")
     elif request.resume:
@@ -262,8 +251,19 @@ def claim_output(request: EmbedRequest, job: Sidecar, sink: ChunkSink) -> None:
             f"{request.output} (or its parts) exists from an unfinished job; "
             "pass --resume to continue it or --force to start over"
         )
-    request.output.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(request.output, Path):
+        request.output.parent.mkdir(parents=True, exist_ok=True)
     job.write(request.output)
+
+
+def _remove(output: Location) -> None:
+    if isinstance(output, ObjectPath):
+        output.remove_tree()
+        output.unlink(missing_ok=True)
+    elif output.is_dir():
+        shutil.rmtree(output)
+    else:
+        output.unlink(missing_ok=True)
 
 
 def encoder(request: EmbedRequest, version: ModelVersion) -> ChunkEncoder:

@@ -1,111 +1,141 @@
-"""`vae embed --engine ray`: the same job on Ray Data, on a local Ray or an existing cluster.
+"""`vae embed/score --engine ray`: the job as Ray tasks, on a local Ray or a cluster by address.
 
-The pipeline: a dataset of chunk numbers → ``map_batches(read_chunks)`` (tasks read their
-chunks with the same streaming readers as the local engine, so every input format works and
-row ids stay exact) → ``map_batches(Encoder, concurrency=N)`` (a pool of onnxruntime actors,
-each loading the model once) → ``write_parquet`` (a folder of Parquet files). On a cluster
-the input, the model repository and the output must be on storage every node can read.
+Each task takes one chunk number: it opens the input (a file, a folder or a prefix of parts,
+local or on object storage), reads that chunk with the local engine's readers, encodes or scores
+it with the local engine's onnxruntime code (one thread), and writes it as
+``DST/part-NNNNNN.parquet``; it returns the rows written. A worker process keeps the model, the
+opened input and the session between tasks. The driver keeps ``--workers`` tasks in flight,
+counts rows, and writes the dataset's marker when every part is there.
+
+On a cluster the nodes share nothing but the store: input and output on object storage, the
+model fetched from it into each node's cache (vaeserve.remote_repository), credentials from
+each node's environment. A task lost with its node is run again elsewhere (Ray's
+``max_retries``); a task that fails on the data (NaN, wrong width) fails the job at once with its
+message. A driver killed: ``--resume`` lists the parts written and submits only the rest.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import dataclasses
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from vaeserve.errors import MissingExtraError
+from vaeserve.errors import ClusterError, MissingExtraError, VaeError
+
+# Runs of one task lost to dead workers or nodes before the job fails.
+MAX_RETRIES = 4
+
+# Per worker process: what the last task opened, reused while the job is the same.
+_opened: dict[str, Any] = {}
 
 
-def read_chunks(
-    batch: dict[str, np.ndarray],
-    path: str,
-    image_shape: tuple[int, ...],
-    chunk_rows: int,
-    column: str | None,
-    key: str | None,
-) -> dict[str, np.ndarray]:
-    """Rows of the chunks named in ``batch["chunk"]``, with their row ids."""
+def encode_chunk(request: Any, index: int, chunks: int) -> int:
+    """Read, encode and write chunk ``index``; the rows written."""
     from vaeserve.embed.pipeline import check_rows
+
+    job = _open_job(request, chunks)
+    first = index * request.chunk_rows
+    rows = check_rows(next(job["source"].chunks(request.chunk_rows, index)), job["source"], first)
+    records = np.empty(len(rows), job["dtype"])
+    records["row_id"] = np.arange(first, first + len(rows))
+    job["engine"].start(rows, records)()
+    job["sink"].write(index, records)
+    return len(rows)
+
+
+def _open_job(request: Any, chunks: int) -> dict[str, Any]:
+    from vaeserve.embed.job import encoder
+    from vaeserve.embed.sinks import DatasetParts
     from vaeserve.embed.sources import open_source
+    from vaeserve.remote_repository import open_model
 
-    source = open_source(Path(path), image_shape, column, key)
-    rows, ids = [], []
-    for chunk in batch["chunk"]:
-        data = next(source.chunks(chunk_rows, int(chunk)))
-        rows.append(check_rows(data, source, int(chunk) * chunk_rows))
-        ids.append(np.arange(int(chunk) * chunk_rows, int(chunk) * chunk_rows + len(data)))
-    return {"row_id": np.concatenate(ids), "pixels": np.concatenate(rows)}
-
-
-class Encoder:
-    """One onnxruntime session per actor, loaded once and verified against the manifest."""
-
-    def __init__(self, model: str, threads: int) -> None:
-        from vaeserve.repository import open_path
-        from vaeserve.runtime import OnnxPair
-
-        version = open_path(Path(model))
-        self.pair = OnnxPair.load(version, threads=threads)
-        self.binarization = version.manifest.binarization
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from vaeserve.datasets import encoder_inputs
-
-        pixels = np.stack(batch["pixels"]) if batch["pixels"].dtype == object else batch["pixels"]
-        mean, stddev = self.pair.encode(encoder_inputs(pixels, self.binarization))
-        return {"row_id": batch["row_id"], "mean": list(mean), "stddev": list(stddev)}
+    key = repr((request, chunks))
+    if _opened.get("key") != key:
+        if "engine" in _opened:
+            _opened["engine"].close()
+        _opened.clear()
+        version = open_model(request.model)
+        dtype = request.records(version)
+        _opened.update(
+            key=key,
+            source=open_source(request.input, version.image_shape, request.column, request.key),
+            engine=encoder(request, version),
+            dtype=dtype,
+            sink=DatasetParts(request.output, chunks, dtype),
+        )
+    return _opened
 
 
-def run_ray(
-    model: Path,
-    source_path: Path,
-    output: Path,
-    chunks: int,
-    chunk_rows: int,
-    image_shape: tuple[int, ...],
-    stddev: bool,
-    column: str | None,
-    key: str | None,
-    address: str | None,
-    workers: int,
-) -> None:
+def run_ray(request: Any, job: Any, finished: set[int], progress: bool) -> int:
+    """Every chunk not in ``finished`` encoded and written by Ray tasks; the rows done now."""
+    ray = _import_ray()
+    _connect(ray, request.ray_address)
+    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(encode_chunk)
+    # Each task encodes on one thread, locally (no --server inside a task).
+    each = dataclasses.replace(request, threads=1, server=None, engine="local")
+    todo = [i for i in range(job.chunks) if i not in finished]
+    already = sum(min(job.chunk_rows, job.rows - i * job.chunk_rows) for i in finished)
+    done = 0
+    bar = tqdm(
+        total=job.rows,
+        initial=already,
+        unit="rows",
+        desc=("score" if request.score else "embed") + " (ray)",
+        disable=None if progress else True,
+    )
+    pending: dict[Any, int] = {}
+    try:
+        with bar:
+            while todo or pending:
+                while todo and len(pending) < max(request.workers, 1):
+                    index = todo.pop(0)
+                    pending[task.remote(each, index, job.chunks)] = index
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    index = pending.pop(ref)
+                    rows = _result(ray, ref, index)
+                    done += rows
+                    bar.update(rows)
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        ray.shutdown()
+    return done
+
+
+def _result(ray: Any, ref: Any, index: int) -> int:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, VaeError):
+            raise cause from None
+        raise
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.RayError) as exc:
+        raise ClusterError(
+            f"chunk {index} was lost {MAX_RETRIES + 1} times with its worker or node ({type(exc).__name__}); "
+            "the parts written are kept: --resume continues the job"
+        ) from None
+
+
+def _import_ray() -> Any:
     try:
         import ray
-        import ray.data
     except ImportError:
-        raise MissingExtraError("vae embed --engine ray", "ray", "ray") from None
-    ray.init(
-        address=address,
-        ignore_reinit_error=True,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-    )
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # rows come out in input order
-    context.enable_progress_bars = False
-    dataset = ray.data.from_items([{"chunk": i} for i in range(chunks)], override_num_blocks=chunks)
-    dataset = dataset.map_batches(
-        read_chunks,
-        batch_size=1,
-        fn_kwargs={
-            "path": str(source_path.resolve()),
-            "image_shape": image_shape,
-            "chunk_rows": chunk_rows,
-            "column": column,
-            "key": key,
-        },
-    )
-    dataset = dataset.map_batches(
-        Encoder,
-        fn_constructor_kwargs={"model": str(model.resolve()), "threads": 1},
-        concurrency=workers,
-        batch_size=None,
-    )
-    if not stddev:
-        dataset = dataset.drop_columns(["stddev"])
+        raise MissingExtraError("--engine ray", "ray", "ray") from None
+    return ray
+
+
+def _connect(ray: Any, address: str | None) -> None:
+    """A cluster by address (``HOST:6379``, ``ray://HOST:10001``), else a Ray of this machine."""
+    options: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
+    if address is None:
+        options.update(address="local", include_dashboard=False)
+    else:
+        options.update(address=address)
     try:
-        dataset.write_parquet(str(output))
-    finally:
-        ray.shutdown()
+        ray.init(**options)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address}: {exc}") from None

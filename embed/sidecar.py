@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from vaeserve import __version__
 from vaeserve.atomic import atomic_write_text
 from vaeserve.errors import ConfigError
+from vaeserve.storage import Location, ObjectPath
 
 # What a resumed job must share with the one it continues.
 RESUME_KEYS = ("model", "input", "rows", "chunk_rows", "fields", "score")
@@ -39,14 +39,16 @@ class Sidecar:
     finished: str | None = None  # when it completed, ISO 8601
 
     @staticmethod
-    def path(output: Path) -> Path:
+    def path(output: Location) -> Location:
         return output.with_name(output.name + ".manifest.json")
 
     @classmethod
-    def read(cls, output: Path) -> Sidecar | None:
+    def read(cls, output: Location) -> Sidecar | None:
         """The sidecar of ``output``; None when there is none."""
         path = cls.path(output)
         try:
+            if isinstance(path, ObjectPath) and not path.exists():
+                return None
             raw = json.loads(path.read_text())
             return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
         except FileNotFoundError:
@@ -54,9 +56,14 @@ class Sidecar:
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{path}: not a job's sidecar ({exc}); pass --force to start over") from None
 
-    def write(self, output: Path) -> None:
-        """Written whole and renamed into place."""
-        atomic_write_text(self.path(output), json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+    def write(self, output: Location) -> None:
+        """Written whole and renamed into place (on object storage: one upload)."""
+        text = json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+        path = self.path(output)
+        if isinstance(path, ObjectPath):
+            path.write_text(text)
+        else:
+            atomic_write_text(path, text)
 
     def completed_at(self, when: str) -> Sidecar:
         return dataclasses.replace(self, completed=True, finished=when)

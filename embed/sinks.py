@@ -14,6 +14,10 @@ neither lets an unfinished output appear under its final name:
 - Parquet (`ParquetParts`): a chunk lands as ``DST.parts/part-NNNNNN.npy``, written
   atomically (a part that exists is complete); the parts are then streamed in order
   into a Parquet file that is renamed into place.
+- A partitioned Parquet dataset (`DatasetParts`), what an output on object storage and
+  the Ray engine write: ``DST/part-NNNNNN.parquet``, one object (or atomically renamed
+  file) per chunk, written by whichever process encoded it, and ``DST/_SUCCESS`` last.
+  A part that exists is complete; the dataset is complete once the marker is there.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from typing import Protocol
 import numpy as np
 
 from vaeserve.atomic import atomic_path
-from vaeserve.errors import DataError, MissingExtraError
+from vaeserve.errors import ConfigError, DataError, MissingExtraError
 from vaeserve.ood import SCORE_FIELDS
+from vaeserve.storage import Location, ObjectPath
 
 FORMATS = (".npy", ".parquet")
 
@@ -80,10 +85,22 @@ def aligned_records(rows: int, dtype: np.dtype) -> np.ndarray:
     return raw[start : start + rows * dtype.itemsize].view(dtype)
 
 
-def open_sink(output: Path, rows: int, chunk_rows: int, dtype: np.dtype) -> ChunkSink:
+def open_sink(
+    output: Location, rows: int, chunk_rows: int, dtype: np.dtype, dataset: bool = False
+) -> ChunkSink:
+    """The sink of ``output``: a partitioned dataset on object storage or when asked for (the
+    Ray engine's), else one local .npy or Parquet file."""
+    count = -(-rows // chunk_rows)
+    if isinstance(output, ObjectPath) or dataset:
+        if output.suffix != ".parquet":
+            raise ConfigError(
+                f"--output {output}: on object storage and with --engine ray the output is a "
+                "partitioned Parquet dataset; name it DST.parquet"
+            )
+        return DatasetParts(output, count, dtype)
     if output.suffix == ".npy":
         return NpyChunks(output, rows, chunk_rows, dtype)
-    return ParquetParts(output, -(-rows // chunk_rows), dtype)
+    return ParquetParts(output, count, dtype)
 
 
 class NpyChunks:
@@ -259,7 +276,7 @@ class ParquetParts:
             yield np.load(self.path(index), allow_pickle=False)
 
 
-def _write_parquet(parts: Iterator[np.ndarray], dtype: np.dtype, path: Path) -> None:
+def _write_parquet(parts: Iterator[np.ndarray], dtype: np.dtype, path: Path | io.BytesIO) -> None:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -278,3 +295,70 @@ def _write_parquet(parts: Iterator[np.ndarray], dtype: np.dtype, path: Path) -> 
                 flat = pa.array(np.ascontiguousarray(part[name]).reshape(-1))
                 columns.append(pa.FixedSizeListArray.from_arrays(flat, width) if width else flat)
             writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+
+
+# The dataset's completion marker (Hadoop's and Spark's name; readers skip files starting "_").
+SUCCESS = "_SUCCESS"
+
+
+class DatasetParts:
+    """A partitioned Parquet dataset, local or on object storage: one part per chunk, written
+    whole by whichever process encoded it (so Ray tasks write their own), the marker last."""
+
+    def __init__(self, output: Location, count: int, dtype: np.dtype) -> None:
+        self.output, self.count, self.dtype = output, count, dtype
+
+    def path(self, index: int) -> Location:
+        return self.output / f"part-{index:06d}.parquet"
+
+    def leftovers(self) -> list[Location]:
+        return [self.output] if self._names() else []
+
+    def remove(self) -> None:
+        if isinstance(self.output, ObjectPath):
+            self.output.remove_tree()
+        else:
+            shutil.rmtree(self.output, ignore_errors=True)
+
+    def finished(self) -> set[int]:
+        names = self._names()
+        return {i for i in range(self.count) if self.path(i).name in names}
+
+    def start(self, resume: bool) -> set[int]:
+        if not resume:
+            self.remove()
+        if isinstance(self.output, Path):
+            self.output.mkdir(parents=True, exist_ok=True)
+        return self.finished()
+
+    def write(self, index: int, records: np.ndarray) -> None:
+        """Serialized in memory, then one upload (or an atomic rename): a part is whole or absent."""
+        buffer = io.BytesIO()
+        _write_parquet(iter([records]), self.dtype, buffer)
+        _put(self.path(index), buffer.getbuffer())
+
+    def finish(self) -> None:
+        missing = sorted(set(range(self.count)) - self.finished())
+        if missing:
+            raise DataError(f"{self.output}: parts {missing[:5]} missing; not marked complete")
+        if isinstance(self.output, ObjectPath):  # temporary keys of uploads a killed task left
+            for info in self.output.files():
+                if info.path.name.startswith("."):
+                    info.path.unlink()
+        _put(self.output / SUCCESS, b"")
+
+    def close(self) -> None:
+        pass
+
+    def _names(self) -> set[str]:
+        if isinstance(self.output, ObjectPath):
+            return {info.path.name for info in self.output.files()}
+        return {p.name for p in self.output.iterdir()} if self.output.is_dir() else set()
+
+
+def _put(path: Location, data: bytes | memoryview) -> None:
+    if isinstance(path, ObjectPath):
+        path.put(data)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)

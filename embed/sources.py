@@ -3,6 +3,10 @@
 Each source knows its row count and row width up front and yields chunks of rows
 (uint8 pixels or floats in [0, 1]) starting at any chunk, so a resumed job reads
 only what is left. Every error names the file and, where it applies, the row.
+
+Inputs may be local or on object storage (vaeserve.storage): a file, or a folder or prefix of
+Parquet/.npy parts (a partitioned dataset), read in name order as one table, row ids counted
+across the parts.
 """
 
 from __future__ import annotations
@@ -13,17 +17,21 @@ import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from vaeserve.errors import DataError, MissingExtraError
 from vaeserve.idx import GZIP_MAGIC, parse_header
+from vaeserve.storage import Location, ObjectPath
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The files of a partitioned dataset (a folder or prefix of parts).
+PART_SUFFIXES = (".parquet", ".npy")
 
 
 class Source:
-    path: Path
+    path: Location
     rows: int
     columns: int
 
@@ -32,7 +40,13 @@ class Source:
 
     def fingerprint(self) -> dict:
         """Size, modification time and a hash of the head and tail: cheap, and changes when
-        the input does, so a resumed job refuses an input that was replaced."""
+        the input does, so a resumed job refuses an input that was replaced. On object
+        storage: each object's size and modification time (a ranged read per object would
+        cost a round trip each)."""
+        if isinstance(self.path, ObjectPath):
+            files = self.path.files() if self.path.is_dir() else [self.path.stat()]
+            digest = hashlib.sha256("".join(f"{i.path.name}:{i.stamp()}" for i in files).encode())
+            return {"path": str(self.path), "files": len(files), "sha256_stamps": digest.hexdigest()}
         files = sorted(self.path.iterdir()) if self.path.is_dir() else [self.path]
         digest = hashlib.sha256()
         for file in files:
@@ -51,22 +65,27 @@ class FileArraySource(Source):
     or a raw IDX file. Chunks are read with plain reads, not a memory map, so pages already
     embedded do not stay resident and memory stays bounded whatever the file's size."""
 
-    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(self, path: Location, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         if len(shape) < 2:
             raise DataError(f"{path}: expected rows [N, ...], got shape {shape}")
         self.path, self.offset, self.dtype = path, offset, np.dtype(dtype)
         self.rows, self.columns = int(shape[0]), int(np.prod(shape[1:]))
         expected = offset + self.rows * self.columns * self.dtype.itemsize
-        if path.stat().st_size < expected:
-            raise DataError(f"{path}: {path.stat().st_size} bytes; its header promises {expected}")
+        size = _size(path)
+        if size < expected:
+            raise DataError(f"{path}: {size} bytes; its header promises {expected}")
 
     def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
         row_bytes = self.columns * self.dtype.itemsize
-        with open(self.path, "rb") as handle:
+        local = isinstance(self.path, Path)
+        with _open(self.path) as handle:
             for start in range(first_chunk * chunk_rows, self.rows, chunk_rows):
                 count = min(chunk_rows, self.rows - start)
                 handle.seek(self.offset + start * row_bytes)
-                rows = np.fromfile(handle, dtype=self.dtype, count=count * self.columns)
+                if local:
+                    rows = np.fromfile(handle, dtype=self.dtype, count=count * self.columns)
+                else:  # one ranged read per chunk
+                    rows = np.frombuffer(handle.read(count * row_bytes), self.dtype)
                 yield rows.reshape(count, self.columns)
 
 
@@ -101,12 +120,15 @@ class GzipIdxSource(Source):
 class ParquetSource(Source):
     """A Parquet column of lists (or fixed-size lists), or D numeric columns."""
 
-    def __init__(self, path: Path, column: str | None) -> None:
+    def __init__(self, path: Location, column: str | None) -> None:
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise MissingExtraError("reading Parquet", "embed", "pyarrow") from None
-        self.path, self.file = path, pq.ParquetFile(path)
+        try:
+            self.path, self.file = path, pq.ParquetFile(_open(path))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
         schema = self.file.schema_arrow
         self.rows = self.file.metadata.num_rows
         if column is None and len(schema.names) == 1:
@@ -121,12 +143,28 @@ class ParquetSource(Source):
             self.columns = len(schema.names)
 
     def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
+        """Reading starts at the row group holding the first chunk: a chunk in the middle of a
+        large file (a resume, a Ray task) does not read what comes before it."""
         columns = [self.column] if self.column else None
-        start = 0
-        for index, batch in enumerate(self.file.iter_batches(batch_size=chunk_rows, columns=columns)):
-            if index >= first_chunk:
-                yield self._rows(batch, start)
-            start += batch.num_rows
+        first_row = first_chunk * chunk_rows
+        group, start = 0, 0
+        metadata = self.file.metadata
+        while group < metadata.num_row_groups and start + metadata.row_group(group).num_rows <= first_row:
+            start += metadata.row_group(group).num_rows
+            group += 1
+        if group == metadata.num_row_groups:
+            return
+        batches = self.file.iter_batches(
+            batch_size=chunk_rows, columns=columns, row_groups=range(group, metadata.num_row_groups)
+        )
+
+        def rows() -> Iterator[np.ndarray]:
+            at = start
+            for batch in batches:
+                yield self._rows(batch, at)
+                at += batch.num_rows
+
+        yield from rechunk(rows(), chunk_rows, skip=first_row - start)
 
     def _rows(self, batch, start: int) -> np.ndarray:
         if self.column is None:
@@ -173,20 +211,87 @@ class ImageFolderSource(Source):
             raise DataError(f"{file}: not a readable image ({exc})") from None
 
 
+class PartsSource(Source):
+    """A partitioned dataset: the Parquet or .npy parts of a folder or prefix, in name order,
+    read as one table whose row ids run on across the parts."""
+
+    def __init__(self, path: Location, parts: list[Source]) -> None:
+        widths = {part.columns for part in parts}
+        if len(widths) > 1:
+            raise DataError(f"{path}: its parts have rows of {sorted(widths)} values; expected one width")
+        self.path, self.parts = path, parts
+        self.rows, self.columns = sum(part.rows for part in parts), widths.pop()
+
+    def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
+        first_row = first_chunk * chunk_rows
+        yield from rechunk(self._rows_from(first_row, chunk_rows), chunk_rows)
+
+    def _rows_from(self, first_row: int, chunk_rows: int) -> Iterator[np.ndarray]:
+        start = 0
+        for part in self.parts:
+            if start + part.rows <= first_row:
+                start += part.rows
+                continue
+            offset = max(first_row - start, 0)
+            # The part's own chunk holding ``offset``, less the rows before it.
+            skip = offset % chunk_rows
+            for rows in part.chunks(chunk_rows, offset // chunk_rows):
+                yield rows[skip:]
+                skip = 0
+            start += part.rows
+
+
+def rechunk(batches: Iterator[np.ndarray], chunk_rows: int, skip: int = 0) -> Iterator[np.ndarray]:
+    """Batches of any sizes as chunks of exactly ``chunk_rows`` rows (the last may be short),
+    dropping the first ``skip`` rows."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for batch in batches:
+        if skip:
+            dropped = min(skip, len(batch))
+            batch, skip = batch[dropped:], skip - dropped
+        pending.append(batch)
+        held += len(batch)
+        while held >= chunk_rows:
+            joined = pending[0] if len(pending) == 1 else np.concatenate(pending)
+            yield joined[:chunk_rows]
+            pending, held = [joined[chunk_rows:]], held - chunk_rows
+    if held:
+        yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+
+
 def open_source(
-    path: Path, image_shape: tuple[int, ...], column: str | None = None, key: str | None = None
+    path: Location, image_shape: tuple[int, ...], column: str | None = None, key: str | None = None
 ) -> Source:
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
+        raise DataError(f"{path}: no such file, folder or prefix")
     if path.is_dir():
+        parts = _part_files(path)
+        if parts:
+            return PartsSource(path, [_open_file(part, image_shape, column, key) for part in parts])
+        if isinstance(path, ObjectPath):
+            raise DataError(f"{path}: no .parquet or .npy parts under this prefix")
         return ImageFolderSource(path, image_shape)
+    return _open_file(path, image_shape, column, key)
+
+
+def _part_files(path: Location) -> list[Location]:
+    """The parts of a partitioned dataset, in name order; hidden and ``_`` files (markers such
+    as ``_SUCCESS``) are not parts."""
+    found = [info.path for info in path.files()] if isinstance(path, ObjectPath) else sorted(path.iterdir())
+    return [p for p in found if p.suffix.lower() in PART_SUFFIXES and not p.name.startswith(("_", "."))]
+
+
+def _open_file(path: Location, image_shape: tuple[int, ...], column: str | None, key: str | None) -> Source:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return FileArraySource(path, *_npy_layout(path))
-    if suffix == ".npz":
-        return FileArraySource(path, *_npz_member(path, key))
     if suffix == ".parquet":
         return ParquetSource(path, column)
+    if isinstance(path, ObjectPath):
+        raise DataError(f"{path}: on object storage, inputs are .parquet or .npy files or prefixes of them")
+    if suffix == ".npz":
+        return FileArraySource(path, *_npz_member(path, key))
     if suffix in IMAGE_SUFFIXES:
         return ImageFolderSource(path, image_shape)
     with open(path, "rb") as handle:
@@ -207,13 +312,21 @@ def _idx_header(head: bytes, source: str) -> tuple[tuple[int, ...], np.dtype, in
     return shape, dtype, offset
 
 
-def _npy_layout(path: Path) -> tuple[int, np.dtype, tuple[int, ...]]:
+def _npy_layout(path: Location) -> tuple[int, np.dtype, tuple[int, ...]]:
     """Offset, dtype and shape of a .npy file's data."""
     try:
-        with open(path, "rb") as handle:
+        with _open(path) as handle:
             return _array_layout(handle, str(path))
     except (ValueError, OSError) as exc:
         raise DataError(f"{path}: not a readable .npy file ({exc})") from None
+
+
+def _open(path: Location) -> BinaryIO:
+    return path.open() if isinstance(path, ObjectPath) else open(path, "rb")
+
+
+def _size(path: Location) -> int:
+    return path.stat().size if isinstance(path, ObjectPath) else path.stat().st_size
 
 
 def _array_layout(handle, source: str) -> tuple[int, np.dtype, tuple[int, ...]]:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from vaeserve.errors import ConfigError, require
 from vaeserve.flags import add_data_flags
+from vaeserve.storage import ObjectPath, location
+
+REPO_HELP = "model repository: a folder, or s3://BUCKET/PREFIX (gs://, ...) on object storage"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--checkpoint", type=Path, required=True, help="run directory (its best.pt) or checkpoint file"
     )
-    parser.add_argument("--repo", type=Path, required=True, help="model repository folder")
+    parser.add_argument("--repo", type=location, required=True, help=REPO_HELP)
     parser.add_argument("--name", required=True, help="model name (letters, digits, '.', '_', '-')")
     parser.add_argument("--version", type=int, help="version number (default: the next free one)")
     parser.add_argument("--force", action="store_true", help="replace an existing --version")
@@ -75,7 +78,7 @@ def register_label(subparsers: argparse._SubParsersAction) -> None:
         "into place; a server started with --poll-s follows the file. Without LABEL=VERSION "
         "arguments, print the labels.",
     )
-    parser.add_argument("--repo", type=Path, required=True, help="model repository folder")
+    parser.add_argument("--repo", type=location, required=True, help=REPO_HELP)
     parser.add_argument("--name", required=True, help="model name in the repository")
     parser.add_argument("assignments", nargs="*", metavar="LABEL=VERSION", help="labels to set")
     parser.add_argument("--remove", nargs="+", default=[], metavar="LABEL", help="labels to remove")
@@ -83,13 +86,31 @@ def register_label(subparsers: argparse._SubParsersAction) -> None:
 
 
 def label_command(args: argparse.Namespace) -> int:
-    from vaeserve.repository import check_label, read_labels, version_numbers, write_labels
+    from vaeserve.remote_repository import RepositoryMirror
+    from vaeserve.repository import (
+        LABELS,
+        check_label,
+        labels_text,
+        parse_labels,
+        read_labels,
+        version_numbers,
+        write_labels,
+    )
 
     model_dir = args.repo / args.name
-    versions = version_numbers(model_dir)
+    remote = isinstance(args.repo, ObjectPath)
+    versions = (
+        sorted(RepositoryMirror(args.repo).remote_versions(args.name))
+        if remote
+        else version_numbers(model_dir)
+    )
     if not versions:
         raise ConfigError(f"--repo {args.repo} --name {args.name}: no versions in {model_dir}")
-    labels = read_labels(model_dir)
+    if remote:
+        stored = model_dir / LABELS
+        labels = parse_labels(stored.read_text(), str(stored)) if stored.exists() else {}
+    else:
+        labels = read_labels(model_dir)
     for assignment in args.assignments:
         label, equals, version = assignment.partition("=")
         if not equals or not version.isdecimal():
@@ -101,7 +122,10 @@ def label_command(args: argparse.Namespace) -> int:
         if labels.pop(label, None) is None:
             raise ConfigError(f"--remove {label}: {args.name} has no such label (has {sorted(labels)})")
     if args.assignments or args.remove:
-        write_labels(model_dir, labels)
+        if remote:  # one upload: a polling server reads the old labels or the new
+            (model_dir / LABELS).write_text(labels_text(labels))
+        else:
+            write_labels(model_dir, labels)
     for label, version in sorted(labels.items()):
         print(f"{args.name} {label} = {version}")
     if not labels:
@@ -133,7 +157,7 @@ def export_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--variants {sorted(unknown)}: expected some of {', '.join(VARIANTS)}")
     request = ExportRequest(
         args.checkpoint,
-        args.repo,
+        args.repo if isinstance(args.repo, Path) else Path("."),
         args.name,
         args.version,
         args.force,
@@ -142,11 +166,17 @@ def export_command(args: argparse.Namespace) -> int:
         args.data_dir,
         args.cache_dir,
     )
-    version = export_model(request, progress=not args.no_progress)
+    if isinstance(args.repo, ObjectPath):
+        from vaeserve.export.exporter import export_to_store
+
+        version, where = export_to_store(request, args.repo, progress=not args.no_progress)
+    else:
+        version = export_model(request, progress=not args.no_progress)
+        where = version.path
     manifest = version.manifest
     parity = max(manifest.parity["max_abs_diff"][k] for k in ("mean", "stddev", "probs"))
     print(
-        f"exported {version.path}: D={version.input_size}, M={version.latent_size}, "
+        f"exported {where}: D={version.input_size}, M={version.latent_size}, "
         f"parity with PyTorch {parity:.1e} (≤ 1e-5), variants {', '.join(version.variants)}, "
         f"test NLL_{manifest.evaluation['iw_samples']} {manifest.evaluation['nll']:.2f}"
     )

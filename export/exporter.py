@@ -9,11 +9,13 @@ one left (its process is gone) without touching an export still running.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import socket
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,9 +30,10 @@ from vaeserve.datasets import evaluation_inputs, load_run_data
 from vaeserve.errors import ExportError
 from vaeserve.evaluation import evaluate
 from vaeserve.export import checks, graphs, variants
-from vaeserve.manifest import FileRecord, Manifest
+from vaeserve.manifest import MANIFEST, FileRecord, Manifest
 from vaeserve.repository import ModelVersion, file_record, load_version, next_version, sha256_file
 from vaeserve.runtime import OnnxPair
+from vaeserve.storage import ObjectPath
 from vaeserve.training import checkpoint
 from vaeserve.training.evaluate import EVALUATION_SEED, evaluation_path
 
@@ -48,6 +51,27 @@ class ExportRequest:
     iw_samples: int = 100
     data_dir: Path | None = None
     cache_dir: Path | None = None
+
+
+def export_to_store(
+    request: ExportRequest, store: ObjectPath, progress: bool = False
+) -> tuple[ModelVersion, ObjectPath]:
+    """Export into a local staging repository, check there, then upload: the manifest last, so
+    a server polling the store never sees the version before every file is there. A version
+    replaced with --force loses its manifest first, for the same reason."""
+    from vaeserve.remote_repository import RepositoryMirror, upload_version
+
+    existing = RepositoryMirror(store).remote_versions(request.name)
+    number = request.version or max(existing, default=0) + 1
+    target = store / request.name / str(number)
+    if number in existing and not request.force:
+        raise ExportError(f"{target} already exists; pass --force to replace it or omit --version")
+    with tempfile.TemporaryDirectory(prefix="vaeserve-export-") as local:
+        version = export_model(dataclasses.replace(request, repo=Path(local), version=number), progress)
+        if number in existing:
+            (target / MANIFEST).unlink()
+            target.remove_tree()
+        return version, upload_version(version, store)
 
 
 def export_model(request: ExportRequest, progress: bool = False) -> ModelVersion:

@@ -31,18 +31,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     from vaeserve.service.server import refuse_a_stray_server, repo_exists, serve
+    from vaeserve.service.store import served_from_store
 
     warn_unknown_variables(os.environ)
     settings = ServeSettings(**values(args, ServeSettings)).validate().with_workers()
-    repo_exists(settings.repo)
     settings.read_token(), settings.read_admin_token()  # a bad token file fails here, not in each worker
     refuse_a_stray_server(settings)
     logging.getLogger("vaeserve").info("starting vae serve with %s", settings)
-    if settings.workers > 1:
-        from vaeserve.service.workers import run_workers
+    with served_from_store(settings) as settings:
+        repo_exists(settings.folder)
+        if settings.workers > 1:
+            from vaeserve.service.workers import run_workers
 
-        return run_workers(settings)
-    return run_on_event_loop(serve(settings), settings.event_loop)
+            return run_workers(settings)
+        return run_on_event_loop(serve(settings), settings.event_loop)
 
 
 # VAESERVE_* variables read elsewhere than by vae serve's flags: the download cache, the log

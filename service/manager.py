@@ -87,14 +87,14 @@ class ModelManager:
                     models.setdefault(name, {})[number] = served
         if not models:
             raise VaeError(
-                f"no servable model in {self.settings.repo} (model {self.settings.model or 'any'}, "
+                f"no servable model in {self.settings.folder} (model {self.settings.model or 'any'}, "
                 f"version {self.settings.version}): onnxruntime could not open any; see the log lines above"
             )
         default = self.settings.model if self.settings.model in models else sorted(models)[0]
         registry = ModelRegistry(models, default)
         for name in models:
             try:
-                registry.set_labels(name, read_labels(self.settings.repo / name))
+                registry.set_labels(name, read_labels(self.settings.folder / name))
             except RepositoryError as exc:
                 log.error("refusing the labels of %s: %s", name, exc)
         return registry
@@ -147,7 +147,7 @@ class ModelManager:
             self._follow_labels(name)
 
     def _names(self) -> list[str]:
-        return [self.settings.model] if self.settings.model else model_names(self.settings.repo)
+        return [self.settings.model] if self.settings.model else model_names(self.settings.folder)
 
     def _scan(self) -> dict[str, list[int] | None]:
         """The versions wanted of each model; None for a model whose folder cannot be read."""
@@ -164,7 +164,7 @@ class ModelManager:
         return found
 
     async def _load(self, name: str, number: int) -> None:
-        path = self.settings.repo / name / str(number)
+        path = self.settings.folder / name / str(number)
         signature = _signature(path)
         if self.refused.get(path) == signature:
             return
@@ -187,14 +187,14 @@ class ModelManager:
         try:
             return self._open(name, number, version)
         except VaeError as exc:
-            log.error("refusing %s: %s", self.settings.repo / name / str(number), exc)
+            log.error("refusing %s: %s", self.settings.folder / name / str(number), exc)
             return None
 
     def _open(self, name: str, number: int, version: ModelVersion | None = None) -> ServedModel:
         """A version loaded and verified (checksums, shapes), ready to warm up; VaeError if not.
         ``version``: already verified (find_servable), not read again."""
         settings = self.settings
-        path = settings.repo / name / str(number)
+        path = settings.folder / name / str(number)
         version = version or load_version(path)
         small = OnnxPair.load(version, settings.device, 1, settings.variant)
         # On CPU every run uses the one-thread session (large batches in parallel pieces).
@@ -239,7 +239,7 @@ class ModelManager:
             self._retire(name, number)
 
     def _follow_labels(self, name: str) -> None:
-        path = self.settings.repo / name / LABELS
+        path = self.settings.folder / name / LABELS
         try:
             self.registry.set_labels(name, read_labels(path.parent))
         except RepositoryError as exc:
@@ -263,7 +263,7 @@ class ModelManager:
         rows = []
         for name in self._names():
             loaded = self.registry.models.get(name, {})
-            for number in sorted(set(version_numbers(self.settings.repo / name)) | set(loaded)):
+            for number in sorted(set(version_numbers(self.settings.folder / name)) | set(loaded)):
                 if number in loaded:
                     state, reason = "READY", ""
                 elif name in self.unloaded:
@@ -275,7 +275,7 @@ class ModelManager:
         return rows
 
     def _why_not(self, name: str, number: int) -> str:
-        if self.settings.repo / name / str(number) in self.refused:
+        if self.settings.folder / name / str(number) in self.refused:
             return "refused: it failed verification (see the server log)"
         return f"not asked for by --version {self.settings.version}"
 
@@ -352,7 +352,7 @@ def _signature(path: Path) -> tuple:
 
 def wanted_versions(settings: ServeSettings, name: str) -> list[int]:
     """The versions of a model in the repository that --version asks to serve."""
-    numbers = version_numbers(settings.repo / name)
+    numbers = version_numbers(settings.folder / name)
     if settings.version == "all":
         return numbers
     if settings.version == "latest":
@@ -365,7 +365,7 @@ def find_servable(settings: ServeSettings, log_refusals: bool = False) -> dict[s
     where there is none, a RepositoryError that says why, each reason once (the supervisor
     checks before its workers start, so a bad --model is one message, not one per worker).
     ``log_refusals``: log why each version left out was, when others are servable."""
-    names = [settings.model] if settings.model else model_names(settings.repo)
+    names = [settings.model] if settings.model else model_names(settings.folder)
     found: dict[str, dict[int, ModelVersion]] = {}
     reasons = []
     for name in names:
@@ -374,19 +374,19 @@ def find_servable(settings: ServeSettings, log_refusals: bool = False) -> dict[s
             reasons.append(_no_version(settings, name))
         for number in wanted:
             try:
-                found.setdefault(name, {})[number] = load_version(settings.repo / name / str(number))
+                found.setdefault(name, {})[number] = load_version(settings.folder / name / str(number))
             except RepositoryError as exc:
                 reasons.append(str(exc))
     if not found:
         why = "; ".join(reasons) or "it holds no model versions (NAME/VERSION folders that vae export writes)"
-        raise RepositoryError(f"no servable model in {settings.repo}: {why}")
+        raise RepositoryError(f"no servable model in {settings.folder}: {why}")
     for reason in reasons if log_refusals else []:
         log.error("refusing %s", reason)
     return found
 
 
 def _no_version(settings: ServeSettings, name: str) -> str:
-    numbers = version_numbers(settings.repo / name)
+    numbers = version_numbers(settings.folder / name)
     if not numbers:
-        return f"no model {name!r} (models there: {', '.join(model_names(settings.repo)) or 'none'})"
+        return f"no model {name!r} (models there: {', '.join(model_names(settings.folder)) or 'none'})"
     return f"model {name!r} has no version {settings.version} (has {numbers})"

@@ -94,7 +94,7 @@ async def _start(settings: ServeSettings, serving: asyncio.Event) -> Running:
     if manager.shared_unloads is not None:  # a worker (perhaps a restarted one) follows the operators
         await manager.follow_shared_unloads()
     catalogue = Catalogue(manager.registry)  # the models as the Open Inference Protocol names them
-    repository = RepositoryExtension(manager, admin_token is not None, settings.repo.name)
+    repository = RepositoryExtension(manager, admin_token is not None, settings.folder.name)
     server, health_servicer, regions = grpc_server(
         settings, manager.registry, catalogue, metrics, tokens, serving.is_set, repository
     )

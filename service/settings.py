@@ -20,7 +20,11 @@ MAX_AUTO_WORKERS = 8
 
 @dataclass(frozen=True)
 class ServeSettings:
-    repo: Path = option(Path("models"), "model repository folder")
+    repo: str = option(
+        "models",
+        "model repository: a folder, or s3://BUCKET/PREFIX, gs://... on object storage (served from "
+        "a verified local copy under $VAESERVE_CACHE_DIR; credentials from the environment)",
+    )
     model: str | None = option(
         None,
         "serve only this model, the default for requests naming none "
@@ -111,6 +115,11 @@ class ServeSettings:
     tls_client_ca: Path | None = option(
         None, "PEM CA bundle; clients must present a certificate it signed (mTLS)"
     )
+
+    @property
+    def folder(self) -> Path:
+        """The local folder served: the repository, or a store's verified local copy."""
+        return Path(self.repo)
 
     def validate(self) -> ServeSettings:
         if self.version not in ("all", "latest") and not self.version.isdecimal():

@@ -89,3 +89,34 @@ def test_kserve_inference_service_speaks_v2_with_the_same_image() -> None:
         "spec": {"containers": [served], "volumes": predictor["volumes"]},
     }
     kubernetes_validate.validate(pod, KUBERNETES, strict=True)
+
+
+def object_storage_deployment() -> dict:
+    """../deployment.yaml with the object-storage variant's JSON patch applied (as kustomize
+    applies it)."""
+    import jsonpatch
+
+    patch = load(ROOT / "object-storage" / "models-from-the-store.yaml")
+    return jsonpatch.apply_patch(load(ROOT / "deployment.yaml"), patch)
+
+
+def test_the_object_storage_variant_serves_a_bucket_without_a_volume_claim() -> None:
+    variant = load(ROOT / "object-storage" / "kustomization.yaml")
+    assert variant["resources"] == ["../"]
+    deleted = load(ROOT / "object-storage" / "no-models-pvc.yaml")
+    assert deleted["$patch"] == "delete" and deleted["metadata"] == load(ROOT / "models-pvc.yaml")["metadata"]
+    deployment = object_storage_deployment()
+    kubernetes_validate.validate(deployment, KUBERNETES, strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    assert "persistentVolumeClaim" not in str(pod)
+    served = container(pod)
+    env = {item["name"]: item["value"] for item in served["env"]}
+    assert set(env) <= VARIABLES | {"VAESERVE_CACHE_DIR"}
+    assert env["VAESERVE_REPO"].startswith("s3://") and float(env["VAESERVE_POLL_S"]) > 0
+    # The local copy is written where the cache variable points: a writable emptyDir, while the
+    # root file system stays read-only.
+    (mount,) = [m for m in served["volumeMounts"] if m["mountPath"] == env["VAESERVE_CACHE_DIR"]]
+    assert not mount.get("readOnly") and served["securityContext"]["readOnlyRootFilesystem"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume
+    assert served["envFrom"] == [{"secretRef": {"name": "vaeserve-store"}}]

@@ -43,6 +43,14 @@ class RepositoryError(VaeError):
     """A model repository, version or file is missing, tampered with or inconsistent."""
 
 
+class StorageError(VaeError):
+    """An object store refused or could not be reached: no credentials, no bucket, no object."""
+
+
+class ClusterError(VaeError):
+    """A Ray cluster could not be reached, or lost a task more times than it retries."""
+
+
 class DiskFullError(VaeError):
     """The device (or quota) holding a file being written is full; what was complete stays."""
 

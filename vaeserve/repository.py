@@ -201,20 +201,31 @@ def read_labels(model_dir: Path) -> dict[str, int]:
     path = model_dir / LABELS
     try:
         with readable():
-            raw = json.loads(path.read_text())
+            return parse_labels(path.read_text(), str(path))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
-        raise RepositoryError(f"{path}: not a JSON object of labels ({exc})") from None
+    except OSError as exc:
+        raise RepositoryError(f"{path}: not readable ({exc})") from None
+
+
+def parse_labels(text: str, source: str) -> dict[str, int]:
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise RepositoryError(f"{source}: not a JSON object of labels ({exc})") from None
     if not isinstance(raw, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw.values()
     ):
-        raise RepositoryError(f'{path}: expected {{"label": version number, ...}}, got {raw!r}')
+        raise RepositoryError(f'{source}: expected {{"label": version number, ...}}, got {raw!r}')
     return {check_label(label): version for label, version in raw.items()}
+
+
+def labels_text(labels: dict[str, int]) -> str:
+    return json.dumps(dict(sorted(labels.items())), indent=2) + "\n"
 
 
 def write_labels(model_dir: Path, labels: dict[str, int]) -> None:
     """Written whole and renamed into place: a server polling the folder never reads half a file."""
     from vaeserve.atomic import atomic_write_text
 
-    atomic_write_text(model_dir / LABELS, json.dumps(dict(sorted(labels.items())), indent=2) + "\n")
+    atomic_write_text(model_dir / LABELS, labels_text(labels))
