@@ -86,7 +86,7 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         return _summary(request, source.rows, 0, 0.0, complete_before=True)
     started = time.perf_counter()
     if request.engine == "ray":
-        done = embed_on_ray(request, job, version, progress)
+        done = embed_on_ray(request, job, version, source.read_rows, progress)
     else:
         done = embed_locally(request, job, version, source, progress)
     job.completed_at(datetime.now(timezone.utc).isoformat(timespec="seconds")).write(request.output)
@@ -172,7 +172,9 @@ def _input_fault(exc: BaseException) -> bool:
     return isinstance(exc, (DataError, TensorError))
 
 
-def embed_on_ray(request: EmbedRequest, job: Sidecar, version: ModelVersion, progress: bool) -> int:
+def embed_on_ray(
+    request: EmbedRequest, job: Sidecar, version: ModelVersion, read_rows: int, progress: bool
+) -> int:
     """Ray tasks read, encode and write their own chunks as parts of a partitioned dataset."""
     from vaeserve.embed.ray_engine import run_ray
 
@@ -183,7 +185,7 @@ def embed_on_ray(request: EmbedRequest, job: Sidecar, version: ModelVersion, pro
     claim_output(request, job, sink)
     try:
         finished = sink.start(request.resume)
-        done = run_ray(request, job, finished, progress)
+        done = run_ray(request, job, finished, read_rows, progress)
         sink.finish()
     except BaseException as exc:
         settle_failure(request, sink, exc)

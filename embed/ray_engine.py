@@ -1,11 +1,13 @@
 """`vae embed/score --engine ray`: the job as Ray tasks, on a local Ray or a cluster by address.
 
-Each task takes one chunk number: it opens the input (a file, a folder or a prefix of parts,
-local or on object storage), reads that chunk with the local engine's readers, encodes or scores
-it with the local engine's onnxruntime code (one thread), and writes it as
-``DST/part-NNNNNN.parquet``; it returns the rows written. A worker process keeps the model, the
-opened input and the session between tasks. The driver keeps ``--workers`` tasks in flight,
-counts rows, and writes the dataset's marker when every part is there.
+Each task takes a run of consecutive chunks: it opens the input (a file, a folder or a prefix of
+parts, local or on object storage), reads them with the local engine's readers, encodes or
+scores each with the local engine's onnxruntime code (one thread), and writes each as
+``DST/part-NNNNNN.parquet``; it returns the rows written. A run spans the input's natural read
+unit (a Parquet row group): reading one chunk decodes its whole row group, so one task per chunk
+would read a file of 65,536-row groups eight times over with 8,192-row chunks. A worker process
+keeps the model, the opened input and the session between tasks. The driver keeps ``--workers``
+tasks in flight, counts rows, and writes the dataset's marker when every part is there.
 
 On a cluster the nodes share nothing but the store: input and output on object storage, the
 model fetched from it into each node's cache (vaeserve.remote_repository), credentials from
@@ -31,18 +33,34 @@ MAX_RETRIES = 4
 _opened: dict[str, Any] = {}
 
 
-def encode_chunk(request: Any, index: int, chunks: int) -> int:
-    """Read, encode and write chunk ``index``; the rows written."""
+def encode_chunks(request: Any, first: int, count: int, chunks: int) -> int:
+    """Read, encode and write chunks ``first`` .. ``first + count - 1``; the rows written."""
     from vaeserve.embed.pipeline import check_rows
 
     job = _open_job(request, chunks)
-    first = index * request.chunk_rows
-    rows = check_rows(next(job["source"].chunks(request.chunk_rows, index)), job["source"], first)
-    records = np.empty(len(rows), job["dtype"])
-    records["row_id"] = np.arange(first, first + len(rows))
-    job["engine"].start(rows, records)()
-    job["sink"].write(index, records)
-    return len(rows)
+    done = 0
+    reader = job["source"].chunks(request.chunk_rows, first)
+    for index in range(first, first + count):
+        start = index * request.chunk_rows
+        rows = check_rows(next(reader), job["source"], start)
+        records = np.empty(len(rows), job["dtype"])
+        records["row_id"] = np.arange(start, start + len(rows))
+        job["engine"].start(rows, records)()
+        job["sink"].write(index, records)
+        done += len(rows)
+    return done
+
+
+def task_runs(todo: list[int], per_task: int) -> list[tuple[int, int]]:
+    """``todo`` (ascending chunk numbers) as (first, count) runs of consecutive chunks, at most
+    ``per_task`` long, each within one read unit of ``per_task`` chunks."""
+    runs: list[tuple[int, int]] = []
+    for index in todo:
+        if runs and runs[-1][0] + runs[-1][1] == index and index % per_task:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
 
 
 def _open_job(request: Any, chunks: int) -> dict[str, Any]:
@@ -68,14 +86,16 @@ def _open_job(request: Any, chunks: int) -> dict[str, Any]:
     return _opened
 
 
-def run_ray(request: Any, job: Any, finished: set[int], progress: bool) -> int:
-    """Every chunk not in ``finished`` encoded and written by Ray tasks; the rows done now."""
+def run_ray(request: Any, job: Any, finished: set[int], read_rows: int, progress: bool) -> int:
+    """Every chunk not in ``finished`` encoded and written by Ray tasks; the rows done now.
+    ``read_rows``: the input's read unit (rows a reader decodes at once; 0 when it has none)."""
     ray = _import_ray()
     _connect(ray, request.ray_address)
-    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(encode_chunk)
+    task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False)(encode_chunks)
     # Each task encodes on one thread, locally (no --server inside a task).
     each = dataclasses.replace(request, threads=1, server=None, engine="local")
-    todo = [i for i in range(job.chunks) if i not in finished]
+    per_task = max(1, -(-read_rows // job.chunk_rows))
+    todo = task_runs([i for i in range(job.chunks) if i not in finished], per_task)
     already = sum(min(job.chunk_rows, job.rows - i * job.chunk_rows) for i in finished)
     done = 0
     bar = tqdm(
@@ -85,17 +105,17 @@ def run_ray(request: Any, job: Any, finished: set[int], progress: bool) -> int:
         desc=("score" if request.score else "embed") + " (ray)",
         disable=None if progress else True,
     )
-    pending: dict[Any, int] = {}
+    pending: dict[Any, tuple[int, int]] = {}
     try:
         with bar:
             while todo or pending:
                 while todo and len(pending) < max(request.workers, 1):
-                    index = todo.pop(0)
-                    pending[task.remote(each, index, job.chunks)] = index
+                    first, count = todo.pop(0)
+                    pending[task.remote(each, first, count, job.chunks)] = (first, count)
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    index = pending.pop(ref)
-                    rows = _result(ray, ref, index)
+                    first, _count = pending.pop(ref)
+                    rows = _result(ray, ref, first)
                     done += rows
                     bar.update(rows)
     finally:
@@ -115,8 +135,8 @@ def _result(ray: Any, ref: Any, index: int) -> int:
         raise
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.RayError) as exc:
         raise ClusterError(
-            f"chunk {index} was lost {MAX_RETRIES + 1} times with its worker or node ({type(exc).__name__}); "
-            "the parts written are kept: --resume continues the job"
+            f"the task of chunk {index} was lost {MAX_RETRIES + 1} times with its worker or node "
+            f"({type(exc).__name__}); the parts written are kept: --resume continues the job"
         ) from None
 
 

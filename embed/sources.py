@@ -34,6 +34,8 @@ class Source:
     path: Location
     rows: int
     columns: int
+    # Rows a reader decodes at once wherever it starts (a Parquet row group); 0: reads are exact.
+    read_rows: int = 0
 
     def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
         raise NotImplementedError
@@ -129,6 +131,8 @@ class ParquetSource(Source):
             self.path, self.file = path, pq.ParquetFile(_open(path))
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        groups = range(self.file.metadata.num_row_groups)
+        self.read_rows = max((self.file.metadata.row_group(g).num_rows for g in groups), default=0)
         schema = self.file.schema_arrow
         self.rows = self.file.metadata.num_rows
         if column is None and len(schema.names) == 1:
@@ -221,6 +225,7 @@ class PartsSource(Source):
             raise DataError(f"{path}: its parts have rows of {sorted(widths)} values; expected one width")
         self.path, self.parts = path, parts
         self.rows, self.columns = sum(part.rows for part in parts), widths.pop()
+        self.read_rows = max(part.read_rows for part in parts)
 
     def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
         first_row = first_chunk * chunk_rows

@@ -27,7 +27,7 @@ from pathlib import Path
 from vaeserve.atomic import atomic_write_text, publish_mode
 from vaeserve.download import default_cache_dir
 from vaeserve.errors import RepositoryError, StorageError
-from vaeserve.manifest import MANIFEST
+from vaeserve.manifest import MANIFEST, Manifest
 from vaeserve.repository import LABELS, ModelVersion, load_version, open_path
 from vaeserve.storage import Location, ObjectInfo, ObjectPath
 
@@ -94,7 +94,7 @@ class RepositoryMirror:
         stamp_file = self.folder / name / f".{number}.stamp"
         if target.is_dir() and _read(stamp_file) == stamp:
             if (name, number) in self.checked:
-                return ModelVersion(name, number, target, load_version_manifest(target))
+                return ModelVersion(name, number, target, Manifest.read(target))
             try:
                 version = load_version(target)
                 self.checked.add((name, number))
@@ -177,12 +177,6 @@ class RepositoryMirror:
             name: {n: objs for n, objs in versions.items() if any(o.path.name == MANIFEST for o in objs)}
             for name, versions in found.items()
         }
-
-
-def load_version_manifest(path: Path):
-    from vaeserve.manifest import Manifest
-
-    return Manifest.read(path)
 
 
 def upload_version(version: ModelVersion, root: ObjectPath) -> ObjectPath:

@@ -198,6 +198,7 @@ def _ray() -> str:
 def start_cluster(folder: Path, env: dict[str, str], workers: int = 2) -> RayCluster:
     """A head and ``workers`` nodes, started one after another. Ray's token authentication (on by
     default for `ray start`) is kept: the nodes and drivers share a token through RAY_AUTH_TOKEN."""
+    folder.mkdir(parents=True, exist_ok=True)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     cluster = RayCluster(f"127.0.0.1:{free_port()}", {**os.environ, **env, **auth}, folder)
     cluster.start_node(0, head=True)
