@@ -64,7 +64,8 @@ def main() -> None:
         type=int,
         nargs="*",
         default=[],
-        help="also time --engine ray with these numbers of actors (one run each, Ray's start-up included)",
+        help="also time --engine ray with these numbers of tasks at a time (one run each, Ray's "
+        "start-up included)",
     )
     args = parser.parse_args()
     version = open_path(args.model)
@@ -125,7 +126,7 @@ def main() -> None:
     for workers in args.ray_workers:
         rate = rates[f"ray{workers}"]
         print(
-            f"{f'vae embed --engine ray, {workers} actors':<44}{rate:>10,.0f}{rate / rates['encoder']:>8.2f}"
+            f"{f'vae embed --engine ray, {workers} tasks':<44}{rate:>10,.0f}{rate / rates['encoder']:>8.2f}"
         )
     print(f"local and service outputs identical: {same}")
 

@@ -226,6 +226,11 @@ def served(target: str, rows: np.ndarray, version: str = "") -> tuple[int, np.nd
     return reply.model.version, from_response(reply.mean, "mean")
 
 
+def all_serve(target: str, rows: np.ndarray, version: str, expected: int, calls: int = 16) -> bool:
+    """Whether ``calls`` fresh connections (spread over the workers) all get ``expected``."""
+    return all((served(target, rows, version) or (0,))[0] == expected for _ in range(calls))
+
+
 def test_serve_follows_a_repository_on_s3(store_repo, repo, pixels, tmp_path) -> None:
     rows = pixels[:16]
     expected = encode_locally(repo / "tiny" / "1", rows)
@@ -247,13 +252,14 @@ def test_serve_follows_a_repository_on_s3(store_repo, repo, pixels, tmp_path) ->
         servers.until(lambda: "refusing" in server.output(), what="the broken upload refused")
         assert served(server.target, rows)[0] == 1
         (target / "encoder.onnx").put((one / "encoder.onnx").read_bytes())  # the upload mended
-        servers.until(lambda: served(server.target, rows)[0] == 2, what="version 2 loaded")
+        # Each of the two workers follows the local copy on its own: wait until both serve it.
+        servers.until(lambda: all_serve(server.target, rows, "", 2), what="version 2 loaded")
         np.testing.assert_array_equal(served(server.target, rows, "2")[1], expected)
         location(f"{store_repo}/tiny/labels.json").write_text('{"stable": 1}')
-        servers.until(lambda: (served(server.target, rows, "stable") or (0,))[0] == 1, what="label followed")
+        servers.until(lambda: all_serve(server.target, rows, "stable", 1), what="label followed")
         target.remove_tree()
-        servers.until(lambda: served(server.target, rows, "2") is None, what="version 2 retired")
-        assert served(server.target, rows)[0] == 1
+        servers.until(lambda: all_serve(server.target, rows, "", 1), what="version 2 retired")
+        assert served(server.target, rows, "2") is None
     assert server.process.returncode == 0
     assert server.output().count("refusing") == 1, server.output()
     # A restart finds its verified local copy: nothing downloaded again.
