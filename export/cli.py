@@ -86,31 +86,13 @@ def register_label(subparsers: argparse._SubParsersAction) -> None:
 
 
 def label_command(args: argparse.Namespace) -> int:
-    from vaeserve.remote_repository import RepositoryMirror
-    from vaeserve.repository import (
-        LABELS,
-        check_label,
-        labels_text,
-        parse_labels,
-        read_labels,
-        version_numbers,
-        write_labels,
-    )
+    from vaeserve.remote_repository import model_labels, model_versions, set_model_labels
+    from vaeserve.repository import check_label
 
-    model_dir = args.repo / args.name
-    remote = isinstance(args.repo, ObjectPath)
-    versions = (
-        sorted(RepositoryMirror(args.repo).remote_versions(args.name))
-        if remote
-        else version_numbers(model_dir)
-    )
+    versions = model_versions(args.repo, args.name)
     if not versions:
-        raise ConfigError(f"--repo {args.repo} --name {args.name}: no versions in {model_dir}")
-    if remote:
-        stored = model_dir / LABELS
-        labels = parse_labels(stored.read_text(), str(stored)) if stored.exists() else {}
-    else:
-        labels = read_labels(model_dir)
+        raise ConfigError(f"--repo {args.repo} --name {args.name}: no versions in {args.repo / args.name}")
+    labels = model_labels(args.repo, args.name)
     for assignment in args.assignments:
         label, equals, version = assignment.partition("=")
         if not equals or not version.isdecimal():
@@ -122,10 +104,7 @@ def label_command(args: argparse.Namespace) -> int:
         if labels.pop(label, None) is None:
             raise ConfigError(f"--remove {label}: {args.name} has no such label (has {sorted(labels)})")
     if args.assignments or args.remove:
-        if remote:  # one upload: a polling server reads the old labels or the new
-            (model_dir / LABELS).write_text(labels_text(labels))
-        else:
-            write_labels(model_dir, labels)
+        set_model_labels(args.repo, args.name, labels)
     for label, version in sorted(labels.items()):
         print(f"{args.name} {label} = {version}")
     if not labels:
@@ -157,7 +136,7 @@ def export_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--variants {sorted(unknown)}: expected some of {', '.join(VARIANTS)}")
     request = ExportRequest(
         args.checkpoint,
-        args.repo if isinstance(args.repo, Path) else Path("."),
+        args.repo,
         args.name,
         args.version,
         args.force,
@@ -169,7 +148,7 @@ def export_command(args: argparse.Namespace) -> int:
     if isinstance(args.repo, ObjectPath):
         from vaeserve.export.exporter import export_to_store
 
-        version, where = export_to_store(request, args.repo, progress=not args.no_progress)
+        version, where = export_to_store(request, progress=not args.no_progress)
     else:
         version = export_model(request, progress=not args.no_progress)
         where = version.path

@@ -43,7 +43,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 @dataclass(frozen=True)
 class ExportRequest:
     checkpoint: Path
-    repo: Path
+    repo: Path | ObjectPath
     name: str
     version: int | None = None
     force: bool = False
@@ -53,14 +53,13 @@ class ExportRequest:
     cache_dir: Path | None = None
 
 
-def export_to_store(
-    request: ExportRequest, store: ObjectPath, progress: bool = False
-) -> tuple[ModelVersion, ObjectPath]:
+def export_to_store(request: ExportRequest, progress: bool = False) -> tuple[ModelVersion, ObjectPath]:
     """Export into a local staging repository, check there, then upload: the manifest last, so
     a server polling the store never sees the version before every file is there. A version
     replaced with --force loses its manifest first, for the same reason."""
     from vaeserve.remote_repository import RepositoryMirror, upload_version
 
+    store = request.repo
     existing = RepositoryMirror(store).remote_versions(request.name)
     number = request.version or max(existing, default=0) + 1
     target = store / request.name / str(number)

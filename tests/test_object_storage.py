@@ -255,7 +255,9 @@ def test_serve_follows_a_repository_on_s3(store_repo, repo, pixels, tmp_path) ->
         # Each of the two workers follows the local copy on its own: wait until both serve it.
         servers.until(lambda: all_serve(server.target, rows, "", 2), what="version 2 loaded")
         np.testing.assert_array_equal(served(server.target, rows, "2")[1], expected)
-        location(f"{store_repo}/tiny/labels.json").write_text('{"stable": 1}')
+        labelled = vae("label", "--repo", store_repo, "--name", "tiny", "stable=1")
+        assert labelled.returncode == 0 and "tiny stable = 1" in labelled.stdout, labelled.stderr
+        assert json.loads(location(f"{store_repo}/tiny/labels.json").read_text()) == {"stable": 1}
         servers.until(lambda: all_serve(server.target, rows, "stable", 1), what="label followed")
         target.remove_tree()
         servers.until(lambda: all_serve(server.target, rows, "", 1), what="version 2 retired")

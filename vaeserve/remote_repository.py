@@ -28,7 +28,17 @@ from vaeserve.atomic import atomic_write_text, publish_mode
 from vaeserve.download import default_cache_dir
 from vaeserve.errors import RepositoryError, StorageError
 from vaeserve.manifest import MANIFEST, Manifest
-from vaeserve.repository import LABELS, ModelVersion, load_version, open_path
+from vaeserve.repository import (
+    LABELS,
+    ModelVersion,
+    labels_text,
+    load_version,
+    open_path,
+    parse_labels,
+    read_labels,
+    version_numbers,
+    write_labels,
+)
 from vaeserve.storage import Location, ObjectInfo, ObjectPath
 
 log = logging.getLogger("vaeserve.repository")
@@ -177,6 +187,30 @@ class RepositoryMirror:
             name: {n: objs for n, objs in versions.items() if any(o.path.name == MANIFEST for o in objs)}
             for name, versions in found.items()
         }
+
+
+def model_versions(repo: Location, name: str) -> list[int]:
+    """The complete versions of a model in a folder or a store, ascending."""
+    if isinstance(repo, Path):
+        return version_numbers(repo / name)
+    return sorted(RepositoryMirror(repo).remote_versions(name))
+
+
+def model_labels(repo: Location, name: str) -> dict[str, int]:
+    """A model's labels, from a folder or a store ({} without a labels file)."""
+    if isinstance(repo, Path):
+        return read_labels(repo / name)
+    stored = repo / name / LABELS
+    return parse_labels(stored.read_text(), str(stored)) if stored.exists() else {}
+
+
+def set_model_labels(repo: Location, name: str, labels: dict[str, int]) -> None:
+    """Written whole: renamed into place in a folder, one upload to a store; a polling server
+    reads the old labels or the new."""
+    if isinstance(repo, Path):
+        write_labels(repo / name, labels)
+    else:
+        (repo / name / LABELS).write_text(labels_text(labels))
 
 
 def upload_version(version: ModelVersion, root: ObjectPath) -> ObjectPath:
