@@ -10,7 +10,6 @@ onnxruntime or the service, embed.pipeline; or Ray, embed.ray_engine), and marks
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,7 +33,7 @@ from vaeserve.embed.sources import Source, open_source
 from vaeserve.errors import ConfigError, DataError, TensorError, VaeError
 from vaeserve.remote_repository import open_model
 from vaeserve.repository import ModelVersion
-from vaeserve.storage import Location, ObjectPath
+from vaeserve.storage import Location, remove
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ def claim_output(request: EmbedRequest, job: Sidecar, sink: ChunkSink) -> None:
     previous = Sidecar.read(request.output)
     if request.force:
         sink.remove()
-        _remove(request.output)
+        remove(request.output)
     elif previous and previous.completed:
         raise ConfigError(f"{request.output} is complete; pass --force to overwrite it")
     elif request.resume:
@@ -256,16 +255,6 @@ def claim_output(request: EmbedRequest, job: Sidecar, sink: ChunkSink) -> None:
     if isinstance(request.output, Path):
         request.output.parent.mkdir(parents=True, exist_ok=True)
     job.write(request.output)
-
-
-def _remove(output: Location) -> None:
-    if isinstance(output, ObjectPath):
-        output.remove_tree()
-        output.unlink(missing_ok=True)
-    elif output.is_dir():
-        shutil.rmtree(output)
-    else:
-        output.unlink(missing_ok=True)
 
 
 def encoder(request: EmbedRequest, version: ModelVersion) -> ChunkEncoder:

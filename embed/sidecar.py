@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vaeserve import __version__
-from vaeserve.atomic import atomic_write_text
 from vaeserve.errors import ConfigError
-from vaeserve.storage import Location, ObjectPath
+from vaeserve.storage import Location, ObjectPath, write_whole
 
 # What a resumed job must share with the one it continues.
 RESUME_KEYS = ("model", "input", "rows", "chunk_rows", "fields", "score")
@@ -58,12 +57,7 @@ class Sidecar:
 
     def write(self, output: Location) -> None:
         """Written whole and renamed into place (on object storage: one upload)."""
-        text = json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-        path = self.path(output)
-        if isinstance(path, ObjectPath):
-            path.write_text(text)
-        else:
-            atomic_write_text(path, text)
+        write_whole(self.path(output), (json.dumps(dataclasses.asdict(self), indent=2) + "\n").encode())
 
     def completed_at(self, when: str) -> Sidecar:
         return dataclasses.replace(self, completed=True, finished=when)

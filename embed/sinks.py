@@ -34,7 +34,7 @@ import numpy as np
 from vaeserve.atomic import atomic_path
 from vaeserve.errors import ConfigError, DataError, MissingExtraError
 from vaeserve.ood import SCORE_FIELDS
-from vaeserve.storage import Location, ObjectPath
+from vaeserve.storage import Location, ObjectPath, names_in, remove, write_whole
 
 FORMATS = (".npy", ".parquet")
 
@@ -315,10 +315,7 @@ class DatasetParts:
         return [self.output] if self._names() else []
 
     def remove(self) -> None:
-        if isinstance(self.output, ObjectPath):
-            self.output.remove_tree()
-        else:
-            shutil.rmtree(self.output, ignore_errors=True)
+        remove(self.output)
 
     def finished(self) -> set[int]:
         names = self._names()
@@ -335,7 +332,7 @@ class DatasetParts:
         """Serialized in memory, then one upload (or an atomic rename): a part is whole or absent."""
         buffer = io.BytesIO()
         _write_parquet(iter([records]), self.dtype, buffer)
-        _put(self.path(index), buffer.getbuffer())
+        write_whole(self.path(index), buffer.getbuffer())
 
     def finish(self) -> None:
         missing = sorted(set(range(self.count)) - self.finished())
@@ -345,20 +342,10 @@ class DatasetParts:
             for info in self.output.files():
                 if info.path.name.startswith("."):
                     info.path.unlink()
-        _put(self.output / SUCCESS, b"")
+        write_whole(self.output / SUCCESS, b"")
 
     def close(self) -> None:
         pass
 
     def _names(self) -> set[str]:
-        if isinstance(self.output, ObjectPath):
-            return {info.path.name for info in self.output.files()}
-        return {p.name for p in self.output.iterdir()} if self.output.is_dir() else set()
-
-
-def _put(path: Location, data: bytes | memoryview) -> None:
-    if isinstance(path, ObjectPath):
-        path.put(data)
-        return
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        return {path.name for path in names_in(self.output)}

@@ -17,13 +17,12 @@ import struct
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
 from vaeserve.errors import DataError, MissingExtraError
 from vaeserve.idx import GZIP_MAGIC, parse_header
-from vaeserve.storage import Location, ObjectPath
+from vaeserve.storage import Location, ObjectPath, names_in, open_for_reading, size_of
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 # The files of a partitioned dataset (a folder or prefix of parts).
@@ -73,14 +72,14 @@ class FileArraySource(Source):
         self.path, self.offset, self.dtype = path, offset, np.dtype(dtype)
         self.rows, self.columns = int(shape[0]), int(np.prod(shape[1:]))
         expected = offset + self.rows * self.columns * self.dtype.itemsize
-        size = _size(path)
+        size = size_of(path)
         if size < expected:
             raise DataError(f"{path}: {size} bytes; its header promises {expected}")
 
     def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
         row_bytes = self.columns * self.dtype.itemsize
         local = isinstance(self.path, Path)
-        with _open(self.path) as handle:
+        with open_for_reading(self.path) as handle:
             for start in range(first_chunk * chunk_rows, self.rows, chunk_rows):
                 count = min(chunk_rows, self.rows - start)
                 handle.seek(self.offset + start * row_bytes)
@@ -128,7 +127,7 @@ class ParquetSource(Source):
         except ImportError:
             raise MissingExtraError("reading Parquet", "embed", "pyarrow") from None
         try:
-            self.path, self.file = path, pq.ParquetFile(_open(path))
+            self.path, self.file = path, pq.ParquetFile(open_for_reading(path))
         except (OSError, ValueError) as exc:
             raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
         groups = range(self.file.metadata.num_row_groups)
@@ -283,8 +282,9 @@ def open_source(
 def _part_files(path: Location) -> list[Location]:
     """The parts of a partitioned dataset, in name order; hidden and ``_`` files (markers such
     as ``_SUCCESS``) are not parts."""
-    found = [info.path for info in path.files()] if isinstance(path, ObjectPath) else sorted(path.iterdir())
-    return [p for p in found if p.suffix.lower() in PART_SUFFIXES and not p.name.startswith(("_", "."))]
+    return [
+        p for p in names_in(path) if p.suffix.lower() in PART_SUFFIXES and not p.name.startswith(("_", "."))
+    ]
 
 
 def _open_file(path: Location, image_shape: tuple[int, ...], column: str | None, key: str | None) -> Source:
@@ -320,18 +320,10 @@ def _idx_header(head: bytes, source: str) -> tuple[tuple[int, ...], np.dtype, in
 def _npy_layout(path: Location) -> tuple[int, np.dtype, tuple[int, ...]]:
     """Offset, dtype and shape of a .npy file's data."""
     try:
-        with _open(path) as handle:
+        with open_for_reading(path) as handle:
             return _array_layout(handle, str(path))
     except (ValueError, OSError) as exc:
         raise DataError(f"{path}: not a readable .npy file ({exc})") from None
-
-
-def _open(path: Location) -> BinaryIO:
-    return path.open() if isinstance(path, ObjectPath) else open(path, "rb")
-
-
-def _size(path: Location) -> int:
-    return path.stat().size if isinstance(path, ObjectPath) else path.stat().st_size
 
 
 def _array_layout(handle, source: str) -> tuple[int, np.dtype, tuple[int, ...]]:

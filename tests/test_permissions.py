@@ -81,14 +81,14 @@ def test_an_export_has_the_modes_the_umask_gives(tiny_run: Path, mnist_dir: Path
 
 
 def test_checkpoints_and_labels_have_the_modes_the_umask_gives(tiny_run: Path, repo: Path, tmp_path: Path):
-    from vaeserve.repository import write_labels
+    from vaeserve.remote_repository import set_model_labels
 
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tiny_run / "checkpoint.pt").stat().st_mode) == 0o666 & ~mask
     target = tmp_path / "tiny"
     with umask(0o022):
-        write_labels(target, {"stable": 1})
+        set_model_labels(tmp_path, "tiny", {"stable": 1})
     assert stat.S_IMODE((target / "labels.json").stat().st_mode) == 0o644
 
 

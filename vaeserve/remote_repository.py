@@ -37,9 +37,8 @@ from vaeserve.repository import (
     parse_labels,
     read_labels,
     version_numbers,
-    write_labels,
 )
-from vaeserve.storage import Location, ObjectInfo, ObjectPath
+from vaeserve.storage import Location, ObjectInfo, ObjectPath, write_whole
 
 log = logging.getLogger("vaeserve.repository")
 
@@ -207,10 +206,7 @@ def model_labels(repo: Location, name: str) -> dict[str, int]:
 def set_model_labels(repo: Location, name: str, labels: dict[str, int]) -> None:
     """Written whole: renamed into place in a folder, one upload to a store; a polling server
     reads the old labels or the new."""
-    if isinstance(repo, Path):
-        write_labels(repo / name, labels)
-    else:
-        (repo / name / LABELS).write_text(labels_text(labels))
+    write_whole(repo / name / LABELS, labels_text(labels).encode())
 
 
 def upload_version(version: ModelVersion, root: ObjectPath) -> ObjectPath:

@@ -222,10 +222,3 @@ def parse_labels(text: str, source: str) -> dict[str, int]:
 
 def labels_text(labels: dict[str, int]) -> str:
     return json.dumps(dict(sorted(labels.items())), indent=2) + "\n"
-
-
-def write_labels(model_dir: Path, labels: dict[str, int]) -> None:
-    """Written whole and renamed into place: a server polling the folder never reads half a file."""
-    from vaeserve.atomic import atomic_write_text
-
-    atomic_write_text(model_dir / LABELS, labels_text(labels))

@@ -178,7 +178,7 @@ class ObjectPath:
             shutil.copyfileobj(handle, out, 8 << 20)
 
     def unlink(self, missing_ok: bool = True) -> None:
-        if missing_ok and not self.exists():
+        if missing_ok and not self.is_file():  # absent, or a prefix (a "folder") of other objects
             return
         with said(self, "delete"):
             self.fs.delete_file(self.key)
@@ -240,3 +240,45 @@ def _filesystem(scheme: str, bucket: str) -> Any:
         return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme)))
     except (ImportError, ValueError) as exc:
         raise StorageError(f"{uri}: no file system for {scheme}:// ({first_line(exc)})") from None
+
+
+# What the stages do to a Location, local or on a store, each written once.
+
+
+def write_whole(path: Location, data: bytes | memoryview) -> None:
+    """``data`` as the file or object ``path``, appearing whole or not at all: renamed into
+    place on a disk, moved into place on a store."""
+    if isinstance(path, ObjectPath):
+        path.put(data)
+        return
+    from vaeserve.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def open_for_reading(path: Location) -> BinaryIO:
+    """A seekable reader of a file or an object."""
+    return path.open() if isinstance(path, ObjectPath) else open(path, "rb")
+
+
+def size_of(path: Location) -> int:
+    return path.stat().size if isinstance(path, ObjectPath) else path.stat().st_size
+
+
+def names_in(folder: Location) -> list[Location]:
+    """Every file under a local folder (its own entries) or object under a prefix, sorted."""
+    if isinstance(folder, ObjectPath):
+        return [info.path for info in folder.files()]
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def remove(path: Location) -> None:
+    """A file, a folder or a prefix, and everything in it; nothing if it is not there."""
+    if isinstance(path, ObjectPath):
+        path.remove_tree()
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
