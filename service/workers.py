@@ -26,7 +26,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from multiprocessing.connection import wait
@@ -269,9 +268,10 @@ def _worker(index: int, count: int, settings: ServeSettings, level: int, serving
     )
     # The supervisor's handlers do not survive spawn; until the server installs its own, a
     # Ctrl-C must not print a traceback, and a SIGTERM (the supervisor stopping while this
-    # worker starts) ends it cleanly.
+    # worker starts) ends it at once: it has nothing to drain yet, and a SystemExit raised
+    # inside a native module's import (onnxruntime's) surfaces as an ImportError traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda _number, _frame: sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda _number, _frame: os._exit(0))
     _die_with(int(os.environ[WORKER_ENV]))
     try:
         code = run_on_event_loop(serve(settings, serving.set), settings.event_loop)
