@@ -152,6 +152,7 @@ def build_version(
         variants=built,
         training={
             "config": config,
+            "preset": state.get("preset", ""),
             "dataset": state["dataset"]["name"],
             "split_sizes": state["dataset"]["split_sizes"],
             "data_source": state["dataset"].get("source"),

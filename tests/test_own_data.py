@@ -186,7 +186,7 @@ def test_flat_features_with_and_without_an_image_shape(tmp_path: Path) -> None:
         )
     )
     manifest = json.loads((tmp_path / "models" / "flat" / "1" / "manifest.json").read_text())
-    assert manifest["image_shape"] == [20]
+    assert manifest["image_shape"] == [20] and manifest["training"]["preset"] == "seed"  # train's default
     np.save(tmp_path / "x.npy", features[200:])
     job("score", tmp_path / "models" / "flat", tmp_path / "x.npy", tmp_path / "s.parquet")
     result = vae("train", "--out", str(tmp_path / "shaped"), "--image-shape", "4", "4", *flags)

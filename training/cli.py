@@ -61,7 +61,9 @@ def train_command(args: argparse.Namespace) -> int:
     dataset = load_run_data(
         config.to_dict(), recorded, args.data_dir, args.cache_dir, progress=not args.no_progress
     )
-    trainer = start_or_resume(config, dataset, args.out, args.resume, progress=not args.no_progress)
+    trainer = start_or_resume(
+        config, dataset, args.out, args.resume, progress=not args.no_progress, preset=args.preset
+    )
     done_before = len(trainer.history)
     started = time.perf_counter()
     history = trainer.run()[done_before:]

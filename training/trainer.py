@@ -57,8 +57,11 @@ def prepare_data(config: TrainConfig, dataset: Dataset) -> TrainingData:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, dataset: Dataset, run_dir: Path, progress: bool = True):
+    def __init__(
+        self, config: TrainConfig, dataset: Dataset, run_dir: Path, progress: bool = True, preset: str = ""
+    ):
         self.config = config
+        self.preset = preset  # the preset the config started from ("": a run made in code)
         self.dataset = dataset
         self.run_dir = run_dir
         self.progress = progress
@@ -77,6 +80,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
+            "preset": self.preset,
             "input_size": self.dataset.input_size,
             "image_shape": list(self.dataset.image_shape),
             "dataset": {
@@ -98,6 +102,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.epoch = int(state["epoch"])
+        self.preset = state.get("preset", "")
         self.history = list(state["history"])
         self.costs = list(state["costs"])
         self.best_validation_elbo = float(state["best_validation_elbo"])
@@ -213,16 +218,22 @@ class Trainer:
 
 
 def start_or_resume(
-    config: TrainConfig, dataset: Dataset, run_dir: Path, resume: bool, progress: bool = True
+    config: TrainConfig,
+    dataset: Dataset,
+    run_dir: Path,
+    resume: bool,
+    progress: bool = True,
+    preset: str = "",
 ) -> Trainer:
-    """A trainer for a new run in an empty ``run_dir``, or one restored from its last checkpoint."""
+    """A trainer for a new run in an empty ``run_dir``, or one restored from its last checkpoint
+    (which knows its preset)."""
     last = run_dir / checkpoint.LAST
     if not resume:
         if last.exists():
             raise CheckpointError(
                 f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
             )
-        return Trainer(config, dataset, run_dir, progress)
+        return Trainer(config, dataset, run_dir, progress, preset)
     if not last.exists():
         raise CheckpointError(f"{run_dir}: nothing to resume (no {checkpoint.LAST})")
     state = checkpoint.load(last)

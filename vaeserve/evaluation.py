@@ -16,7 +16,7 @@ import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from tqdm import tqdm
@@ -49,6 +49,9 @@ class Evaluation:
     active_units: int
     latent_size: int
     seconds: float
+    # Var over rows of each latent dimension's posterior mean (Burda et al. 2016's activity
+    # statistic, of which active_units counts those above the threshold): the traversal order.
+    unit_activity: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,8 +63,12 @@ def encode_all(encode: Encode, x: np.ndarray, rows: int = 4096) -> tuple[np.ndar
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+def unit_activity(means: np.ndarray) -> np.ndarray:
+    return np.var(means.astype(np.float64), axis=0)
+
+
 def active_units(means: np.ndarray) -> int:
-    return int(np.sum(np.var(means.astype(np.float64), axis=0) > ACTIVE_UNIT_THRESHOLD))
+    return int(np.sum(unit_activity(means) > ACTIVE_UNIT_THRESHOLD))
 
 
 def importance_weights(
@@ -161,6 +168,7 @@ def evaluate(
         active_units=active_units(rows.means),
         latent_size=int(rows.means.shape[1]),
         seconds=time.perf_counter() - started,
+        unit_activity=[round(float(v), 6) for v in unit_activity(rows.means)],
     )
 
 

@@ -140,6 +140,34 @@ class Manifest:
         """The test evaluation's numbers (ELBO, NLL, ...), by name."""
         return {k: float(v) for k, v in self.evaluation.items() if isinstance(v, int | float)}
 
+    def brief(self) -> dict[str, Any]:
+        """What a person reads first about a version (the console's model list): its data and
+        shape, how it was trained, its test scores, export parity and checksum prefixes; the
+        test set's Score percentiles, to place a new input among them; per-dimension activity."""
+        evaluation = self.evaluation
+        return {
+            "dataset": self.training.get("dataset", ""),
+            "preset": self.training.get("preset", ""),
+            "epochs": self.training.get("epochs"),
+            "likelihood": self.likelihood,
+            "binarization": self.binarization,
+            "input_size": self.input_size,
+            "image_shape": list(self.image_shape),
+            "latent_size": self.latent_size,
+            "test": {
+                key: evaluation[key]
+                for key in ("elbo", "elbo_stderr", "nll", "nll_stderr", "iw_samples", "active_units")
+                if key in evaluation
+            },
+            "unit_activity": evaluation.get("unit_activity", []),
+            "parity_max_abs_diff": max(self.parity.get("max_abs_diff", {}).values(), default=None),
+            "created": self.created,
+            "vaeserve_version": self.vaeserve_version,
+            "variants": ["fp32", *sorted(self.variants)],
+            "sha256": {role: record.sha256[:12] for role, record in self.graphs.items()},
+            "score_reference": self.score_reference,
+        }
+
     def reference_metrics(self) -> dict[str, float]:
         """The test set's Score percentiles as metrics, ``ood_score_p0.5`` and so on."""
         metrics = {}
