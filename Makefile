@@ -16,7 +16,7 @@ PYTHON_BASE ?= auto
 BIN = $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: main test setup lint pytest engine images test-images clean
+.PHONY: main test setup lint pytest engine images test-images browser clean
 
 setup: $(VENV)/.installed
 
@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint test-images pytest
+test: lint test-images browser pytest
 
 pytest: setup
 	$(BIN)/python -m pytest
@@ -53,6 +53,11 @@ images: engine
 test-images:
 	@if scripts/docker_engine.sh; then PYTHON_BASE=$(PYTHON_BASE) scripts/images.sh; \
 	else echo "images: not built, no Docker engine can run here (tests/test_images.py skips)"; fi
+
+# Headless Chromium for the web console's tests: installed with apt where missing (root); elsewhere
+# one line says why not, and those tests skip.
+browser:
+	@scripts/browser.sh || echo "browser: the console's browser tests will skip"
 
 main: setup
 	DATA_DIR=$(DATA_DIR) RUN_DIR=$(RUN) scripts/main_job.sh

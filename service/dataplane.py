@@ -24,6 +24,7 @@ from vaeserve.repository import ModelVersion
 from vaeserve.rows import Rows
 from vaeserve.runtime import CPU, OnnxPair, usable_cores
 from vaeserve.service.batching import Admission, Batcher, Direct, Observer, Run, Runner
+from vaeserve.service.metrics import CALL_MODEL
 from vaeserve.service.settings import ServeSettings
 
 
@@ -220,6 +221,7 @@ class ModelRegistry:
         if name not in self.models:
             raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self.models)}")
         versions = self.models[name]
+        CALL_MODEL.set(name)
         if version in ("", "latest"):
             return versions[max(versions)]
         number = int(version) if version.isdecimal() else self.labels.get(name, {}).get(version)

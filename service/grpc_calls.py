@@ -48,11 +48,11 @@ def rpc(method: str, protocol: str, rows: Callable[[Any], int]) -> Callable:
     def wrap(handler: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         @functools.wraps(handler)
         async def call(self, request, context: grpc.aio.ServicerContext):
-            started = time.perf_counter()
+            started = self.metrics.started()
             _set_deadline(context)
             response, code, message = await _answer(method, handler, self, request, context)
             counted = rows(response) if response is not None else 0
-            self.metrics.call(method, code.name, time.perf_counter() - started, counted, protocol)
+            self.metrics.call(method, code.name, started, counted, protocol)
             if code is not OK:
                 await context.abort(code, message)
             return response
@@ -71,10 +71,10 @@ def stream_rpc(method: str, protocol: str, rows: Callable[[Any], int]) -> Callab
         async def call(self, requests: AsyncIterator, context: grpc.aio.ServicerContext):
             _set_deadline(context)
             async for request in requests:
-                started = time.perf_counter()
+                started = self.metrics.started()
                 response, code, message = await _answer(method, handler, self, request)
                 counted = rows(response) if response is not None else 0
-                self.metrics.call(method, code.name, time.perf_counter() - started, counted, protocol)
+                self.metrics.call(method, code.name, started, counted, protocol)
                 if code is not OK:
                     await context.abort(code, message)
                 yield response

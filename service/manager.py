@@ -38,6 +38,7 @@ from pathlib import Path
 
 from vaeserve.atomic import atomic_write_text
 from vaeserve.errors import ModelNotFoundError, RepositoryError, VaeError
+from vaeserve.manifest import Manifest
 from vaeserve.repository import (
     LABELS,
     MANIFEST,
@@ -273,6 +274,39 @@ class ModelManager:
                 if state == "READY" or not ready_only:
                     rows.append({"name": name, "version": str(number), "state": state, "reason": reason})
         return rows
+
+    def overview(self) -> list[dict]:
+        """Every model in the repository as a person would read it: its versions (each with its
+        state and its manifest in brief), the labels in effect and which version is latest."""
+        rows: dict[str, list[dict]] = {}
+        for row in self.index():
+            rows.setdefault(row["name"], []).append(row)
+        return [self._model_overview(name, versions) for name, versions in rows.items()]
+
+    def _model_overview(self, name: str, rows: list[dict]) -> dict:
+        loaded = self.registry.models.get(name, {})
+        versions = []
+        for row in rows:
+            number = int(row["version"])
+            brief = self._brief(name, number, loaded.get(number))
+            versions.append({"version": number, "state": row["state"], "reason": row["reason"], **brief})
+        return {
+            "name": name,
+            "default": name == self.registry.default,
+            "latest": max(loaded) if loaded else None,
+            "labels": self.registry.labels.get(name, {}),
+            "versions": versions,
+        }
+
+    def _brief(self, name: str, number: int, served: ServedModel | None) -> dict:
+        """The manifest in brief: the loaded one's, or read from the folder (a version not
+        served may still be read; one that cannot is said so)."""
+        if served is not None:
+            return {"manifest": served.version.manifest.brief()}
+        try:
+            return {"manifest": Manifest.read(self.settings.folder / name / str(number)).brief()}
+        except (RepositoryError, OSError) as exc:
+            return {"manifest": None, "manifest_error": str(exc)}
 
     def _why_not(self, name: str, number: int) -> str:
         if self.settings.folder / name / str(number) in self.refused:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
+import time
+from contextvars import ContextVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 from vaeserve.errors import ConfigError
 
@@ -12,6 +15,13 @@ LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 
 # The gRPC services whose calls are counted, by the protocol label they carry.
 GRPC_PROTOCOLS = {"vae.v1.VaeService": "v1", "inference.GRPCInferenceService": "oip-grpc"}
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+# The repository model a call is about: set by the data plane where a request's model resolves,
+# read when the call is counted ("" for a call that named no loaded model).
+CALL_MODEL: ContextVar[str] = ContextVar("call_model", default="")
+# Set by the --workers supervisor: every worker's counters are files in this folder.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Answers that are not errors, by protocol: gRPC's OK, HTTP's 2xx.
+SUCCESS = frozenset({"OK", "200"})
 
 
 class Metrics:
@@ -19,14 +29,15 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "vaeserve_requests",
-            "Calls by protocol (v1, oip-grpc, oip-http), method and status code (gRPC's, or HTTP's)",
-            ["protocol", "method", "code"],
+            "Calls by protocol (v1, oip-grpc, oip-http), method, status code (gRPC's, or HTTP's) and "
+            "model (the repository's name; empty when the call named no loaded model)",
+            ["protocol", "method", "code", "model"],
             registry=self.registry,
         )
         self.latency = Histogram(
             "vaeserve_request_seconds",
-            "Call latency in the server, by protocol and method",
-            ["protocol", "method"],
+            "Call latency in the server, by protocol, method and model",
+            ["protocol", "method", "model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -68,16 +79,24 @@ class Metrics:
     def _child(self, metric: str, *labels: str):
         return getattr(self, metric).labels(*labels)
 
-    def call(self, method: str, code: str, seconds: float, rows: int, protocol: str) -> None:
-        self._child("requests", protocol, method, code).inc()
-        self._child("latency", protocol, method).observe(seconds)
+    @staticmethod
+    def started() -> float:
+        """A call begins: its clock starts, and it is about no model until its model resolves."""
+        CALL_MODEL.set("")
+        return time.perf_counter()
+
+    def call(self, method: str, code: str, started: float, rows: int, protocol: str) -> None:
+        """A call ended with ``code``; ``started`` is what ``started()`` gave it."""
+        model = CALL_MODEL.get()
+        self._child("requests", protocol, method, code, model).inc()
+        self._child("latency", protocol, method, model).observe(time.perf_counter() - started)
         if rows:
             self._child("rows", protocol, method).inc(rows)
 
     def refused(self, full_method: str) -> None:
         """A gRPC call refused before its handler ran (a missing or wrong token)."""
         service, _, method = full_method.lstrip("/").partition("/")
-        self._child("requests", GRPC_PROTOCOLS.get(service, service), method, "UNAUTHENTICATED").inc()
+        self._child("requests", GRPC_PROTOCOLS.get(service, service), method, "UNAUTHENTICATED", "").inc()
 
     def queued(self, graph: str, seconds: float) -> None:
         self._child("queue_seconds", graph).observe(seconds)
@@ -90,6 +109,43 @@ class Metrics:
 
     def serve_http(self, host: str, port: int):
         return serve_http(host, port, self.registry)
+
+    def live(self) -> dict:
+        """Calls, errors and latency so far per model and protocol, of the whole service (with
+        --workers, every worker's counters): a caller's rates and percentiles are differences
+        between two of these."""
+        folder = os.environ.get(MULTIPROC_ENV)
+        registry = self.registry
+        if folder:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=folder)
+        return {"time": time.time(), "series": sorted(_series(registry).values(), key=_order)}
+
+
+def _series(registry: CollectorRegistry) -> dict[tuple[str, str], dict]:
+    """{(model, protocol): {model, protocol, calls, errors, latency: {le: count}}} from the
+    request counter and the latency histogram, summed over methods and codes."""
+    series: dict[tuple[str, str], dict] = {}
+
+    def entry(labels: dict[str, str]) -> dict:
+        key = (labels["model"], labels["protocol"])
+        empty = {"model": key[0], "protocol": key[1], "calls": 0, "errors": 0, "latency": {}}
+        return series.setdefault(key, empty)
+
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == "vaeserve_requests_total":
+                found = entry(sample.labels)
+                found["calls"] += sample.value
+                found["errors"] += 0 if sample.labels["code"] in SUCCESS else sample.value
+            elif sample.name == "vaeserve_request_seconds_bucket":
+                buckets = entry(sample.labels)["latency"]
+                buckets[sample.labels["le"]] = buckets.get(sample.labels["le"], 0) + sample.value
+    return series
+
+
+def _order(entry: dict) -> tuple[bool, str, str]:
+    return (not entry["model"], entry["model"], entry["protocol"])
 
 
 def serve_http(host: str, port: int, registry: CollectorRegistry):

@@ -101,6 +101,8 @@ ACCESS: dict[str, Credential] = {
     "ServerReady": Credential.NONE,
     "ModelReady": Credential.NONE,
     "OpenAPI": Credential.NONE,
+    "Console": Credential.NONE,  # the page and its files: it asks for the token the API wants
+    "ConsoleAsset": Credential.NONE,
     "RepositoryIndex": Credential.ADMIN,
     "RepositoryModelLoad": Credential.ADMIN,
     "RepositoryModelUnload": Credential.ADMIN,

@@ -27,6 +27,7 @@ from grpc_health.v1 import health, health_pb2
 from vaeserve.errors import ConfigError
 from vaeserve.runtime import usable_cores
 from vaeserve.service import policy
+from vaeserve.service.console.routes import Console
 from vaeserve.service.dataplane import ModelRegistry
 from vaeserve.service.grpc_server import SERVICE_NAME, bind, grpc_server
 from vaeserve.service.heap import keep_freed_heap
@@ -99,7 +100,8 @@ async def _start(settings: ServeSettings, serving: asyncio.Event) -> Running:
         settings, manager.registry, catalogue, metrics, tokens, serving.is_set, repository
     )
     port = bind(server, f"{settings.host}:{settings.port}", credentials)
-    http = await _start_http(settings, catalogue, metrics, tokens, serving.is_set, repository)
+    console = Console(manager, metrics, page=settings.console)
+    http = await _start_http(settings, catalogue, metrics, tokens, serving.is_set, repository, console)
     metrics_server = (
         metrics.serve_http(settings.host, settings.metrics_port) if settings.metrics_port else None
     )
@@ -122,7 +124,7 @@ async def _stop(settings: ServeSettings, running: Running) -> None:
 def _log_serving(settings: ServeSettings, running: Running) -> None:
     log.info(
         "serving %s on %s: gRPC (vae.v1, OIP) on :%d, OIP HTTP on :%s (%s%s%s), batching %s, "
-        "shared memory %s, repository %s, model control %s; %s",
+        "shared memory %s, repository %s, model control %s, web console %s; %s",
         _describe(running.manager.registry),
         settings.host,
         running.port,
@@ -134,6 +136,7 @@ def _log_serving(settings: ServeSettings, running: Running) -> None:
         "on" if settings.shared_memory else "off",
         f"polled every {settings.poll_s:g} s" if settings.poll_s else "loaded once",
         "on (admin token)" if settings.admin_token_file else "off",
+        f"at / on :{bound_port(running.http)}" if settings.console and running.http else "off",
         _metrics_where(settings),
     )
 
@@ -145,6 +148,7 @@ async def _start_http(
     tokens: policy.Tokens,
     ready: Callable[[], bool],
     repository: RepositoryExtension,
+    console: Console,
 ) -> web.AppRunner | None:
     if not settings.http_port:
         return None
@@ -156,6 +160,7 @@ async def _start_http(
         max_body_bytes=settings.max_message_mb * 1024 * 1024,
         max_in_flight=settings.max_concurrent_rpcs,
         repository=repository,
+        console=console,
     )
     return await start_http(
         app,

@@ -40,6 +40,11 @@ class ServeSettings:
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50051, "gRPC port (vae.v1 and the Open Inference Protocol)")
     http_port: int = option(8000, "Open Inference Protocol HTTP/REST port (0: off)")
+    console: bool = option(
+        True,
+        "the web console at / on --http-port: models, samples, scores of your input, latent space, "
+        "versions side by side, live counters (docs/console.md)",
+    )
     device: str = option("auto", "auto: CUDA when onnxruntime-gpu and a GPU are present, else CPU", DEVICES)
     event_loop: str = option(
         "auto", "auto: uvloop when installed (less CPU per call), else asyncio's own", EVENT_LOOPS

@@ -53,8 +53,8 @@ def test_load_generators_speak_every_protocol(repo: Path, tmp_path: Path) -> Non
         page = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
     text = page.decode()
     for line in (
-        'code="OK",method="Encode",protocol="v1"',
-        'code="OK",method="ModelInfer",protocol="oip-grpc"',
-        'code="200",method="ModelInfer",protocol="oip-http"',
+        'code="OK",method="Encode",model="tiny",protocol="v1"',
+        'code="OK",method="ModelInfer",model="tiny",protocol="oip-grpc"',
+        'code="200",method="ModelInfer",model="tiny",protocol="oip-http"',
     ):
         assert f"vaeserve_requests_total{{{line}}}" in text, line

@@ -129,6 +129,9 @@ def test_the_image_serves_a_repository_another_user_exported(
     outputs = {o["name"]: o for o in json.load(urllib.request.urlopen(call, timeout=30))["outputs"]}
     mean = np.array(outputs["mean"]["data"], np.float32).reshape(outputs["mean"]["shape"])
     np.testing.assert_allclose(mean, expected, atol=1e-5, rtol=0)
+    for path in ("/", "/console/console.js", "/console/vendor/dygraph.min.js"):  # installed with the package
+        with urllib.request.urlopen(f"http://{rest}{path}", timeout=30) as page:
+            assert page.status == 200 and "script-src 'self'" in page.headers["Content-Security-Policy"]
     demo = subprocess.run(
         ["vae", "client", "--target", target, "--data-dir", str(mnist_dir), "--out", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=300,

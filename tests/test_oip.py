@@ -407,9 +407,9 @@ def test_metrics_count_calls_by_protocol(server, pixels) -> None:
     text = (
         urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
     )
-    assert 'vaeserve_requests_total{code="OK",method="ModelInfer",protocol="oip-grpc"}' in text
-    assert 'vaeserve_requests_total{code="200",method="ModelInfer",protocol="oip-http"}' in text
-    assert 'vaeserve_requests_total{code="404",method="ModelInfer",protocol="oip-http"}' in text
+    assert 'vaeserve_requests_total{code="OK",method="ModelInfer",model="tiny",protocol="oip-grpc"}' in text
+    assert 'vaeserve_requests_total{code="200",method="ModelInfer",model="tiny",protocol="oip-http"}' in text
+    assert 'vaeserve_requests_total{code="404",method="ModelInfer",model="",protocol="oip-http"}' in text
     assert 'vaeserve_rows_total{method="ModelInfer",protocol="oip-grpc"}' in text
 
 
@@ -555,7 +555,7 @@ def test_a_client_gone_mid_request_is_counted_499_not_500(server) -> None:
             .read()
             .decode()
         )
-    assert 'vaeserve_requests_total{code="499",method="ModelInfer",protocol="oip-http"}' in page
+    assert 'vaeserve_requests_total{code="499",method="ModelInfer",model="tiny",protocol="oip-http"}' in page
     assert 'code="500"' not in page and "Traceback" not in server.output()
     assert tritonclient_http.InferenceServerClient(server.http).is_server_live()
 

