@@ -2,9 +2,9 @@
 
 Routes (KServe's REST paths): ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``,
 ``/v2/models/{model}[/versions/{version}]``, ``.../ready``, ``POST .../infer`` and
-``GET /v2/openapi.json``; and the console's (service.console). Infer bodies are JSON, or
-JSON followed by raw tensor bytes (the
-binary tensor data extension: ``Inference-Header-Content-Length`` gives the JSON's length,
+``GET /v2/openapi.json``; and the web console's (service.console). Infer bodies are JSON, or
+JSON followed by raw tensor bytes (the binary tensor data extension:
+``Inference-Header-Content-Length`` gives the JSON's length,
 an input's ``binary_data_size`` parameter its bytes; outputs asked for with ``binary_data``
 or ``binary_data_output`` come back the same way). Errors are ``{"error": "..."}`` with the
 code ``service.policy`` gives them, and the tokens each route needs are policy's too.
