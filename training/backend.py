@@ -1,4 +1,4 @@
-"""A PyTorch VAE as the numpy callables the shared evaluator and pictures take."""
+"""A PyTorch VAE as the numpy callables and prior the shared evaluator and pictures take."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from vaeserve.evaluation import Decode, Encode
+from vaeserve.prior import STANDARD, Prior
 from vaeserve.training.model import VAE
 
 
@@ -22,3 +23,13 @@ def numpy_callables(model: VAE) -> tuple[Encode, Decode]:
         return model.decode(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))).numpy()
 
     return encode, decode
+
+
+@torch.no_grad()
+def numpy_prior(model: VAE) -> Prior:
+    """The model's p(z): N(0, I), or its VampPrior as the Gaussian mixture it is (the encoder's
+    posteriors at the pseudo-inputs), what export writes into the version."""
+    if model.prior is None:
+        return STANDARD
+    means, stddevs = model.eval().prior.mixture(model.encode)
+    return Prior(means.numpy().astype(np.float32), stddevs.numpy().astype(np.float32))

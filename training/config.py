@@ -22,6 +22,7 @@ OPTIMIZERS = ("tf1-rmsprop", "adam")
 OBJECTIVES = ("elbo", "iwae")
 TRAIN_SPLITS = ("train", "all-train")
 LIKELIHOODS = ("bernoulli", "continuous-bernoulli")
+PRIORS = ("standard-normal", "vamp")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,13 @@ class TrainConfig:
         "8-bit pixels plus fresh uniform noise each epoch, (p + u)/256 (for continuous likelihoods)",
         BINARIZATIONS,
     )
+    prior: str = option(
+        "standard-normal",
+        "p(z): standard-normal, or vamp (the VampPrior of Tomczak & Welling 2018: a mixture of the "
+        "encoder's posteriors at learned pseudo-inputs, exported with the model)",
+        PRIORS,
+    )
+    prior_components: int = option(500, "pseudo-inputs (mixture components) of a vamp prior")
     hidden_sizes: tuple[int, ...] = option(
         (200,), "widths of the encoder's hidden layers; the decoder mirrors them"
     )
@@ -78,7 +86,7 @@ class TrainConfig:
                 raise ConfigError(
                     f"{f.name} = {getattr(self, f.name)!r}; expected one of {', '.join(choices)}"
                 )
-        positive = ("latent_size", "batch_size", "train_samples")
+        positive = ("latent_size", "batch_size", "train_samples", "prior_components")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -117,32 +125,39 @@ class TrainConfig:
         return replace(cls(), **values)
 
 
+# Issue 7: an MLP VAE with one Gaussian latent layer under a one-hour CPU budget, on the
+# literature's protocol (dynamic binarization). The IWAE bound with k = 5 (Burda et al. 2016)
+# tightens the posterior; Adam with an exponential decay, a short KL warm-up, and a
+# wall-clock budget so the run ends in time. Settings chosen on the validation split
+# (a 0.985 decay had the learning rate spent long before the budget), then trained on
+# all 60,000 images with a slower decay that reaches ~2e-5 as the 57 minutes run out.
+_BEST = TrainConfig(
+    binarization="dynamic",
+    hidden_sizes=(500, 500),
+    latent_size=50,
+    activation="elu",
+    init="torch",
+    optimizer="adam",
+    lr=1e-3,
+    lr_decay=0.99,
+    batch_size=100,
+    epochs=1000,
+    objective="iwae",
+    train_samples=5,
+    kl_warmup_epochs=5,
+    train_split="all-train",
+    max_minutes=57.0,
+)
+
 PRESETS: dict[str, TrainConfig] = {
     # The TF1 program this project comes from: 784-200-(2x100), RMSProp 1e-3, batch 64, 30 epochs.
     "seed": TrainConfig(),
-    # Issue 7: an MLP VAE with one Gaussian latent layer under a one-hour CPU budget, on the
-    # literature's protocol (dynamic binarization). The IWAE bound with k = 5 (Burda et al. 2016)
-    # tightens the posterior; Adam with an exponential decay, a short KL warm-up, and a
-    # wall-clock budget so the run ends in time. Settings chosen on the validation split
-    # (a 0.985 decay had the learning rate spent long before the budget), then trained on
-    # all 60,000 images with a slower decay that reaches ~2e-5 as the 57 minutes run out.
-    "best": TrainConfig(
-        binarization="dynamic",
-        hidden_sizes=(500, 500),
-        latent_size=50,
-        activation="elu",
-        init="torch",
-        optimizer="adam",
-        lr=1e-3,
-        lr_decay=0.99,
-        batch_size=100,
-        epochs=1000,
-        objective="iwae",
-        train_samples=5,
-        kl_warmup_epochs=5,
-        train_split="all-train",
-        max_minutes=57.0,
-    ),
+    "best": _BEST,
+    # Issue 28: `best` with a learned prior, the VampPrior (Tomczak & Welling 2018) of 500
+    # pseudo-inputs started at training images. An epoch costs about twice `best`'s (the encoder
+    # also runs on the pseudo-inputs every step), so half as many fit the budget; the faster
+    # decay anneals the learning rate within them as `best`'s does within its own.
+    "vamp": replace(_BEST, prior="vamp", prior_components=500, lr_decay=0.975),
 }
 
 

@@ -12,7 +12,7 @@ from vaeserve.datasets import Dataset, evaluation_inputs
 from vaeserve.evaluation import Evaluation, evaluate
 from vaeserve.repository import sha256_file
 from vaeserve.training import checkpoint
-from vaeserve.training.backend import numpy_callables
+from vaeserve.training.backend import numpy_callables, numpy_prior
 from vaeserve.training.config import TrainConfig
 
 EVALUATION_SEED = 0  # the fixed binarization of dynamic splits and the importance samples' seed
@@ -34,7 +34,8 @@ def evaluate_checkpoint(
     config = TrainConfig.from_dict(state["config"])
     images = dataset.split(split)[0][:limit]
     x = evaluation_inputs(images, config.binarization, EVALUATION_SEED)
-    encode, decode = numpy_callables(checkpoint.model_from(state))
+    model = checkpoint.model_from(state)
+    encode, decode = numpy_callables(model)
     return evaluate(
         encode,
         decode,
@@ -43,6 +44,7 @@ def evaluate_checkpoint(
         seed=EVALUATION_SEED,
         progress=progress,
         likelihood=config.likelihood,
+        prior=numpy_prior(model),
     )
 
 
@@ -62,7 +64,15 @@ def write_pictures(state: dict[str, Any], dataset: Dataset, split: str, out_dir:
     config = TrainConfig.from_dict(state["config"])
     images, labels = dataset.split(split)
     x = evaluation_inputs(images[:5000], config.binarization, EVALUATION_SEED)
-    encode, decode = numpy_callables(checkpoint.model_from(state))
+    model = checkpoint.model_from(state)
+    encode, decode = numpy_callables(model)
     return pictures.model_pictures(
-        encode, decode, x, labels, dataset.image_shape, out_dir, likelihood=config.likelihood
+        encode,
+        decode,
+        x,
+        labels,
+        dataset.image_shape,
+        out_dir,
+        likelihood=config.likelihood,
+        prior=numpy_prior(model),
     )

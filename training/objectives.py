@@ -25,11 +25,14 @@ def gaussian_kl(mean: torch.Tensor, stddev: torch.Tensor) -> torch.Tensor:
 def elbo(
     model: VAE, x: torch.Tensor, generator: torch.Generator, kl_weight: float = 1.0, samples: int = 1
 ) -> torch.Tensor:
-    """E_q[log p(x|z)] − β·KL, with one reparameterised sample (Kingma & Welling, eq. 10)."""
+    """E_q[log p(x|z)] − β·KL, with one reparameterised sample (Kingma & Welling, eq. 10); the
+    KL analytic under N(0, I), else estimated at the same sample (no closed form for a mixture)."""
     mean, stddev = model.encode(x)
     eps = torch.randn(mean.shape, generator=generator)
-    logits = model.decode(model.reparameterize(mean, stddev, eps))
-    return log_likelihood(x, logits, model.likelihood) - kl_weight * gaussian_kl(mean, stddev)
+    z = model.reparameterize(mean, stddev, eps)
+    logits = model.decode(z)
+    kl = gaussian_kl(mean, stddev) if model.prior is None else -model.log_prior_ratio(z, eps, stddev)
+    return log_likelihood(x, logits, model.likelihood) - kl_weight * kl
 
 
 def iwae(
@@ -41,9 +44,7 @@ def iwae(
     z = model.reparameterize(mean, stddev, eps)
     logits = model.decode(z)
     log_px_z = log_likelihood(x.expand_as(logits), logits, model.likelihood)
-    # log p(z) − log q(z|x); the 2π terms cancel and (z − mean)/stddev is ε.
-    log_ratio = (-0.5 * z**2 + 0.5 * eps**2 + torch.log(stddev)).sum(-1)
-    log_w = log_px_z + kl_weight * log_ratio
+    log_w = log_px_z + kl_weight * model.log_prior_ratio(z, eps, stddev)
     return torch.logsumexp(log_w, dim=0) - torch.log(torch.tensor(float(samples)))
 
 

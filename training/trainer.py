@@ -68,6 +68,10 @@ class Trainer:
         self.data = prepare_data(config, dataset)
         torch.manual_seed(config.seed)
         self.model = VAE.from_config(config, dataset.input_size)
+        if self.model.prior is not None:
+            self.model.prior.initialise_from(
+                self.pseudo_input_rows(), torch.Generator().manual_seed(config.seed)
+            )
         self.optimizer = make_optimizer(config, self.model.parameters())
         self.generator = torch.Generator().manual_seed(config.seed)
         self.objective = OBJECTIVES[config.objective]
@@ -75,6 +79,15 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.costs: list[float] = []
         self.best_validation_elbo = -float("inf")
+
+    def pseudo_input_rows(self) -> torch.Tensor:
+        rows, wanted = self.data.train, self.config.prior_components
+        if len(rows) < wanted:
+            raise ConfigError(
+                f"prior_components = {wanted} pseudo-inputs start at distinct training rows, "
+                f"but there are {len(rows)}; pass --prior-components {len(rows)} or fewer"
+            )
+        return rows
 
     # -- state --------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vaeserve.elbo import gaussian_kl, log_cb_normaliser, logmeanexp, softplus
+from vaeserve.prior import STANDARD, Prior
 
 Encode = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 Decode = Callable[[np.ndarray], np.ndarray]
@@ -78,6 +79,7 @@ def importance_weights(
     stddev: np.ndarray,
     eps: np.ndarray,
     likelihood: str = "bernoulli",
+    prior: Prior = STANDARD,
 ) -> tuple[np.ndarray, np.ndarray]:
     """log p(x|z_i) and log p(x, z_i)/q(z_i|x) for z_i = mean + stddev·ε_i; shapes [B, k]."""
     z = mean[:, None, :] + stddev[:, None, :] * eps
@@ -87,15 +89,14 @@ def importance_weights(
     log_px_z = np.matmul(logits, x[:, :, None])[..., 0] - softplus(logits).sum(axis=-1)
     if likelihood == "continuous-bernoulli":  # the same term times C(λ) per pixel
         log_px_z += log_cb_normaliser(logits).sum(axis=-1)
-    # log p(z) − log q(z|x): the 2π terms cancel and (z − mean)/stddev is ε itself.
-    log_prior_ratio = np.sum(-0.5 * z**2 + 0.5 * eps**2 + np.log(stddev)[:, None, :], axis=-1)
-    return log_px_z, log_px_z + log_prior_ratio
+    return log_px_z, log_px_z + prior.log_ratio(z, eps, stddev)
 
 
 @dataclass(frozen=True)
 class RowScores:
     """Per row (nats): the ELBO (its reconstruction part averaged over the k draws, the KL
-    exact), and log p(x) ≥ log (1/k) Σ_i p(x, z_i)/q(z_i|x), the importance-weighted bound."""
+    exact under N(0, I), else averaged over the same draws: a mixture's has no closed form),
+    and log p(x) ≥ log (1/k) Σ_i p(x, z_i)/q(z_i|x), the importance-weighted bound."""
 
     elbo: np.ndarray
     reconstruction: np.ndarray
@@ -113,6 +114,7 @@ def score_rows(
     progress: bool = False,
     likelihood: str = "bernoulli",
     first_row: int = 0,
+    prior: Prior = STANDARD,
 ) -> RowScores:
     """Every row's bounds, in blocks of bounded memory. Row i's ε comes from its own generator,
     seeded by (seed, first_row + i): a dataset scored whole, in chunks, resumed, or through
@@ -120,8 +122,7 @@ def score_rows(
     x = np.ascontiguousarray(x, dtype=np.float32)
     means, stddevs = encode_all(encode, x)
     seed = np.random.SeedSequence().entropy if seed is None else seed
-    reconstruction = np.empty(len(x))
-    nll = np.empty(len(x))
+    reconstruction, nll, log_ratio = np.empty(len(x)), np.empty(len(x)), np.empty(len(x))
     images_per_block = max(1, BLOCK_ROWS // iw_samples)
     samples_per_block = min(iw_samples, BLOCK_ROWS)
     bar = tqdm(total=len(x), desc="score", unit="row", disable=None if progress else True, leave=False)
@@ -131,14 +132,17 @@ def score_rows(
         for wave in range(0, len(blocks), WORKERS):
             jobs = [(rows, draw(rows)) for rows in blocks[wave : wave + WORKERS]]
             futures = [
-                pool.submit(_block_bounds, decode, x[r], means[r], stddevs[r], eps, likelihood)
+                pool.submit(_block_bounds, decode, x[r], means[r], stddevs[r], eps, likelihood, prior)
                 for r, eps in jobs
             ]
             for (rows, _), future in zip(jobs, futures):
-                reconstruction[rows], nll[rows] = future.result()
+                reconstruction[rows], nll[rows], log_ratio[rows] = future.result()
                 bar.update(len(x[rows]))
     bar.close()
-    kl = gaussian_kl(means.astype(np.float64), stddevs.astype(np.float64))
+    if prior.means is None:
+        kl = gaussian_kl(means.astype(np.float64), stddevs.astype(np.float64))
+    else:
+        kl = -log_ratio
     return RowScores(reconstruction - kl, reconstruction, kl, -nll, means)
 
 
@@ -150,11 +154,12 @@ def evaluate(
     seed: int = 0,
     progress: bool = False,
     likelihood: str = "bernoulli",
+    prior: Prior = STANDARD,
 ) -> Evaluation:
     """ELBO, NLL_k and active units of the pair on the (binarized) rows ``x``: the means of
     `score_rows`."""
     started = time.perf_counter()
-    rows = score_rows(encode, decode, x, iw_samples, seed, progress, likelihood)
+    rows = score_rows(encode, decode, x, iw_samples, seed, progress, likelihood, prior=prior)
     elbo, nll = rows.elbo, -rows.log_px
     return Evaluation(
         rows=len(elbo),
@@ -190,9 +195,11 @@ def _block_bounds(
     stddev: np.ndarray,
     eps_parts: list[np.ndarray],
     likelihood: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: the mean of log p(x|z_i) and NLL_k = −logmeanexp of the log weights."""
-    parts = [importance_weights(decode, x, mean, stddev, eps, likelihood) for eps in eps_parts]
+    prior: Prior,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: the mean of log p(x|z_i), NLL_k = −logmeanexp of the log weights, and the
+    mean of log p(z_i)/q(z_i|x) (−KL, estimated)."""
+    parts = [importance_weights(decode, x, mean, stddev, eps, likelihood, prior) for eps in eps_parts]
     log_px_z = np.concatenate([p[0] for p in parts], axis=1)
     log_w = np.concatenate([p[1] for p in parts], axis=1).astype(np.float64)
-    return log_px_z.mean(axis=1), -logmeanexp(log_w, axis=1)
+    return log_px_z.mean(axis=1), -logmeanexp(log_w, axis=1), (log_w - log_px_z).mean(axis=1)

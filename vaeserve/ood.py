@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from vaeserve.evaluation import Decode, Encode, score_rows
+from vaeserve.prior import STANDARD, Prior
 
 # What a Score call (vae.v1, OIP NAME-score, `vae score`) gives per row, in this order.
 SCORE_FIELDS = ("elbo", "log_px", "complexity_bits", "ood_score")
@@ -60,10 +61,12 @@ def scores(
     likelihood: str,
     image_shape: tuple[int, ...],
     first_row: int = 0,
+    prior: Prior = STANDARD,
 ) -> dict[str, np.ndarray]:
     """The SCORE_FIELDS of model inputs ``x``, float32 [N] each: the evaluator's per-row ELBO
-    and k-sample log p(x) (row i seeded by (seed, first_row + i)), L(x) and S(x)."""
-    rows = score_rows(encode, decode, x, iw_samples, seed, False, likelihood, first_row)
+    and k-sample log p(x) under the model's prior (row i seeded by (seed, first_row + i)), L(x)
+    and S(x)."""
+    rows = score_rows(encode, decode, x, iw_samples, seed, False, likelihood, first_row, prior)
     bits = complexity_bits(x, image_shape)
     values = (rows.elbo, rows.log_px, bits, ood_score(rows.log_px, bits))
     return {name: value.astype(np.float32) for name, value in zip(SCORE_FIELDS, values)}

@@ -14,6 +14,7 @@ import numpy as np
 
 from vaeserve.elbo import likelihood_mean, likelihood_sample
 from vaeserve.evaluation import Decode, Encode, encode_all
+from vaeserve.prior import STANDARD, Prior
 
 
 def _pyplot():
@@ -83,9 +84,10 @@ def prior_predictive(
     path: Path,
     rng: np.random.Generator,
     likelihood: str = "bernoulli",
+    prior: Prior = STANDARD,
 ) -> Path:
-    """E[x|z] and samples of p(x|z) for z ~ N(0, I)."""
-    logits = decode(rng.standard_normal((count, latent_size), dtype=np.float32))
+    """E[x|z] and samples of p(x|z) for z ~ p(z), the model's prior."""
+    logits = decode(prior.sample(count, latent_size, rng))
     probs = likelihood_mean(logits, likelihood)
     samples = likelihood_sample(logits, likelihood, rng)
     cols = int(np.ceil(np.sqrt(count)))
@@ -93,7 +95,8 @@ def prior_predictive(
         ("means", tile(probs, image_shape, cols)),
         ("samples", tile(samples, image_shape, cols)),
     ]
-    return save_panels(panels, path, "Prior predictive, z ~ N(0, I)")
+    title = "z ~ N(0, I)" if prior.means is None else f"z ~ p(z), a mixture of {prior.components}"
+    return save_panels(panels, path, f"Prior predictive, {title}")
 
 
 def latent_manifold(
@@ -145,6 +148,7 @@ def model_pictures(
     out_dir: Path,
     seed: int = 0,
     likelihood: str = "bernoulli",
+    prior: Prior = STANDARD,
 ) -> list[Path]:
     """The four uses of the model as PNGs in ``out_dir`` (rows that are flat vectors, not
     images, get the latent picture only)."""
@@ -162,7 +166,7 @@ def model_pictures(
             encode, decode, x[:64], image_shape, out_dir / "posterior_predictive.png", rng, likelihood
         ),
         prior_predictive(
-            decode, latent_size, 64, image_shape, out_dir / "prior_predictive.png", rng, likelihood
+            decode, latent_size, 64, image_shape, out_dir / "prior_predictive.png", rng, likelihood, prior
         ),
         latent_manifold(
             decode, dims, latent_size, image_shape, out_dir / "latent_manifold.png", likelihood=likelihood
