@@ -131,6 +131,7 @@ class LocalScorer(LocalEncoder):
     def __init__(self, version: ModelVersion, iw_samples: int, seed: int, threads: int = 0) -> None:
         super().__init__(version, threads)
         self.version, self.iw_samples, self.seed = version, iw_samples, seed
+        self.prior = version.load_prior()
 
     def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
         from vaeserve.ood import scores
@@ -144,6 +145,7 @@ class LocalScorer(LocalEncoder):
             self.version.likelihood,
             self.version.image_shape,
             first_row=int(records["row_id"][0]),
+            prior=self.prior,
         )
         for name, values in out.items():
             records[name] = values

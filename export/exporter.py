@@ -31,10 +31,12 @@ from vaeserve.errors import ExportError
 from vaeserve.evaluation import evaluate
 from vaeserve.export import checks, graphs, variants
 from vaeserve.manifest import MANIFEST, FileRecord, Manifest
+from vaeserve.prior import PRIOR_FILE, Prior
 from vaeserve.repository import ModelVersion, file_record, load_version, next_version, sha256_file
 from vaeserve.runtime import OnnxPair
 from vaeserve.storage import ObjectPath
 from vaeserve.training import checkpoint
+from vaeserve.training.backend import numpy_prior
 from vaeserve.training.evaluate import EVALUATION_SEED, evaluation_path
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -124,13 +126,17 @@ def build_version(
     pair = OnnxPair(encoder, decoder)
     differences = checks.max_differences(model, pair, x_test)
     checks.check_parity(differences)
+    prior = numpy_prior(model)
+    prior_record, prior_parity = write_prior(model, prior, pair, folder)
     built = {}
     for variant in request.variants:
         for role, path in (("encoder", encoder), ("decoder", decoder)):
             variants.build(variant, path, folder / f"{role}.{variant}.onnx")
         built[variant] = variants.measure(variant, folder, pair, x_test, model.likelihood)
-    evaluation = find_evaluation(source) or evaluate_pair(pair, x_test, request.iw_samples, model.likelihood)
-    reference = score_reference(pair, x_test, model.likelihood, tuple(state["image_shape"]))
+    evaluation = find_evaluation(source) or evaluate_pair(
+        pair, x_test, request.iw_samples, model.likelihood, prior
+    )
+    reference = score_reference(pair, x_test, model.likelihood, tuple(state["image_shape"]), prior)
     manifest = Manifest(
         vaeserve_version=__version__,
         name=request.name,
@@ -148,7 +154,10 @@ def build_version(
             "batch_sizes": list(checks.PARITY_BATCH_SIZES),
             "tolerance": checks.PARITY_TOLERANCE,
             "max_abs_diff": differences,
+            **prior_parity,
         },
+        prior=prior_record,
+        architecture=architecture(config, model, prior),
         variants=built,
         training={
             "config": config,
@@ -182,16 +191,60 @@ def find_evaluation(source: Path) -> dict[str, Any] | None:
     return {**saved, "source": "checkpoint"}
 
 
-def score_reference(pair: OnnxPair, x_test: Any, likelihood: str, image_shape: tuple) -> dict[str, Any]:
+def write_prior(model: Any, prior: Prior, pair: OnnxPair, folder: Path) -> tuple[FileRecord | None, dict]:
+    """A learned prior's mixture into the version, checked against the exported encoder at the
+    pseudo-inputs and against PyTorch's log p(z); the standard normal needs no file."""
+    if prior.means is None:
+        return None, {}
+    differences = checks.prior_differences(model, prior, pair)
+    checks.check_prior_parity(differences)
+    path = folder / PRIOR_FILE
+    path.write_bytes(prior.to_bytes())
+    return file_record(path), {"prior": differences}
+
+
+def architecture(config: dict[str, Any], model: Any, prior: Prior) -> dict[str, Any]:
+    """The networks, p(z) and q(z|x) as trained: what the graphs and the prior file compute."""
+    hidden, activation = [int(h) for h in config["hidden_sizes"]], config["activation"]
+    inward = "-".join(str(h) for h in hidden)
+    outward = "-".join(str(h) for h in reversed(hidden))
+    d, m = model.input_size, model.latent_size
+    return {
+        "encoder": f"MLP {d}-{inward}-(2x{m}), {activation}: mean, softplus stddev",
+        "decoder": f"MLP {m}-{outward}-{d}, {activation}: logits",
+        "hidden_sizes": hidden,
+        "activation": activation,
+        "latent_size": model.latent_size,
+        "likelihood": model.likelihood,
+        "posterior": "diagonal Gaussian q(z|x) = N(mean, stddev²): Encode's outputs, what embeddings hold",
+        "prior": config.get("prior", "standard-normal"),
+        "prior_kind": prior.kind,
+        "prior_components": prior.components,
+    }
+
+
+def score_reference(
+    pair: OnnxPair, x_test: Any, likelihood: str, image_shape: tuple, prior: Prior
+) -> dict[str, Any]:
     """The test set's Score percentiles (vaeserve.ood.reference), for flagging both tails."""
     k = ood.REFERENCE_IW_SAMPLES
-    values = ood.scores(pair.encode, pair.decode_logits, x_test, k, EVALUATION_SEED, likelihood, image_shape)
+    values = ood.scores(
+        pair.encode, pair.decode_logits, x_test, k, EVALUATION_SEED, likelihood, image_shape, prior=prior
+    )
     return {"split": "test", "rows": len(x_test), "iw_samples": k, "percentiles": ood.reference(values)}
 
 
-def evaluate_pair(pair: OnnxPair, x_test: Any, iw_samples: int, likelihood: str) -> dict[str, Any]:
+def evaluate_pair(
+    pair: OnnxPair, x_test: Any, iw_samples: int, likelihood: str, prior: Prior
+) -> dict[str, Any]:
     result = evaluate(
-        pair.encode, pair.decode_logits, x_test, iw_samples, seed=EVALUATION_SEED, likelihood=likelihood
+        pair.encode,
+        pair.decode_logits,
+        x_test,
+        iw_samples,
+        seed=EVALUATION_SEED,
+        likelihood=likelihood,
+        prior=prior,
     )
     return {"split": "test", **result.to_dict(), "source": "onnx-at-export"}
 

@@ -75,6 +75,7 @@ class ServedModel:
         label = f"{version.name}/{version.version}"
         self.binarization = version.manifest.binarization
         self.likelihood = version.likelihood
+        self.prior = version.load_prior()
         self.executor = executor
         limit = settings.max_request_rows
         # Raw uint8 pixels (prepared as in training when the encoder runs), or float32 model
@@ -142,7 +143,7 @@ class ServedModel:
 
     async def sample_prior(self, count: int, seed: int | None) -> dict[str, np.ndarray]:
         rng = generator(seed)
-        z = rng.standard_normal((count, self.version.latent_size), dtype=np.float32)
+        z = self.prior.sample(count, self.version.latent_size, rng)
         logits, probs = await self.decoder.submit(z, alone=seed is not None)
         return {"latents": z, "probs": probs, "samples": self._draw(logits, probs, rng)}
 
@@ -175,6 +176,7 @@ class ServedModel:
             self.likelihood,
             self.version.image_shape,
             row_offset,
+            self.prior,
         )
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
 

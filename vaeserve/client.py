@@ -220,7 +220,7 @@ class VaeClient:
         return self._gather(self.stub.Reconstruct, requests, ("probs", "samples", "latents"), len(inputs))
 
     def sample_prior(self, count: int, seed: int | None = None) -> dict[str, np.ndarray]:
-        """``latents`` z ~ N(0, I) [count, M], their ``probs`` and ``samples`` [count, D]."""
+        """``latents`` z ~ p(z), the model's prior [count, M], their ``probs`` and ``samples`` [count, D]."""
         counts = [min(self.chunk_rows, count - start) for start in range(0, count, self.chunk_rows)] or [
             count
         ]

@@ -99,7 +99,7 @@ def run_demo(client: VaeClient, info: dict, pixels: np.ndarray, out: Path, seed:
             ("samples", pictures.tile(prior["samples"], shape, cols)),
         ],
         out / "sample_prior.png",
-        "SamplePrior: prior predictive, z ~ N(0, I)",
+        "SamplePrior: prior predictive, z ~ p(z)",
     )
     started = time.perf_counter()
     means = client.encode(pixels)["mean"]

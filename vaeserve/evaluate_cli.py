@@ -36,6 +36,7 @@ def evaluate_model_command(args: argparse.Namespace) -> int:
         seed=0,
         progress=not args.no_progress,
         likelihood=version.likelihood,
+        prior=version.load_prior(),
     )
     print_evaluation(result.to_dict(), args.split, args.json)
     return 0

@@ -54,6 +54,10 @@ class Manifest:
     binarization: str = "none"  # how training prepared pixels; exports before it existed: none
     likelihood: str = "bernoulli"  # p(x|z); exports before continuous-bernoulli: bernoulli
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # int8, fp16: files and changes
+    # p(z) when it is not N(0, I): a Gaussian mixture's file (vaeserve.prior); None, the standard normal
+    prior: FileRecord | None = None
+    # The networks, the prior and the posterior, as trained (exports before it: {})
+    architecture: dict[str, Any] = field(default_factory=dict)
     vaeserve_version: str = ""
     created: str = ""
     opset: int | None = None
@@ -99,6 +103,8 @@ class Manifest:
                 image_shape=tuple(int(d) for d in raw["image_shape"]),
                 graphs={role: FileRecord.parse(raw["graphs"][role]) for role in ROLES},
             )
+            if raw.get("prior") is not None:
+                values["prior"] = FileRecord.parse(raw["prior"])
             for variant in raw.get("variants", {}).values():
                 [FileRecord.parse(variant[role]) for role in ROLES]
         except (KeyError, TypeError, ValueError) as exc:
@@ -108,7 +114,9 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         raw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "unknown"}
         raw.update(
-            image_shape=list(self.image_shape), graphs={r: g.to_dict() for r, g in self.graphs.items()}
+            image_shape=list(self.image_shape),
+            graphs={r: g.to_dict() for r, g in self.graphs.items()},
+            prior=None if self.prior is None else self.prior.to_dict(),
         )
         return {**raw, **self.unknown}
 
@@ -120,6 +128,8 @@ class Manifest:
     def files(self) -> list[FileRecord]:
         """Every file the version holds, fp32 graphs and variants, for verification."""
         records = [self.graphs[role] for role in ROLES]
+        if self.prior is not None:
+            records.append(self.prior)
         for variant in self.variants.values():
             records += [FileRecord.parse(variant[role]) for role in ROLES]
         return records
@@ -154,6 +164,7 @@ class Manifest:
             "input_size": self.input_size,
             "image_shape": list(self.image_shape),
             "latent_size": self.latent_size,
+            "prior": self.architecture.get("prior", "standard-normal"),
             "test": {
                 key: evaluation[key]
                 for key in ("elbo", "elbo_stderr", "nll", "nll_stderr", "iw_samples", "active_units")

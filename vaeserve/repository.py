@@ -1,4 +1,5 @@
-"""The model repository: ``REPO/NAME/VERSION/{encoder.onnx, decoder.onnx, manifest.json}``.
+"""The model repository: ``REPO/NAME/VERSION/{encoder.onnx, decoder.onnx, manifest.json}``, and
+``prior.npz`` for a model whose p(z) was learned.
 
 The export stage writes it; the service, the embedding tool and ``vae evaluate
 --model`` read it through this module, with numpy and the standard library only.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from vaeserve.errors import RepositoryError
 from vaeserve.manifest import MANIFEST, SCHEMA_VERSION, FileRecord, Manifest
+from vaeserve.prior import STANDARD, Prior
 
 __all__ = ["MANIFEST", "SCHEMA_VERSION", "Manifest", "ModelVersion"]
 
@@ -78,6 +80,12 @@ class ModelVersion:
     @property
     def variants(self) -> list[str]:
         return ["fp32", *self.manifest.variants]
+
+    def load_prior(self) -> Prior:
+        """p(z): the mixture the version holds, or the standard normal."""
+        if self.manifest.prior is None:
+            return STANDARD
+        return Prior.read(self.path / self.manifest.prior.file)
 
     def graph_path(self, role: str, variant: str = "fp32") -> Path:
         """The ONNX file of ``role`` (encoder or decoder) in ``variant`` (fp32, int8, fp16)."""

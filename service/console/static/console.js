@@ -87,7 +87,7 @@ function renderModels() {
       const cells = [
         model.name, version.version, version.state + (version.reason ? ` (${version.reason})` : ""),
         labels.join(", "), m.dataset, m.preset || "—", m.likelihood,
-        m.image_shape ? m.image_shape.join("×") : "", m.latent_size,
+        m.image_shape ? m.image_shape.join("×") : "", m.latent_size, m.prior || "standard-normal",
         fixed(test.elbo, 2, test.elbo_stderr), fixed(test.nll, 2, test.nll_stderr),
         test.active_units !== undefined ? `${test.active_units}/${m.latent_size}` : "",
         m.parity_max_abs_diff !== undefined && m.parity_max_abs_diff !== null ? m.parity_max_abs_diff.toExponential(1) : "",
