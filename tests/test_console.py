@@ -176,7 +176,8 @@ def test_model_table_shows_versions_labels_and_escapes_manifest_strings(browser:
     ]
     assert rows[1][5] == MARKUP  # shown as the text it is
     assert browser.count("#injected") == 0
-    assert all(r[9].startswith("-") and "±" in r[9] for r in rows)  # test ELBO ± its standard error
+    assert [r[9] for r in rows] == ["standard-normal", "standard-normal"]  # versions without a prior file
+    assert all(r[10].startswith("-") and "±" in r[10] for r in rows)  # test ELBO ± its standard error
     browser.assert_clean()
 
 
