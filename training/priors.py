@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-LOG_2PI = math.log(2.0 * math.pi)
+from vaeserve.elbo import LOG_2PI
 
 
 def log_mixture(z: torch.Tensor, means: torch.Tensor, stddevs: torch.Tensor) -> torch.Tensor:
