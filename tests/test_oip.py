@@ -472,8 +472,11 @@ def test_sigterm_drains_http_calls_in_flight(repo: Path, tmp_path: Path, pixels)
 
     async def calls() -> tuple[list, list[float], float]:
         clients = [aio.InferenceServerClient(started.http) for _ in range(16)]
-        for client in clients:  # each connection open before the signal
-            assert await client.is_model_ready("tiny-encoder")
+        for client in clients:  # each connection open (and its answer read) before the signal
+            try:
+                assert (await client.get_model_metadata("tiny-encoder"))["name"] == "tiny-encoder"
+            except InferenceServerException as exc:  # the status and error, with the server's log
+                pytest.fail(f"before the signal: {exc}\n{started.output()}")
         finished: list[float] = []
 
         async def call(client):
