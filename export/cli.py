@@ -154,9 +154,13 @@ def export_command(args: argparse.Namespace) -> int:
         where = version.path
     manifest = version.manifest
     parity = max(manifest.parity["max_abs_diff"][k] for k in ("mean", "stddev", "probs"))
+    rounding = max(
+        manifest.parity.get("float32_rounding", {}).get(k, 0.0) for k in ("mean", "stddev", "probs")
+    )
     print(
         f"exported {where}: D={version.input_size}, M={version.latent_size}, "
-        f"parity with PyTorch {parity:.1e} (≤ 1e-5), variants {', '.join(version.variants)}, "
+        f"parity with PyTorch {parity:.1e} (its own float32 rounding {rounding:.1e}), "
+        f"variants {', '.join(version.variants)}, "
         f"test NLL_{manifest.evaluation['iw_samples']} {manifest.evaluation['nll']:.2f}"
     )
     return 0

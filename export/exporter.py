@@ -124,8 +124,8 @@ def build_version(
     for path in (encoder, decoder):
         checks.check_graph(path)
     pair = OnnxPair(encoder, decoder)
-    differences = checks.max_differences(model, pair, x_test)
-    checks.check_parity(differences)
+    differences, rounding = checks.max_differences(model, pair, x_test)
+    checks.check_parity(differences, rounding)
     prior = numpy_prior(model)
     prior_record, prior_parity = write_prior(model, prior, pair, folder)
     built = {}
@@ -154,6 +154,8 @@ def build_version(
             "batch_sizes": list(checks.PARITY_BATCH_SIZES),
             "tolerance": checks.PARITY_TOLERANCE,
             "max_abs_diff": differences,
+            "float32_rounding": rounding,
+            "rounding_margin": checks.ROUNDING_MARGIN,
             **prior_parity,
         },
         prior=prior_record,

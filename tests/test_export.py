@@ -190,9 +190,42 @@ def test_a_failed_check_writes_nothing(tmp_path: Path, tiny_run: Path, mnist_dir
     from vaeserve.export import checks
 
     monkeypatch.setattr(checks, "PARITY_TOLERANCE", 0.0)
-    with pytest.raises(ExportError, match=r"do not match PyTorch within 0\.0: mean differs"):
+    monkeypatch.setattr(checks, "ROUNDING_MARGIN", 0.0)
+    with pytest.raises(ExportError, match=r"do not match PyTorch: mean differs by .* \(tolerance 0\.0e\+00;"):
         export_model(ExportRequest(tiny_run, tmp_path / "models", "tiny", data_dir=mnist_dir))
     assert list((tmp_path / "models" / "tiny").iterdir()) == []
+
+
+def test_parity_allows_pytorchs_own_float32_rounding_and_no_more(
+    tmp_path: Path, tiny_run: Path, repo: Path, mnist_dir: Path
+) -> None:
+    """Means in the hundreds of thousands: float32 PyTorch is itself far more than 1e-5 from the
+    model in float64, and so is its correct graph, which exports; a wrong graph still fails."""
+    from vaeserve.datasets import load_dataset
+    from vaeserve.export import checks
+
+    state = checkpoint.load(tiny_run / "best.pt")
+    latent = state["config"]["latent_size"]
+    state["model"]["encoder.2.weight"][:latent] *= 1e5  # the means' rows
+    state["model"]["encoder.2.bias"][:latent] *= 1e5
+    torch.save(state, tmp_path / "large.pt")
+    manifest = export_model(
+        ExportRequest(tmp_path / "large.pt", tmp_path / "models", "large", data_dir=mnist_dir)
+    ).manifest
+    assert manifest.parity["float32_rounding"]["mean"] > 1e-5  # the old absolute bound alone would refuse it
+    assert (
+        manifest.parity["max_abs_diff"]["mean"]
+        <= checks.ROUNDING_MARGIN * manifest.parity["float32_rounding"]["mean"]
+    )
+
+    model = checkpoint.model_from(state).eval()
+    images = evaluation_inputs(
+        load_dataset("mnist", mnist_dir, progress=False).test_images[:1000], "threshold"
+    )
+    other = resolve(repo, "tiny").path  # the same network, unscaled: a wrong graph for this model
+    wrong = OnnxPair(other / "encoder.onnx", other / "decoder.onnx")
+    with pytest.raises(ExportError, match=r"do not match PyTorch: mean differs"):
+        checks.check_parity(*checks.max_differences(model, wrong, images))
 
 
 def test_killed_export_leaves_no_version(tmp_path: Path, tiny_run: Path, mnist_dir: Path) -> None:
