@@ -153,9 +153,9 @@ def export_command(args: argparse.Namespace) -> int:
         version = export_model(request, progress=not args.no_progress)
         where = version.path
     manifest = version.manifest
-    parity = max(manifest.parity["max_abs_diff"][k] for k in ("mean", "stddev", "probs"))
-    rounding = max(
-        manifest.parity.get("float32_rounding", {}).get(k, 0.0) for k in ("mean", "stddev", "probs")
+    parity, rounding = (
+        max(manifest.parity[measure][k] for k in ("mean", "stddev", "probs"))
+        for measure in ("max_abs_diff", "float32_rounding")
     )
     print(
         f"exported {where}: D={version.input_size}, M={version.latent_size}, "
