@@ -6,8 +6,8 @@
 # BASE_IMAGE is any Debian-like image with python3 3.11 and its venv module: the official
 # python image where Docker Hub can be reached, else one made from Debian's packages
 # (docker/debian-base.sh; `make images PYTHON_BASE=debian`).
-# Dependencies are installed from pinned lists before the code is copied, so a code change
-# rebuilds only the last layers.
+# Every install reads docker/requirements-*.txt, exported from uv.lock with their hashes
+# (scripts/lock.sh), before the code is copied, so a code change rebuilds only the last layers.
 ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 
 # --- python: a venv, the vae user, and pip that trusts the CA bundle pip trusts on the host ---
@@ -16,13 +16,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY docker/pip.sh /opt/build/pip.sh
 COPY docker/local/ca/ /opt/build/ca/
-RUN python3 -m venv /opt/venv \
+# The lock is for CPython 3.11: pip would skip every requirement whose marker another Python fails.
+RUN python3 -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "the lock needs CPython 3.11; BASE_IMAGE has " + sys.version)' \
+    && python3 -m venv /opt/venv \
     && useradd --uid 10001 --create-home --shell /usr/sbin/nologin vae \
     && mkdir /models && chown vae /models
 
 # --- wheel: builds vaeserve (setup.py generates the gRPC stubs from protos/) -----------------
+# With the lock's build group and no isolation: the stubs come from the grpcio-tools pinned with
+# the grpcio they run on.
 FROM python AS wheel
 WORKDIR /src
+COPY docker/requirements-build.txt /opt/build/
+RUN /opt/build/pip.sh install --require-hashes -r /opt/build/requirements-build.txt
 COPY pyproject.toml setup.py README.md ./
 COPY protos protos
 COPY vaeserve vaeserve
@@ -30,12 +36,12 @@ COPY training training
 COPY export export
 COPY service service
 COPY embed embed
-RUN /opt/build/pip.sh wheel --no-deps --wheel-dir /dist .
+RUN /opt/build/pip.sh wheel --no-deps --no-build-isolation --wheel-dir /dist .
 
 # --- service ----------------------------------------------------------------------------------
 FROM python AS service
 COPY docker/requirements-service.txt /opt/build/
-RUN /opt/build/pip.sh install -r /opt/build/requirements-service.txt
+RUN /opt/build/pip.sh install --require-hashes -r /opt/build/requirements-service.txt
 COPY --from=wheel /dist/ /tmp/dist/
 RUN pip install --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist
 USER vae
@@ -50,15 +56,12 @@ ENTRYPOINT ["vae", "serve"]
 # --- train ------------------------------------------------------------------------------------
 FROM python AS train
 ENV MPLCONFIGDIR=/tmp/matplotlib
-COPY docker/requirements-service.txt docker/requirements-train.txt /opt/build/
-COPY docker/local/wheels/ /opt/build/wheels/
-# torch's CPU build: the local wheel `make images` put in docker/local/wheels, else PyTorch's CPU
-# index (PyPI's torch is the multi-GB CUDA build).
-RUN set -e; wheel=$(ls /opt/build/wheels/torch-2.13.0*.whl 2>/dev/null | head -n 1); \
-    if [ -n "$wheel" ]; then /opt/build/pip.sh install "$wheel"; \
-    else /opt/build/pip.sh install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0; fi; \
-    rm -rf /opt/build/wheels \
-    && /opt/build/pip.sh install -r /opt/build/requirements-service.txt -r /opt/build/requirements-train.txt
+COPY docker/requirements-train.txt /opt/build/
+# torch's CPU build: the lock names the wheel by its path, /opt/wheels/torch-2.13.0+cpu-...whl, and
+# its hash; `make images` stages the host's copy in docker/local/wheels (PyPI's torch is the
+# multi-GB CUDA build).
+COPY docker/local/wheels/ /opt/wheels/
+RUN /opt/build/pip.sh install --require-hashes -r /opt/build/requirements-train.txt && rm -rf /opt/wheels
 COPY --from=wheel /dist/ /tmp/dist/
 RUN pip install --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist \
     && mkdir -p /work /data && chown vae /work /data
@@ -71,9 +74,8 @@ ENTRYPOINT ["train-and-export"]
 
 # --- service-cuda: onnxruntime-gpu in place of onnxruntime, nothing else changes --------------
 FROM python AS service-cuda
-COPY docker/requirements-service.txt docker/requirements-cuda.txt /opt/build/
-RUN grep -v '^onnxruntime==' /opt/build/requirements-service.txt > /opt/build/requirements-cpu-free.txt \
-    && /opt/build/pip.sh install -r /opt/build/requirements-cpu-free.txt -r /opt/build/requirements-cuda.txt
+COPY docker/requirements-cuda.txt /opt/build/
+RUN /opt/build/pip.sh install --require-hashes -r /opt/build/requirements-cuda.txt
 COPY --from=wheel /dist/ /tmp/dist/
 RUN pip install --no-deps /tmp/dist/*.whl && rm -rf /tmp/dist
 USER vae

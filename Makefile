@@ -3,10 +3,6 @@
 #   make test   set up, then lint and run the test suite (what .ci/run runs)
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch; on a machine without it on disk, add
-# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" to avoid a CUDA download.
-TORCH ?= torch==2.13.0
-TORCH_PIP_ARGS ?=
 DATA_DIR ?= $(if $(wildcard ../shared/data/mnist/train-images-idx3-ubyte.gz),../shared/data/mnist,)
 DATA_FLAG = $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 RUN ?= runs/seed
@@ -16,20 +12,22 @@ PYTHON_BASE ?= auto
 BIN = $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: main test setup lint pytest engine images test-images browser clean
+.PHONY: main test setup lock lint pytest engine images test-images browser clean
 
 setup: $(VENV)/.installed
 
-TRITONCLIENT ?= tritonclient[grpc,http]==2.73.0
-
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/*/*.proto protos/*/*/*.proto)
-	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "vaeserve needs Python >= 3.10"'
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e '.[train,embed,store,ray,test]'
-	$(BIN)/python -m pip install --quiet --no-deps "$(TRITONCLIENT)"
+# .venv exactly as uv.lock pins it (scripts/setup.sh): a CPython 3.11, torch's CPU wheel from
+# /opt/wheels, everything else from PyPI with the lock's hashes.
+$(VENV)/.installed: pyproject.toml uv.lock setup.py scripts/setup.sh $(wildcard protos/*/*.proto protos/*/*/*.proto)
+	PYTHON=$(PYTHON) VENV=$(VENV) scripts/setup.sh
 	touch $@
+
+# After editing pyproject.toml's dependencies: uv.lock follows (changing no pin it need not) and the
+# images' docker/requirements-*.txt are exported from it. UPGRADE=1 moves every pin to the newest
+# release pyproject.toml admits.
+lock:
+	@test -x $(BIN)/uv || PYTHON=$(PYTHON) VENV=$(VENV) scripts/setup.sh
+	UV=$(BIN)/uv scripts/lock.sh $(if $(UPGRADE),--upgrade,)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -7,17 +7,16 @@
 #   PYTHON_BASE=debian    the Debian-made base
 #   IMAGES="service train cuda"   which to build
 #   NO_CACHE=1            build without Docker's layer cache
-# It stages docker/local/: the CA bundle the host's pip trusts, and torch's CPU wheel where
-# pip's find-links hold one (else the train image takes torch from PyTorch's CPU index).
+# It stages docker/local/: the CA bundle the host's pip trusts, and torch's CPU wheel, the file
+# docker/requirements-train.txt (exported from uv.lock) names, with its hash.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON_BASE=${PYTHON_BASE:-auto}
 IMAGES=${IMAGES:-service train cuda}
 OFFICIAL=python:3.11.11-slim-bookworm
 DEBIAN=vaeserve-python:3.11-bookworm
-TORCH_WHEEL_GLOB='torch-2.13.0*-cp311-cp311-*linux*_x86_64.whl'
 export DOCKER_BUILDKIT=0
-version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' vaeserve/__init__.py)
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml)
 
 pip_setting() {  # pip's own setting NAME (PIP_NAME in the environment wins, as in pip)
   local env="PIP_$(echo "$1" | tr 'a-z-' 'A-Z_')"
@@ -26,19 +25,18 @@ pip_setting() {  # pip's own setting NAME (PIP_NAME in the environment wins, as 
 }
 
 stage_local_files() {
-  local cert wheel=""
+  local cert wheel
   rm -f docker/local/ca/ca-certificates.crt
   cert=$(pip_setting cert)
   [ -n "$cert" ] && [ -f "$cert" ] && cp "$cert" docker/local/ca/ca-certificates.crt
-  for dir in $(pip_setting find-links); do
-    wheel=$(find "${dir#file://}" -maxdepth 1 -name "$TORCH_WHEEL_GLOB" 2>/dev/null | head -n 1)
-    [ -n "$wheel" ] && break
-  done
+  # The train image installs torch from the path the lock records (the build checks its hash).
+  wheel=$(sed -n 's|^file://\(/[^ ]*\.whl\).*|\1|p' docker/requirements-train.txt | head -n 1)
   find docker/local/wheels -name '*.whl' ! -name "$(basename "${wheel:-none}")" -delete
-  if [ -n "$wheel" ] && [ ! -f "docker/local/wheels/$(basename "$wheel")" ]; then
+  if [[ " $IMAGES " == *" train "* ]] && [ -n "$wheel" ] && [ ! -f "docker/local/wheels/$(basename "$wheel")" ]; then
+    [ -f "$wheel" ] || { echo "make images: the train image needs $wheel (uv.lock's torch); it is not here" >&2; exit 1; }
     ln "$wheel" docker/local/wheels/ 2>/dev/null || cp "$wheel" docker/local/wheels/
   fi
-  echo "staged: CA bundle ${cert:-none}; torch wheel ${wheel:-none (PyTorch CPU index)}"
+  echo "staged: CA bundle ${cert:-none}; torch wheel ${wheel:-none}"
 }
 
 choose_base() {

@@ -7,4 +7,7 @@ the pictures. The stages live in the top-level folders ``training/``,
 ``vaeserve.export`` and ``vaeserve.service`` (see pyproject.toml).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+# pyproject.toml holds the one version (static, so the lock needs no build to read it).
+__version__ = version("vaeserve")
