@@ -39,6 +39,23 @@ __all__ = ["ServiceError", "VaeClient", "channel_target"]
 RESEND_BACKOFF_S = (0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0)
 
 
+# What a call that the server never answered ends with: the connection refused or lost
+# (UNAVAILABLE), the stream reset by a server that died or was stopped mid-call (CANCELLED: this
+# client cancels only calls whose answers it no longer reads), or reset below gRPC (INTERNAL or
+# UNKNOWN naming the HTTP/2 stream). An answer the server gave (an INTERNAL from a handler, say)
+# is never sent again.
+UNANSWERED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+STREAM_LOST = ("RST_STREAM", "Stream removed", "Socket closed", "Connection reset")
+
+
+def unanswered(exc: grpc.RpcError) -> bool:
+    """True when a call ended without the server answering it (see UNANSWERED)."""
+    if exc.code() in UNANSWERED:
+        return True
+    lost_below = exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    return lost_below and any(sign in (exc.details() or "") for sign in STREAM_LOST)
+
+
 def _region_unknown(exc: ServiceError) -> bool:
     return exc.code == grpc.StatusCode.NOT_FOUND and UNKNOWN_REGION in exc.details
 
@@ -376,15 +393,16 @@ class VaeClient:
         return method.future(request, timeout=self.timeout, metadata=self.metadata)
 
     def _answer(self, method: Callable, request: Any, future: grpc.Future) -> Any:
-        """The response, the request sent again while the answer is UNAVAILABLE: gRPC's own
-        retries stop once a call has reached a server, so a server (or worker) that dies with
-        the call in flight, or restarts, would fail it. Data calls hold no state, so sending one
-        again is safe, and a seeded one gives the same answer."""
+        """The response, the request sent again (round robin takes it to another replica) while
+        the server never answered it (``unanswered``): gRPC's own retries stop once a call has
+        reached a server, so a server (or worker) that dies, or is stopped, with the call in
+        flight would fail it. Encode, Decode, Reconstruct, SamplePrior and Score hold no state,
+        so sending one again is safe, and a seeded one gives the same answer."""
         for pause in RESEND_BACKOFF_S:
             try:
                 return future.result()
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if not unanswered(exc):
                     raise
                 time.sleep(pause)
                 future = self._send(method, request)
