@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,3 +154,13 @@ def until(check: Callable[[], object], timeout: float = 30, what: str = "the con
             return result
         time.sleep(0.05)
     raise AssertionError(f"{what} did not hold within {timeout} s")
+
+
+def add_model(repo: Path, source: str, name: str, staging: Path) -> None:
+    """A second model in ``repo``: ``source``'s versions under ``name`` (their manifests renamed
+    to match), moved in whole as `vae export` publishes, so a poll never sees it half-copied."""
+    shutil.copytree(repo / source, staging / name)
+    for manifest in (staging / name).glob("*/manifest.json"):
+        record = json.loads(manifest.read_text())
+        manifest.write_text(json.dumps({**record, "name": name}, indent=2))
+    (staging / name).rename(repo / name)

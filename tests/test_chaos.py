@@ -63,9 +63,12 @@ def test_embed_survives_a_worker_killed_and_a_server_restart(
         while journalled(output) < killed_at + 10 and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert job.poll() is None and journalled(output) < 100, job.stderr.read() if job.poll() else "ended"
+        pid = server.process.pid
+        workers = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         server.process.send_signal(signal.SIGKILL)  # now the whole server, workers and all
         server.process.wait(30)
-        time.sleep(1)  # the workers follow their supervisor
+        # The workers follow their supervisor; the restart must not share the port with them.
+        servers.until(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 30, "workers gone")
         restarted = servers.start(repo, tmp_path / "b.log", *flags, port=port)
         try:
             code = job.wait(120)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -60,7 +59,7 @@ def tokens(tmp_path: Path) -> list[str]:
 def test_operators_unload_and_load_models_with_the_admin_token(repo: Path, tmp_path: Path, tokens) -> None:
     models = tmp_path / "models"
     shutil.copytree(repo, models)
-    flags = (*tokens, "--workers", "1")
+    flags = (*tokens, "--workers", "1", "--poll-s", "0.2")
     with servers.running(models, tmp_path / "serve.log", *flags, client={"token": CLIENT}) as server:
         assert post(server, "/v2/repository/index", None)[0] == 401
         status, body = post(server, "/v2/repository/index", CLIENT)  # the clients' token is not enough
@@ -76,12 +75,21 @@ def test_operators_unload_and_load_models_with_the_admin_token(repo: Path, tmp_p
             {"name": "tiny", "version": "1", "state": "UNLOADED", "reason": "unloaded by an operator"}
         ]
         assert encode_code(server, CLIENT) == "StatusCode.NOT_FOUND"
-        time.sleep(0.5)
-        assert encode_code(server, CLIENT) == "StatusCode.NOT_FOUND"  # stays unloaded
+        # A model added now is loaded by a poll: once it answers, polls have run since the
+        # unload, and the unloaded model must still be out.
+        servers.add_model(models, "tiny", "later", tmp_path)
+        client_headers = {"authorization": f"Bearer {CLIENT}"}
+        loaded = lambda: http.is_model_ready("later-encoder", headers=client_headers)  # noqa: E731
+        servers.until(loaded, 30, "a poll loading later")
+        assert encode_code(server, CLIENT) == "StatusCode.NOT_FOUND"  # stays unloaded, polls included
         grpc_admin = grpcclient.InferenceServerClient(server.target)
         grpc_admin.load_model("tiny", headers=admin)
         index = grpc_admin.get_model_repository_index(headers=admin, as_json=True)["models"]
-        assert [(m["name"], m["version"], m["state"]) for m in index] == [("tiny", "1", "READY")]
+        index = grpc_admin.get_model_repository_index(headers=admin, as_json=True)["models"]
+        assert [(m["name"], m["version"], m["state"]) for m in index] == [
+            ("later", "1", "READY"),
+            ("tiny", "1", "READY"),
+        ]
         assert encode_code(server, CLIENT) == "OK"
         assert encode_code(server, ADMIN) == "StatusCode.UNAUTHENTICATED"  # operators do not infer
         with pytest.raises(InferenceServerException) as unknown:
