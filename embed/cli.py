@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vaeserve.ood import REFERENCE_IW_SAMPLES
 from vaeserve.storage import location
 
 
@@ -44,7 +45,11 @@ def register_score(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_job_flags(parser, "score")
     parser.add_argument(
-        "--iw-samples", type=int, default=1, help="importance samples k per row for log_px (default 1)"
+        "--iw-samples",
+        type=int,
+        default=REFERENCE_IW_SAMPLES,
+        help=f"importance samples k per row for log_px (default {REFERENCE_IW_SAMPLES}, the k of the "
+        "test-set percentiles export records, which ood_flag compares with; k = 1 is the ELBO)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     parser.add_argument("--threads", type=int, default=0, help="in-process scoring threads (0: one per core)")
@@ -158,7 +163,8 @@ def score_command(args: argparse.Namespace) -> int:
         return 0
     print(
         f"scored {summary['rows']:,} rows into {summary['output']} ({summary['embedded_now']:,} now, "
-        f"{summary['rows_per_s']:,.0f} rows/s, k = {args.iw_samples}); manifest "
-        f"{summary['output']}.manifest.json"
+        f"{summary['rows_per_s']:,.0f} rows/s); manifest {summary['output']}.manifest.json"
     )
+    score = summary["score"]
+    print(f"{score['log_px']}\n{score['ood_flag']}")
     return 0

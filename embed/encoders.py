@@ -26,6 +26,7 @@ import numpy as np
 
 from vaeserve.datasets import encoder_inputs
 from vaeserve.errors import VaeError
+from vaeserve.ood import flag_percentiles, outside
 from vaeserve.repository import ModelVersion
 
 # Rows per onnxruntime call: small enough that two threads stay evenly loaded to the end
@@ -132,6 +133,7 @@ class LocalScorer(LocalEncoder):
         super().__init__(version, threads)
         self.version, self.iw_samples, self.seed = version, iw_samples, seed
         self.prior = version.load_prior()
+        self.flag_at = flag_percentiles(version.manifest.score_reference, iw_samples)
 
     def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
         from vaeserve.ood import scores
@@ -147,8 +149,7 @@ class LocalScorer(LocalEncoder):
             first_row=int(records["row_id"][0]),
             prior=self.prior,
         )
-        for name, values in out.items():
-            records[name] = values
+        _store_scores(records, out, self.flag_at)
 
 
 class ServiceScorer(ServiceEncoder):
@@ -157,6 +158,7 @@ class ServiceScorer(ServiceEncoder):
     def __init__(self, version: ModelVersion, target: str, iw_samples: int, seed: int, **client_options):
         super().__init__(version, target, **client_options)
         self.iw_samples, self.seed = iw_samples, seed
+        self.flag_at = flag_percentiles(version.manifest.score_reference, iw_samples)
 
     def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
         client = self.idle.get()
@@ -164,8 +166,15 @@ class ServiceScorer(ServiceEncoder):
             out = client.score(rows, self.iw_samples, self.seed, row_offset=int(records["row_id"][0]))
         finally:
             self.idle.put(client)
-        for name, values in out.items():
-            records[name] = values
+        _store_scores(records, out, self.flag_at)
+
+
+def _store_scores(records: np.ndarray, out: dict[str, np.ndarray], flag_at: dict[str, float] | None) -> None:
+    """The scores, and with a reference at the same k, each row flagged among the test set's."""
+    for name, values in out.items():
+        records[name] = values
+    if flag_at is not None:
+        records["ood_flag"] = outside(out["ood_score"], flag_at)
 
 
 def _store(records: np.ndarray, mean: np.ndarray, stddev: np.ndarray) -> None:

@@ -31,6 +31,7 @@ from vaeserve.embed.sidecar import Sidecar
 from vaeserve.embed.sinks import FORMATS, ChunkSink, open_sink, record_dtype, score_dtype
 from vaeserve.embed.sources import Source, open_source
 from vaeserve.errors import ConfigError, DataError, TensorError, VaeError
+from vaeserve.ood import FLAG_TAIL, REFERENCE_IW_SAMPLES, flag_percentiles, log_px_meaning
 from vaeserve.remote_repository import open_model
 from vaeserve.repository import ModelVersion
 from vaeserve.storage import Location, remove
@@ -56,12 +57,18 @@ class EmbedRequest:
     workers: int = 2
     shared_memory: bool = False
     score: bool = False  # vae score: per-row scores instead of latents
-    iw_samples: int = 1
+    iw_samples: int = REFERENCE_IW_SAMPLES
     seed: int = 0
 
     def records(self, version: ModelVersion) -> np.dtype:
         """The output's record: latents, or scores."""
-        return score_dtype() if self.score else record_dtype(version.latent_size, self.stddev)
+        if self.score:
+            return score_dtype(self.flag_percentiles(version) is not None)
+        return record_dtype(version.latent_size, self.stddev)
+
+    def flag_percentiles(self, version: ModelVersion) -> dict[str, float] | None:
+        """The reference ood_flag compares with: the manifest's, when recorded at this k."""
+        return flag_percentiles(version.manifest.score_reference, self.iw_samples)
 
 
 def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
@@ -82,20 +89,21 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         )
     job = describe(request, version, source)
     if request.resume and not request.force and _already_complete(request, job):
-        return _summary(request, source.rows, 0, 0.0, complete_before=True)
+        return _summary(request, job, source.rows, 0, 0.0, complete_before=True)
     started = time.perf_counter()
     if request.engine == "ray":
         done = embed_on_ray(request, job, version, source.read_rows, progress)
     else:
         done = embed_locally(request, job, version, source, progress)
     job.completed_at(datetime.now(timezone.utc).isoformat(timespec="seconds")).write(request.output)
-    return _summary(request, source.rows, done, time.perf_counter() - started)
+    return _summary(request, job, source.rows, done, time.perf_counter() - started)
 
 
 def _summary(
-    request: EmbedRequest, rows: int, done: int, seconds: float, complete_before: bool = False
+    request: EmbedRequest, job: Sidecar, rows: int, done: int, seconds: float, complete_before: bool = False
 ) -> dict[str, Any]:
     return {
+        "score": job.score,
         "rows": rows,
         "embedded_now": done,
         "seconds": seconds,
@@ -161,6 +169,8 @@ def settle_failure(request: EmbedRequest, sink: ChunkSink, exc: BaseException) -
         note = "nothing resumable, so nothing kept"
     if isinstance(exc, VaeError) and exc.args:
         exc.args = (f"{exc.args[0]}; {note}", *exc.args[1:])
+    elif isinstance(exc, KeyboardInterrupt):
+        exc.args = (note,)  # said by vae's interrupt line
 
 
 def _input_fault(exc: BaseException) -> bool:
@@ -198,8 +208,18 @@ def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> Si
     score = None
     if request.score:
         fields = list(request.records(version).names)
+        reference = version.manifest.score_reference
+        if request.flag_percentiles(version) is not None:
+            tails = f"{FLAG_TAIL:g} % tails"
+            flag = f"ood_flag: -1/+1 outside the test set's {tails} of ood_score at k = {request.iw_samples}"
+        elif reference:
+            flag = f"no ood_flag: the reference percentiles are at k = {reference['iw_samples']}"
+        else:
+            flag = "no ood_flag: this version records no reference percentiles (export it again)"
         score = {
             "iw_samples": request.iw_samples,
+            "log_px": log_px_meaning(request.iw_samples),
+            "ood_flag": flag,
             "seed": request.seed,
             "decoder_sha256": version.manifest.graphs["decoder"].sha256,
             "likelihood": version.likelihood,

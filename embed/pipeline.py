@@ -19,7 +19,7 @@ from vaeserve.embed.sidecar import Sidecar
 from vaeserve.embed.sinks import ChunkSink, aligned_records
 from vaeserve.embed.sources import Source
 from vaeserve.errors import DataError, TensorError
-from vaeserve.rows import check_finite
+from vaeserve.rows import as_rows, check_finite
 
 
 def embed_chunks(
@@ -127,13 +127,10 @@ def _prefetched(
 
 
 def check_rows(rows: np.ndarray, source: Source, start: int) -> np.ndarray:
-    """uint8 pixels pass; other numbers must be finite and in [0, 1], else the row is named."""
-    if rows.dtype == np.uint8:
-        return rows
-    if not (np.issubdtype(rows.dtype, np.floating) or np.issubdtype(rows.dtype, np.integer)):
-        raise DataError(f"{source.path}: dtype {rows.dtype} cannot be converted to pixels")
-    values = rows.astype(np.float32)
+    """The core's rules (vaeserve.rows.as_rows): uint8 and 0-255 integers are pixels, floats
+    must be finite and in [0, 1], else the file and the row are named."""
     try:
+        values = as_rows(rows, str(source.path))
         check_finite(values, str(source.path), 0.0, 1.0, first_row=start)
     except TensorError as exc:
         raise DataError(f"{exc}; pixels are uint8, or float values in [0, 1]") from None

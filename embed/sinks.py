@@ -50,9 +50,13 @@ def record_dtype(latent_size: int, stddev: bool) -> np.dtype:
     return np.dtype(fields)
 
 
-def score_dtype() -> np.dtype:
-    """`vae score`'s records: row_id and one float32 per score (vaeserve.ood)."""
-    return np.dtype([("row_id", "<i8"), *((name, "<f4") for name in SCORE_FIELDS)])
+def score_dtype(flagged: bool = False) -> np.dtype:
+    """`vae score`'s records: row_id and one float32 per score (vaeserve.ood), and with
+    ``flagged`` the ood_flag int8: -1 below the test set's 0.5th ood_score percentile (more
+    typical than nearly every test row: blank or constant inputs), +1 above its 99.5th
+    (unusual), 0 typical."""
+    flag = [("ood_flag", "i1")] if flagged else []
+    return np.dtype([("row_id", "<i8"), *((name, "<f4") for name in SCORE_FIELDS), *flag])
 
 
 class ChunkSink(Protocol):

@@ -67,8 +67,10 @@ class FileArraySource(Source):
     embedded do not stay resident and memory stays bounded whatever the file's size."""
 
     def __init__(self, path: Location, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-        if len(shape) < 2:
-            raise DataError(f"{path}: expected rows [N, ...], got shape {shape}")
+        if len(shape) == 0:
+            raise DataError(f"{path}: a single number; expected rows [N, D], images [N, H, W] or one row [D]")
+        if len(shape) == 1:
+            shape = (1, shape[0])  # one row (vaeserve.rows.as_rows)
         self.path, self.offset, self.dtype = path, offset, np.dtype(dtype)
         self.rows, self.columns = int(shape[0]), int(np.prod(shape[1:]))
         expected = offset + self.rows * self.columns * self.dtype.itemsize

@@ -163,4 +163,6 @@ def export_command(args: argparse.Namespace) -> int:
         f"variants {', '.join(version.variants)}, "
         f"test NLL_{manifest.evaluation['iw_samples']} {manifest.evaluation['nll']:.2f}"
     )
+    if manifest.training.get("stopped_early"):
+        print(f"note: {manifest.training['stopped_early']} (recorded in the manifest)")
     return 0

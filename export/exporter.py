@@ -168,6 +168,8 @@ def build_version(
             "split_sizes": state["dataset"]["split_sizes"],
             "data_source": state["dataset"].get("source"),
             "epochs": state["epoch"],
+            "planned_epochs": config["epochs"],
+            "stopped_early": stopped_early(state),
             "best_validation_elbo": state["best_validation_elbo"],
         },
         evaluation=evaluation,
@@ -175,6 +177,15 @@ def build_version(
         source_checkpoint={"file": source.name, "sha256": sha256_file(source)},
     )
     manifest.write(folder)
+
+
+def stopped_early(state: dict[str, Any]) -> str | None:
+    """Why the run exported trained fewer epochs than it planned, or None when it trained them all."""
+    planned, trained = state["config"]["epochs"], state["epoch"]
+    if trained >= planned:
+        return None
+    why = state.get("stopped") or "it was interrupted or is still running (vae train --resume continues it)"
+    return f"trained {trained} of {planned} planned epochs: {why}"
 
 
 def _graph_record(path: Path) -> FileRecord:

@@ -18,8 +18,8 @@ import numpy as np
 
 from vaeserve.datasets import encoder_inputs
 from vaeserve.elbo import likelihood_sample
-from vaeserve.errors import ModelNotFoundError, RepositoryError, TensorError
-from vaeserve.ood import scores
+from vaeserve.errors import ModelNotFoundError, RepositoryError, RequestError, TensorError
+from vaeserve.ood import REFERENCE_IW_SAMPLES, scores
 from vaeserve.repository import ModelVersion
 from vaeserve.rows import Rows
 from vaeserve.runtime import CPU, OnnxPair, usable_cores
@@ -181,8 +181,9 @@ class ServedModel:
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
 
     def iw_samples(self, k: int) -> int:
-        """k as asked (0 means 1), within the server's --max-iw-samples."""
-        k = k or 1
+        """k as asked (0: the reference's, vaeserve.ood.REFERENCE_IW_SAMPLES, the k of the test-set
+        percentiles a score is placed among), within the server's --max-iw-samples."""
+        k = k or REFERENCE_IW_SAMPLES
         if not 1 <= k <= self.settings.max_iw_samples:
             raise TensorError(f"iw_samples: {k}; expected 1 to {self.settings.max_iw_samples}")
         return k
@@ -211,7 +212,7 @@ class ModelRegistry:
     that what is cached from a resolution (OIP's endpoints) knows when to look again."""
 
     def __init__(
-        self, models: dict[str, dict[int, ServedModel]], default: str, labels: dict | None = None
+        self, models: dict[str, dict[int, ServedModel]], default: str | None, labels: dict | None = None
     ) -> None:
         self.models = models
         self.default = default
@@ -219,6 +220,12 @@ class ModelRegistry:
         self.generation = 0
 
     def resolve(self, name: str, version: str) -> ServedModel:
+        if not name and self.default is None:
+            raise RequestError(
+                f"no model named, and this server has no default among {sorted(self.models)}: "
+                "name one in the request (vae client --model NAME), or start the server with "
+                "--default-model NAME"
+            )
         name = name or self.default
         if name not in self.models:
             raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self.models)}")

@@ -91,14 +91,34 @@ class ModelManager:
                 f"no servable model in {self.settings.folder} (model {self.settings.model or 'any'}, "
                 f"version {self.settings.version}): onnxruntime could not open any; see the log lines above"
             )
-        default = self.settings.model if self.settings.model in models else sorted(models)[0]
-        registry = ModelRegistry(models, default)
+        registry = ModelRegistry(models, self._default_model(models))
         for name in models:
             try:
                 registry.set_labels(name, read_labels(self.settings.folder / name))
             except RepositoryError as exc:
                 log.error("refusing the labels of %s: %s", name, exc)
         return registry
+
+    def _default_model(self, models: dict) -> str | None:
+        """The model requests naming none go to, decided once at start so that a model added
+        later never changes it: --model, else --default-model, else the only model. With several
+        and none chosen there is none: such requests are refused, naming the models."""
+        chosen = self.settings.model or self.settings.default_model
+        if chosen:
+            if chosen not in models:
+                raise VaeError(
+                    f"--default-model {chosen}: no such servable model in {self.settings.folder} "
+                    f"(found: {', '.join(sorted(models))})"
+                )
+            return chosen
+        if len(models) == 1:
+            return next(iter(models))
+        log.warning(
+            "serving %d models (%s) and no --default-model: requests must name their model",
+            len(models),
+            ", ".join(sorted(models)),
+        )
+        return None
 
     def warm_up(self) -> None:
         """Every loaded version, once, before the server reports SERVING."""
@@ -413,7 +433,19 @@ def find_servable(settings: ServeSettings, log_refusals: bool = False) -> dict[s
                 reasons.append(str(exc))
     if not found:
         why = "; ".join(reasons) or "it holds no model versions (NAME/VERSION folders that vae export writes)"
+        if version_numbers(settings.folder):  # its folders are numbers: versions of one model
+            folder = settings.folder
+            why = (
+                f"{folder} looks like one model, its folders versions {version_numbers(folder)}; the "
+                f"repository is the folder above it: --repo {folder.parent} --model {folder.name}"
+            )
         raise RepositoryError(f"no servable model in {settings.folder}: {why}")
+    chosen = settings.default_model
+    if chosen and not settings.model and chosen not in found:
+        raise RepositoryError(
+            f"--default-model {chosen}: no such servable model in {settings.folder} "
+            f"(found: {', '.join(sorted(found))})"
+        )
     for reason in reasons if log_refusals else []:
         log.error("refusing %s", reason)
     return found

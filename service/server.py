@@ -193,7 +193,8 @@ async def _until_signalled() -> None:
 
 def _describe(registry: ModelRegistry) -> str:
     parts = [f"{m.version.name}/{m.version.version} on {m.pair.provider}" for m in registry.all()]
-    return ", ".join(parts) + f" (default {registry.default})"
+    default = registry.default or "none: requests name their model"
+    return ", ".join(parts) + f" (default {default})"
 
 
 def _batching(settings: ServeSettings) -> str:

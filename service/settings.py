@@ -27,8 +27,12 @@ class ServeSettings:
     )
     model: str | None = option(
         None,
-        "serve only this model, the default for requests naming none "
-        "(unset: every model in the repository; the first by name is the default)",
+        "serve only this model, the default for requests naming none (unset: every model in the repository)",
+    )
+    default_model: str | None = option(
+        None,
+        "the model requests naming none are sent to, among several served (unset: the only model "
+        "when there is one; with several, such requests are refused naming them)",
     )
     version: str = option("all", "versions to load: all, latest or a number")
     variant: str = option("fp32", "graph variant: fp32, int8 (CPU) or fp16 (CUDA)", VARIANTS)

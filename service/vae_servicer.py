@@ -130,7 +130,9 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
         inputs = read_tensor(request.inputs, "inputs", model.pixels, self.regions.read)
         out = await model.score(inputs, request.iw_samples, _seed(request), request.row_offset)
         tensors = {name: to_tensor(array) for name, array in out.items()}
-        return vae_pb2.ScoreResponse(**tensors, model=_ref(model), iw_samples=request.iw_samples or 1)
+        return vae_pb2.ScoreResponse(
+            **tensors, model=_ref(model), iw_samples=model.iw_samples(request.iw_samples)
+        )
 
     @_rpc("GetModelInfo")
     async def GetModelInfo(

@@ -60,3 +60,11 @@ def test_flag_tables_match_the_parser() -> None:
     service = (ROOT / "docs" / "service.md").read_text()
     for flag in ("--workers", "--http-port", "--token-file", "VAESERVE_WORKERS"):
         assert f"`{flag}`" in service  # the serve table is really there, not an empty marker
+
+
+def test_the_console_page_says_uploads_keep_their_colour() -> None:
+    """The browser sends a colour model three channels (pictures.js); the page must not say grey."""
+    script = (ROOT / "service" / "console" / "static" / "pictures.js").read_text()
+    assert 'const channels = shape.kind === "rgb" ? 3 : 1;' in script
+    page = " ".join((ROOT / "docs" / "console.md").read_text().split())
+    assert "in grey for a grey model and in colour for a colour one" in page

@@ -191,7 +191,7 @@ def test_bad_inputs_name_the_file_and_row(repo: Path, tmp_path: Path, pixels) ->
     with pytest.raises(DataError, match="rows of 785 values; model tiny/1 expects 784"):
         embed(repo, tmp_path / "wide.npy", tmp_path / "o2.npy")
     np.save(tmp_path / "text.npy", np.array([["a"] * 784]))
-    with pytest.raises(DataError, match="dtype <U1 cannot be converted"):
+    with pytest.raises(DataError, match="dtype <U1 is not pixels"):
         embed(repo, tmp_path / "text.npy", tmp_path / "o3.npy")
     with pytest.raises(DataError, match="no such file"):
         embed(repo, tmp_path / "missing.npy", tmp_path / "o4.npy")

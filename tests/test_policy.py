@@ -84,6 +84,7 @@ MISTAKES: dict[str, dict] = {
     "too-many-rows": {"rpc": "encode", "x": pixels(MAX_REQUEST_ROWS + 1)},
     "not-finite": {"rpc": "encode", "x": floats(np.nan)},
     "out-of-range": {"rpc": "encode", "x": floats(2.0)},
+    "binary-uint8": {"rpc": "encode", "x": np.eye(2, D, dtype=np.uint8)},
     "wrong-dtype": {"rpc": "decode", "z": np.zeros((2, M), np.uint8)},
     "bad-count": {"rpc": "sample-prior", "count": 0},
     "too-many-iw-samples": {"rpc": "score", "x": pixels(2), "iw_samples": MAX_IW_SAMPLES + 1},

@@ -42,7 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_data_flags(train)
     _add_config_flags(train)
-    train.set_defaults(handler=train_command)
+    train.set_defaults(handler=train_command, interrupted=train_interrupted)
+
+
+def train_interrupted(args: argparse.Namespace) -> str:
+    """What an interrupted `vae train` leaves: its completed epochs, or nothing."""
+    from vaeserve.training.checkpoint import LAST
+
+    if (args.out / LAST).is_file():
+        return f"the completed epochs are kept in {args.out}: vae train --resume --out {args.out} continues"
+    return "no epoch had completed, so nothing was kept"
 
 
 def train_command(args: argparse.Namespace) -> int:

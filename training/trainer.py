@@ -76,6 +76,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.objective = OBJECTIVES[config.objective]
         self.epoch = 0
+        self.stopped = ""  # why the loop ended before config.epochs: early stopping or the budget
         self.history: list[dict[str, Any]] = []
         self.costs: list[float] = []
         self.best_validation_elbo = -float("inf")
@@ -98,13 +99,15 @@ class Trainer:
             "image_shape": list(self.dataset.image_shape),
             "dataset": {
                 "name": self.dataset.name,
-                "split_sizes": self.dataset.split_sizes(),
+                # Rows trained on: --limit's, not the split's.
+                "split_sizes": {**self.dataset.split_sizes(), "train": len(self.data.train)},
                 "source": self.dataset.source,
             },
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
+            "stopped": self.stopped,
             "history": self.history,
             "costs": self.costs,
             "best_validation_elbo": self.best_validation_elbo,
@@ -115,6 +118,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.epoch = int(state["epoch"])
+        self.stopped = state.get("stopped", "")
         self.preset = state.get("preset", "")
         self.history = list(state["history"])
         self.costs = list(state["costs"])
@@ -136,12 +140,16 @@ class Trainer:
         budget = self.config.max_minutes
         if budget is not None and time.perf_counter() - started > 60 * budget:
             log.info("stopping after epoch %d: the %.0f-minute budget is spent", self.epoch, budget)
+            self.stopped = f"the --max-minutes {budget:g} budget was spent"
             return True
         patience = self.config.patience
         scores = [r["validation_elbo"] for r in self.history if r["validation_elbo"] is not None]
         if patience is None or len(scores) <= patience:
             return False
-        return max(scores[-patience:]) <= max(scores[:-patience])
+        if max(scores[-patience:]) <= max(scores[:-patience]):
+            self.stopped = f"early stopping: no better validation ELBO in {patience} epochs (--patience)"
+            return True
+        return False
 
     def train_epoch(self) -> dict[str, Any]:
         self.model.train()

@@ -34,11 +34,21 @@ RETRY_POLICY = {
 }
 
 
+# What gRPC says when the address answers HTTP/1.1 (the REST port, a web server) instead of gRPC.
+NOT_GRPC = ("Failed parsing HTTP/2", "http1.x server", "HTTP/1.")
+
+
 class ServiceError(VaeError):
     """A call failed; ``code`` is the gRPC status code."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
+        said = details
+        if code == grpc.StatusCode.UNAVAILABLE and any(sign in (details or "") for sign in NOT_GRPC):
+            said = (
+                "this address answers plain HTTP, not gRPC: likely the server's REST port "
+                "(--http-port, 8000); gRPC calls go to its --port (50051)"
+            )
+        super().__init__(f"{code.name}: {said}")
         self.code = code
         self.details = details
 

@@ -81,12 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (writing {exc.filename})" if exc.filename else ""
         print(f"vae {args.command}: error: no space left on the device{where}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(
-            f"vae {args.command}: interrupted; completed work is kept "
-            "(a training run continues with --resume)",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as exc:
+        # What is kept is the command's to say: the note its job left on the interrupt, or its
+        # own account (a command registers ``interrupted``), else nothing is claimed.
+        said = getattr(args, "interrupted", None)
+        note = exc.args[0] if exc.args else (said(args) if said else "")
+        print(f"vae {args.command}: interrupted" + (f"; {note}" if note else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -29,7 +29,8 @@ from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.channel import ServiceError, channel_target, open_channel
 from vaeserve.codec import SharedBytes, from_response, to_tensor
 from vaeserve.errors import UNKNOWN_REGION, VaeError
-from vaeserve.ood import SCORE_FIELDS
+from vaeserve.ood import REFERENCE_IW_SAMPLES, SCORE_FIELDS
+from vaeserve.rows import as_rows
 from vaeserve.shared_slots import SharedSlots
 
 __all__ = ["ServiceError", "VaeClient", "channel_target"]
@@ -125,6 +126,7 @@ class VaeClient:
         (float32 model inputs in [0, 1], or uint8 raw pixels). ``out`` may hold float32
         [N, M] arrays (views too, such as a field of a record array) to fill in place of
         new ones."""
+        inputs = as_rows(inputs, "inputs")  # the core's shape and dtype rules, as vae embed's
         fields = ("mean", "stddev", "z") if sample else ("mean", "stddev")
         if self.shared_memory:
             return self._encode_shared(inputs, sample, seed, fields, out)
@@ -143,6 +145,7 @@ class VaeClient:
     def encode_stream(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         """``mean`` and ``stddev`` [N, M] through EncodeStream: one bidirectional stream of
         chunks, answered in order, for producers that keep one call open."""
+        inputs = as_rows(inputs, "inputs")
         requests = (
             vae_pb2.EncodeRequest(model=self.model, version=self.version, inputs=to_tensor(part))
             for part in self._chunks(inputs)
@@ -207,11 +210,12 @@ class VaeClient:
         self, latents: np.ndarray, sample: bool = False, seed: int | None = None
     ) -> dict[str, np.ndarray]:
         """Bernoulli ``probs`` [N, D] (and uint8 ``samples``) of latents [N, M]."""
+        latents = as_rows(np.asarray(latents, np.float32), "latents")
         requests = (
             vae_pb2.DecodeRequest(
                 model=self.model,
                 version=self.version,
-                latents=to_tensor(np.asarray(part, np.float32)),
+                latents=to_tensor(part),
                 sample=sample,
                 seed=_chunk_seed(seed, i),
             )
@@ -224,6 +228,7 @@ class VaeClient:
         self, inputs: np.ndarray, use_mean: bool = False, seed: int | None = None
     ) -> dict[str, np.ndarray]:
         """Posterior predictive ``probs`` and ``samples`` [N, D], and the ``latents`` decoded."""
+        inputs = as_rows(inputs, "inputs")
         requests = (
             vae_pb2.ReconstructRequest(
                 model=self.model,
@@ -250,12 +255,18 @@ class VaeClient:
         return self._gather(self.stub.SamplePrior, requests, ("latents", "probs", "samples"), count)
 
     def score(
-        self, inputs: np.ndarray, iw_samples: int = 1, seed: int | None = None, row_offset: int = 0
+        self,
+        inputs: np.ndarray,
+        iw_samples: int = REFERENCE_IW_SAMPLES,
+        seed: int | None = None,
+        row_offset: int = 0,
     ) -> dict[str, np.ndarray]:
-        """Per row [N]: ``elbo``, ``log_px`` (k = ``iw_samples`` importance samples),
+        """Per row [N]: ``elbo``, ``log_px`` (k = ``iw_samples`` importance samples; the default is
+        the k of the test-set percentiles export records, vaeserve.ood.log_px_meaning says what it is),
         ``complexity_bits`` and ``ood_score``. Seeded scores do not depend on how the rows are
         split into calls: row i's draws are seeded by (seed, row_offset + i)."""
-        starts = range(0, len(np.asarray(inputs)), self.chunk_rows)
+        inputs = as_rows(inputs, "inputs")
+        starts = range(0, len(inputs), self.chunk_rows)
         requests = (
             vae_pb2.ScoreRequest(
                 model=self.model,
@@ -303,17 +314,28 @@ class VaeClient:
     def poll_health(self, timeout: float, service: str = "") -> str:
         """Ask for health until it is SERVING or ``timeout`` seconds pass, each ask bounded by
         what is left: the last status, or the last ServiceError raised. A server still starting
-        refuses connections, then reports NOT_SERVING while it warms up."""
+        refuses connections, then reports NOT_SERVING while it warms up; one that answered and
+        then refuses connections has exited, and waiting on would only spend the time."""
         deadline = time.monotonic() + timeout
         error: ServiceError | None = None
+        answered = False
         while True:
             left = deadline - time.monotonic()
             ask = self.timeout if timeout <= 0 else min(self.timeout, max(left, 0.5))
             try:
                 status = self.health(service, ask)
+                answered = True
                 if status == "SERVING" or left <= 0:
                     return status
             except ServiceError as exc:
+                if answered and exc.code == grpc.StatusCode.UNAVAILABLE:
+                    raise ServiceError(
+                        exc.code, f"the server answered, then stopped answering (it exited?): {exc.details}"
+                    ) from None
+                answered = answered or exc.code not in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
                 # A short last ask's DEADLINE_EXCEEDED says less than an earlier refusal.
                 if error is None or exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     error = exc
@@ -335,11 +357,7 @@ class VaeClient:
             raise ServiceError(exc.code(), exc.details()) from None
 
     def _chunks(self, array: np.ndarray) -> Iterator[np.ndarray]:
-        array = np.asarray(array)
-        if array.ndim != 2 or len(array) == 0:
-            raise ValueError(f"expected a non-empty 2-D array [N, columns], got shape {array.shape}")
-        if array.dtype != np.uint8:
-            array = array.astype(np.float32, copy=False)
+        """Rows already read by ``as_rows``, ``chunk_rows`` at a time."""
         for start in range(0, len(array), self.chunk_rows):
             yield array[start : start + self.chunk_rows]
 

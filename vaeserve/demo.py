@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from vaeserve.client import VaeClient
+from vaeserve.ood import REFERENCE_IW_SAMPLES, log_px_meaning
 
 INTERPOLATION_STEPS = 10
 SCORED_ROWS = 1000
-SCORE_IW_SAMPLES = 10
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,23 +27,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Demo client: calls GetModelInfo, Encode, EncodeStream, Decode, Reconstruct, "
         "SamplePrior and Score on a running vae serve, writes PNGs of the model's uses and "
         "summary.json, and measures Encode rows/s.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     port = os.environ.get("VAESERVE_PORT", "50051")
     parser.add_argument(
-        "--target", default=f"127.0.0.1:{port}", help="HOST:PORT of the server ($VAESERVE_PORT's port)"
+        "--target",
+        default=f"127.0.0.1:{port}",
+        help="HOST:PORT of the server, $VAESERVE_PORT's port by default (default: %(default)s)",
     )
-    parser.add_argument("--dataset", default="mnist", help="dataset whose test images to send")
+    parser.add_argument(
+        "--dataset", default="mnist", help="dataset whose test images to send (default: %(default)s)"
+    )
     parser.add_argument(
         "--data-dir", type=Path, help="read the dataset's IDX files from DIR (default: the download cache)"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("out/demo"), help="folder for the PNGs and summary.json"
+        "--out",
+        type=Path,
+        default=Path("out/demo"),
+        help="folder for the PNGs and summary.json (default: %(default)s)",
     )
     parser.add_argument("--model", default="", help="model name; empty: the server's default model")
     parser.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
     parser.add_argument("--tls-ca", type=Path, help="PEM CA to verify a TLS server")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)"
+    )
     parser.set_defaults(handler=client_command)
 
 
@@ -110,7 +118,7 @@ def run_demo(client: VaeClient, info: dict, pixels: np.ndarray, out: Path, seed:
     dims = tuple(int(d) for d in np.argsort(means.var(axis=0))[::-1][:2])
     manifold(client, dims, info["latent_size"], shape, out / "latent_manifold.png")
     interpolation(client, means, shape, out / "interpolation.png")
-    scores = client.score(pixels[:SCORED_ROWS], iw_samples=SCORE_IW_SAMPLES, seed=seed)
+    scores = client.score(pixels[:SCORED_ROWS], iw_samples=REFERENCE_IW_SAMPLES, seed=seed)
     return {
         "model": info,
         "encoded_rows": len(pixels),
@@ -119,7 +127,8 @@ def run_demo(client: VaeClient, info: dict, pixels: np.ndarray, out: Path, seed:
         "encode_stream_equals_encode": bool(np.array_equal(streamed, means)),
         "score": {
             "rows": len(scores["elbo"]),
-            "iw_samples": SCORE_IW_SAMPLES,
+            "iw_samples": REFERENCE_IW_SAMPLES,
+            "log_px": log_px_meaning(REFERENCE_IW_SAMPLES),
             **{f"mean_{name}": float(values.mean()) for name, values in scores.items()},
         },
         "pictures": sorted(p.name for p in out.glob("*.png")),

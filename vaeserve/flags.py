@@ -45,8 +45,10 @@ def add_dataclass_flags(
             options.update(type=kind, metavar=field.name.split("_")[-1].upper())
         if env_prefix is None:
             options["default"] = None
-            if show_default_of is not None:
-                options["help"] += f" (default: {getattr(show_default_of, field.name)})"
+            shown = None if show_default_of is None else getattr(show_default_of, field.name)
+            # A help text that says what unset means already (or a default of None) gets no second.
+            if shown is not None and "(default:" not in options["help"]:
+                options["help"] += f" (default: {shown})"
         else:
             variable = env_name(env_prefix, field.name)
             options["default"] = _from_env(variable, kind, optional, field)

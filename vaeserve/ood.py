@@ -79,6 +79,33 @@ REFERENCE_PERCENTILES = (0.1, 0.5, 1.0, 5.0, 50.0, 95.0, 99.0, 99.5, 99.9)
 REFERENCE_IW_SAMPLES = 10
 
 
+# The tails outside which a row is flagged, in percent of the test set at each end (the console,
+# `vae score`'s ood_flag and docs/scoring.md apply the same).
+FLAG_TAIL = 0.5
+
+
+def flag_percentiles(score_reference: dict, iw_samples: int) -> dict[str, float] | None:
+    """The test set's ood_score percentiles that scores made with k = ``iw_samples`` can be
+    placed among: the manifest's reference when it was recorded at the same k, else None (a
+    bound at another k sits elsewhere, and flagging against it would be wrong)."""
+    if score_reference.get("iw_samples") != iw_samples:
+        return None
+    return score_reference.get("percentiles", {}).get("ood_score")
+
+
+def log_px_meaning(iw_samples: int) -> str:
+    """What a log_px made with k importance samples is, said the same way by every output."""
+    if iw_samples == 1:
+        return (
+            "k = 1: log_px is a one-sample estimate of the ELBO, a lower bound on log p(x), "
+            "not an estimate of it"
+        )
+    return (
+        f"k = {iw_samples}: log_px is the importance-weighted bound (IWAE), a lower bound on "
+        "log p(x) that tightens towards it as k grows; an estimate, biased low"
+    )
+
+
 def reference(values: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """Each score's percentiles over a set of rows: {field: {"0.1": value, ..., "99.9": value}}."""
     return {
@@ -90,7 +117,7 @@ def reference(values: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     }
 
 
-def outside(values: np.ndarray, percentiles: dict[str, float], tail: float = 0.5) -> np.ndarray:
+def outside(values: np.ndarray, percentiles: dict[str, float], tail: float = FLAG_TAIL) -> np.ndarray:
     """-1 where a score is below the reference's ``tail`` percentile (more typical than nearly
     every test row: blank or constant inputs), +1 above its 100 - ``tail`` one, else 0."""
     low, high = percentiles[f"{tail:g}"], percentiles[f"{100 - tail:g}"]

@@ -35,8 +35,13 @@ def check_shape(shape: Sequence[int], field: str, expect: Rows) -> tuple[int, in
     shape = tuple(shape)
     columns = expect.columns
     if len(shape) != 2:
+        hint = ""
+        if len(shape) > 2 and math.prod(shape[1:]) == columns:
+            hint = f"; flatten each row: array.reshape({shape[0]}, {columns})"
+        elif len(shape) == 1 and shape[0] == columns:
+            hint = f"; one row is [1, {columns}]: array.reshape(1, {columns})"
         raise TensorError(
-            f"{field}: shape {list(shape)} has {len(shape)} dimensions; expected [N, {columns}]"
+            f"{field}: shape {list(shape)} has {len(shape)} dimensions; expected [N, {columns}]{hint}"
         )
     rows, cols = shape
     if cols != columns:
@@ -64,7 +69,62 @@ def from_bytes(
 
 
 def check_values(rows: np.ndarray, field: str, expect: Rows) -> None:
+    if rows.dtype == np.uint8:
+        refuse_binary_uint8(rows, field)
     check_finite(rows, field, expect.low, expect.high)
+
+
+def refuse_binary_uint8(pixels: np.ndarray, field: str) -> None:
+    """uint8 pixels are 0-255. Rows that hold only 0 and 1 are binarized images stored as uint8
+    (as binarized MNIST often is), which read as 0-255 are all but black: every row would embed
+    alike. Refused, saying how to send them; an all-black batch (only 0) passes."""
+    if pixels.size and int(pixels.max()) == 1:
+        raise TensorError(
+            f"{field}: uint8 pixels holding only 0 and 1; uint8 pixels are read as 0-255, so these "
+            "are all but black. Binarized images go as 0/255 (array * 255) or as float32 0.0/1.0 "
+            "(array.astype('float32'))"
+        )
+
+
+def as_rows(array: np.ndarray, field: str) -> np.ndarray:
+    """Input rows as every entry point reads them (the Python client, `vae embed`, the console's
+    server): one set of rules.
+
+    Shape: [N, D] as it is; images [N, H, W] or [N, H, W, C] are flattened per row; a single row
+    [D] (one image or feature vector) is [1, D].
+    dtype: uint8 is pixels 0-255; other integer types are pixels too, when within 0-255 (made
+    uint8); bool is 0/1 values (float32); floating point is model inputs in [0, 1] (float32).
+    uint8 or integer rows holding only 0 and 1 are refused (see refuse_binary_uint8)."""
+    array = np.asarray(array)
+    if array.ndim == 0 or array.size == 0:
+        raise TensorError(
+            f"{field}: shape {list(array.shape)} holds no rows; expected rows [N, D] "
+            "(or images [N, H, W], or one row [D])"
+        )
+    if array.ndim == 1:
+        array = array.reshape(1, -1)
+    elif array.ndim > 2:
+        array = array.reshape(len(array), -1)
+    if array.dtype == np.uint8:
+        refuse_binary_uint8(array, field)
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise TensorError(
+                f"{field}: {array.dtype} values span [{low}, {high}]; integer pixels must be 0-255 "
+                "(or send float32 model inputs in [0, 1])"
+            )
+        pixels = array.astype(np.uint8)
+        refuse_binary_uint8(pixels, field)
+        return pixels
+    if np.issubdtype(array.dtype, np.floating):
+        return array.astype(np.float32, copy=False)
+    raise TensorError(
+        f"{field}: dtype {array.dtype} is not pixels; expected uint8 (0-255) or float32 in [0, 1]"
+    )
 
 
 # The bit patterns of float32 +0.0 to 1.0 are the integers 0 to 0x3F800000, in order; a
