@@ -70,7 +70,8 @@ def test_graphs_are_self_describing_inference_only(repo: Path, tiny_run: Path) -
     assert manifest["schema_version"] == 1 and manifest["opset"] == 18
     assert (manifest["input_size"], manifest["latent_size"], manifest["image_shape"]) == (784, 8, [28, 28])
     assert manifest["source_checkpoint"]["sha256"] == sha256_file(tiny_run / "best.pt")
-    assert manifest["training"]["split_sizes"] == {"train": 50000, "validation": 10000, "test": 10000}
+    # The rows trained on: TINY's --limit of 5,000, not the split's 50,000.
+    assert manifest["training"]["split_sizes"] == {"train": 5000, "validation": 10000, "test": 10000}
     evaluation = manifest["evaluation"]
     saved = tiny_run / "evaluation-test.json"
     if evaluation["source"] == "checkpoint":  # the run was evaluated before the export

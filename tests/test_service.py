@@ -266,7 +266,8 @@ def test_health_reflection_metrics_and_info(server, client: VaeClient, stub) -> 
 
 
 def test_deadline_exceeded_is_reported(stub, x: np.ndarray) -> None:
-    request = vae_pb2.EncodeRequest(inputs=to_tensor(np.tile(x, (2, 1))[:3000].astype(np.uint8)))
+    pixels = (np.tile(x, (2, 1))[:3000] * 255).astype(np.uint8)  # 0/255: binary uint8 is refused
+    request = vae_pb2.EncodeRequest(inputs=to_tensor(pixels))
     with pytest.raises(grpc.RpcError) as info:
         stub.Encode(request, timeout=0.0005)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
