@@ -38,7 +38,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def abort(request, context: grpc.aio.ServicerContext) -> None:
+    """A handler that refuses on the call's headers: a streaming-request handler is invoked at
+    once, without waiting for a message, so a caller that sends headers and never a message holds
+    nothing (a unary handler would wait for the message, holding a slot of --max-concurrent-rpcs,
+    before it could refuse)."""
+
+    async def abort(requests, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
 
     async def abort_stream(requests, context: grpc.aio.ServicerContext):
@@ -49,10 +54,6 @@ def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
-    if handler.stream_unary:
+    if handler.unary_unary or handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
     return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)

@@ -54,7 +54,7 @@ def grpc_server(
     tokens: policy.Tokens,
     ready: Callable[[], bool],
     repository: RepositoryExtension,
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer, SharedMemoryRegions]:
+) -> tuple[grpc.aio.Server, BoundedHealthServicer, SharedMemoryRegions]:
     """vae.v1, OIP's GRPCInferenceService, health and reflection on one server."""
     # Without tokens no interceptor: it would cost every call a coroutine.
     interceptors = [BearerTokenInterceptor(tokens, metrics.refused)] if tokens.any else []
@@ -69,11 +69,40 @@ def grpc_server(
     oip = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     inference = InferenceServicer(catalogue, metrics, ready, repository)
     add_service(server, inference, oip, {"ModelInfer": INFER_REQUEST})
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = BoundedHealthServicer(watch_streams(settings))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(services, server)
     return server, health_servicer, regions
+
+
+def watch_streams(settings: ServeSettings) -> int:
+    """Health Watch streams open at once: a sixteenth of --max-concurrent-rpcs (32 of 512)."""
+    return max(1, settings.max_concurrent_rpcs // 16)
+
+
+class BoundedHealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 with a bound on Watch streams. Health needs no token (probes have none),
+    and each Watch holds a slot of --max-concurrent-rpcs for as long as its caller keeps it open:
+    unbounded, a stranger's Watch streams would fill them and starve Check (a Kubernetes probe)
+    and every data call."""
+
+    def __init__(self, max_watchers: int) -> None:
+        super().__init__()
+        self.max_watchers, self.watchers = max_watchers, 0
+
+    async def Watch(self, request, context) -> None:  # noqa: N802 - the RPC's name
+        if self.watchers >= self.max_watchers:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_watchers} health Watch streams are open, the most this server keeps "
+                "(a sixteenth of --max-concurrent-rpcs); ask with Check, or close one",
+            )
+        self.watchers += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self.watchers -= 1
 
 
 # The hot RPCs read their tensor bytes in place (service.wire).

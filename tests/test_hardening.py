@@ -1,0 +1,85 @@
+"""Attacks from a stranger, each against a real server (issue 37): what it tried, and that the
+callers with the token are served all the same."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.codec import to_tensor
+
+TOKEN = "hardening-s3cret"
+HELD = 512  # as many as --max-concurrent-rpcs' default
+
+
+@pytest.fixture(scope="module")
+def guarded(serve):
+    return serve("--workers", "1", token=TOKEN)
+
+
+def authenticated_calls_answer(target: str, seconds: float) -> tuple[float, float]:
+    """Seconds an authenticated Encode and a Health/Check take, each within ``seconds``."""
+    with grpc.insecure_channel(target) as channel:
+        started = time.monotonic()
+        encoded = vae_pb2_grpc.VaeServiceStub(channel).Encode(
+            vae_pb2.EncodeRequest(inputs=to_tensor(np.zeros((2, 784), np.uint8))),
+            timeout=seconds,
+            metadata=(("authorization", f"Bearer {TOKEN}"),),
+        )
+        encode_s = time.monotonic() - started
+        started = time.monotonic()
+        checked = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=seconds)
+        check_s = time.monotonic() - started
+    assert encoded.mean.shape == [2, 8] and checked.status == health_pb2.HealthCheckResponse.SERVING
+    return encode_s, check_s
+
+
+def test_token_less_held_calls_and_watch_streams_starve_no_one(guarded) -> None:
+    """512 token-less Encode calls that send their headers and never their message, and 512
+    health Watch streams, all open at once: an authenticated Encode and a Health/Check answer
+    within 3 s; the held calls are refused on their headers, Watch streams past the bound at once."""
+    never = threading.Event()
+
+    def no_message():
+        never.wait()  # a request iterator that never yields
+        yield vae_pb2.EncodeRequest()
+
+    channel = grpc.insecure_channel(guarded.target)
+    held = channel.stream_unary(
+        "/vae.v1.VaeService/Encode",
+        request_serializer=vae_pb2.EncodeRequest.SerializeToString,
+        response_deserializer=vae_pb2.EncodeResponse.FromString,
+    )
+    watch = health_pb2_grpc.HealthStub(channel).Watch
+    try:
+        calls = [held.future(no_message(), timeout=60) for _ in range(HELD)]
+        watches = [watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(HELD)]
+        encode_s, check_s = authenticated_calls_answer(guarded.target, 3.0)
+        assert encode_s < 3 and check_s < 3
+        refused = [call.exception(timeout=30) for call in calls]
+        assert all(e is not None and e.code() == grpc.StatusCode.UNAUTHENTICATED for e in refused)
+        first = []
+        for stream in watches:
+            try:
+                first.append(next(stream).status)
+            except grpc.RpcError as exc:
+                first.append(exc.code())
+        served = sum(status == health_pb2.HealthCheckResponse.SERVING for status in first)
+        assert served == HELD // 16  # the bound: a sixteenth of --max-concurrent-rpcs
+        assert first.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == HELD - served
+    finally:
+        never.set()
+        channel.close()
+    assert "Traceback" not in guarded.output()
+
+
+def test_the_log_of_refusals_is_short(guarded, tmp_path: Path) -> None:
+    """What the attack above left in the log: no traceback, no ERROR."""
+    assert " ERROR " not in guarded.output()
