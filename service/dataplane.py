@@ -206,6 +206,10 @@ class ServedModel:
         )
 
 
+# Versions are numbers a repository folder holds; longer ones name none (and would cost int()).
+MAX_VERSION_DIGITS = 18
+
+
 class ModelRegistry:
     """Every loaded version, by name and number, and the models' version labels; resolves what
     a request names. ``generation`` changes with every load, retirement or label change, so
@@ -233,6 +237,8 @@ class ModelRegistry:
         CALL_MODEL.set(name)
         if version in ("", "latest"):
             return versions[max(versions)]
+        if version.isdecimal() and len(version) > MAX_VERSION_DIGITS:  # int() refuses 4,300 digits
+            raise ModelNotFoundError(f"model {name!r} has no version of {len(version)} digits")
         number = int(version) if version.isdecimal() else self.labels.get(name, {}).get(version)
         if number not in versions:
             labels = self.labels.get(name, {})

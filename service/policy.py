@@ -143,6 +143,7 @@ class Tokens:
         if wanted is None and needed is Credential.CLIENT:
             return
         # Without an admin token the extension is off: its handlers say so (PERMISSION_DENIED).
-        if wanted is None or hmac.compare_digest(supplied.encode(), wanted):
+        # A header may carry bytes that are not UTF-8 (kept as surrogates): they match no token.
+        if wanted is None or hmac.compare_digest(supplied.encode("utf-8", "surrogateescape"), wanted):
             return
         raise UnauthenticatedError(f"missing or invalid {needed.value} ({where})")

@@ -3,9 +3,9 @@ callers with the token are served all the same."""
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -77,9 +77,37 @@ def test_token_less_held_calls_and_watch_streams_starve_no_one(guarded) -> None:
     finally:
         never.set()
         channel.close()
-    assert "Traceback" not in guarded.output()
+    assert "Traceback" not in guarded.output() and " ERROR " not in guarded.output()
 
 
-def test_the_log_of_refusals_is_short(guarded, tmp_path: Path) -> None:
-    """What the attack above left in the log: no traceback, no ERROR."""
-    assert " ERROR " not in guarded.output()
+def raw_http(server, method: str, path: str, headers: dict[str, bytes | str]) -> tuple[int, str]:
+    """One request with headers sent as given (bytes that are not UTF-8 included)."""
+    connection = http.client.HTTPConnection(server.http, timeout=30)
+    connection.putrequest(method, path)
+    for name, value in headers.items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    answer = connection.getresponse()
+    status, body = answer.status, answer.read().decode()
+    connection.close()
+    return status, body
+
+
+def test_a_bearer_that_is_not_utf8_and_a_version_of_5000_digits_are_4xx(guarded) -> None:
+    status, body = raw_http(guarded, "GET", "/v2/models/tiny-encoder", {"Authorization": b"Bearer \xff\xfe"})
+    assert status == 401 and "missing or invalid" in body
+    long_version = "9" * 5000
+    authorized = {"Authorization": f"Bearer {TOKEN}"}
+    for path in (
+        f"/v2/models/tiny-encoder/versions/{long_version}",
+        f"/v2/models/tiny-encoder/versions/{long_version}/ready",
+    ):
+        status, body = raw_http(guarded, "GET", path, authorized)
+        assert status == 404 and "5000 digits" in body and len(body) < 300, (status, body[:200])
+    with grpc.insecure_channel(guarded.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        request = vae_pb2.EncodeRequest(version=long_version, inputs=to_tensor(np.zeros((1, 784), np.uint8)))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Encode(request, timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND and "5000 digits" in refused.value.details()
+    assert "Traceback" not in guarded.output() and " ERROR " not in guarded.output()
