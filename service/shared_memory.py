@@ -5,23 +5,32 @@ it; requests then carry only a reference (region, offset, size), and Encode can 
 its outputs back into the region. Bulk bytes never cross the socket, which on a
 CPU-bound host is most of what a large call costs besides the model (docs/benchmarks.md).
 
-The server maps ``/dev/shm/KEY`` read-write. Every reference is bounds-checked; a
+The server maps ``/dev/shm/KEY`` read-write, and only a regular file there that its own user
+owns, opened without following a link: a key that is a symlink (or a hard link's second name)
+could otherwise aim the server's writes at any file it may write. Every reference is bounds-checked; a
 region unregistered while a call uses it stays mapped until that call is done (the
 mapping is released when its last view is).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import re
+import stat
 from pathlib import Path
 
 import numpy as np
 
 from vaeserve._proto import vae_pb2
 from vaeserve.errors import UNKNOWN_REGION, TensorError
-from vaeserve.service.errors import RegionExistsError, RegionNotFoundError, SharedMemoryDisabledError
+from vaeserve.service.errors import (
+    OverloadedError,
+    RegionExistsError,
+    RegionNotFoundError,
+    SharedMemoryDisabledError,
+)
 
 SHM_ROOT = Path("/dev/shm")
 KEY = re.compile(r"/?[A-Za-z0-9_.-]{1,200}")
@@ -41,7 +50,7 @@ class SharedMemoryRegions:
         if name in self.regions:
             raise RegionExistsError(f"a region named {name!r} is already registered; unregister it first")
         if len(self.regions) >= self.max_regions:
-            raise TensorError(f"{self.max_regions} regions are registered already; unregister some first")
+            raise OverloadedError(f"{self.max_regions} regions are registered already; unregister some first")
         if not KEY.fullmatch(key):
             raise TensorError(f"key {key!r}: expected a shared-memory object name like 'psm_1a2b' (no '/')")
         if not key.lstrip("/").startswith(self.prefix):
@@ -51,13 +60,23 @@ class SharedMemoryRegions:
             )
         path = SHM_ROOT / key.lstrip("/")
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise RegionNotFoundError(f"key {key!r}: no shared-memory object {path} on this host") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise TensorError(
+                    f"key {key!r}: {path} is a symbolic link; register the object itself"
+                ) from None
             raise TensorError(f"key {key!r}: cannot open {path} ({exc.strerror})") from None
         try:
-            size = os.fstat(fd).st_size
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1 or found.st_uid != os.geteuid():
+                raise TensorError(
+                    f"key {key!r}: {path} is not a shared-memory object of this server's user "
+                    f"(uid {os.geteuid()}): expected a regular file it owns, with one name"
+                )
+            size = found.st_size
             if not 0 < byte_size <= size:
                 raise TensorError(f"byte_size {byte_size:,}: the object {path} holds {size:,} bytes")
             self.regions[name] = mmap.mmap(fd, byte_size)

@@ -4,8 +4,11 @@ callers with the token are served all the same."""
 from __future__ import annotations
 
 import http.client
+import os
 import threading
 import time
+from multiprocessing import shared_memory
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -111,3 +114,56 @@ def test_a_bearer_that_is_not_utf8_and_a_version_of_5000_digits_are_4xx(guarded)
             stub.Encode(request, timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),))
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND and "5000 digits" in refused.value.details()
     assert "Traceback" not in guarded.output() and " ERROR " not in guarded.output()
+
+
+def test_shared_memory_keys_that_are_links_write_nothing_outside_dev_shm(serve, tmp_path) -> None:
+    server = serve("--workers", "1", "--shared-memory", token=TOKEN)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 1024)
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    link = Path(f"/dev/shm/vaeserve-link-{tag}")
+    original = Path(f"/dev/shm/vaeserve-object-{tag}")
+    second_name = Path(f"/dev/shm/vaeserve-second-{tag}")
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    try:
+        link.symlink_to(victim)
+        original.write_bytes(bytes(8192))
+        os.link(original, second_name)
+        with grpc.insecure_channel(server.target) as channel:
+            stub = vae_pb2_grpc.VaeServiceStub(channel)
+            for key, said in ((link.name, "is a symbolic link"), (second_name.name, "with one name")):
+                request = vae_pb2.RegisterSharedMemoryRequest(name=key, key=key, byte_size=4096)
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.RegisterSharedMemory(request, timeout=30, metadata=metadata)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert said in refused.value.details()
+    finally:
+        for path in (link, original, second_name):
+            path.unlink(missing_ok=True)
+    assert victim.read_bytes() == b"precious" * 1024
+
+
+def test_regions_past_the_limit_are_resource_exhausted(serve) -> None:
+    server = serve("--workers", "1", "--shared-memory", token=TOKEN)
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    objects = [shared_memory.SharedMemory(name=f"vaeserve-fill-{os.getpid()}-{i}", create=True, size=64)
+               for i in range(257)]  # fmt: skip
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = vae_pb2_grpc.VaeServiceStub(channel)
+            codes = []
+            for i, region in enumerate(objects):
+                request = vae_pb2.RegisterSharedMemoryRequest(name=f"fill-{i}", key=region.name, byte_size=64)
+                try:
+                    stub.RegisterSharedMemory(request, timeout=30, metadata=metadata)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+            for i in range(256):
+                unregister = vae_pb2.UnregisterSharedMemoryRequest(name=f"fill-{i}")
+                stub.UnregisterSharedMemory(unregister, timeout=30, metadata=metadata)
+    finally:
+        for region in objects:
+            region.close()
+            region.unlink()
+    assert codes == [grpc.StatusCode.OK] * 256 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
