@@ -86,25 +86,30 @@ def register_label(subparsers: argparse._SubParsersAction) -> None:
 
 
 def label_command(args: argparse.Namespace) -> int:
-    from vaeserve.remote_repository import model_labels, model_versions, set_model_labels
+    from vaeserve.remote_repository import model_labels, model_versions, update_model_labels
     from vaeserve.repository import check_label
 
     versions = model_versions(args.repo, args.name)
     if not versions:
         raise ConfigError(f"--repo {args.repo} --name {args.name}: no versions in {args.repo / args.name}")
-    labels = model_labels(args.repo, args.name)
-    for assignment in args.assignments:
-        label, equals, version = assignment.partition("=")
-        if not equals or not version.isdecimal():
-            raise ConfigError(f"{assignment!r}: expected LABEL=VERSION, such as stable=1")
-        if int(version) not in versions:
-            raise ConfigError(f"{assignment!r}: {args.name} has no version {version} (has {versions})")
-        labels[check_label(label)] = int(version)
-    for label in args.remove:
-        if labels.pop(label, None) is None:
-            raise ConfigError(f"--remove {label}: {args.name} has no such label (has {sorted(labels)})")
+
+    def change(labels: dict[str, int]) -> dict[str, int]:
+        for assignment in args.assignments:
+            label, equals, version = assignment.partition("=")
+            if not equals or not version.isdecimal():
+                raise ConfigError(f"{assignment!r}: expected LABEL=VERSION, such as stable=1")
+            if int(version) not in versions:
+                raise ConfigError(f"{assignment!r}: {args.name} has no version {version} (has {versions})")
+            labels[check_label(label)] = int(version)
+        for label in args.remove:
+            if labels.pop(label, None) is None:
+                raise ConfigError(f"--remove {label}: {args.name} has no such label (has {sorted(labels)})")
+        return labels
+
     if args.assignments or args.remove:
-        set_model_labels(args.repo, args.name, labels)
+        labels = update_model_labels(args.repo, args.name, change)  # read, change, write: one at a time
+    else:
+        labels = model_labels(args.repo, args.name)
     for label, version in sorted(labels.items()):
         print(f"{args.name} {label} = {version}")
     if not labels:

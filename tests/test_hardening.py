@@ -3,8 +3,13 @@ callers with the token are served all the same."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import json
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing import shared_memory
@@ -167,3 +172,25 @@ def test_regions_past_the_limit_are_resource_exhausted(serve) -> None:
             region.close()
             region.unlink()
     assert codes == [grpc.StatusCode.OK] * 256 + [grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+
+def test_a_label_command_during_another_update_takes_effect_after_it(repo: Path, tmp_path: Path) -> None:
+    """One update holds the labels (it has read them and not yet written) while `vae label`
+    sets another: the command waits for it, and both labels are there (before: the holder's
+    write, from what it had read, dropped the command's label)."""
+    from vaeserve.remote_repository import update_model_labels
+
+    models = tmp_path / "models"
+    shutil.copytree(repo, models)
+    command = [sys.executable, "-m", "vaeserve.cli", "label", "--repo", str(models), "--name", "tiny", "b=1"]
+    other: list[subprocess.Popen] = []
+
+    def slow(labels: dict[str, int]) -> dict[str, int]:
+        other.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            other[0].wait(5)  # it finishes only if nothing holds it back
+        return {**labels, "a": 1}
+
+    update_model_labels(models, "tiny", slow)
+    assert other[0].wait(60) == 0, other[0].stderr.read()
+    assert json.loads((models / "tiny" / "labels.json").read_text()) == {"a": 1, "b": 1}

@@ -16,11 +16,13 @@ is not a version, so a polling server never loads a half-uploaded one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,12 +197,35 @@ def model_versions(repo: Location, name: str) -> list[int]:
     return sorted(RepositoryMirror(repo).remote_versions(name))
 
 
+# Beside a model's labels file: held while one update reads and writes it.
+LABELS_LOCK = ".labels.lock"
+
+
 def model_labels(repo: Location, name: str) -> dict[str, int]:
     """A model's labels, from a folder or a store ({} without a labels file)."""
     if isinstance(repo, Path):
         return read_labels(repo / name)
     stored = repo / name / LABELS
     return parse_labels(stored.read_text(), str(stored)) if stored.exists() else {}
+
+
+def update_model_labels(
+    repo: Location, name: str, change: Callable[[dict[str, int]], dict[str, int]]
+) -> dict[str, int]:
+    """Read a model's labels, ``change`` them and write the result, with no other update between
+    (in a folder, under an exclusive lock on ``NAME/.labels.lock``: two `vae label` at once both
+    take effect). On a store the read and the write are two requests, and the last writer wins."""
+    if not isinstance(repo, Path):
+        labels = change(model_labels(repo, name))
+        set_model_labels(repo, name, labels)
+        return labels
+    with open(repo / name / LABELS_LOCK, "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process ends
+        before = model_labels(repo, name)
+        labels = change(dict(before))
+        if labels != before:
+            set_model_labels(repo, name, labels)
+        return labels
 
 
 def set_model_labels(repo: Location, name: str, labels: dict[str, int]) -> None:
