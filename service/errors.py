@@ -33,3 +33,7 @@ class RegionExistsError(VaeError):
 
 class ClientGoneError(VaeError):
     """The client closed its connection before the answer."""
+
+
+class BodyTimeoutError(VaeError):
+    """A request body did not arrive in its time (REST's 408)."""

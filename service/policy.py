@@ -22,6 +22,7 @@ import grpc
 from vaeserve.errors import ModelNotFoundError, RepositoryError, RequestError, TensorError, VaeError
 from vaeserve.service.errors import (
     AdminDisabledError,
+    BodyTimeoutError,
     ClientGoneError,
     OverloadedError,
     RegionExistsError,
@@ -47,6 +48,7 @@ STATUS: dict[type[Exception], Code] = {
     UnauthenticatedError: Code.UNAUTHENTICATED,
     AdminDisabledError: Code.PERMISSION_DENIED,
     ClientGoneError: Code.CANCELLED,
+    BodyTimeoutError: Code.DEADLINE_EXCEEDED,
 }
 
 # google.rpc.Code → HTTP, as Google's APIs map them (499 is nginx's "client closed request").
@@ -79,7 +81,14 @@ def grpc_status(exc: Exception) -> Code:
     return Code.INTERNAL
 
 
+# HTTP's own word where it has one that gRPC lacks: a body that did not arrive in time (REST only).
+HTTP_OVERRIDES: dict[type[Exception], int] = {BodyTimeoutError: 408}
+
+
 def http_status(exc: Exception) -> int:
+    for kind in type(exc).__mro__:
+        if kind in HTTP_OVERRIDES:
+            return HTTP_OVERRIDES[kind]
     return HTTP[grpc_status(exc)]
 
 

@@ -161,6 +161,7 @@ async def _start_http(
         max_in_flight=settings.max_concurrent_rpcs,
         repository=repository,
         console=console,
+        body_idle_s=settings.http_idle_s,
     )
     return await start_http(
         app,

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -194,3 +195,50 @@ def test_a_label_command_during_another_update_takes_effect_after_it(repo: Path,
     update_model_labels(models, "tiny", slow)
     assert other[0].wait(60) == 0, other[0].stderr.read()
     assert json.loads((models / "tiny" / "labels.json").read_text()) == {"a": 1, "b": 1}
+
+
+def test_rest_bodies_that_trickle_hold_no_slot_and_are_cut_off(serve) -> None:
+    """600 connections send an infer's head and then its body a byte at a time: another client's
+    infer answers 200 meanwhile, and each trickler gets a 408 once --http-idle-s (2 s) and the
+    body's length at 64 KiB/s have passed. A Content-Length over the limit is a 413 at once."""
+    server = serve("--workers", "1", "--http-idle-s", "2")
+    host, port = server.http.rsplit(":", 1)
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}]}
+    ).encode()
+    head = (
+        f"POST /v2/models/tiny-encoder/infer HTTP/1.1\r\nHost: {server.http}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    tricklers = []
+    try:
+        for _ in range(600):
+            trickler = socket.create_connection((host, int(port)), timeout=30)
+            trickler.sendall(head + body[:1])
+            tricklers.append(trickler)
+        started = time.monotonic()
+        status, answer = raw_post(server, "/v2/models/tiny-encoder/infer", body)
+        assert status == 200 and json.loads(answer)["outputs"][0]["name"] == "mean", answer[:200]
+        assert time.monotonic() - started < 3
+        tricklers[0].sendall(body[1:2])  # still trickling
+        cut = tricklers[0].recv(4096).decode()
+        assert cut.startswith("HTTP/1.1 408") and "did not arrive within 2 s" in cut, cut[:300]
+        status, answer = raw_post(server, "/v2/models/tiny-encoder/infer", b"", length=10**12)
+        assert status == 413, answer
+    finally:
+        for trickler in tricklers:
+            trickler.close()
+    assert "Traceback" not in server.output()
+
+
+def raw_post(server, path: str, body: bytes, length: int | None = None) -> tuple[int, str]:
+    """A POST whose Content-Length may promise more than it sends."""
+    connection = http.client.HTTPConnection(server.http, timeout=30)
+    connection.putrequest("POST", path)
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(len(body) if length is None else length))
+    connection.endheaders(body)
+    answer = connection.getresponse()
+    status, text = answer.status, answer.read().decode()
+    connection.close()
+    return status, text

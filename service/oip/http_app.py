@@ -12,18 +12,21 @@ code ``service.policy`` gives them, and the tokens each route needs are policy's
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from vaeserve import __version__
-from vaeserve.errors import ConfigError, RequestError, TensorError
+from vaeserve.errors import ConfigError, RequestError, TensorError, VaeError
 from vaeserve.service import policy
 from vaeserve.service.console.routes import Console
-from vaeserve.service.errors import ClientGoneError, OverloadedError
+from vaeserve.service.errors import BodyTimeoutError, ClientGoneError, OverloadedError
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
 from vaeserve.service.oip.endpoints import Catalogue, Endpoint, Outputs, Params
@@ -49,9 +52,10 @@ def create_app(
     max_in_flight: int,
     repository: RepositoryExtension,
     console: Console,
+    body_idle_s: float = 75.0,
 ) -> web.Application:
     routes = Routes(catalogue, ready, repository, console.serves_page)
-    guard = Guard(metrics, tokens, max_in_flight)
+    guard = Guard(metrics, tokens, max_in_flight, BodyLimits(max_body_bytes, body_idle_s), routes.name_model)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[guard.middleware])
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
@@ -79,13 +83,58 @@ def error(status: int, message: str, **headers: str) -> web.Response:
     return json_response({"error": message}, status, **headers)
 
 
-class Guard:
-    """Every request's wrapper: the token, the in-flight limit, errors as JSON, and metrics."""
+# The slowest body a request may send, after --http-idle-s: 64 KiB/s (the largest body, 64 MiB by
+# default, then has about 17 minutes).
+MIN_BODY_BYTES_PER_S = 64 * 1024
 
-    def __init__(self, metrics: Metrics, tokens: policy.Tokens, max_in_flight: int) -> None:
+
+@dataclass(frozen=True)
+class BodyLimits:
+    """How large a request body may be, and how long it may take to arrive: --http-idle-s plus
+    its length at MIN_BODY_BYTES_PER_S. A body that trickles (slowloris) is cut off there, and is
+    read before the request takes an in-flight slot, so trickling bodies never fill them."""
+
+    max_bytes: int
+    idle_s: float
+
+    def seconds(self, length: int | None) -> float:
+        return self.idle_s + (self.max_bytes if length is None else length) / MIN_BODY_BYTES_PER_S
+
+    async def read(self, request: web.Request) -> None:
+        """The whole body, into aiohttp's cache (handlers' ``request.read()`` returns it), within
+        its time; 413 before reading when its declared length is over the limit."""
+        length = request.content_length
+        if length is not None and length > self.max_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_bytes, actual_size=length)
+        if not request.body_exists:
+            return
+        seconds = self.seconds(length)
+        try:
+            await asyncio.wait_for(request.read(), seconds)
+        except TimeoutError:
+            raise BodyTimeoutError(
+                f"the request body did not arrive within {seconds:.0f} s (--http-idle-s "
+                f"{self.idle_s:g} plus {MIN_BODY_BYTES_PER_S // 1024} KiB/s of its length)"
+            ) from None
+
+
+class Guard:
+    """Every request's wrapper: the token, the body's size and time, the in-flight limit, errors
+    as JSON, and metrics."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        tokens: policy.Tokens,
+        max_in_flight: int,
+        body: BodyLimits,
+        name_model: Callable[[web.Request], None],
+    ) -> None:
         self.metrics = metrics
         self.tokens = tokens
         self.max_in_flight = max_in_flight
+        self.body = body
+        self.name_model = name_model  # the metrics' model label, for a call that ends in its body
         self.in_flight = 0
 
     @web.middleware
@@ -104,6 +153,13 @@ class Guard:
         self, request: web.Request, handler: Handler, method: str
     ) -> tuple[web.StreamResponse, int]:
         self.tokens.check(method, request.headers.get("Authorization", ""), WHERE)
+        if request.body_exists:
+            self.name_model(request)
+            try:
+                await self.body.read(request)  # before a slot: a slow body holds none
+            except ConnectionResetError:  # the client left mid-body: its failure, not the server's
+                log.debug("%s %s: the client closed the connection", request.method, request.path)
+                raise ClientGoneError("client closed the connection") from None
         probe = policy.credential(method) is policy.Credential.NONE  # probes still get an answer
         if self.in_flight >= self.max_in_flight and not probe:
             raise OverloadedError(
@@ -159,6 +215,12 @@ class Routes:
         self.ready = ready
         self.repository = repository
         self.console_page = console_page
+
+    def name_model(self, request: web.Request) -> None:
+        """Set the metrics' model label of a request naming a served model (as resolving it does)."""
+        if "model" in request.match_info:
+            with contextlib.suppress(VaeError):
+                self.catalogue.resolve(*_model(request))
 
     async def live(self, request: web.Request) -> web.Response:
         return json_response({"live": True})
