@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -129,6 +130,13 @@ class ServedModel:
 
     async def decode(self, z: np.ndarray, sample: bool, seed: int | None) -> dict[str, np.ndarray]:
         logits, probs = await self.decoder.submit(z, alone=seed is not None)
+        # Latents finite but huge (3e38) overflow inside the graph: NaN is no answer. One
+        # reduction: a sum of values in [0, 1] is finite unless one of them is not.
+        if not math.isfinite(float(probs.sum(dtype=np.float64))):
+            raise TensorError(
+                "latents: the decoder's output is NaN or infinite for these latents; they are far "
+                "outside the prior (a standard normal's draws lie within about ±6)"
+            )
         out = {"probs": probs}
         if sample:
             out["samples"] = self._draw(logits, probs, generator(seed))

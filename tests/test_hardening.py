@@ -242,3 +242,35 @@ def raw_post(server, path: str, body: bytes, length: int | None = None) -> tuple
     status, text = answer.status, answer.read().decode()
     connection.close()
     return status, text
+
+
+def test_latents_that_overflow_the_decoder_are_refused_not_answered_nan(guarded) -> None:
+    with grpc.insecure_channel(guarded.target) as channel:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        huge = np.full((2, 8), 3e38, np.float32)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Decode(
+                vae_pb2.DecodeRequest(latents=to_tensor(huge)),
+                timeout=30,
+                metadata=(("authorization", f"Bearer {TOKEN}"),),
+            )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or infinite" in refused.value.details()
+
+
+def test_a_manifest_naming_a_file_outside_its_version_is_refused(repo: Path, tmp_path: Path) -> None:
+    from vaeserve.errors import RepositoryError
+    from vaeserve.repository import load_version
+
+    models = tmp_path / "models"
+    shutil.copytree(repo, models)
+    second = models / "tiny" / "2"
+    shutil.copytree(models / "tiny" / "1", second)
+    manifest = json.loads((second / "manifest.json").read_text())
+    manifest["version"] = 2
+    manifest["graphs"]["encoder"]["file"] = "../1/encoder.onnx"
+    (second / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        RepositoryError, match=r"file '../1/encoder.onnx' is not a file name in the version's folder"
+    ):
+        load_version(second)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vaeserve.errors import RepositoryError
@@ -32,6 +32,15 @@ class FileRecord:
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> FileRecord:
+        name = raw["file"]
+        # A name in the version's own folder: "../1/encoder.onnx" would serve another folder's file.
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or PurePosixPath(name).name != name
+            or "\\" in name
+        ):
+            raise ValueError(f"file {name!r} is not a file name in the version's folder")
         return cls(
             raw["file"],
             int(raw["size"]),
