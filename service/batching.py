@@ -238,6 +238,10 @@ class Batcher:
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
+# The fewest rows (with those in flight) whose time says anything of the rows/s (Admission).
+MIN_MEASURED_ROWS = 32
+
+
 class Admission:
     """Bounds the rows a graph (or the scorer) has admitted and not finished: past
     ``max_queue_rows`` a call is refused at once instead of waiting behind all of them, and a call
@@ -280,7 +284,11 @@ class Admission:
                 )
 
     def _measure(self, count: int, seconds: float) -> None:
-        """Rows/s: a call's rows over its time, all calls in flight together."""
+        """Rows/s: a call's rows over its time, all calls in flight together. A call of fewer
+        than MIN_MEASURED_ROWS rows is mostly fixed cost: timed alone it would make the rate look
+        tiny, and the next large call be refused for a deadline it would meet."""
+        if self.in_flight_rows + count < MIN_MEASURED_ROWS:
+            return
         rate = (self.in_flight_rows + count) / seconds if seconds > 0 else 0.0
         self.rows_per_s = rate if not self.rows_per_s else 0.8 * self.rows_per_s + 0.2 * rate
 

@@ -188,3 +188,21 @@ def test_direct_admission_bounds_rows_in_flight_and_honours_deadlines(pair: Onnx
         await asyncio.gather(blocked, admitted)
 
     asyncio.run(main())
+
+
+def test_a_tiny_call_does_not_set_the_rate_that_deadlines_are_judged_by() -> None:
+    """Three rows that took a second say nothing of rows/s (their time is fixed cost): a large call
+    after them is not refused for a deadline it would meet. Sixty rows do set it."""
+    from vaeserve.service.batching import MIN_MEASURED_ROWS, Admission, deadline
+
+    admission = Admission("scorer", max_queue_rows=10_000)
+    admission._measure(3, 1.0)
+    assert admission.rows_per_s == 0.0 and MIN_MEASURED_ROWS > 3
+    token = deadline.set(time.monotonic() + 1.0)
+    try:
+        with admission.holding(2000):  # admitted: no rate is known yet
+            pass
+    finally:
+        deadline.reset(token)
+    admission._measure(60, 1.0)
+    assert admission.rows_per_s > 0
