@@ -274,3 +274,14 @@ def test_a_manifest_naming_a_file_outside_its_version_is_refused(repo: Path, tmp
         RepositoryError, match=r"file '../1/encoder.onnx' is not a file name in the version's folder"
     ):
         load_version(second)
+
+
+def test_model_ready_names_only_what_was_asked(guarded) -> None:
+    """ModelReady is open without a token (probes): its 404 must not list what the server holds."""
+    for path, asked in (
+        ("/v2/models/nothing-encoder/ready", "model 'nothing-encoder' is not served here"),
+        ("/v2/models/tiny-encoder/versions/7/ready", "model 'tiny-encoder' version '7' is not served here"),
+    ):
+        status, body = raw_http(guarded, "GET", path, {})
+        assert status == 404 and json.loads(body)["error"] == asked, body
+        assert "tiny-decoder" not in body and "loaded" not in body

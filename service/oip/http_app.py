@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from vaeserve import __version__
-from vaeserve.errors import ConfigError, RequestError, TensorError, VaeError
+from vaeserve.errors import ConfigError, ModelNotFoundError, RequestError, TensorError, VaeError
 from vaeserve.service import policy
 from vaeserve.service.console.routes import Console
 from vaeserve.service.errors import BodyTimeoutError, ClientGoneError, OverloadedError
@@ -240,7 +240,14 @@ class Routes:
         return json_response(self.catalogue.metadata(name, version))
 
     async def model_ready(self, request: web.Request) -> web.Response:
-        endpoint = self.catalogue.resolve(*_model(request))  # unknown: 404
+        name, version = _model(request)
+        try:
+            endpoint = self.catalogue.resolve(name, version)
+        except ModelNotFoundError:
+            # A probe's route, open without a token: it names only what was asked, never the
+            # models, versions and labels the server holds.
+            asked = f"model {name!r}" + (f" version {version!r}" if version else "")
+            raise ModelNotFoundError(f"{asked} is not served here") from None
         ready = self.ready()
         return json_response({"name": endpoint.name, "ready": ready}, 200 if ready else 503)
 
