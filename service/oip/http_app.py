@@ -246,7 +246,9 @@ class Routes:
         except ModelNotFoundError:
             # A probe's route, open without a token: it names only what was asked, never the
             # models, versions and labels the server holds.
-            asked = f"model {name!r}" + (f" version {version!r}" if version else "")
+            unit = "digits" if version.isdecimal() else "characters"
+            shown = f" version {version!r}" if len(version) <= 20 else f" version of {len(version)} {unit}"
+            asked = f"model {name!r}" + (shown if version else "")
             raise ModelNotFoundError(f"{asked} is not served here") from None
         ready = self.ready()
         return json_response({"name": endpoint.name, "ready": ready}, 200 if ready else 503)
