@@ -248,29 +248,33 @@ class Admission:
     whose deadline the work ahead of it would pass is refused up front, from the rows/s measured
     on the recent runs."""
 
-    def __init__(self, name: str, max_queue_rows: int) -> None:
-        self.name, self.max_queue_rows = name, max_queue_rows
+    def __init__(self, name: str, max_queue_rows: int, unit: str = "rows") -> None:
+        self.name, self.max_queue_rows, self.unit = name, max_queue_rows, unit
         self.in_flight_rows = 0
         self.rows_per_s = 0.0  # measured while busy; 0: not yet known
 
     @contextlib.contextmanager
     def holding(self, count: int) -> Iterator[None]:
-        """Admit ``count`` rows (OverloadedError if not) and hold them until the block ends."""
+        """Admit ``count`` rows (OverloadedError if not) and hold them until the block ends; a
+        block that completes is timed (one cut short says nothing of the rate)."""
         self._admit(count)
         self.in_flight_rows += count
         started = time.perf_counter()
+        completed = False
         try:
             yield
+            completed = True
         finally:
             self.in_flight_rows -= count
-            self._measure(count, time.perf_counter() - started)
+            if completed:
+                self._measure(count, time.perf_counter() - started)
 
     def _admit(self, count: int) -> None:
         ahead = self.in_flight_rows
         if ahead + count > self.max_queue_rows:
             raise OverloadedError(
-                f"server busy: {ahead} rows in progress for the {self.name} (limit "
-                f"{self.max_queue_rows}, --max-queue-rows); retry with backoff"
+                f"server busy: {ahead} {self.unit} in progress for the {self.name} (limit "
+                f"{self.max_queue_rows}, from --max-queue-rows); retry with backoff"
             )
         until = deadline.get()
         if until is not None and self.rows_per_s:
@@ -278,7 +282,7 @@ class Admission:
             left = until - time.monotonic()
             if needed > left:
                 raise OverloadedError(
-                    f"server busy: {ahead} rows ahead of this call for the {self.name} need about "
+                    f"server busy: {ahead} {self.unit} ahead of this call for the {self.name} need about "
                     f"{needed:.2f} s, more than the {max(left, 0):.2f} s left before its deadline; "
                     "retry with backoff or a longer deadline"
                 )

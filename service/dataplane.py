@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import threading
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -24,7 +26,8 @@ from vaeserve.ood import REFERENCE_IW_SAMPLES, scores
 from vaeserve.repository import ModelVersion
 from vaeserve.rows import Rows
 from vaeserve.runtime import CPU, OnnxPair, usable_cores
-from vaeserve.service.batching import Admission, Batcher, Direct, Observer, Run, Runner
+from vaeserve.service.batching import Admission, Batcher, Direct, Observer, Run, Runner, deadline
+from vaeserve.service.errors import AbandonedError, OverloadedError
 from vaeserve.service.metrics import CALL_MODEL
 from vaeserve.service.settings import ServeSettings
 
@@ -88,8 +91,11 @@ class ServedModel:
         decoder = Runner(small.decode, pair.decode, executor, inline, parts)
         self.encoder = self._batcher(encoder, f"{label} encoder", observer)
         self.decoder = self._batcher(decoder, f"{label} decoder", observer)
-        # Score runs k importance samples per row on the executor: bounded like any long run.
-        self.scorer = Admission(f"{label} scorer", settings.max_queue_rows)
+        # Score's work is its decoder rows, rows × k, on the executor: bounded like any long run,
+        # as many rows at the reference k as a graph's queue holds.
+        self.scorer = Admission(
+            f"{label} scorer", settings.max_queue_rows * REFERENCE_IW_SAMPLES, "decoder rows (rows × k)"
+        )
 
     def _prepared(self, encode: Run) -> Run:
         """Raw uint8 pixels are prepared where the encoder runs (on the executor's threads, in
@@ -166,13 +172,30 @@ class ServedModel:
     ) -> dict[str, np.ndarray]:
         """Per row: the ELBO, log p(x) with k importance samples (the evaluator's estimator,
         vaeserve.evaluation) and the input-complexity OOD score; on the model's executor, once
-        admitted."""
+        admitted, weighed as rows × k decoder rows."""
         k = self.iw_samples(iw_samples)
-        with self.scorer.holding(len(x)):
+        work = len(x) * k
+        if work > self.scorer.max_queue_rows:  # as an Encode over the queue: never admitted
+            raise OverloadedError(
+                f"Score of {len(x)} rows × k = {k}: {work} decoder rows, more than this server's "
+                f"scorer takes at once ({self.scorer.max_queue_rows}, --max-queue-rows × "
+                f"{REFERENCE_IW_SAMPLES}); send at most {self.scorer.max_queue_rows // k} rows per "
+                "call at this k"
+            )
+        with self.scorer.holding(work):
             return await self._score(x, k, seed, row_offset)
 
     async def _score(self, x: np.ndarray, k: int, seed: int | None, row_offset: int) -> dict[str, np.ndarray]:
         inputs = encoder_inputs(x, self.binarization)
+        abandoned, until = threading.Event(), deadline.get()
+
+        def checkpoint() -> None:
+            """Between waves of the run: a call cancelled (caller gone) or past its deadline
+            stops there, instead of burning the cores for an answer no one will read."""
+            if abandoned.is_set():
+                raise AbandonedError("the caller left; its Score stopped")
+            if until is not None and time.monotonic() > until:
+                raise AbandonedError("the call's deadline passed; its Score stopped")
 
         run = functools.partial(
             scores,
@@ -185,8 +208,13 @@ class ServedModel:
             self.version.image_shape,
             row_offset,
             self.prior,
+            checkpoint,
         )
-        return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+        except asyncio.CancelledError:  # a queued run never starts; a running one stops at its next wave
+            abandoned.set()
+            raise
 
     def iw_samples(self, k: int) -> int:
         """k as asked (0: the reference's, vaeserve.ood.REFERENCE_IW_SAMPLES, the k of the test-set

@@ -37,3 +37,7 @@ class ClientGoneError(VaeError):
 
 class BodyTimeoutError(VaeError):
     """A request body did not arrive in its time (REST's 408)."""
+
+
+class AbandonedError(VaeError):
+    """The call's deadline passed, or its caller left, while its work ran: the work stopped."""

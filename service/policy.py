@@ -21,6 +21,7 @@ import grpc
 
 from vaeserve.errors import ModelNotFoundError, RepositoryError, RequestError, TensorError, VaeError
 from vaeserve.service.errors import (
+    AbandonedError,
     AdminDisabledError,
     BodyTimeoutError,
     ClientGoneError,
@@ -49,6 +50,7 @@ STATUS: dict[type[Exception], Code] = {
     AdminDisabledError: Code.PERMISSION_DENIED,
     ClientGoneError: Code.CANCELLED,
     BodyTimeoutError: Code.DEADLINE_EXCEEDED,
+    AbandonedError: Code.DEADLINE_EXCEEDED,
 }
 
 # google.rpc.Code → HTTP, as Google's APIs map them (499 is nginx's "client closed request").

@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
+from vaeserve.client import VaeClient
 from vaeserve.codec import to_tensor
 
 TOKEN = "hardening-s3cret"
@@ -285,3 +286,107 @@ def test_model_ready_names_only_what_was_asked(guarded) -> None:
         status, body = raw_http(guarded, "GET", path, {})
         assert status == 404 and json.loads(body)["error"] == asked, body
         assert "tiny-decoder" not in body and "loaded" not in body
+
+
+def server_cpu_s(server) -> float:
+    """CPU seconds the server's processes (the supervisor and every descendant) have used."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, ticks = {server.process.pid}, 0
+    for _ in range(8):  # the tree is a few levels deep at most
+        tree |= {pid for pid, (parent, _) in stats.items() if parent in tree}
+    ticks = sum(stats[pid][1] for pid in tree if pid in stats)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_until_idle(server, before: float) -> float:
+    """The server's CPU seconds since ``before``, read once it has been idle for half a second."""
+    last = server_cpu_s(server)
+    for _ in range(60):
+        time.sleep(0.5)
+        now = server_cpu_s(server)
+        if now - last < 0.05:
+            return now - before
+        last = now
+    raise AssertionError("the server was still busy 30 s later")
+
+
+def test_abandoned_scores_stop_and_their_work_is_weighed(serve) -> None:
+    """A Score of 512 rows × k = 1,000 whose deadline passes, whose caller cancels it, or whose
+    REST client closes the socket stops burning CPU (before: as much as running it through); once
+    the scorer's rate is known, such a call with a 0.5 s deadline is refused up front; a call
+    whose rows × k is over the scorer's whole budget is refused naming what would be taken."""
+    server = serve("--workers", "1", "--max-queue-rows", "65000", token=TOKEN)
+    rows = np.random.default_rng(0).integers(0, 2, (512, 784), dtype=np.uint8) * np.uint8(255)
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    request = vae_pb2.ScoreRequest(inputs=to_tensor(rows), iw_samples=1000, seed=1)
+    spent = {}
+    with grpc.insecure_channel(server.target) as channel:
+        score = vae_pb2_grpc.VaeServiceStub(channel).Score
+        before = server_cpu_s(server)
+        with pytest.raises(grpc.RpcError) as late:
+            score(request, timeout=0.3, metadata=metadata)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        spent["deadline"] = cpu_until_idle(server, before)
+
+        before = server_cpu_s(server)
+        call = score.future(request, timeout=60, metadata=metadata)
+        time.sleep(0.3)
+        call.cancel()
+        spent["cancelled"] = cpu_until_idle(server, before)
+
+        before = server_cpu_s(server)
+        body = json.dumps(
+            {
+                "inputs": [
+                    {"name": "x", "shape": [512, 784], "datatype": "UINT8", "data": rows.ravel().tolist()}
+                ],
+                "parameters": {"iw_samples": 1000},
+            }
+        ).encode()
+        with socket.create_connection(server.http.split(":"), timeout=30) as sock:
+            head = (
+                f"POST /v2/models/tiny-score/infer HTTP/1.1\r\nHost: {server.http}\r\n"
+                f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + body)
+            time.sleep(0.5)
+        spent["socket closed"] = cpu_until_idle(server, before)
+
+        before = server_cpu_s(server)
+        whole = score(request, timeout=120, metadata=metadata)
+        spent["run through"] = cpu_until_idle(server, before)
+        assert list(whole.log_px.shape) == [512]
+
+        before = server_cpu_s(server)
+        with pytest.raises(grpc.RpcError) as refused:
+            score(request, timeout=0.5, metadata=metadata)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "decoder rows (rows × k) ahead of this call" in refused.value.details()
+        spent["refused"] = cpu_until_idle(server, before)
+
+        too_much = vae_pb2.ScoreRequest(inputs=to_tensor(np.tile(rows, (2, 1))), iw_samples=1000)
+        with pytest.raises(grpc.RpcError) as over:
+            score(too_much, timeout=30, metadata=metadata)
+        assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1024 rows × k = 1000: 1024000 decoder rows" in over.value.details()
+        assert "at most 650 rows per call" in over.value.details()
+        one_call = score(
+            vae_pb2.ScoreRequest(inputs=to_tensor(rows[:100]), iw_samples=1000, seed=5),
+            timeout=60,
+            metadata=metadata,
+        )
+    # The client sends a large k's rows in calls of 65,536 decoder rows (here 65 rows), the same
+    # scores as one call.
+    with VaeClient(server.target, token=TOKEN, timeout=60) as client:
+        split = client.score(rows[:100], iw_samples=1000, seed=5)
+    np.testing.assert_array_equal(split["log_px"], np.frombuffer(one_call.log_px.data, np.float32))
+    print(spent)
+    for how in ("deadline", "cancelled", "socket closed", "refused"):
+        assert spent[how] < 0.5 * spent["run through"], spent
+    assert "Traceback" not in server.output()

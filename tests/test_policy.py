@@ -91,7 +91,7 @@ MISTAKES: dict[str, dict] = {
     "unknown-model": {"rpc": "encode", "x": pixels(2), "model": "nosuch"},
     "unknown-version": {"rpc": "encode", "x": pixels(2), "version": "99"},
     "encode-over-queue": {"rpc": "encode", "x": pixels(MAX_QUEUE_ROWS + 16)},
-    "score-over-queue": {"rpc": "score", "x": pixels(MAX_QUEUE_ROWS + 16)},
+    "score-over-queue": {"rpc": "score", "x": pixels(MAX_QUEUE_ROWS + 16), "iw_samples": MAX_IW_SAMPLES},
     "no-token": {"rpc": "encode", "x": pixels(2), "token": None},
     "wrong-token": {"rpc": "encode", "x": pixels(2), "token": "not-it"},
     "unknown-parameter": {"rpc": "encode", "x": pixels(2), "parameters": {"temperature": 1}},

@@ -35,6 +35,9 @@ from vaeserve.shared_slots import SharedSlots
 
 __all__ = ["ServiceError", "VaeClient", "channel_target"]
 
+# A Score call's work at most, rows × k decoder rows: a tenth of what a default server's scorer
+# takes at once (--max-queue-rows 65,536 × 10), so ten such calls run side by side.
+SCORE_CALL_DECODER_ROWS = 65_536
 # Pauses before sending a data call again after UNAVAILABLE: about 10 s in all, what a restarting
 # server takes to answer again.
 RESEND_BACKOFF_S = (0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0)
@@ -266,7 +269,9 @@ class VaeClient:
         ``complexity_bits`` and ``ood_score``. Seeded scores do not depend on how the rows are
         split into calls: row i's draws are seeded by (seed, row_offset + i)."""
         inputs = as_rows(inputs, "inputs")
-        starts = range(0, len(inputs), self.chunk_rows)
+        # The server weighs a Score by rows × k: at a large k, fewer rows per call.
+        rows = max(1, min(self.chunk_rows, SCORE_CALL_DECODER_ROWS // (iw_samples or REFERENCE_IW_SAMPLES)))
+        starts = range(0, len(inputs), rows)
         requests = (
             vae_pb2.ScoreRequest(
                 model=self.model,
@@ -276,7 +281,7 @@ class VaeClient:
                 seed=seed,
                 row_offset=row_offset + start,
             )
-            for start, part in zip(starts, self._chunks(inputs))
+            for start, part in zip(starts, self._chunks(inputs, rows))
         )
         return self._gather(self.stub.Score, requests, SCORE_FIELDS, len(inputs))
 
@@ -356,10 +361,11 @@ class VaeClient:
         except grpc.RpcError as exc:
             raise ServiceError(exc.code(), exc.details()) from None
 
-    def _chunks(self, array: np.ndarray) -> Iterator[np.ndarray]:
-        """Rows already read by ``as_rows``, ``chunk_rows`` at a time."""
-        for start in range(0, len(array), self.chunk_rows):
-            yield array[start : start + self.chunk_rows]
+    def _chunks(self, array: np.ndarray, rows: int = 0) -> Iterator[np.ndarray]:
+        """Rows already read by ``as_rows``, ``rows`` (else ``chunk_rows``) at a time."""
+        rows = rows or self.chunk_rows
+        for start in range(0, len(array), rows):
+            yield array[start : start + rows]
 
     def _gather(
         self,

@@ -115,10 +115,12 @@ def score_rows(
     likelihood: str = "bernoulli",
     first_row: int = 0,
     prior: Prior = STANDARD,
+    checkpoint: Callable[[], None] | None = None,
 ) -> RowScores:
     """Every row's bounds, in blocks of bounded memory. Row i's ε comes from its own generator,
     seeded by (seed, first_row + i): a dataset scored whole, in chunks, resumed, or through
-    the service gets the same scores. ``seed`` None: fresh randomness."""
+    the service gets the same scores. ``seed`` None: fresh randomness. ``checkpoint`` is called
+    before each wave of blocks and raises to stop the work there (the service's abandoned calls)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     means, stddevs = encode_all(encode, x)
     seed = np.random.SeedSequence().entropy if seed is None else seed
@@ -130,6 +132,8 @@ def score_rows(
     draw = functools.partial(_draw, seed, first_row, iw_samples, samples_per_block, means.shape[1])
     with ThreadPoolExecutor(WORKERS) as pool:
         for wave in range(0, len(blocks), WORKERS):
+            if checkpoint is not None:
+                checkpoint()
             jobs = [(rows, draw(rows)) for rows in blocks[wave : wave + WORKERS]]
             futures = [
                 pool.submit(_block_bounds, decode, x[r], means[r], stddevs[r], eps, likelihood, prior)

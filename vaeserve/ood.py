@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -62,11 +63,12 @@ def scores(
     image_shape: tuple[int, ...],
     first_row: int = 0,
     prior: Prior = STANDARD,
+    checkpoint: Callable[[], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """The SCORE_FIELDS of model inputs ``x``, float32 [N] each: the evaluator's per-row ELBO
     and k-sample log p(x) under the model's prior (row i seeded by (seed, first_row + i)), L(x)
-    and S(x)."""
-    rows = score_rows(encode, decode, x, iw_samples, seed, False, likelihood, first_row, prior)
+    and S(x). ``checkpoint``: as for `score_rows`."""
+    rows = score_rows(encode, decode, x, iw_samples, seed, False, likelihood, first_row, prior, checkpoint)
     bits = complexity_bits(x, image_shape)
     values = (rows.elbo, rows.log_px, bits, ood_score(rows.log_px, bits))
     return {name: value.astype(np.float32) for name, value in zip(SCORE_FIELDS, values)}

@@ -144,6 +144,9 @@ class Guard:
         method = route.removesuffix("Version")
         try:
             response, rows = await self._answer(request, handler, method)
+        except asyncio.CancelledError:  # the client left: its work was cancelled, nobody to answer
+            self.metrics.call(method, "499", started, 0, PROTOCOL)
+            raise
         except Exception as exc:
             response, rows = self._error(exc, request, method), 0
         self.metrics.call(method, str(response.status), started, rows, PROTOCOL)
@@ -437,6 +440,9 @@ async def start_http(
         max_line_size=MAX_HEADER_BYTES,
         max_field_size=MAX_HEADER_BYTES,
         keepalive_timeout=idle_s,
+        # A client that closes its connection cancels its handler, and so its queued and running
+        # work (the data plane stops at its next step): no CPU for answers no one will read.
+        handler_cancellation=True,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=True)

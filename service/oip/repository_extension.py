@@ -6,6 +6,7 @@ owns every load and unload); behind the admin token (service.policy).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from vaeserve.errors import ModelNotFoundError, RequestError
@@ -29,11 +30,12 @@ class RepositoryExtension:
 
     async def load(self, repository: str, name: str, parameters: Mapping) -> None:
         self._check(repository, parameters)
-        await self.manager.load_model(name)
+        # A caller that leaves (REST handlers are cancelled then) does not cut a load in half.
+        await asyncio.shield(self.manager.load_model(name))
 
     async def unload(self, repository: str, name: str, parameters: Mapping) -> None:
         self._check(repository, parameters)
-        await self.manager.unload_model(name)
+        await asyncio.shield(self.manager.unload_model(name))
 
     def _check(self, repository: str, parameters: Mapping) -> None:
         if not self.enabled:
