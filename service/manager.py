@@ -16,13 +16,18 @@ towards what it holds:
 - with ``--version latest`` a newer version replaces the one served, once it is ready;
 - a version that fails verification is refused with one log line and not tried again until its
   folder changes; what was served stays served;
+- a loaded version whose files changed on disk (any file overwritten in place: the poll compares
+  every file's inode, size and times) is verified again: served from the new files if they
+  verify, retired if not (its model's last version too: a worker started now could not load it);
 - each model's ``labels.json`` is read again; a label naming a version that is not loaded is
   refused with one log line, and the labels in effect stay.
 
 Operators may also load and unload models by hand (OIP's model repository extension, behind the
 admin token); a model unloaded so stays unloaded, polls included, until it is loaded again.
-With ``--workers`` each worker polls on its own, and a hand-made change is written to the
-folder the supervisor shares with its workers, which each reads every second, so all reach the same set.
+With ``--workers`` the supervisor decides what is served at start (``ServedSet``, in the folder it
+shares with its workers): without ``--poll-s`` every worker it starts or restarts serves exactly
+that; with it, each worker polls on its own and all reach the same set within a poll. A hand-made
+change is written to the shared folder too, which each worker reads every second.
 Metrics count loads, refusals and retirements (``vaeserve_repository_events_total``).
 """
 
@@ -34,6 +39,7 @@ import logging
 import os
 import weakref
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 
 from vaeserve.atomic import atomic_write_text
@@ -41,7 +47,6 @@ from vaeserve.errors import ModelNotFoundError, RepositoryError, VaeError
 from vaeserve.manifest import Manifest
 from vaeserve.repository import (
     LABELS,
-    MANIFEST,
     ModelVersion,
     load_version,
     model_names,
@@ -58,6 +63,7 @@ log = logging.getLogger("vaeserve.service")
 # Set by the --workers supervisor: a folder its workers share for operators' loads and unloads.
 SHARED_UNLOADS_ENV = "VAESERVE_CONTROL_DIR"
 UNLOADED = "unloaded.json"
+SERVED = "served.json"
 SHARED_UNLOADS_POLL_S = 1.0
 
 
@@ -76,10 +82,15 @@ class ModelManager:
         # only once the folder changes. Likewise what was reported about labels and kept versions.
         self.refused: dict[Path, tuple] = {}
         self.reported: dict[str, object] = {}
+        # Each loaded version's folder as it was when loaded: a poll that finds it changed (a file
+        # overwritten in place) loads it again, or retires it if it no longer verifies.
+        self.loaded_at: dict[tuple[str, int], tuple] = {
+            (m.version.name, m.version.version): _signature(m.version.path) for m in self.registry.all()
+        }
 
     # -- at start ---------------------------------------------------------------------------------
     def _load_all(self) -> ModelRegistry:
-        found = find_servable(self.settings, log_refusals=True)  # nothing to serve: one error saying why
+        found = self._decided() or find_servable(self.settings, log_refusals=True)
         models: dict[str, dict[int, ServedModel]] = {}
         for name, versions in found.items():
             for number, version in versions.items():
@@ -98,6 +109,33 @@ class ModelManager:
             except RepositoryError as exc:
                 log.error("refusing the labels of %s: %s", name, exc)
         return registry
+
+    def _decided(self) -> dict[str, dict[int, ModelVersion]] | None:
+        """A --workers worker that does not poll serves the versions its supervisor decided on
+        at start (ServedSet), not what the folder holds when it (re)starts: a worker restarted
+        after a new version appeared, or after a file changed in place, would otherwise serve
+        what the others do not. A decided version that no longer verifies stops this worker
+        (and, as it keeps failing, the service): it cannot serve what the others serve."""
+        shared = os.environ.get(SHARED_UNLOADS_ENV)
+        if self.settings.poll_s or not shared:
+            return None
+        decided = ServedSet.read(Path(shared))
+        if decided is None:
+            return None
+        found: dict[str, dict[int, ModelVersion]] = {}
+        for name, numbers in decided.versions.items():
+            for number in numbers:
+                path = self.settings.folder / name / str(number)
+                try:
+                    found.setdefault(name, {})[number] = load_version(path)
+                except RepositoryError as exc:
+                    raise VaeError(
+                        f"{name}/{number}, which the other workers serve (decided at start, "
+                        f"--poll-s off), no longer verifies, so this worker cannot serve what they "
+                        f"do: {exc}. Restore the version's files, or restart the service to serve "
+                        "what the repository holds now"
+                    ) from None
+        return found
 
     def _default_model(self, models: dict) -> str | None:
         """The model requests naming none go to, decided once at start so that a model added
@@ -161,6 +199,8 @@ class ModelManager:
             for number in numbers or []:
                 if number not in self.registry.models.get(name, {}):
                     await self._load(name, number)
+                elif _signature(self.settings.folder / name / str(number)) != self.loaded_at[name, number]:
+                    await self._reload(name, number)
         for name in list(self.registry.models):
             if found.get(name, []) is None:  # unreadable now: what was loaded stays
                 continue
@@ -195,7 +235,24 @@ class ModelManager:
             self.metrics.repository_event("refused")
             return
         self.refused.pop(path, None)
-        self._add(served)
+        self._add(served, signature)
+
+    async def _reload(self, name: str, number: int) -> None:
+        """A loaded version whose files changed on disk: served from the new files if they
+        verify, else retired, even as its model's only version: a worker (re)started now could
+        not load it, and workers must not disagree on what a version is."""
+        path = self.settings.folder / name / str(number)
+        signature = _signature(path)
+        served = await asyncio.get_running_loop().run_in_executor(self.executor, self._warm, name, number)
+        if served is None:  # _load_one logged why
+            self.refused[path] = signature
+            self.loaded_at.pop((name, number), None)
+            self.metrics.repository_event("refused")
+            log.error("retiring %s/%d: its files changed on disk and no longer verify", name, number)
+            self._retire(name, number)
+            return
+        log.info("%s/%d: its files changed on disk and verify; serving them", name, number)
+        self._add(served, signature)
 
     def _warm(self, name: str, number: int) -> ServedModel | None:
         served = self._load_one(name, number)
@@ -232,8 +289,9 @@ class ModelManager:
         )
         return ServedModel(version, pair, small, settings, self.executor, self.observer)
 
-    def _add(self, served: ServedModel) -> None:
+    def _add(self, served: ServedModel, signature: tuple) -> None:
         self.registry.add(served)
+        self.loaded_at[(served.version.name, served.version.version)] = signature
         self.metrics.repository_event("loaded")
         self.metrics.models.set(len(self.registry.all()))
         name = served.version.name
@@ -241,6 +299,7 @@ class ModelManager:
 
     def _retire(self, name: str, number: int) -> None:
         served = self.registry.retire(name, number)
+        self.loaded_at.pop((name, number), None)
         # Once the last call holding it is done, its sessions go with it: say so when they do.
         weakref.finalize(served, log.info, "released %s/%d: its sessions are freed", name, number)
         del served
@@ -347,12 +406,13 @@ class ModelManager:
         for number in wanted:
             if number in self.registry.models.get(name, {}):
                 continue
+            signature = _signature(self.settings.folder / name / str(number))
             try:
                 served = await loop.run_in_executor(self.executor, self._opened_warm, name, number)
             except VaeError as exc:
                 self.metrics.repository_event("refused")
                 raise RepositoryError(f"{name}/{number}: {exc}") from None
-            self._add(served)
+            self._add(served, signature)
         self._follow_labels(name)
 
     def _opened_warm(self, name: str, number: int) -> ServedModel:
@@ -394,14 +454,44 @@ class ModelManager:
 
 def _signature(path: Path) -> tuple:
     """What changes when a version folder or a labels file is rewritten or renamed into place,
-    or made readable (chmod changes the change time, not the modification time)."""
+    made readable (chmod changes the change time, not the modification time), or when any file
+    of a version is overwritten in place (same size, same name: only its own times change)."""
     try:
         stat = path.stat()
-        manifest = (path / MANIFEST).stat() if path.is_dir() else None
+        files = sorted(os.scandir(path), key=lambda e: e.name) if path.is_dir() else []
+        inner = tuple((f.name, *_stat_key(f.stat(follow_symlinks=False))) for f in files)
     except OSError:
         return ()
-    inner = (manifest.st_mtime_ns, manifest.st_ctime_ns) if manifest else ()
-    return (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, *inner)
+    return (*_stat_key(stat), *inner)
+
+
+def _stat_key(stat: os.stat_result) -> tuple:
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class ServedSet:
+    """The versions the supervisor of --workers found servable at start, by model: written to
+    the folder it shares with its workers, read by every worker it (re)starts (without --poll-s;
+    with it, every worker follows the repository and all reach the same set within a poll)."""
+
+    versions: dict[str, tuple[int, ...]]
+
+    def write(self, folder: Path) -> None:
+        versions = {name: list(numbers) for name, numbers in sorted(self.versions.items())}
+        atomic_write_text(folder / SERVED, json.dumps({"versions": versions}))
+
+    @classmethod
+    def read(cls, folder: Path) -> ServedSet | None:
+        try:
+            raw = json.loads((folder / SERVED).read_text())
+        except FileNotFoundError:
+            return None
+        return cls({name: tuple(int(n) for n in numbers) for name, numbers in raw["versions"].items()})
+
+    @classmethod
+    def of(cls, found: dict[str, dict[int, ModelVersion]]) -> ServedSet:
+        return cls({name: tuple(sorted(versions)) for name, versions in found.items()})
 
 
 def wanted_versions(settings: ServeSettings, name: str) -> list[int]:

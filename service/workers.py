@@ -34,7 +34,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 
 from vaeserve.runtime import usable_cores
-from vaeserve.service.manager import SHARED_UNLOADS_ENV, find_servable
+from vaeserve.service.manager import SHARED_UNLOADS_ENV, ServedSet, find_servable
 from vaeserve.service.settings import ServeSettings
 
 log = logging.getLogger("vaeserve.service")
@@ -61,13 +61,14 @@ def worker_settings(settings: ServeSettings) -> ServeSettings:
 
 
 def run_workers(settings: ServeSettings) -> int:
-    find_servable(settings)  # a repository with nothing to serve is said once, here
+    found = find_servable(settings)  # a repository with nothing to serve is said once, here
     each = worker_settings(settings)
     sweep_leftovers()
     metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     os.environ[MULTIPROC_ENV] = metrics_dir  # read by each worker's prometheus_client at import
     shared_dir = tempfile.mkdtemp(prefix=f"{SHARED_PREFIX}{os.getpid()}-")
     os.environ[SHARED_UNLOADS_ENV] = shared_dir  # operators' model loads and unloads, for every worker
+    ServedSet.of(found).write(Path(shared_dir))  # what every worker serves, decided once
     os.environ[WORKER_ENV] = str(os.getpid())  # the workers may share the port: they are ours
     stop = _stop_on_signals()
     pool = Pool(each, settings.workers, logging.getLogger().getEffectiveLevel(), metrics_dir)

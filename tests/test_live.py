@@ -221,3 +221,58 @@ def test_a_new_version_takes_over_under_load_without_a_failed_call(
         assert latest.failures == [] and stable.failures == []
         assert took <= 2 * poll, took  # the next poll, then loading and warming up the new version
         assert set(latest.versions[-20:]) == {2}
+
+
+def overwrite_in_place(path: Path) -> None:
+    """The same size, other bytes, the same inode: only the file's own times change."""
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def worker_pids(server: servers.Server) -> list[int]:
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+    # Spawned workers run multiprocessing's spawn_main; the resource tracker is a child too.
+    return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def answers(target: str, version: str = "", calls: int = 12) -> set:
+    return {served_version(target, version) for _ in range(calls)}
+
+
+def test_workers_agree_after_a_file_changes_in_place(live_repo: Path, tmp_path: Path) -> None:
+    """Polling: a version whose encoder.onnx is overwritten in place (same size) is retired by
+    every worker, a worker restarted afterwards included; latest answers v1 from all of them."""
+    publish(live_repo, live_repo / "tiny" / "1", 2)
+    flags = ("--poll-s", POLL, "--workers", "2", "--version", "all")
+    with servers.running(live_repo, tmp_path / "serve.log", *flags) as server:
+        until(lambda: "all 2 workers serving" in server.output())
+        assert answers(server.target) == {2}
+        overwrite_in_place(live_repo / "tiny" / "2" / "encoder.onnx")
+        os.kill(worker_pids(server)[0], 9)
+        until(lambda: "restarted" in server.output() and server.output().count("all 2 workers serving") == 2)
+        until(lambda: answers(server.target) == {1})
+        assert answers(server.target, "2") == {grpc.StatusCode.NOT_FOUND}
+        assert "its files changed on disk and no longer verify" in server.output()
+
+
+def test_workers_without_polling_serve_what_the_supervisor_decided(live_repo: Path, tmp_path: Path) -> None:
+    """No polling: a worker restarted after a new version appeared serves what the others do (the
+    set decided at start); one restarted after a served file changed in place cannot, and says so,
+    and the service stops rather than answer v2 from one worker and 404 from the other."""
+    publish(live_repo, live_repo / "tiny" / "1", 2)
+    flags = ("--workers", "2", "--version", "all")
+    with servers.running(live_repo, tmp_path / "serve.log", *flags) as server:
+        until(lambda: "all 2 workers serving" in server.output())
+        publish(live_repo, live_repo / "tiny" / "1", 3)
+        os.kill(worker_pids(server)[0], 9)
+        until(lambda: server.output().count("all 2 workers serving") == 2)
+        assert answers(server.target) == {2} and answers(server.target, "3") == {grpc.StatusCode.NOT_FOUND}
+
+        overwrite_in_place(live_repo / "tiny" / "2" / "encoder.onnx")
+        os.kill(worker_pids(server)[0], 9)
+        assert server.process.wait(60) == 1
+    assert "tiny/2, which the other workers serve" in server.output()
+    assert "Traceback" not in server.output()
