@@ -41,3 +41,8 @@ class BodyTimeoutError(VaeError):
 
 class AbandonedError(VaeError):
     """The call's deadline passed, or its caller left, while its work ran: the work stopped."""
+
+
+class ForeignOriginError(VaeError):
+    """A REST request a browser sent for another site: a Host name this server does not answer
+    to (DNS rebinding), or an Origin that is not the server's own (a cross-site form or fetch)."""

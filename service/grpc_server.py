@@ -32,6 +32,7 @@ OIP_SERVICE_NAME = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenc
 # the HTTP/2 (or TLS) handshake is dropped after 10 s, one idle for 5 minutes is closed (clients
 # reconnect on their own); headers (metadata) are limited to 16 KiB.
 HANDSHAKE_TIMEOUT_MS, IDLE_CONNECTION_MS, MAX_METADATA_BYTES = 10_000, 300_000, 16 * 1024
+STREAMS_SHARE = 4
 
 
 def grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
@@ -43,6 +44,9 @@ def grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
         ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
         ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        # One connection may hold a quarter of --max-concurrent-rpcs: its further calls wait in
+        # its own HTTP/2 flow (the client queues them), so one client cannot take every slot.
+        ("grpc.max_concurrent_streams", max(1, settings.max_concurrent_rpcs // STREAMS_SHARE)),
     ]
 
 

@@ -25,6 +25,7 @@ from vaeserve.service.errors import (
     AdminDisabledError,
     BodyTimeoutError,
     ClientGoneError,
+    ForeignOriginError,
     OverloadedError,
     RegionExistsError,
     RegionNotFoundError,
@@ -51,6 +52,7 @@ STATUS: dict[type[Exception], Code] = {
     ClientGoneError: Code.CANCELLED,
     BodyTimeoutError: Code.DEADLINE_EXCEEDED,
     AbandonedError: Code.DEADLINE_EXCEEDED,
+    ForeignOriginError: Code.PERMISSION_DENIED,
 }
 
 # google.rpc.Code → HTTP, as Google's APIs map them (499 is nginx's "client closed request").

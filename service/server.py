@@ -34,7 +34,7 @@ from vaeserve.service.heap import keep_freed_heap
 from vaeserve.service.manager import ModelManager
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip.endpoints import Catalogue
-from vaeserve.service.oip.http_app import bound_port, create_app, start_http
+from vaeserve.service.oip.http_app import BrowserPolicy, bound_port, create_app, start_http
 from vaeserve.service.oip.repository_extension import RepositoryExtension
 from vaeserve.service.settings import ServeSettings
 from vaeserve.service.shared_memory import SharedMemoryRegions
@@ -162,6 +162,7 @@ async def _start_http(
         repository=repository,
         console=console,
         body_idle_s=settings.http_idle_s,
+        browsers=BrowserPolicy.of(settings.allowed_hosts, settings.host),
     )
     return await start_http(
         app,

@@ -112,6 +112,12 @@ class ServeSettings:
         "REST: close a connection that has not sent a whole request's headers this many seconds "
         "after connecting or after its last answer (idle keep-alive and slow-header clients)",
     )
+    allowed_hosts: str = option(
+        "",
+        "REST: host names a request's Host header may carry (comma-separated; IP addresses are "
+        "always accepted; '*': any). Default: localhost only when --host is a loopback address, "
+        "else any (DNS rebinding: docs/reliability.md)",
+    )
     metrics_port: int = option(9464, "Prometheus metrics HTTP port (0: off)")
     grace_s: float = option(10.0, "on SIGTERM, seconds to finish calls in flight")
     token_file: Path | None = option(None, "file holding the bearer token clients must send")

@@ -83,7 +83,10 @@ def test_token_less_held_calls_and_watch_streams_starve_no_one(guarded) -> None:
                 first.append(exc.code())
         served = sum(status == health_pb2.HealthCheckResponse.SERVING for status in first)
         assert served == HELD // 16  # the bound: a sixteenth of --max-concurrent-rpcs
-        assert first.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == HELD - served
+        # The rest are refused: by the Watch bound, or (UNAVAILABLE) by the connection's stream
+        # limit, a quarter of --max-concurrent-rpcs, before the client learnt it.
+        refused_codes = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+        assert sum(status in refused_codes for status in first) == HELD - served
     finally:
         never.set()
         channel.close()
@@ -390,3 +393,74 @@ def test_abandoned_scores_stop_and_their_work_is_weighed(serve) -> None:
     for how in ("deadline", "cancelled", "socket closed", "refused"):
         assert spent[how] < 0.5 * spent["run through"], spent
     assert "Traceback" not in server.output()
+
+
+def browser_post(server, host: str, **headers: str) -> tuple[int, str]:
+    """A text/plain POST to infer, as a page's form or fetch sends it without a preflight."""
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 784], "datatype": "UINT8", "data": [0] * 784}]})
+    connection = http.client.HTTPConnection(server.http, timeout=30)
+    connection.putrequest("POST", "/v2/models/tiny-encoder/infer", skip_host=True)
+    for name, value in {"Host": host, "Content-Type": "text/plain", **headers}.items():
+        connection.putheader(name, value)
+    connection.putheader("Content-Length", str(len(body)))
+    connection.endheaders(body.encode())
+    answer = connection.getresponse()
+    status, text = answer.status, answer.read().decode()
+    connection.close()
+    return status, text
+
+
+def test_pages_of_other_sites_and_rebound_host_names_are_refused(serve) -> None:
+    """A token-less server on 127.0.0.1: a cross-site text/plain POST (Origin, Sec-Fetch-Site)
+    and a Host name it does not answer to (DNS rebinding) get 403; its own origin, localhost, IP
+    addresses and clients that are not browsers are answered."""
+    server = serve("--workers", "1")
+    port = server.http_port
+    own = f"127.0.0.1:{port}"
+    for host, headers in (
+        (own, {}),
+        (f"localhost:{port}", {}),
+        (own, {"Origin": f"http://{own}", "Sec-Fetch-Site": "same-origin"}),
+        (f"[::1]:{port}", {}),
+    ):
+        status, text = browser_post(server, host, **headers)
+        assert status == 200, (host, headers, text)
+    for host, headers, says in (
+        (own, {"Origin": "http://evil.example"}, "another origin (http://evil.example)"),
+        (own, {"Origin": f"http://localhost:{port + 1}"}, "another origin"),
+        (own, {"Sec-Fetch-Site": "cross-site"}, "another origin (cross-site)"),
+        (own, {"Origin": "null"}, "another origin"),
+        (f"rebound.evil.example:{port}", {}, "Host 'rebound.evil.example' is not a name"),
+    ):
+        status, text = browser_post(server, host, **headers)
+        assert status == 403 and says in text, (host, headers, status, text)
+
+
+def test_one_connection_cannot_take_every_call_slot(serve) -> None:
+    """--max-concurrent-rpcs 8: one connection holding 8 authenticated calls whose message never
+    comes gets 2 of them to the server (a quarter; the rest wait in its own HTTP/2 flow), and
+    another connection's Encode is answered."""
+    server = serve("--workers", "1", "--max-concurrent-rpcs", "8", token=TOKEN)
+    never = threading.Event()
+
+    def no_message():
+        never.wait()
+        yield vae_pb2.EncodeRequest()
+
+    # A connection of its own (channels to one target otherwise share one).
+    channel = grpc.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    held = channel.stream_unary(
+        "/vae.v1.VaeService/Encode",
+        request_serializer=vae_pb2.EncodeRequest.SerializeToString,
+        response_deserializer=vae_pb2.EncodeResponse.FromString,
+    )
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    try:
+        calls = [held.future(no_message(), timeout=60, metadata=metadata) for _ in range(8)]
+        time.sleep(1)  # the streams the server accepts reach their handlers
+        encode_s, _ = authenticated_calls_answer(server.target, 3.0)
+        assert encode_s < 3
+    finally:
+        never.set()
+        channel.close()
+    assert all(call.done() for call in calls)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ from vaeserve import __version__
 from vaeserve.errors import ConfigError, ModelNotFoundError, RequestError, TensorError, VaeError
 from vaeserve.service import policy
 from vaeserve.service.console.routes import Console
-from vaeserve.service.errors import BodyTimeoutError, ClientGoneError, OverloadedError
+from vaeserve.service.errors import BodyTimeoutError, ClientGoneError, ForeignOriginError, OverloadedError
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.oip import tensors
 from vaeserve.service.oip.endpoints import Catalogue, Endpoint, Outputs, Params
@@ -52,10 +54,13 @@ def create_app(
     max_in_flight: int,
     repository: RepositoryExtension,
     console: Console,
+    *,
     body_idle_s: float = 75.0,
+    browsers: BrowserPolicy,
 ) -> web.Application:
     routes = Routes(catalogue, ready, repository, console.serves_page)
-    guard = Guard(metrics, tokens, max_in_flight, BodyLimits(max_body_bytes, body_idle_s), routes.name_model)
+    body = BodyLimits(max_body_bytes, body_idle_s)
+    guard = Guard(metrics, tokens, max_in_flight, body, routes.name_model, browsers)
     app = web.Application(client_max_size=max_body_bytes, middlewares=[guard.middleware])
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
@@ -118,9 +123,58 @@ class BodyLimits:
             ) from None
 
 
+@dataclass(frozen=True)
+class BrowserPolicy:
+    """What a web page may make this server do. DNS rebinding points an attacker's host name at
+    the server's address, so that the attacker's page calls it as its own origin: the Host header
+    then carries that name, and a Host that is a name must be one the server answers to (an IP
+    address cannot be rebound). A page of another site (or another port) can still send "simple"
+    requests, a text/plain POST or a form, without CORS's preflight: those carry an ``Origin``
+    other than the server's own, or ``Sec-Fetch-Site: cross-site``/``same-site``, and are
+    refused. Clients that are not browsers (curl, tritonclient, probes) send neither."""
+
+    names: frozenset[str] | None  # lower-case host names accepted; None: any
+
+    @classmethod
+    def of(cls, allowed_hosts: str, listen_host: str) -> BrowserPolicy:
+        listed = {n.strip().lower() for n in allowed_hosts.split(",") if n.strip()}
+        if "*" in listed or (not listed and not _loopback(listen_host)):
+            return cls(None)
+        return cls(frozenset(listed | {"localhost"}))
+
+    def check(self, request: web.Request) -> None:
+        name = urllib.parse.urlsplit(f"//{request.host}").hostname or ""
+        if self.names is not None and name not in self.names and not _is_address(name):
+            raise ForeignOriginError(
+                f"Host {name!r} is not a name this server answers to (it accepts IP addresses and "
+                f"{', '.join(sorted(self.names))}; --allowed-hosts adds names)"
+            )
+        origin = request.headers.get("Origin")
+        site = request.headers.get("Sec-Fetch-Site", "")
+        if site in ("cross-site", "same-site") or (
+            origin is not None and urllib.parse.urlsplit(origin).netloc != request.host
+        ):
+            raise ForeignOriginError(
+                f"a request from a page of another origin ({origin or site}) is refused: this "
+                "server answers its own pages (the console) and clients that are not browsers"
+            )
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or (_is_address(host) and ipaddress.ip_address(host).is_loopback)
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 class Guard:
-    """Every request's wrapper: the token, the body's size and time, the in-flight limit, errors
-    as JSON, and metrics."""
+    """Every request's wrapper: the browser policy, the token, the body's size and time, the
+    in-flight limit, errors as JSON, and metrics."""
 
     def __init__(
         self,
@@ -129,8 +183,10 @@ class Guard:
         max_in_flight: int,
         body: BodyLimits,
         name_model: Callable[[web.Request], None],
+        browsers: BrowserPolicy,
     ) -> None:
         self.metrics = metrics
+        self.browsers = browsers
         self.tokens = tokens
         self.max_in_flight = max_in_flight
         self.body = body
@@ -155,6 +211,7 @@ class Guard:
     async def _answer(
         self, request: web.Request, handler: Handler, method: str
     ) -> tuple[web.StreamResponse, int]:
+        self.browsers.check(request)
         self.tokens.check(method, request.headers.get("Authorization", ""), WHERE)
         if request.body_exists:
             self.name_model(request)
