@@ -339,13 +339,15 @@ class ModelManager:
     # -- by hand: OIP's model repository extension --------------------------------------------
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Every version in the repository: READY (served), UNLOADED (by an operator) or
-        UNAVAILABLE (on disk, not served), with the reason."""
+        UNAVAILABLE (on disk, not served), with the reason; and every version served, a model's
+        last one kept after its folder went included."""
         rows = []
-        for name in self._names():
+        for name in sorted(set(self._names()) | set(self.registry.models)):
             loaded = self.registry.models.get(name, {})
-            for number in sorted(set(version_numbers(self.settings.folder / name)) | set(loaded)):
+            on_disk = set(version_numbers(self.settings.folder / name))
+            for number in sorted(on_disk | set(loaded)):
                 if number in loaded:
-                    state, reason = "READY", ""
+                    state, reason = "READY", "" if number in on_disk else "kept: its folder is gone"
                 elif name in self.unloaded:
                     state, reason = "UNLOADED", "unloaded by an operator"
                 else:

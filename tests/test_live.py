@@ -102,6 +102,11 @@ def test_new_versions_labels_and_removals_are_followed(live_repo: Path, tmp_path
         shutil.move(live_repo / "tiny" / "2", tmp_path / "away")
         until(lambda: "only loaded version" in server.output())
         assert served_version(server.target) == 2
+        console = f"http://{server.http}/v2/console/models"
+        (model,) = json.loads(urllib.request.urlopen(console, timeout=10).read())["models"]
+        (kept,) = model["versions"]
+        assert (model["name"], kept["version"], kept["state"]) == ("tiny", 2, "READY")
+        assert kept["reason"] == "kept: its folder is gone"
         assert events(server) == {"loaded": 1.0, "retired": 1.0, "refused": 1.0}
 
 
