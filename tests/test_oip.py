@@ -548,8 +548,7 @@ def test_a_client_gone_mid_request_is_counted_499_not_500(server) -> None:
 
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
         head = (
-            "POST /v2/models/tiny-encoder/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            "Content-Length: 100000\r\n\r\n"
+            "POST /v2/models/tiny-encoder/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
         )
         sock.sendall(head.encode() + b"{" * 1000)
     deadline = time.monotonic() + 10
