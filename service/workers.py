@@ -61,7 +61,9 @@ def worker_settings(settings: ServeSettings) -> ServeSettings:
 
 
 def run_workers(settings: ServeSettings) -> int:
-    found = find_servable(settings)  # a repository with nothing to serve is said once, here
+    # A repository with nothing to serve, and each version refused, is said once, here: the
+    # workers serve what this finds (ServedSet) and do not look again.
+    found = find_servable(settings, log_refusals=True)
     each = worker_settings(settings)
     sweep_leftovers()
     metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")

@@ -276,10 +276,16 @@ def test_deadline_exceeded_is_reported(stub, x: np.ndarray) -> None:
 def test_overload_is_refused_not_queued(repo: Path, tmp_path: Path, x: np.ndarray) -> None:
     with servers.running(repo, tmp_path / "serve.log", "--max-concurrent-rpcs", "1") as busy:
         request = vae_pb2.EncodeRequest(inputs=to_tensor(np.tile(x, (3, 1))[:4096]))
-        with grpc.insecure_channel(busy.target) as channel:
-            stub = vae_pb2_grpc.VaeServiceStub(channel)
-            with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                codes = [c for c, _ in pool.map(lambda _: raw_status(stub.Encode, request), range(16))]
+
+        def call(_: int) -> grpc.StatusCode:
+            # A connection each: one connection's calls past its stream limit (a quarter of
+            # --max-concurrent-rpcs, at least 1) wait in the client, not in the server.
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(busy.target, options=options) as channel:
+                return raw_status(vae_pb2_grpc.VaeServiceStub(channel).Encode, request)[0]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(call, range(16)))
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
     assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.OK}
 
