@@ -22,6 +22,7 @@ import numpy as np
 
 from vaeserve.errors import DataError, MissingExtraError
 from vaeserve.idx import GZIP_MAGIC, parse_header
+from vaeserve.layout import ImageLayout
 from vaeserve.storage import Location, ObjectPath, names_in, open_for_reading, size_of
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -184,17 +185,27 @@ class ParquetSource(Source):
         return flat.reshape(len(values), self.columns)
 
 
+# PIL's mode for images of each channel count (vaeserve.layout: rows are channels last).
+PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
 class ImageFolderSource(Source):
-    """PNG/JPEG files, sorted by name, converted to grayscale at the model's image shape; or one
-    such file, one row."""
+    """PNG/JPEG files, sorted by name, converted to the model's image shape (grey, RGB or RGBA,
+    as its channel count says, at its height and width); or one such file, one row."""
 
     def __init__(self, path: Path, image_shape: tuple[int, ...]) -> None:
-        if len(image_shape) < 2:
+        layout = ImageLayout.of(image_shape)
+        if layout is None:
             raise DataError(
                 f"{path}: the model's rows are {image_shape[0]} features, not images; "
                 "give a .npy, .npz or Parquet file"
             )
-        self.path, self.shape = path, image_shape
+        if layout.channels not in PIL_MODES:
+            raise DataError(
+                f"{path}: the model's images have {layout.channels} channels; image files give 1 "
+                "(grey), 3 (RGB) or 4 (RGBA): give a .npy, .npz or Parquet file"
+            )
+        self.path, self.layout = path, layout
         found = path.iterdir() if path.is_dir() else [path]
         self.files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
@@ -210,8 +221,11 @@ class ImageFolderSource(Source):
 
         try:
             with Image.open(file) as image:
-                gray = image.convert("L").resize((self.shape[-1], self.shape[-2]), Image.Resampling.BILINEAR)
-                return np.asarray(gray, dtype=np.uint8).reshape(-1)
+                size = (self.layout.width, self.layout.height)
+                pixels = image.convert(PIL_MODES[self.layout.channels]).resize(
+                    size, Image.Resampling.BILINEAR
+                )
+                return np.asarray(pixels, dtype=np.uint8).reshape(-1)
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"{file}: not a readable image ({exc})") from None
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from vaeserve.evaluation import Decode, Encode, score_rows
+from vaeserve.layout import png_shape
 from vaeserve.prior import STANDARD, Prior
 
 # What a Score call (vae.v1, OIP NAME-score, `vae score`) gives per row, in this order.
@@ -26,11 +27,11 @@ PNG_LEVEL = 9
 
 def complexity_bits(x: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
     """L(x): bits of each row as a PNG of the model's input in 8 bits, floor(256·x) (the pixels
-    themselves for dequantized inputs, 0/255 for binary ones; grey for [H, W] and [H, W, 1],
-    RGB for [H, W, 3]; a flat vector as one row of pixels)."""
+    themselves for dequantized inputs, 0/255 for binary ones), in the shape vaeserve.layout gives
+    it (grey, RGB or RGBA; anything else as one line of pixels)."""
     from PIL import Image
 
-    shape = _png_shape(image_shape)
+    shape = png_shape(image_shape)
     pixels = np.clip(np.floor(np.asarray(x, np.float32) * 256.0), 0, 255).astype(np.uint8)
     bits = np.empty(len(pixels))
     for i, row in enumerate(pixels):
@@ -38,14 +39,6 @@ def complexity_bits(x: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
         Image.fromarray(row.reshape(shape)).save(buffer, format="PNG", compress_level=PNG_LEVEL)
         bits[i] = 8.0 * buffer.tell()
     return bits
-
-
-def _png_shape(image_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if len(image_shape) == 3 and image_shape[-1] == 1:
-        return tuple(image_shape[:2])
-    if len(image_shape) == 2 or (len(image_shape) == 3 and image_shape[-1] == 3):
-        return tuple(image_shape)
-    return (1, int(np.prod(image_shape)))
 
 
 def ood_score(log_px: np.ndarray, bits: np.ndarray) -> np.ndarray:

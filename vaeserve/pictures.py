@@ -14,6 +14,7 @@ import numpy as np
 
 from vaeserve.elbo import likelihood_mean, likelihood_sample
 from vaeserve.evaluation import Decode, Encode, encode_all
+from vaeserve.layout import ImageLayout
 from vaeserve.prior import STANDARD, Prior
 
 
@@ -27,24 +28,32 @@ def _pyplot():
 
 
 def tile(images: np.ndarray, image_shape: tuple[int, ...], cols: int) -> np.ndarray:
-    """Rows of images [N, D] as one 2-D mosaic, ``cols`` per row, 1-pixel gaps."""
-    h, w = image_shape[-2], image_shape[-1]
+    """Rows of images [N, D] as one mosaic, ``cols`` per row, 1-pixel gaps: [H', W'] for grey
+    images, [H', W', C] for colour ones (vaeserve.layout decides which)."""
+    layout = ImageLayout.of(image_shape)
+    if layout is None:
+        raise ValueError(f"rows of shape {tuple(image_shape)} are not images; expected [H, W] or [H, W, C]")
+    pictures = layout.pictures(images)
+    h, w = layout.height, layout.width
     rows = -(-len(images) // cols)
-    canvas = np.ones(((h + 1) * rows - 1, (w + 1) * cols - 1), dtype=np.float32)
-    for i, image in enumerate(images):
+    canvas = np.ones(((h + 1) * rows - 1, (w + 1) * cols - 1, *pictures.shape[3:]), dtype=np.float32)
+    for i, picture in enumerate(pictures):
         r, c = divmod(i, cols)
-        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image.reshape(h, w)
+        canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = picture
     return canvas
 
 
 def save_panels(panels: list[tuple[str, np.ndarray]], path: Path, title: str) -> Path:
-    """Side-by-side grey mosaics with titles."""
+    """Side-by-side mosaics (grey [H, W] or colour [H, W, C], values in [0, 1]) with titles."""
     plt = _pyplot()
     aspect = max(m.shape[0] / m.shape[1] for _, m in panels)
     size = (4.2 * len(panels), 4.2 * aspect + 0.9)
     fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
     for ax, (name, mosaic) in zip(axes[0], panels):
-        ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        if mosaic.ndim == 2:
+            ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            ax.imshow(np.clip(mosaic, 0.0, 1.0), interpolation="nearest")
         ax.set_title(name)
         ax.axis("off")
     fig.suptitle(title)
@@ -159,7 +168,7 @@ def model_pictures(
     top2 = np.argsort(np.var(means, axis=0))[::-1][:2]
     dims = (int(top2[0]), int(top2[-1])) if latent_size > 1 else (0, 0)
     pca = latent_pca(means, None if labels is None else labels[:5000], out_dir / "latent_pca.png")
-    if len(image_shape) < 2:
+    if ImageLayout.of(image_shape) is None:
         return [pca]
     return [
         posterior_predictive(
