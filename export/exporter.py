@@ -36,6 +36,7 @@ from vaeserve.repository import ModelVersion, file_record, load_version, next_ve
 from vaeserve.runtime import OnnxPair
 from vaeserve.storage import ObjectPath
 from vaeserve.training import checkpoint
+from vaeserve.training.architectures import architecture as registered
 from vaeserve.training.backend import numpy_prior
 from vaeserve.training.evaluate import EVALUATION_SEED, evaluation_path
 
@@ -217,16 +218,12 @@ def write_prior(model: Any, prior: Prior, pair: OnnxPair, folder: Path) -> tuple
 
 
 def architecture(config: dict[str, Any], model: Any, prior: Prior) -> dict[str, Any]:
-    """The networks, p(z) and q(z|x) as trained: what the graphs and the prior file compute."""
-    hidden, activation = [int(h) for h in config["hidden_sizes"]], config["activation"]
-    inward = "-".join(str(h) for h in hidden)
-    outward = "-".join(str(h) for h in reversed(hidden))
-    d, m = model.input_size, model.latent_size
+    """The networks (as their registered architecture describes them), p(z) and q(z|x) as
+    trained: what the graphs and the prior file compute."""
+    name = config.get("architecture", "mlp")  # runs from before the registry are mlp runs
     return {
-        "encoder": f"MLP {d}-{inward}-(2x{m}), {activation}: mean, softplus stddev",
-        "decoder": f"MLP {m}-{outward}-{d}, {activation}: logits",
-        "hidden_sizes": hidden,
-        "activation": activation,
+        "name": name,
+        **registered(name).describe(config, model.image_shape, model.latent_size),
         "latent_size": model.latent_size,
         "likelihood": model.likelihood,
         "posterior": "diagonal Gaussian q(z|x) = N(mean, stddev²): Encode's outputs, what embeddings hold",

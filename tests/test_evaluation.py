@@ -84,10 +84,13 @@ def test_nll_converges_to_the_exact_marginal_likelihood() -> None:
     import torch
 
     from vaeserve.elbo import log_bernoulli, log_standard_normal
+    from vaeserve.training.config import TrainConfig
     from vaeserve.training.model import VAE
 
     torch.manual_seed(0)
-    encode, decode = numpy_callables(VAE(30, (16,), 2))
+    encode, decode = numpy_callables(
+        VAE.from_config(TrainConfig(hidden_sizes=(16,), latent_size=2, init="torch"), (30,))
+    )
     x = (np.random.default_rng(0).random((20, 30)) < 0.4).astype(np.float32)
     grid = np.linspace(-8, 8, 801)
     z = np.stack(np.meshgrid(grid, grid), -1).reshape(-1, 2)

@@ -83,6 +83,10 @@ def test_graphs_are_self_describing_inference_only(repo: Path, tiny_run: Path) -
     assert encoder_io["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 784]}]
     assert [o["name"] for o in encoder_io["outputs"]] == ["mean", "stddev"]
     assert [o["name"] for o in manifest["graphs"]["decoder"]["outputs"]] == ["logits", "probs"]
+    # The registered architecture describes itself: its name, its words, its config keys' values.
+    described = manifest["architecture"]
+    assert described["name"] == "mlp" and described["encoder"].startswith("MLP 784-")
+    assert described["hidden_sizes"] and described["activation"]
     for role in ("encoder", "decoder"):
         proto = onnx.load(version.graph_path(role))
         props = {p.key: p.value for p in proto.metadata_props}

@@ -11,8 +11,13 @@ from vaeserve.training.objectives import elbo, gaussian_kl, iwae
 from vaeserve.training.optim import TF1RMSprop
 
 
+def mlp_vae(input_size: int, hidden: tuple[int, ...], latent: int) -> VAE:
+    """An mlp VAE with PyTorch's default initialisation."""
+    return VAE.from_config(TrainConfig(hidden_sizes=hidden, latent_size=latent, init="torch"), (input_size,))
+
+
 def test_seed_preset_is_the_tf1_architecture() -> None:
-    model = VAE.from_config(resolve_config("seed", None, {}), 784)
+    model = VAE.from_config(resolve_config("seed", None, {}), (28, 28))
     shapes = [tuple(p.shape) for p in model.parameters()]
     assert shapes == [(200, 784), (200,), (200, 200), (200,), (200, 100), (200,), (784, 200), (784,)]
     first = model.encoder[0]
@@ -20,8 +25,23 @@ def test_seed_preset_is_the_tf1_architecture() -> None:
     assert abs(first.weight.std().item() - 2 / math.sqrt(784)) < 0.003
 
 
+def test_architectures_are_registered_parts() -> None:
+    """The config names an architecture; the registry builds it, or says which exist."""
+    from vaeserve.errors import ConfigError
+    from vaeserve.training.architectures import NAMES, architecture
+
+    assert NAMES == ("mlp", "conv") and [architecture(n).name for n in NAMES] == ["mlp", "conv"]
+    with pytest.raises(ConfigError, match="architecture 'resnet9000': expected one of mlp, conv"):
+        architecture("resnet9000")
+    with pytest.raises(ConfigError, match="expected one of mlp, conv"):
+        TrainConfig(architecture="resnet9000").validate()
+    described = architecture("mlp").describe({"hidden_sizes": [7], "activation": "elu"}, (12,), 3)
+    assert described["encoder"] == "MLP 12-7-(2x3), elu: mean, softplus stddev"
+    assert described["decoder"] == "MLP 3-7-12, elu: logits"
+
+
 def test_stddev_is_softplus_plus_floor() -> None:
-    model = VAE(4, (3,), 2)
+    model = mlp_vae(4, (3,), 2)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
@@ -45,7 +65,7 @@ def test_tf1_rmsprop_matches_its_update_rule() -> None:
 
 def test_elbo_of_fixed_weights_matches_numpy() -> None:
     torch.manual_seed(0)
-    model = VAE(12, (7,), 3).eval()
+    model = mlp_vae(12, (7,), 3).eval()
     x = (torch.rand(5, 12) > 0.5).float()
     with torch.no_grad():
         value = elbo(model, x, torch.Generator().manual_seed(3))
@@ -71,7 +91,7 @@ def test_analytic_kl_matches_monte_carlo() -> None:
 
 def test_iwae_bound_with_one_sample_is_the_elbo_and_grows_with_k() -> None:
     torch.manual_seed(0)
-    model = VAE(20, (16,), 4).eval()
+    model = mlp_vae(20, (16,), 4).eval()
     x = (torch.rand(256, 20) > 0.5).float()
     with torch.no_grad():
         one = iwae(model, x, torch.Generator().manual_seed(1), samples=1)

@@ -88,7 +88,7 @@ def test_the_torch_vamp_prior_is_the_numpy_mixture(mnist) -> None:
     from vaeserve.training.priors import log_mixture
 
     torch.manual_seed(0)
-    model = VAE.from_config(resolve_config("seed", None, VAMP), 784).eval()
+    model = VAE.from_config(resolve_config("seed", None, VAMP), (28, 28)).eval()
     model.prior.initialise_from(torch.rand(100, 784), torch.Generator().manual_seed(0))
     prior = numpy_prior(model)
     assert prior.means.shape == (COMPONENTS, TINY["latent_size"])

@@ -78,6 +78,6 @@ def resolve(path: Path, which: str = BEST) -> Path:
 
 def model_from(state: dict[str, Any]) -> VAE:
     config = TrainConfig.from_dict(state["config"])
-    model = VAE.from_config(config, state["input_size"])
+    model = VAE.from_config(config, tuple(state["image_shape"]))
     model.load_state_dict(state["model"])
     return model.eval()

@@ -15,6 +15,7 @@ from typing import Any
 from vaeserve.datasets import BINARIZATIONS
 from vaeserve.errors import ConfigError
 from vaeserve.flags import option
+from vaeserve.training.architectures import NAMES as ARCHITECTURES
 
 ACTIVATIONS = ("relu", "tanh", "softplus", "elu")
 INITS = ("seed", "torch")
@@ -52,12 +53,26 @@ class TrainConfig:
         PRIORS,
     )
     prior_components: int = option(500, "pseudo-inputs (mixture components) of a vamp prior")
-    hidden_sizes: tuple[int, ...] = option(
-        (200,), "widths of the encoder's hidden layers; the decoder mirrors them"
+    architecture: str = option(
+        "mlp",
+        "the networks: mlp, dense layers on flat rows (the seed's); conv, residual convolutions on "
+        "the rows as images (--image-shape)",
+        ARCHITECTURES,
     )
+    hidden_sizes: tuple[int, ...] = option(
+        (200,), "mlp: widths of the encoder's hidden layers; the decoder mirrors them"
+    )
+    conv_channels: tuple[int, ...] = option(
+        (32, 64), "conv: channels of each stage; each stage after the first halves the image's size"
+    )
+    conv_blocks: int = option(1, "conv: residual blocks per stage")
     latent_size: int = option(100, "number of latent dimensions M")
-    activation: str = option("relu", "hidden-layer nonlinearity", ACTIVATIONS)
-    init: str = option("seed", "seed: W ~ N(0,1)·2/√fan_in, b = 0; torch: PyTorch's default", INITS)
+    activation: str = option("relu", "the networks' nonlinearity between layers (mlp, conv)", ACTIVATIONS)
+    init: str = option(
+        "seed",
+        "seed: W ~ N(0,1)·2/√fan_in, b = 0 (every dense and conv layer); torch: PyTorch's default",
+        INITS,
+    )
     optimizer: str = option("tf1-rmsprop", "tf1-rmsprop (TF1 semantics) or adam", OPTIMIZERS)
     lr: float = option(1e-3, "learning rate")
     lr_decay: float = option(1.0, "multiply the learning rate by this after every epoch")
@@ -86,7 +101,7 @@ class TrainConfig:
                 raise ConfigError(
                     f"{f.name} = {getattr(self, f.name)!r}; expected one of {', '.join(choices)}"
                 )
-        positive = ("latent_size", "batch_size", "train_samples", "prior_components")
+        positive = ("latent_size", "batch_size", "train_samples", "prior_components", "conv_blocks")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -98,6 +113,8 @@ class TrainConfig:
             raise ConfigError(f"image_shape must be positive sizes, got {self.image_shape}")
         if not self.hidden_sizes or min(self.hidden_sizes) < 1:
             raise ConfigError(f"hidden_sizes must be positive widths, got {self.hidden_sizes}")
+        if not self.conv_channels or min(self.conv_channels) < 1:
+            raise ConfigError(f"conv_channels must be positive widths, got {self.conv_channels}")
         if (self.patience is not None and self.patience < 1) or (
             self.max_minutes is not None and self.max_minutes <= 0
         ):
@@ -109,6 +126,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["hidden_sizes"] = list(self.hidden_sizes)
+        data["conv_channels"] = list(self.conv_channels)
         data["image_shape"] = None if self.image_shape is None else list(self.image_shape)
         return data
 
@@ -119,7 +137,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
         values = dict(data)
-        for key in ("hidden_sizes", "image_shape"):
+        for key in ("hidden_sizes", "conv_channels", "image_shape"):
             if values.get(key) is not None:
                 values[key] = tuple(int(v) for v in values[key])
         return replace(cls(), **values)

@@ -1,65 +1,49 @@
-"""The VAE (Kingma & Welling, 2014): an MLP encoder giving a mean and a softplus
-standard deviation per latent dimension, and an MLP decoder giving the logits of a Bernoulli
-or continuous Bernoulli p(x|z)."""
+"""The VAE (Kingma & Welling, 2014): an encoder giving a mean and a softplus standard deviation
+per latent dimension, and a decoder giving the parameters (logits) of p(x|z), built by the
+registered architecture the config names (training.architectures)."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vaeserve.training.architectures import Networks, architecture
 from vaeserve.training.config import TrainConfig
 from vaeserve.training.priors import LOG_2PI, VampPrior
 
 STDDEV_FLOOR = 1e-6  # the seed's: stddev = softplus(raw) + 1e-6 keeps log σ finite
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
-
-
-def mlp(widths: list[int], activation: str) -> nn.Sequential:
-    """Dense layers with ``activation`` between them and none after the last."""
-    layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
-        layers.append(nn.Linear(fan_in, fan_out))
-        if i < len(widths) - 2:
-            layers.append(_ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
 
 
 class VAE(nn.Module):
     def __init__(
         self,
-        input_size: int,
-        hidden_sizes: tuple[int, ...],
+        networks: Networks,
+        image_shape: tuple[int, ...],
         latent_size: int,
-        activation: str = "relu",
         likelihood: str = "bernoulli",
         prior_components: int = 0,
     ) -> None:
         super().__init__()
-        self.input_size = input_size
+        self.image_shape = tuple(image_shape)
+        input_size = self.input_size = math.prod(image_shape)
         self.latent_size = latent_size
         self.likelihood = likelihood
-        self.encoder = mlp([input_size, *hidden_sizes, 2 * latent_size], activation)
-        self.decoder = mlp([latent_size, *reversed(hidden_sizes), input_size], activation)
+        self.encoder = networks.encoder
+        self.decoder = networks.decoder
         # None: p(z) = N(0, I), the seed's; else a VampPrior of that many pseudo-inputs.
         self.prior = VampPrior(prior_components, input_size) if prior_components else None
 
     @classmethod
-    def from_config(cls, config: TrainConfig, input_size: int) -> VAE:
+    def from_config(cls, config: TrainConfig, image_shape: tuple[int, ...]) -> VAE:
+        """The VAE ``config`` describes, for rows that are images of ``image_shape``."""
+        part = architecture(config.architecture)
+        networks = part.build(config, tuple(image_shape), config.latent_size)
         components = config.prior_components if config.prior == "vamp" else 0
-        model = cls(
-            input_size,
-            config.hidden_sizes,
-            config.latent_size,
-            config.activation,
-            config.likelihood,
-            components,
-        )
-        if config.init == "seed":
-            model.apply(_seed_init)
+        model = cls(networks, image_shape, config.latent_size, config.likelihood, components)
+        part.initialise(networks, config.init)
         return model
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,11 +65,3 @@ class VAE(nn.Module):
     @staticmethod
     def reparameterize(mean: torch.Tensor, stddev: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return mean + stddev * eps
-
-
-def _seed_init(module: nn.Module) -> None:
-    # The TF1 program's initialiser: W ~ N(0, 1) · 2/√fan_in, b = 0.
-    if isinstance(module, nn.Linear):
-        with torch.no_grad():
-            module.weight.normal_(0.0, 2.0 / math.sqrt(module.in_features))
-            module.bias.zero_()

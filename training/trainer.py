@@ -67,7 +67,7 @@ class Trainer:
         self.progress = progress
         self.data = prepare_data(config, dataset)
         torch.manual_seed(config.seed)
-        self.model = VAE.from_config(config, dataset.input_size)
+        self.model = VAE.from_config(config, dataset.image_shape)
         if self.model.prior is not None:
             self.model.prior.initialise_from(
                 self.pseudo_input_rows(), torch.Generator().manual_seed(config.seed)

@@ -173,6 +173,7 @@ class Manifest:
             "input_size": self.input_size,
             "image_shape": list(self.image_shape),
             "latent_size": self.latent_size,
+            "architecture": self.architecture.get("name", "mlp"),
             "prior": self.architecture.get("prior", "standard-normal"),
             "test": {
                 key: evaluation[key]
