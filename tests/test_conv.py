@@ -23,6 +23,8 @@ CONV = {
     "batch_size": 50,
     "optimizer": "adam",
     "init": "torch",
+    "objective": "iwae",  # k samples per row through the conv decoder at once
+    "train_samples": 2,
 }
 
 
@@ -38,6 +40,11 @@ def test_conv_networks_take_images_of_any_size_and_channel_count(shape) -> None:
         logits = model.decode(mean)
     assert mean.shape == stddev.shape == (3, 5) and bool(torch.all(stddev > 0))
     assert logits.shape == (3, math.prod(shape))
+    # IWAE's k samples per row: latents [k, N, M] give logits [k, N, D], each row's own.
+    with torch.no_grad():
+        several = model.decode(torch.stack([mean, mean + 1]))
+    assert several.shape == (2, 3, math.prod(shape))
+    torch.testing.assert_close(several[0], logits, atol=1e-4, rtol=1e-4)  # batch-size-dependent kernels
 
 
 def test_conv_networks_read_and_write_rows_channels_last() -> None:

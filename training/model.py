@@ -47,13 +47,13 @@ class VAE(nn.Module):
         return model
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation of q(z|x)."""
-        mean, raw = self.encoder(x).chunk(2, dim=-1)
+        """Mean and standard deviation of q(z|x), for rows [..., D]."""
+        mean, raw = _rows(self.encoder, x).chunk(2, dim=-1)
         return mean, F.softplus(raw) + STDDEV_FLOOR
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits of p(x|z)."""
-        return self.decoder(z)
+        """Logits of p(x|z), for latents [..., M] (IWAE's are [k, N, M])."""
+        return _rows(self.decoder, z)
 
     def log_prior_ratio(self, z: torch.Tensor, eps: torch.Tensor, stddev: torch.Tensor) -> torch.Tensor:
         """log p(z) − log q(z|x) at z = mean + stddev·ε, per row."""
@@ -65,3 +65,11 @@ class VAE(nn.Module):
     @staticmethod
     def reparameterize(mean: torch.Tensor, stddev: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return mean + stddev * eps
+
+
+def _rows(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """An architecture's network takes rows [N, ·]; inputs with more leading dimensions go
+    through as rows and come back shaped as they came (2-D inputs, the exported graphs', as is)."""
+    if inputs.dim() == 2:
+        return network(inputs)
+    return network(inputs.reshape(-1, inputs.shape[-1])).reshape(*inputs.shape[:-1], -1)
