@@ -222,7 +222,7 @@ def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> Si
             "ood_flag": flag,
             "seed": request.seed,
             "decoder_sha256": version.manifest.graphs["decoder"].sha256,
-            "likelihood": version.likelihood,
+            "likelihood": version.likelihood.name,
         }
     return Sidecar(
         model={

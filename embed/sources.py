@@ -22,7 +22,7 @@ import numpy as np
 
 from vaeserve.errors import DataError, MissingExtraError
 from vaeserve.idx import GZIP_MAGIC, parse_header
-from vaeserve.layout import ImageLayout
+from vaeserve.layout import ImageLayout, to_rows
 from vaeserve.storage import Location, ObjectPath, names_in, open_for_reading, size_of
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -67,13 +67,22 @@ class FileArraySource(Source):
     or a raw IDX file. Chunks are read with plain reads, not a memory map, so pages already
     embedded do not stay resident and memory stays bounded whatever the file's size."""
 
-    def __init__(self, path: Location, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        path: Location,
+        offset: int,
+        dtype: np.dtype,
+        shape: tuple[int, ...],
+        image_shape: tuple[int, ...] | None = None,
+    ) -> None:
         if len(shape) == 0:
             raise DataError(f"{path}: a single number; expected rows [N, D], images [N, H, W] or one row [D]")
         if len(shape) == 1:
             shape = (1, shape[0])  # one row (vaeserve.rows.as_rows)
         self.path, self.offset, self.dtype = path, offset, np.dtype(dtype)
         self.rows, self.columns = int(shape[0]), int(np.prod(shape[1:]))
+        # Colour images [N, H, W, C] become rows channels first (vaeserve.layout), chunk by chunk.
+        self.item_shape, self.image_shape = tuple(int(d) for d in shape[1:]), image_shape
         expected = offset + self.rows * self.columns * self.dtype.itemsize
         size = size_of(path)
         if size < expected:
@@ -90,7 +99,7 @@ class FileArraySource(Source):
                     rows = np.fromfile(handle, dtype=self.dtype, count=count * self.columns)
                 else:  # one ranged read per chunk
                     rows = np.frombuffer(handle.read(count * row_bytes), self.dtype)
-                yield rows.reshape(count, self.columns)
+                yield to_rows(rows.reshape(count, *self.item_shape), self.image_shape, str(self.path))
 
 
 class GzipIdxSource(Source):
@@ -185,7 +194,7 @@ class ParquetSource(Source):
         return flat.reshape(len(values), self.columns)
 
 
-# PIL's mode for images of each channel count (vaeserve.layout: rows are channels last).
+# PIL's mode for images of each channel count.
 PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
@@ -214,7 +223,8 @@ class ImageFolderSource(Source):
 
     def chunks(self, chunk_rows: int, first_chunk: int = 0) -> Iterator[np.ndarray]:
         for start in range(first_chunk * chunk_rows, self.rows, chunk_rows):
-            yield np.stack([self._pixels(f) for f in self.files[start : start + chunk_rows]])
+            images = np.stack([self._pixels(f) for f in self.files[start : start + chunk_rows]])
+            yield self.layout.rows(images, str(self.path))
 
     def _pixels(self, file: Path) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -225,7 +235,7 @@ class ImageFolderSource(Source):
                 pixels = image.convert(PIL_MODES[self.layout.channels]).resize(
                     size, Image.Resampling.BILINEAR
                 )
-                return np.asarray(pixels, dtype=np.uint8).reshape(-1)
+                return np.asarray(pixels, dtype=np.uint8).reshape(self.layout.height, self.layout.width, -1)
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"{file}: not a readable image ({exc})") from None
 
@@ -306,13 +316,13 @@ def _part_files(path: Location) -> list[Location]:
 def _open_file(path: Location, image_shape: tuple[int, ...], column: str | None, key: str | None) -> Source:
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return FileArraySource(path, *_npy_layout(path))
+        return FileArraySource(path, *_npy_layout(path), image_shape)
     if suffix == ".parquet":
         return ParquetSource(path, column)
     if isinstance(path, ObjectPath):
         raise DataError(f"{path}: on object storage, inputs are .parquet or .npy files or prefixes of them")
     if suffix == ".npz":
-        return FileArraySource(path, *_npz_member(path, key))
+        return FileArraySource(path, *_npz_member(path, key), image_shape)
     if suffix in IMAGE_SUFFIXES:
         return ImageFolderSource(path, image_shape)
     with open(path, "rb") as handle:

@@ -12,7 +12,7 @@ import torch
 from vaeserve.errors import ExportError, first_line
 from vaeserve.prior import Prior
 from vaeserve.runtime import OnnxPair
-from vaeserve.training.likelihoods import likelihood_mean
+from vaeserve.training.likelihoods import likelihood_mean, log_likelihood
 from vaeserve.training.model import VAE
 from vaeserve.training.priors import log_mixture
 
@@ -27,6 +27,10 @@ ROUNDING_MARGIN = 10.0
 # same components; a wrong mixture is off by nats.
 PRIOR_LOG_TOLERANCE = 1e-2
 PRIOR_PARITY_SAMPLES = 1000
+# On log p(x|z) per row: the numpy form (Score, the evaluator) against the torch form (training),
+# both in float64 on the same parameters, relative to the row's |log p|; a wrong form is off by
+# whole nats.
+LIKELIHOOD_TOLERANCE = 1e-6
 
 
 def check_graph(path: Path) -> None:
@@ -93,6 +97,26 @@ def check_parity(differences: dict[str, float], rounding: dict[str, float]) -> N
     ]
     if failing:
         raise ExportError(f"ONNX outputs do not match PyTorch: {', '.join(failing)}")
+
+
+def likelihood_difference(model: VAE, pair: OnnxPair, images: np.ndarray, seed: int = 0) -> float:
+    """The likelihood's two forms on the exported decoder's parameters for real rows: the largest
+    difference of numpy's log p(x|z) from torch's, relative to its size; ExportError when they
+    disagree (a numpy form that Score uses, wrong, would pass every graph parity check)."""
+    rng = np.random.default_rng(seed)
+    x = images[rng.choice(len(images), size=min(64, len(images)), replace=False)].astype(np.float64)
+    params = pair.decode(pair.encode(x)[0])[0].astype(np.float64)
+    ours = model.likelihood.log_prob(x, params)
+    with torch.no_grad():
+        theirs = log_likelihood(torch.from_numpy(x), torch.from_numpy(params), model.likelihood).numpy()
+    difference = float(np.max(np.abs(ours - theirs) / np.maximum(1.0, np.abs(theirs))))
+    if not difference <= LIKELIHOOD_TOLERANCE:
+        raise ExportError(
+            f"the {model.likelihood.name} likelihood's numpy form (Score, the evaluator) differs from "
+            f"its torch form (training) by {difference:.2e} of log p(x|z) "
+            f"(tolerance {LIKELIHOOD_TOLERANCE:.0e})"
+        )
+    return difference
 
 
 def prior_differences(model: VAE, prior: Prior, pair: OnnxPair, seed: int = 0) -> dict[str, float]:

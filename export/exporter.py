@@ -30,6 +30,7 @@ from vaeserve.datasets import evaluation_inputs, load_run_data
 from vaeserve.errors import ExportError
 from vaeserve.evaluation import evaluate
 from vaeserve.export import checks, graphs, variants
+from vaeserve.likelihoods import DiscretizedLogistic, Likelihood
 from vaeserve.manifest import MANIFEST, FileRecord, Manifest
 from vaeserve.prior import PRIOR_FILE, Prior
 from vaeserve.repository import ModelVersion, file_record, load_version, next_version, sha256_file
@@ -119,7 +120,7 @@ def build_version(
         "latent_size": str(model.latent_size),
         "image_shape": json.dumps(state["image_shape"]),
         "binarization": config["binarization"],
-        "likelihood": model.likelihood,
+        "likelihood": model.likelihood.name,
     }
     encoder, decoder = graphs.export_pair(model, folder, metadata)
     for path in (encoder, decoder):
@@ -127,6 +128,7 @@ def build_version(
     pair = OnnxPair(encoder, decoder)
     differences, rounding = checks.max_differences(model, pair, x_test)
     checks.check_parity(differences, rounding)
+    likelihood_forms = checks.likelihood_difference(model, pair, x_test)
     prior = numpy_prior(model)
     prior_record, prior_parity = write_prior(model, prior, pair, folder)
     built = {}
@@ -147,7 +149,8 @@ def build_version(
         latent_size=model.latent_size,
         image_shape=tuple(state["image_shape"]),
         binarization=config["binarization"],
-        likelihood=model.likelihood,
+        likelihood=model.likelihood.name,
+        likelihood_options=likelihood_options(model.likelihood),
         opset=graphs.OPSET,
         exporter=f"torch.onnx dynamo exporter, torch {torch.__version__}, onnx {onnx.__version__}",
         graphs={role: _graph_record(path) for role, path in (("encoder", encoder), ("decoder", decoder))},
@@ -157,6 +160,7 @@ def build_version(
             "max_abs_diff": differences,
             "float32_rounding": rounding,
             "rounding_margin": checks.ROUNDING_MARGIN,
+            "likelihood_numpy_vs_torch": likelihood_forms,
             **prior_parity,
         },
         prior=prior_record,
@@ -178,6 +182,11 @@ def build_version(
         source_checkpoint={"file": source.name, "sha256": sha256_file(source)},
     )
     manifest.write(folder)
+
+
+def likelihood_options(part: Likelihood) -> dict[str, Any]:
+    """What besides its name rebuilds the likelihood (vaeserve.likelihoods.likelihood)."""
+    return {"components": part.components} if isinstance(part, DiscretizedLogistic) else {}
 
 
 def stopped_early(state: dict[str, Any]) -> str | None:
@@ -223,9 +232,12 @@ def architecture(config: dict[str, Any], model: Any, prior: Prior) -> dict[str, 
     name = config.get("architecture", "mlp")  # runs from before the registry are mlp runs
     return {
         "name": name,
-        **registered(name).describe(config, model.image_shape, model.latent_size),
+        **registered(name).describe(
+            config, model.image_shape, model.latent_size, model.likelihood.params_per_value
+        ),
+        "row_shape": list(model.row_shape),
         "latent_size": model.latent_size,
-        "likelihood": model.likelihood,
+        "likelihood": model.likelihood.name,
         "posterior": "diagonal Gaussian q(z|x) = N(mean, stddev²): Encode's outputs, what embeddings hold",
         "prior": config.get("prior", "standard-normal"),
         "prior_kind": prior.kind,
@@ -234,7 +246,7 @@ def architecture(config: dict[str, Any], model: Any, prior: Prior) -> dict[str, 
 
 
 def score_reference(
-    pair: OnnxPair, x_test: Any, likelihood: str, image_shape: tuple, prior: Prior
+    pair: OnnxPair, x_test: Any, likelihood: Likelihood, image_shape: tuple, prior: Prior
 ) -> dict[str, Any]:
     """The test set's Score percentiles (vaeserve.ood.reference), for flagging both tails."""
     k = ood.REFERENCE_IW_SAMPLES
@@ -245,7 +257,7 @@ def score_reference(
 
 
 def evaluate_pair(
-    pair: OnnxPair, x_test: Any, iw_samples: int, likelihood: str, prior: Prior
+    pair: OnnxPair, x_test: Any, iw_samples: int, likelihood: Likelihood, prior: Prior
 ) -> dict[str, Any]:
     result = evaluate(
         pair.encode,

@@ -49,18 +49,20 @@ DECODER_IO = (["z"], ["logits", "probs"])
 
 
 class EncoderGraph(nn.Module):
-    """x [batch, D] → mean, stddev [batch, M]."""
+    """x [batch, *row] → mean, stddev [batch, M]; a row as the architecture's graphs take it,
+    [D] or an image [C, H, W] (vaeserve.layout)."""
 
     def __init__(self, model: VAE) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode(x)
+        return self.model.encode(x.flatten(1))
 
 
 class DecoderGraph(nn.Module):
-    """z [batch, M] → logits, probs [batch, D]; probs is E[x|z] under the model's likelihood
+    """z [batch, M] → logits [batch, P·D] (images: [batch, P·C, H, W]), the likelihood's P
+    parameters of each value, and probs [batch, *row], E[x|z] under the model's likelihood
     (sigmoid(logits) for the Bernoulli)."""
 
     def __init__(self, model: VAE) -> None:
@@ -68,16 +70,24 @@ class DecoderGraph(nn.Module):
         self.model = model
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model.decode(z)
-        return logits, likelihood_mean(logits, self.model.likelihood)
+        params = self.model.decode(z)
+        probs = likelihood_mean(params, self.model.likelihood)
+        row = self.model.row_shape
+        if len(row) == 1:
+            return params, probs
+        return params.reshape(-1, params.shape[1] // (row[1] * row[2]), *row[1:]), probs.reshape(-1, *row)
 
 
 def export_graph(
-    module: nn.Module, width: int, io: tuple[list[str], list[str]], path: Path, metadata: dict[str, str]
+    module: nn.Module,
+    row: tuple[int, ...],
+    io: tuple[list[str], list[str]],
+    path: Path,
+    metadata: dict[str, str],
 ) -> onnx.ModelProto:
     """Export ``module`` with a dynamic batch dimension, stamp metadata, save to ``path``."""
     batch = torch.export.Dim("batch", min=1)
-    example = (torch.zeros(2, width),)
+    example = (torch.zeros(2, *row),)
     with warnings.catch_warnings(), _quiet_torch_onnx():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -101,8 +111,10 @@ def export_graph(
 
 def export_pair(model: VAE, folder: Path, metadata: dict[str, str]) -> tuple[Path, Path]:
     encoder, decoder = folder / "encoder.onnx", folder / "decoder.onnx"
-    export_graph(EncoderGraph(model), model.input_size, ENCODER_IO, encoder, {**metadata, "role": "encoder"})
-    export_graph(DecoderGraph(model), model.latent_size, DECODER_IO, decoder, {**metadata, "role": "decoder"})
+    export_graph(EncoderGraph(model), model.row_shape, ENCODER_IO, encoder, {**metadata, "role": "encoder"})
+    export_graph(
+        DecoderGraph(model), (model.latent_size,), DECODER_IO, decoder, {**metadata, "role": "decoder"}
+    )
     return encoder, decoder
 
 

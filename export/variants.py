@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from vaeserve.evaluation import evaluate
+from vaeserve.likelihoods import Likelihood
 from vaeserve.repository import file_record
 from vaeserve.runtime import OnnxPair
 
@@ -46,7 +47,7 @@ def _copy_metadata(source: Path, target: Path, variant: str) -> None:
 
 
 def measure(
-    variant: str, folder: Path, reference: OnnxPair, x_test: np.ndarray, likelihood: str
+    variant: str, folder: Path, reference: OnnxPair, x_test: np.ndarray, likelihood: Likelihood
 ) -> dict[str, Any]:
     """Files, parity with fp32 and change in test ELBO (same ε, so the change is paired)."""
     encoder, decoder = folder / f"encoder.{variant}.onnx", folder / f"decoder.{variant}.onnx"

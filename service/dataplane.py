@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vaeserve.datasets import encoder_inputs
-from vaeserve.elbo import likelihood_sample
 from vaeserve.errors import ModelNotFoundError, RepositoryError, RequestError, TensorError
+from vaeserve.layout import ImageLayout
+from vaeserve.likelihoods import Bernoulli
 from vaeserve.ood import REFERENCE_IW_SAMPLES, scores
 from vaeserve.repository import ModelVersion
 from vaeserve.rows import Rows
@@ -39,9 +40,6 @@ def generator(seed: int | None) -> np.random.Generator:
 
 def bernoulli(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (rng.random(probs.shape, dtype=np.float32) < probs).astype(np.uint8)
-
-
-SAMPLE_DTYPES = {"bernoulli": "UINT8", "continuous-bernoulli": "FP32"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,12 @@ class ServedModel:
         limit = settings.max_request_rows
         # Raw uint8 pixels (prepared as in training when the encoder runs), or float32 model
         # inputs, which must lie in [0, 1]; latents are float32 and finite.
-        self.pixels = Rows(version.input_size, limit, uint8=True, low=0.0, high=1.0)
+        # Images come as rows or channels first, [N, C, H, W] (vaeserve.layout).
+        layout = ImageLayout.of(version.image_shape)
+        image = layout.channels_first if layout is not None else ()
+        self.pixels = Rows(version.input_size, limit, uint8=True, low=0.0, high=1.0, image=image)
+        # Images go back as the graphs give them: [N, C, H, W] from a conv model, rows from an mlp.
+        self.row_shape = pair.row_shape
         self.latent_rows = Rows(version.latent_size, limit, uint8=False)
         inline, parts = settings.inline_max_rows, parallel_runs(settings, pair.provider)
         encoder = Runner(self._prepared(small.encode), self._prepared(pair.encode), executor, inline, parts)
@@ -143,9 +146,9 @@ class ServedModel:
                 "latents: the decoder's output is NaN or infinite for these latents; they are far "
                 "outside the prior (a standard normal's draws lie within about ±6)"
             )
-        out = {"probs": probs}
+        out = {"probs": self._images(probs)}
         if sample:
-            out["samples"] = self._draw(logits, probs, generator(seed))
+            out["samples"] = self._images(self._draw(logits, probs, generator(seed)))
         return out
 
     async def reconstruct(self, x: np.ndarray, use_mean: bool, seed: int | None) -> dict[str, np.ndarray]:
@@ -153,19 +156,32 @@ class ServedModel:
         mean, stddev = await self.encoder.submit(x, alone=seed is not None)
         z = mean if use_mean else mean + stddev * rng.standard_normal(mean.shape, dtype=np.float32)
         logits, probs = await self.decoder.submit(np.ascontiguousarray(z, np.float32), alone=seed is not None)
-        return {"probs": probs, "samples": self._draw(logits, probs, rng), "latents": z}
+        return {
+            "probs": self._images(probs),
+            "samples": self._images(self._draw(logits, probs, rng)),
+            "latents": z,
+        }
 
     async def sample_prior(self, count: int, seed: int | None) -> dict[str, np.ndarray]:
         rng = generator(seed)
         z = self.prior.sample(count, self.version.latent_size, rng)
         logits, probs = await self.decoder.submit(z, alone=seed is not None)
-        return {"latents": z, "probs": probs, "samples": self._draw(logits, probs, rng)}
+        return {
+            "latents": z,
+            "probs": self._images(probs),
+            "samples": self._images(self._draw(logits, probs, rng)),
+        }
+
+    def _images(self, rows: np.ndarray) -> np.ndarray:
+        """Rows [N, D] as the graphs shape a row (a view): [N, C, H, W] for images, else as is."""
+        return rows.reshape(len(rows), *self.row_shape)
 
     def _draw(self, logits: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """x ~ p(x|z): uint8 0/1 from a Bernoulli, float32 in [0, 1] from a continuous one."""
-        if self.likelihood == "bernoulli":
+        """x ~ p(x|z): uint8 0/1 from a Bernoulli (against the graph's probs, its mean), float32
+        in [0, 1] from the others."""
+        if isinstance(self.likelihood, Bernoulli):
             return bernoulli(probs, rng)
-        return likelihood_sample(logits, self.likelihood, rng)
+        return self.likelihood.sample(logits, rng)
 
     async def score(
         self, x: np.ndarray, iw_samples: int, seed: int | None, row_offset: int = 0
@@ -235,7 +251,7 @@ class ServedModel:
             execution_provider=self.pair.provider,
             variant=self.settings.variant,
             binarization=self.binarization,
-            likelihood=self.likelihood,
+            likelihood=self.likelihood.name,
             max_batch_rows=self.settings.max_request_rows,
             is_default=is_default,
             metrics={**manifest.evaluation_metrics(), **manifest.reference_metrics()},

@@ -1,6 +1,7 @@
-"""The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) as the code computes it, against
-its definition by numerical integration; numpy and torch forms agree; dequantization, per-row
-seeded scores and the AUROC of the OOD benchmark."""
+"""The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) and the discretized logistic
+mixture (Salimans et al. 2017) as the code computes them, against their definitions (numerical
+integration; the 256 bins' masses); numpy and torch forms agree; dequantization, per-row seeded
+scores and the AUROC of the OOD benchmark."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 
 from vaeserve.datasets import binarize, model_inputs
-from vaeserve.elbo import likelihood_mean, likelihood_sample, log_cb_normaliser, log_likelihood
 from vaeserve.evaluation import score_rows
+from vaeserve.likelihoods import ContinuousBernoulli, DiscretizedLogistic, log_cb_normaliser
 from vaeserve.ood import auroc
 from vaeserve.training import likelihoods
 
+CB = ContinuousBernoulli()
 LOGITS = np.array([-40.0, -6.0, -0.7, -0.1, -0.02, 0.0, 1e-4, 0.09, 0.5, 3.0, 25.0], np.float32)
 
 
@@ -21,10 +23,10 @@ def test_the_density_integrates_to_one_and_its_mean_is_the_mean() -> None:
     x = np.linspace(0.0, 1.0, 400_001, dtype=np.float64)
     for logit in LOGITS:
         logits = np.full((len(x), 1), logit, np.float32)
-        density = np.exp(log_likelihood(x[:, None].astype(np.float32), logits, "continuous-bernoulli"))
+        density = np.exp(CB.log_prob(x[:, None].astype(np.float32), logits))
         assert np.trapezoid(density, x) == pytest.approx(1.0, abs=2e-4), logit
         mean = np.trapezoid(density * x, x)
-        assert likelihood_mean(np.float32(logit), "continuous-bernoulli") == pytest.approx(mean, abs=2e-4)
+        assert CB.mean(np.float32(logit)) == pytest.approx(mean, abs=2e-4)
 
 
 def test_the_normaliser_matches_its_closed_form_in_float64() -> None:
@@ -37,26 +39,72 @@ def test_the_normaliser_matches_its_closed_form_in_float64() -> None:
 def test_torch_and_numpy_agree_and_gradients_stay_finite_at_zero() -> None:
     logits = torch.tensor(LOGITS, requires_grad=True)
     normaliser = likelihoods.log_cb_normaliser(logits)
-    mean = likelihoods.likelihood_mean(logits, "continuous-bernoulli")
+    mean = likelihoods.likelihood_mean(logits, CB)
     np.testing.assert_allclose(normaliser.detach().numpy(), log_cb_normaliser(LOGITS), atol=1e-6)
-    np.testing.assert_allclose(
-        mean.detach().numpy(), likelihood_mean(LOGITS, "continuous-bernoulli"), atol=1e-6
-    )
+    np.testing.assert_allclose(mean.detach().numpy(), CB.mean(LOGITS), atol=1e-6)
     (normaliser.sum() + mean.sum()).backward()
     assert torch.isfinite(logits.grad).all()
     x = torch.rand(5, len(LOGITS))
-    ours = likelihoods.log_likelihood(x, logits.detach().expand(5, -1), "continuous-bernoulli")
-    theirs = log_likelihood(x.numpy(), np.broadcast_to(LOGITS, (5, len(LOGITS))), "continuous-bernoulli")
+    ours = likelihoods.log_likelihood(x, logits.detach().expand(5, -1), CB)
+    theirs = CB.log_prob(x.numpy(), np.broadcast_to(LOGITS, (5, len(LOGITS))))
     np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-5)
 
 
 def test_draws_follow_the_distribution() -> None:
     rng = np.random.default_rng(0)
     logits = np.repeat(LOGITS[None], 100_000, axis=0)
-    draws = likelihood_sample(logits, "continuous-bernoulli", rng)
+    draws = CB.sample(logits, rng)
     assert draws.dtype == np.float32 and draws.min() >= 0 and draws.max() <= 1
     error = 4 * draws.std(axis=0) / np.sqrt(len(draws))
-    assert np.all(np.abs(draws.mean(axis=0) - likelihood_mean(LOGITS, "continuous-bernoulli")) < error + 1e-4)
+    assert np.all(np.abs(draws.mean(axis=0) - CB.mean(LOGITS)) < error + 1e-4)
+
+
+def logistic_params(part: DiscretizedLogistic, values: int, seed: int = 0) -> np.ndarray:
+    """[1, 3K·D] parameters: mixture logits, means across [−1.2, 1.2] (past the edges too) and
+    log scales from a tenth of a bin to the whole range."""
+    rng = np.random.default_rng(seed)
+    k = part.components
+    weights = rng.normal(0, 2, (k, values))
+    means = rng.uniform(-1.2, 1.2, (k, values))
+    log_scales = rng.uniform(-8.0, 0.5, (k, values))
+    return np.concatenate([weights, means, log_scales]).reshape(1, -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("components", [1, 5])
+def test_the_discretized_logistic_is_a_distribution_over_the_256_levels(components) -> None:
+    part = DiscretizedLogistic(components)
+    params = logistic_params(part, 40)
+    levels = (np.arange(256, dtype=np.float32) / 255)[:, None]  # each level, every one of the 40 values
+    # Value d alone: its 3K parameters, against each of the 256 levels.
+    alone = params.reshape(3 * components, 40).T
+    per_value = np.stack(
+        [part.log_prob(levels, np.repeat(alone[[d]], 256, axis=0)) for d in range(40)], axis=1
+    )
+    mass = np.exp(per_value.astype(np.float64)).sum(axis=0)
+    np.testing.assert_allclose(mass, 1.0, atol=2e-3)
+    expected_mean = (np.exp(per_value) * levels).sum(axis=0)
+    np.testing.assert_allclose(part.mean(params)[0], expected_mean, atol=2e-3)
+    draws = part.sample(np.repeat(params, 20_000, axis=0), np.random.default_rng(1))
+    assert draws.dtype == np.float32 and draws.min() >= 0 and draws.max() <= 1
+    np.testing.assert_array_equal(np.round(draws * 255), draws * 255)  # on the levels
+    np.testing.assert_allclose(draws.mean(axis=0), expected_mean, atol=0.01)
+
+
+def test_the_discretized_logistics_numpy_and_torch_forms_agree_and_train() -> None:
+    part = DiscretizedLogistic(3)
+    params = torch.tensor(np.repeat(logistic_params(part, 30, seed=2), 4, axis=0), requires_grad=True)
+    x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (4, 30)).astype(np.float32) / 255)
+    x[0, :3] = torch.tensor([0.0, 1.0, 0.5])  # both edge bins
+    ours = likelihoods.log_likelihood(x, params, part)
+    theirs = part.log_prob(x.numpy(), params.detach().numpy())
+    np.testing.assert_allclose(ours.detach().numpy(), theirs, rtol=1e-5)
+    np.testing.assert_allclose(
+        likelihoods.likelihood_mean(params, part).detach().numpy(),
+        part.mean(params.detach().numpy()),
+        atol=1e-6,
+    )
+    ours.sum().backward()
+    assert torch.isfinite(params.grad).all() and params.grad.abs().sum() > 0
 
 
 def test_dequantization_keeps_each_pixel_in_its_bin() -> None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vaeserve import elbo as np_elbo
+from vaeserve.likelihoods import log_bernoulli
 from vaeserve.training.config import TrainConfig, resolve_config
 from vaeserve.training.model import VAE
 from vaeserve.training.objectives import elbo, gaussian_kl, iwae
@@ -38,6 +39,8 @@ def test_architectures_are_registered_parts() -> None:
     described = architecture("mlp").describe({"hidden_sizes": [7], "activation": "elu"}, (12,), 3)
     assert described["encoder"] == "MLP 12-7-(2x3), elu: mean, softplus stddev"
     assert described["decoder"] == "MLP 3-7-12, elu: logits"
+    several = architecture("mlp").describe({"hidden_sizes": [7], "activation": "elu"}, (12,), 3, params=6)
+    assert several["decoder"] == "MLP 3-7-72, elu: the likelihood's 6 parameters per value"
 
 
 def test_stddev_is_softplus_plus_floor() -> None:
@@ -75,7 +78,7 @@ def test_elbo_of_fixed_weights_matches_numpy() -> None:
     mean, stddev = hidden[:, :3], np.logaddexp(0, hidden[:, 3:]) + 1e-6
     z = mean + stddev * eps
     logits = np.maximum(z @ w[4].T + w[5], 0) @ w[6].T + w[7]
-    expected = np_elbo.log_bernoulli(x.numpy(), logits) - np_elbo.gaussian_kl(mean, stddev)
+    expected = log_bernoulli(x.numpy(), logits) - np_elbo.gaussian_kl(mean, stddev)
     np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5)
 
 

@@ -15,6 +15,8 @@ from typing import Any
 from vaeserve.datasets import BINARIZATIONS
 from vaeserve.errors import ConfigError
 from vaeserve.flags import option
+from vaeserve.likelihoods import NAMES as LIKELIHOODS
+from vaeserve.training.architectures import DEFAULTS as ARCHITECTURE_DEFAULTS
 from vaeserve.training.architectures import NAMES as ARCHITECTURES
 
 ACTIVATIONS = ("relu", "tanh", "softplus", "elu")
@@ -22,7 +24,6 @@ INITS = ("seed", "torch")
 OPTIMIZERS = ("tf1-rmsprop", "adam")
 OBJECTIVES = ("elbo", "iwae")
 TRAIN_SPLITS = ("train", "all-train")
-LIKELIHOODS = ("bernoulli", "continuous-bernoulli")
 PRIORS = ("standard-normal", "vamp")
 
 
@@ -30,16 +31,23 @@ PRIORS = ("standard-normal", "vamp")
 class TrainConfig:
     """Everything that determines a training run (apart from the data's location)."""
 
-    dataset: str = option("mnist", "dataset name (mnist, fashion-mnist) or a path to a .npz")
+    dataset: str = option(
+        "mnist",
+        "dataset name (mnist, fashion-mnist, photo-patches: 32x32 colour patches of a photograph "
+        "matplotlib ships) or a path to a .npz",
+    )
     image_shape: tuple[int, ...] | None = option(
         None, "shape of one row as an image (8 8) when the .npz holds flat rows (default: the arrays')"
     )
     likelihood: str = option(
         "bernoulli",
-        "p(x|z): bernoulli (binary pixels) or continuous-bernoulli (intensities in [0, 1], "
-        "Loaiza-Ganem & Cunningham 2019; use with --binarization dequantize or none)",
+        "p(x|z): bernoulli (binary pixels); continuous-bernoulli (intensities in [0, 1], "
+        "Loaiza-Ganem & Cunningham 2019; use with --binarization dequantize or none); "
+        "discretized-logistic (8-bit pixels, a mixture of logistics per value, Salimans et al. 2017; "
+        "use with --binarization none)",
         LIKELIHOODS,
     )
+    logistic_components: int = option(5, "discretized-logistic: mixture components per value")
     binarization: str = option(
         "threshold",
         "threshold: x > 0.5; dynamic: fresh Bernoulli(x) each epoch; none: intensities; dequantize: "
@@ -196,7 +204,11 @@ def resolve_config(preset: str, config_file: Path | None, overrides: dict[str, A
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     config = PRESETS[preset].to_dict()
-    if config_file is not None:
-        config.update(load_config_file(config_file))
-    config.update({k: v for k, v in overrides.items() if v is not None})
+    chosen = load_config_file(config_file) if config_file is not None else {}
+    chosen.update({k: v for k, v in overrides.items() if v is not None})
+    # Another architecture than the preset's brings its own defaults (training.architectures).
+    architecture = chosen.get("architecture", config["architecture"])
+    if architecture != config["architecture"]:
+        config.update(ARCHITECTURE_DEFAULTS.get(architecture, {}))
+    config.update(chosen)
     return TrainConfig.from_dict(config).validate()

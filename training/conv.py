@@ -1,14 +1,13 @@
 """A residual convolutional architecture for images of any size and channel count.
 
-The encoder reads a row as the image it is ([H, W] or [H, W, C], channels last, as files and
-arrays hold images), runs a 3×3 convolution to ``--conv-channels[0]`` channels, then per stage
-``--conv-blocks`` residual blocks and a stride-2 convolution to the next stage's channels (halving
-the size, rounding up), and maps the last stage to the posterior's 2M numbers with one dense layer.
+The encoder reads a row as the image it is, channels first ([C, H, W], vaeserve.layout), runs a
+3×3 convolution to ``--conv-channels[0]`` channels, then per stage ``--conv-blocks`` residual
+blocks and a stride-2 convolution to the next stage's channels (halving the size, rounding up),
+and maps the last stage to the posterior's 2M numbers with one dense layer.
 The decoder mirrors it: a dense layer to the last stage's grid, per stage residual blocks, a
 nearest-neighbour upsampling to the stage's exact size and a 3×3 convolution, and a last 3×3
-convolution to the image's channels, whose values are the likelihood's logits, returned as a row
-in the same layout. Rows in, rows out: the graphs, the wire and every stage after training see
-what they see for ``mlp``.
+convolution to the likelihood's P parameters of each of the image's C channels (P·C channels),
+returned as a row. Rows in, rows out; the exported graphs take and give images [N, C, H, W].
 
 A residual block is x + conv(act(conv(act(x)))) (He et al. 2016's pre-activation form, without
 normalisation: a batch statistic would make a row's encoding depend on its neighbours); its last
@@ -27,7 +26,7 @@ from vaeserve.errors import ConfigError
 from vaeserve.layout import ImageLayout
 from vaeserve.training.architectures import Networks
 from vaeserve.training.config import TrainConfig
-from vaeserve.training.mlp import ACTIVATIONS
+from vaeserve.training.mlp import ACTIVATIONS, outputs
 
 
 def image_layout(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -79,13 +78,19 @@ class Encoder(nn.Module):
         self.head = nn.Linear(channels[-1] * grid, 2 * latent)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        colours, height, width = self.layout
-        images = rows.reshape(-1, height, width, colours).permute(0, 3, 1, 2)
-        return self.head(self.features(images).flatten(1))
+        return self.head(self.features(rows.reshape(-1, *self.layout)).flatten(1))
 
 
 class Decoder(nn.Module):
-    def __init__(self, layout: tuple[int, int, int], channels: list[int], blocks: int, latent: int, act: str):
+    def __init__(
+        self,
+        layout: tuple[int, int, int],
+        channels: list[int],
+        blocks: int,
+        latent: int,
+        act: str,
+        params: int,
+    ):
         super().__init__()
         self.layout = layout
         colours, height, width = layout
@@ -100,25 +105,34 @@ class Decoder(nn.Module):
                     nn.Upsample(size=(heights[stage - 1], widths[stage - 1]), mode="nearest"),
                     nn.Conv2d(channels[stage], channels[stage - 1], 3, padding=1),
                 ]
-        layers += [ACTIVATIONS[act](), nn.Conv2d(channels[0], colours, 3, padding=1)]
+        # P parameters of each value, as P·C channels: parameter p of channel c is channel p·C + c.
+        layers += [ACTIVATIONS[act](), nn.Conv2d(channels[0], params * colours, 3, padding=1)]
         self.features = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        images = self.features(self.head(z).reshape(-1, *self.grid))
-        return images.permute(0, 2, 3, 1).flatten(1)  # back to rows, channels last
+        return self.features(self.head(z).reshape(-1, *self.grid)).flatten(1)
 
 
 class Conv:
     name = "conv"
     config_keys = ("conv_channels", "conv_blocks", "activation")
 
-    def build(self, config: TrainConfig, image_shape: tuple[int, ...], latent_size: int) -> Networks:
+    def build(
+        self, config: TrainConfig, image_shape: tuple[int, ...], latent_size: int, params: int = 1
+    ) -> Networks:
         layout = image_layout(tuple(image_shape))
         channels, blocks, act = list(config.conv_channels), config.conv_blocks, config.activation
         return Networks(
             encoder=Encoder(layout, channels, blocks, latent_size, act),
-            decoder=Decoder(layout, channels, blocks, latent_size, act),
+            decoder=Decoder(layout, channels, blocks, latent_size, act, params),
         )
+
+    def row_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Images channels first, [C, H, W]: the graphs take [N, C, H, W] (vaeserve.layout)."""
+        return image_layout(tuple(image_shape))
+
+    def output_layer(self, networks: Networks) -> nn.Module:
+        return networks.decoder.features[-1]
 
     def initialise(self, networks: Networks, init: str) -> None:
         """``seed``: the seed's rule, W ~ N(0, 1) · 2/√fan_in and b = 0, on every dense and
@@ -134,7 +148,7 @@ class Conv:
                     nn.init.zeros_(last.bias)
 
     def describe(
-        self, config: dict[str, Any], image_shape: tuple[int, ...], latent_size: int
+        self, config: dict[str, Any], image_shape: tuple[int, ...], latent_size: int, params: int = 1
     ) -> dict[str, Any]:
         colours, height, width = image_layout(tuple(image_shape))
         channels, blocks = [int(c) for c in config["conv_channels"]], int(config["conv_blocks"])
@@ -143,12 +157,13 @@ class Conv:
         activation = config["activation"]
         return {
             "encoder": (
-                f"residual conv {height}x{width}x{colours} → channels {stages} ({blocks} blocks per "
+                f"residual conv {colours}x{height}x{width} → channels {stages} ({blocks} blocks per "
                 f"stage, stride-2 between), {activation} → dense (2x{latent_size}): mean, softplus stddev"
             ),
             "decoder": (
                 f"dense {latent_size} → residual conv channels {mirrored} "
-                f"(nearest upsampling between) → {height}x{width}x{colours}, {activation}: logits"
+                f"(nearest upsampling between) → {colours * params}x{height}x{width}, {activation}: "
+                f"{outputs(params)}"
             ),
             "conv_channels": channels,
             "conv_blocks": blocks,

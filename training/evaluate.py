@@ -43,7 +43,7 @@ def evaluate_checkpoint(
         iw_samples,
         seed=EVALUATION_SEED,
         progress=progress,
-        likelihood=config.likelihood,
+        likelihood=model.likelihood,
         prior=numpy_prior(model),
     )
 
@@ -73,6 +73,6 @@ def write_pictures(state: dict[str, Any], dataset: Dataset, split: str, out_dir:
         labels,
         dataset.image_shape,
         out_dir,
-        likelihood=config.likelihood,
+        likelihood=model.likelihood,
         prior=numpy_prior(model),
     )

@@ -31,12 +31,21 @@ class Mlp:
     name = "mlp"
     config_keys = ("hidden_sizes", "activation")
 
-    def build(self, config: TrainConfig, image_shape: tuple[int, ...], latent_size: int) -> Networks:
+    def build(
+        self, config: TrainConfig, image_shape: tuple[int, ...], latent_size: int, params: int = 1
+    ) -> Networks:
         input_size, hidden = math.prod(image_shape), list(config.hidden_sizes)
         return Networks(
             encoder=mlp([input_size, *hidden, 2 * latent_size], config.activation),
-            decoder=mlp([latent_size, *reversed(hidden), input_size], config.activation),
+            decoder=mlp([latent_size, *reversed(hidden), params * input_size], config.activation),
         )
+
+    def row_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Flat rows [D]: the graphs take [N, D]."""
+        return (math.prod(image_shape),)
+
+    def output_layer(self, networks: Networks) -> nn.Module:
+        return networks.decoder[-1]
 
     def initialise(self, networks: Networks, init: str) -> None:
         if init == "seed":
@@ -44,7 +53,7 @@ class Mlp:
             networks.decoder.apply(_seed_init)
 
     def describe(
-        self, config: dict[str, Any], image_shape: tuple[int, ...], latent_size: int
+        self, config: dict[str, Any], image_shape: tuple[int, ...], latent_size: int, params: int = 1
     ) -> dict[str, Any]:
         hidden, activation = [int(h) for h in config["hidden_sizes"]], config["activation"]
         inward = "-".join(str(h) for h in hidden)
@@ -52,10 +61,15 @@ class Mlp:
         d, m = math.prod(image_shape), latent_size
         return {
             "encoder": f"MLP {d}-{inward}-(2x{m}), {activation}: mean, softplus stddev",
-            "decoder": f"MLP {m}-{outward}-{d}, {activation}: logits",
+            "decoder": f"MLP {m}-{outward}-{d * params}, {activation}: {outputs(params)}",
             "hidden_sizes": hidden,
             "activation": activation,
         }
+
+
+def outputs(params: int) -> str:
+    """What a decoder's last layer gives, in a description."""
+    return "logits" if params == 1 else f"the likelihood's {params} parameters per value"
 
 
 def _seed_init(module: nn.Module) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vaeserve.likelihoods import BERNOULLI, Likelihood, likelihood
 from vaeserve.training.architectures import Networks, architecture
 from vaeserve.training.config import TrainConfig
 from vaeserve.training.priors import LOG_2PI, VampPrior
@@ -23,7 +24,7 @@ class VAE(nn.Module):
         networks: Networks,
         image_shape: tuple[int, ...],
         latent_size: int,
-        likelihood: str = "bernoulli",
+        likelihood: Likelihood = BERNOULLI,
         prior_components: int = 0,
     ) -> None:
         super().__init__()
@@ -31,6 +32,7 @@ class VAE(nn.Module):
         input_size = self.input_size = math.prod(image_shape)
         self.latent_size = latent_size
         self.likelihood = likelihood
+        self.row_shape: tuple[int, ...] = (input_size,)  # as the graphs take a row; the architecture's
         self.encoder = networks.encoder
         self.decoder = networks.decoder
         # None: p(z) = N(0, I), the seed's; else a VampPrior of that many pseudo-inputs.
@@ -40,10 +42,13 @@ class VAE(nn.Module):
     def from_config(cls, config: TrainConfig, image_shape: tuple[int, ...]) -> VAE:
         """The VAE ``config`` describes, for rows that are images of ``image_shape``."""
         part = architecture(config.architecture)
-        networks = part.build(config, tuple(image_shape), config.latent_size)
+        p_x = likelihood(config.likelihood, config.logistic_components)
+        networks = part.build(config, tuple(image_shape), config.latent_size, p_x.params_per_value)
         components = config.prior_components if config.prior == "vamp" else 0
-        model = cls(networks, image_shape, config.latent_size, config.likelihood, components)
+        model = cls(networks, image_shape, config.latent_size, p_x, components)
+        model.row_shape = part.row_shape(tuple(image_shape))
         part.initialise(networks, config.init)
+        _start_output_at(part.output_layer(networks), p_x.initial_params())
         return model
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +57,8 @@ class VAE(nn.Module):
         return mean, F.softplus(raw) + STDDEV_FLOOR
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits of p(x|z), for latents [..., M] (IWAE's are [k, N, M])."""
+        """The parameters of p(x|z) (logits for the Bernoulli), [..., P·D] for latents [..., M]
+        (IWAE's are [k, N, M])."""
         return _rows(self.decoder, z)
 
     def log_prior_ratio(self, z: torch.Tensor, eps: torch.Tensor, stddev: torch.Tensor) -> torch.Tensor:
@@ -65,6 +71,15 @@ class VAE(nn.Module):
     @staticmethod
     def reparameterize(mean: torch.Tensor, stddev: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return mean + stddev * eps
+
+
+def _start_output_at(layer: nn.Module, initial: tuple[float, ...]) -> None:
+    """The decoder's output bias at the likelihood's starting parameters: parameter p of every
+    value (outputs p·D to (p + 1)·D, or channels p·C to (p + 1)·C) at initial[p]."""
+    if not any(initial):
+        return
+    with torch.no_grad():
+        layer.bias.view(len(initial), -1)[:] = torch.tensor(initial)[:, None]
 
 
 def _rows(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

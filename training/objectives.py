@@ -43,7 +43,7 @@ def iwae(
     eps = torch.randn((samples, *mean.shape), generator=generator)
     z = model.reparameterize(mean, stddev, eps)
     logits = model.decode(z)
-    log_px_z = log_likelihood(x.expand_as(logits), logits, model.likelihood)
+    log_px_z = log_likelihood(x, logits, model.likelihood)
     log_w = log_px_z + kl_weight * model.log_prior_ratio(z, eps, stddev)
     return torch.logsumexp(log_w, dim=0) - torch.log(torch.tensor(float(samples)))
 

@@ -92,6 +92,7 @@ class VaeClient:
         self.chunk_rows, self.max_in_flight = chunk_rows, max_in_flight
         self.shared_memory = shared_memory
         self._slots: SharedSlots | None = None
+        self._image_shape: tuple[int, ...] | None = None
 
     def close(self) -> None:
         if self._slots is not None:
@@ -129,7 +130,7 @@ class VaeClient:
         (float32 model inputs in [0, 1], or uint8 raw pixels). ``out`` may hold float32
         [N, M] arrays (views too, such as a field of a record array) to fill in place of
         new ones."""
-        inputs = as_rows(inputs, "inputs")  # the core's shape and dtype rules, as vae embed's
+        inputs = self._rows(inputs)  # the core's shape and dtype rules, as vae embed's
         fields = ("mean", "stddev", "z") if sample else ("mean", "stddev")
         if self.shared_memory:
             return self._encode_shared(inputs, sample, seed, fields, out)
@@ -148,7 +149,7 @@ class VaeClient:
     def encode_stream(self, inputs: np.ndarray) -> dict[str, np.ndarray]:
         """``mean`` and ``stddev`` [N, M] through EncodeStream: one bidirectional stream of
         chunks, answered in order, for producers that keep one call open."""
-        inputs = as_rows(inputs, "inputs")
+        inputs = self._rows(inputs)
         requests = (
             vae_pb2.EncodeRequest(model=self.model, version=self.version, inputs=to_tensor(part))
             for part in self._chunks(inputs)
@@ -231,7 +232,7 @@ class VaeClient:
         self, inputs: np.ndarray, use_mean: bool = False, seed: int | None = None
     ) -> dict[str, np.ndarray]:
         """Posterior predictive ``probs`` and ``samples`` [N, D], and the ``latents`` decoded."""
-        inputs = as_rows(inputs, "inputs")
+        inputs = self._rows(inputs)
         requests = (
             vae_pb2.ReconstructRequest(
                 model=self.model,
@@ -268,7 +269,7 @@ class VaeClient:
         the k of the test-set percentiles export records, vaeserve.ood.log_px_meaning says what it is),
         ``complexity_bits`` and ``ood_score``. Seeded scores do not depend on how the rows are
         split into calls: row i's draws are seeded by (seed, row_offset + i)."""
-        inputs = as_rows(inputs, "inputs")
+        inputs = self._rows(inputs)
         # The server weighs a Score by rows × k: at a large k, fewer rows per call.
         rows = max(1, min(self.chunk_rows, SCORE_CALL_DECODER_ROWS // (iw_samples or REFERENCE_IW_SAMPLES)))
         starts = range(0, len(inputs), rows)
@@ -284,6 +285,19 @@ class VaeClient:
             for start, part in zip(starts, self._chunks(inputs, rows))
         )
         return self._gather(self.stub.Score, requests, SCORE_FIELDS, len(inputs))
+
+    def _rows(self, inputs: np.ndarray) -> np.ndarray:
+        """Inputs as rows (vaeserve.rows.as_rows); images of more than one channel need the
+        model's image shape to tell [N, H, W, C] from [N, C, H, W], asked once."""
+        if np.ndim(inputs) <= 2:
+            return as_rows(inputs, "inputs")
+        if self._image_shape is None:
+            info = self.model_info(self.model)
+            chosen = [m for m in info if str(m["version"]) == self.version] or [
+                m for m in info if m["is_default"] or self.model
+            ]
+            self._image_shape = tuple(max(chosen or info, key=lambda m: m["version"])["image_shape"])
+        return as_rows(inputs, "inputs", self._image_shape)
 
     def model_info(self, model: str = "") -> list[dict[str, Any]]:
         response = self._call(self.stub.GetModelInfo, vae_pb2.GetModelInfoRequest(model=model))

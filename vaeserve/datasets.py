@@ -17,6 +17,7 @@ import numpy as np
 from vaeserve.download import RemoteFile, default_cache_dir, fetch
 from vaeserve.errors import ConfigError, DataError
 from vaeserve.idx import read_idx
+from vaeserve.layout import to_rows
 
 SPLITS = ("train", "validation", "test", "all-train")
 BINARIZATIONS = ("threshold", "dynamic", "none", "dequantize")
@@ -108,7 +109,8 @@ class Dataset:
         return replace(self, validation_rows=rows)
 
     def with_image_shape(self, shape: tuple[int, ...] | None) -> Dataset:
-        """The rows seen as images of ``shape`` (a flat .npz of 64 features as 8×8, say)."""
+        """The rows seen as images of ``shape`` (a flat .npz of 64 features as 8×8, say; colour
+        rows as they are, channels first: vaeserve.layout)."""
         if shape is None or tuple(shape) == self.image_shape:
             return self
         if int(np.prod(shape)) != self.input_size:
@@ -157,9 +159,12 @@ def load_dataset(
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     if name.endswith(".npz"):
         return load_npz(Path(name))
+    if name == PHOTO_PATCHES:
+        return photo_patches()
     if name not in DATASETS:
         raise ConfigError(
-            f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)} or a path to a .npz"
+            f"unknown dataset {name!r}; expected one of {', '.join([*DATASETS, PHOTO_PATCHES])} or a "
+            "path to a .npz"
         )
     spec = DATASETS[name]
     paths = [_locate(spec, f, data_dir, cache_dir, progress) for f in spec.files]
@@ -203,9 +208,49 @@ def _check_pairs(images_path: Path, images: np.ndarray, labels_path: Path, label
         raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
 
 
+# Colour data from a real photograph that a package of the lock ships (matplotlib's sample of
+# Grace Hopper, 600 × 512 RGB): nothing is downloaded, and every machine builds the same patches.
+PHOTO_PATCHES = "photo-patches"
+PHOTO_SPLIT_ROW = 400  # training patches from the rows above, test patches from those below
+
+
+def photo_patches(train: int = 20_000, test: int = 2_000, size: int = 32, seed: int = 0) -> Dataset:
+    """uint8 [N, size, size, 3] patches at random places of the photograph, half of them
+    mirrored; the training and test patches come from disjoint parts of it."""
+    try:
+        from matplotlib import cbook
+        from PIL import Image
+    except ImportError:
+        raise DataError(
+            f"{PHOTO_PATCHES} is cut from matplotlib's sample photograph: pip install 'vaeserve[train]'"
+        ) from None
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
+        photo = np.asarray(image.convert("RGB"))
+    rng = np.random.default_rng(seed)
+
+    def cut(region: np.ndarray, count: int) -> np.ndarray:
+        tops = rng.integers(0, region.shape[0] - size + 1, count)
+        lefts = rng.integers(0, region.shape[1] - size + 1, count)
+        patches = np.stack([region[t : t + size, s : s + size] for t, s in zip(tops, lefts)])
+        mirrored = rng.random(count) < 0.5
+        patches[mirrored] = patches[mirrored, :, ::-1]
+        return patches
+
+    shape = (size, size, 3)
+    return Dataset(
+        name=PHOTO_PATCHES,
+        image_shape=shape,
+        train_images=to_rows(cut(photo[:PHOTO_SPLIT_ROW], train), shape),
+        train_labels=None,
+        test_images=to_rows(cut(photo[PHOTO_SPLIT_ROW:], test), shape),
+        test_labels=None,
+    )
+
+
 def load_npz(path: Path) -> Dataset:
-    """A user's dataset: ``x_train`` and ``x_test`` [N, ...] (uint8 0-255 or floats in [0, 1]),
-    optional ``y_train``/``y_test``. Arrays stay lazily loaded per key."""
+    """A user's dataset: ``x_train`` and ``x_test`` [N, ...] (uint8 0-255 or floats in [0, 1];
+    images [N, H, W] or [N, H, W, C], channels last), optional ``y_train``/``y_test``. Arrays
+    stay lazily loaded per key."""
     try:
         archive = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -224,9 +269,10 @@ def load_npz(path: Path) -> Dataset:
     return Dataset(
         name=str(path),
         image_shape=shape,
-        train_images=train.reshape(len(train), -1),
+        # [N, H, W, C] colour images as rows channels first (vaeserve.layout); others flattened.
+        train_images=to_rows(train, shape),
         train_labels=archive["y_train"] if "y_train" in archive.files else None,
-        test_images=test.reshape(len(test), -1),
+        test_images=to_rows(test, shape),
         test_labels=archive["y_test"] if "y_test" in archive.files else None,
         source=str(path.resolve()),
     )

@@ -1,9 +1,12 @@
 """How an image is laid out, decided here once for every stage that looks at rows as images.
 
-Files and arrays hold images as [H, W] (grey) or [H, W, C] (channels last, as numpy and PIL
-have them), and a row is one image flattened in that order: D = H · W · C values. A model's
-``image_shape`` (its manifest's) says which. Rows whose shape is neither (a flat [D] vector) are
-not images: they have no layout, and pictures of them are not drawn.
+Files and arrays hold images as [N, H, W] (grey) or [N, H, W, C] (channels last, as numpy and PIL
+have them); a model's ``image_shape`` (its manifest's) is that [H, W] or [H, W, C]. The graphs
+and the wire carry images channels first, [N, C, H, W], as PyTorch, ONNX and Triton users send
+them; and a row, wherever rows are flat ([N, D], D = C · H · W: training, the data plane, Score,
+embeddings' inputs), is one image flattened channels first, so that the wire's and the graphs'
+tensors are views of it. Grey images read the same either way. Rows whose shape is neither (a
+flat [D] vector) are not images: they have no layout, and pictures of them are not drawn.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from vaeserve.errors import TensorError
 
 # Channel counts drawn in colour (RGB, RGBA); others are drawn as their first channel, in grey.
 COLOUR_CHANNELS = (3, 4)
@@ -40,9 +45,40 @@ class ImageLayout:
     def colour(self) -> bool:
         return self.channels in COLOUR_CHANNELS
 
+    @property
+    def channels_first(self) -> tuple[int, int, int]:
+        """One image as the graphs and the wire carry it: (C, H, W)."""
+        return (self.channels, self.height, self.width)
+
+    @property
+    def channels_last(self) -> tuple[int, ...]:
+        """One image as files and arrays hold it: (H, W, C), grey (H, W)."""
+        if self.channels == 1:
+            return (self.height, self.width)
+        return (self.height, self.width, self.channels)
+
     def images(self, rows: np.ndarray) -> np.ndarray:
-        """Rows [N, D] as images [N, H, W, C]."""
-        return np.asarray(rows).reshape(-1, self.height, self.width, self.channels)
+        """Rows [N, D] (channels first) as images [N, H, W, C], as files hold them."""
+        shaped = np.asarray(rows).reshape(-1, *self.channels_first)
+        return shaped.transpose(0, 2, 3, 1)
+
+    def rows(self, array: np.ndarray, field: str = "images") -> np.ndarray:
+        """Images as rows [N, D], channels first: from files' and arrays' [N, H, W, C] (or grey
+        [N, H, W], [N, H, W, 1]), from the wire's [N, C, H, W], or rows [N, D] as they are. An
+        array that could be either [N, H, W, C] or [N, C, H, W] (C = H = W) is read as the wire's."""
+        array = np.asarray(array)
+        shape = tuple(array.shape[1:])
+        if array.ndim == 2 and shape == (self.size,):
+            return array
+        if shape == self.channels_first or (self.channels == 1 and shape == (self.height, self.width)):
+            return array.reshape(len(array), self.size)
+        if shape == (self.height, self.width, self.channels):
+            return np.ascontiguousarray(array.transpose(0, 3, 1, 2)).reshape(len(array), self.size)
+        raise TensorError(
+            f"{field}: shape {list(array.shape)}; this model's images are [N, {self.height}, {self.width}, "
+            f"{self.channels}] (channels last, as files hold them), [N, {self.channels}, {self.height}, "
+            f"{self.width}] (channels first, as the wire carries them) or rows [N, {self.size}]"
+        )
 
     def pictures(self, rows: np.ndarray) -> np.ndarray:
         """Rows as what image libraries draw: [N, H, W, C] in colour, else [N, H, W] (the
@@ -51,12 +87,23 @@ class ImageLayout:
         return images if self.colour else images[..., 0]
 
 
-def png_shape(image_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of one row as a PNG: grey [H, W], RGB or RGBA [H, W, C], and anything else
-    (flat vectors, other channel counts) as one line of grey pixels [1, D]."""
+def png_pixels(rows: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """Rows as PNGs hold them: grey [N, H, W], RGB or RGBA [N, H, W, C], and anything else (flat
+    vectors, other channel counts) as one line of grey pixels [N, 1, D]."""
     layout = ImageLayout.of(image_shape)
     if layout is not None and layout.channels == 1:
-        return (layout.height, layout.width)
+        return np.asarray(rows).reshape(-1, layout.height, layout.width)
     if layout is not None and layout.colour:
-        return (layout.height, layout.width, layout.channels)
-    return (1, int(np.prod(image_shape)))
+        return layout.images(rows)
+    return np.asarray(rows).reshape(len(rows), 1, -1)
+
+
+def to_rows(array: np.ndarray, image_shape: tuple[int, ...] | None, field: str = "images") -> np.ndarray:
+    """[N, ...] as rows [N, D] for a model whose rows are images of ``image_shape`` (see
+    ``ImageLayout.rows``); flat-vector models' (and, ``image_shape`` unknown, any) arrays are
+    flattened per row."""
+    layout = None if image_shape is None else ImageLayout.of(image_shape)
+    array = np.asarray(array)
+    if layout is None or layout.channels == 1:
+        return array.reshape(len(array), -1)
+    return layout.rows(array, field)

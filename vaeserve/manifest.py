@@ -62,6 +62,7 @@ class Manifest:
     graphs: dict[str, FileRecord]  # by role: encoder, decoder
     binarization: str = "none"  # how training prepared pixels; exports before it existed: none
     likelihood: str = "bernoulli"  # p(x|z); exports before continuous-bernoulli: bernoulli
+    likelihood_options: dict[str, Any] = field(default_factory=dict)  # discretized-logistic: components
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # int8, fp16: files and changes
     # p(z) when it is not N(0, I): a Gaussian mixture's file (vaeserve.prior); None, the standard normal
     prior: FileRecord | None = None

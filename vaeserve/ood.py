@@ -16,7 +16,8 @@ from collections.abc import Callable
 import numpy as np
 
 from vaeserve.evaluation import Decode, Encode, score_rows
-from vaeserve.layout import png_shape
+from vaeserve.layout import png_pixels
+from vaeserve.likelihoods import Likelihood
 from vaeserve.prior import STANDARD, Prior
 
 # What a Score call (vae.v1, OIP NAME-score, `vae score`) gives per row, in this order.
@@ -31,12 +32,11 @@ def complexity_bits(x: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
     it (grey, RGB or RGBA; anything else as one line of pixels)."""
     from PIL import Image
 
-    shape = png_shape(image_shape)
     pixels = np.clip(np.floor(np.asarray(x, np.float32) * 256.0), 0, 255).astype(np.uint8)
     bits = np.empty(len(pixels))
-    for i, row in enumerate(pixels):
+    for i, picture in enumerate(png_pixels(pixels, image_shape)):
         buffer = io.BytesIO()
-        Image.fromarray(row.reshape(shape)).save(buffer, format="PNG", compress_level=PNG_LEVEL)
+        Image.fromarray(np.ascontiguousarray(picture)).save(buffer, format="PNG", compress_level=PNG_LEVEL)
         bits[i] = 8.0 * buffer.tell()
     return bits
 
@@ -52,7 +52,7 @@ def scores(
     x: np.ndarray,
     iw_samples: int,
     seed: int | None,
-    likelihood: str,
+    likelihood: Likelihood,
     image_shape: tuple[int, ...],
     first_row: int = 0,
     prior: Prior = STANDARD,

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from vaeserve.elbo import likelihood_mean, likelihood_sample
 from vaeserve.evaluation import Decode, Encode, encode_all
 from vaeserve.layout import ImageLayout
+from vaeserve.likelihoods import BERNOULLI, Likelihood
 from vaeserve.prior import STANDARD, Prior
 
 
@@ -71,13 +71,12 @@ def posterior_predictive(
     image_shape: tuple[int, ...],
     path: Path,
     rng: np.random.Generator,
-    likelihood: str = "bernoulli",
+    likelihood: Likelihood = BERNOULLI,
 ) -> Path:
     """Originals beside E[x|z] and a sample of p(x|z), z ~ q(z|x)."""
     mean, stddev = encode(x)
     logits = decode(mean + stddev * rng.standard_normal(mean.shape, dtype=np.float32))
-    probs = likelihood_mean(logits, likelihood)
-    samples = likelihood_sample(logits, likelihood, rng)
+    probs, samples = likelihood.mean(logits), likelihood.sample(logits, rng)
     cols = int(np.ceil(np.sqrt(len(x))))
     panels = [("originals", x), ("means", probs), ("samples", samples)]
     return save_panels(
@@ -92,13 +91,12 @@ def prior_predictive(
     image_shape: tuple[int, ...],
     path: Path,
     rng: np.random.Generator,
-    likelihood: str = "bernoulli",
+    likelihood: Likelihood = BERNOULLI,
     prior: Prior = STANDARD,
 ) -> Path:
     """E[x|z] and samples of p(x|z) for z ~ p(z), the model's prior."""
     logits = decode(prior.sample(count, latent_size, rng))
-    probs = likelihood_mean(logits, likelihood)
-    samples = likelihood_sample(logits, likelihood, rng)
+    probs, samples = likelihood.mean(logits), likelihood.sample(logits, rng)
     cols = int(np.ceil(np.sqrt(count)))
     panels = [
         ("means", tile(probs, image_shape, cols)),
@@ -116,14 +114,14 @@ def latent_manifold(
     path: Path,
     steps: int = 20,
     extent: float = 2.5,
-    likelihood: str = "bernoulli",
+    likelihood: Likelihood = BERNOULLI,
 ) -> Path:
     """Decode a grid over two latent dimensions, the others at zero."""
     axis = np.linspace(-extent, extent, steps, dtype=np.float32)
     z = np.zeros((steps * steps, latent_size), dtype=np.float32)
     grid = np.stack(np.meshgrid(axis, axis[::-1]), axis=-1).reshape(-1, 2)
     z[:, dims[0]], z[:, dims[1]] = grid[:, 0], grid[:, 1]
-    mosaic = tile(likelihood_mean(decode(z), likelihood), image_shape, steps)
+    mosaic = tile(likelihood.mean(decode(z)), image_shape, steps)
     return save_panels(
         [(f"z[{dims[0]}] →, z[{dims[1]}] ↑", mosaic)], path, f"Latent manifold over [−{extent}, {extent}]²"
     )
@@ -156,7 +154,7 @@ def model_pictures(
     image_shape: tuple[int, ...],
     out_dir: Path,
     seed: int = 0,
-    likelihood: str = "bernoulli",
+    likelihood: Likelihood = BERNOULLI,
     prior: Prior = STANDARD,
 ) -> list[Path]:
     """The four uses of the model as PNGs in ``out_dir`` (rows that are flat vectors, not

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vaeserve.errors import RepositoryError
+from vaeserve.errors import ConfigError, RepositoryError
+from vaeserve.layout import ImageLayout
+from vaeserve.likelihoods import Likelihood, likelihood
 from vaeserve.manifest import MANIFEST, SCHEMA_VERSION, FileRecord, Manifest
 from vaeserve.prior import STANDARD, Prior
 
@@ -74,8 +76,12 @@ class ModelVersion:
         return self.manifest.image_shape
 
     @property
-    def likelihood(self) -> str:
-        return self.manifest.likelihood
+    def likelihood(self) -> Likelihood:
+        """p(x|z), the registered part the manifest names."""
+        try:
+            return likelihood(self.manifest.likelihood, **self.manifest.likelihood_options)
+        except (ConfigError, TypeError) as exc:
+            raise RepositoryError(f"{self.path}: manifest likelihood: {exc}") from None
 
     @property
     def variants(self) -> list[str]:
@@ -163,6 +169,14 @@ def _load_version(path: Path) -> ModelVersion:
         raise RepositoryError(
             f"{path}: its manifest is {manifest.name}/{manifest.version}; a version folder "
             "holds its own export (vae export --version N writes it there)"
+        )
+    layout = ImageLayout.of(manifest.image_shape)
+    if layout is not None and layout.channels > 1 and "row_shape" not in manifest.architecture:
+        # Exports before colour rows were channels first read rows channels last: served now,
+        # every colour input would be read in the wrong order.
+        raise RepositoryError(
+            f"{path}: a colour model exported before vaeserve's rows were channels first (vaeserve.layout); "
+            "its inputs would be read in the wrong order: train and export it again"
         )
     for record in manifest.files():
         verify_file(path / record.file, record)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vaeserve.errors import TensorError
+from vaeserve.layout import to_rows
 
 Buffer = bytes | bytearray | memoryview
 
@@ -21,19 +22,32 @@ Buffer = bytes | bytearray | memoryview
 @dataclass(frozen=True)
 class Rows:
     """What one input of a model takes: [N, columns] rows with 1 <= N <= max_rows, raw uint8
-    pixels when ``uint8``, float32 values finite and within [low, high] when those are given."""
+    pixels when ``uint8``, float32 values finite and within [low, high] when those are given.
+    A model whose graphs take images also takes them as [N, *image] (``image``: [C, H, W],
+    channels first, vaeserve.layout), read as the same rows."""
 
     columns: int
     max_rows: int | None = None
     uint8: bool = True
     low: float | None = None
     high: float | None = None
+    image: tuple[int, ...] = ()
 
 
 def check_shape(shape: Sequence[int], field: str, expect: Rows) -> tuple[int, int]:
-    """[N, columns] with 1 <= N <= max_rows, or a TensorError saying which part is wrong."""
+    """[N, columns] (or [N, *image]) with 1 <= N <= max_rows, as rows [N, columns]; or a
+    TensorError saying which part is wrong."""
     shape = tuple(shape)
     columns = expect.columns
+    if expect.image and len(shape) == len(expect.image) + 1:
+        if shape[1:] != expect.image:
+            c, h, w = expect.image
+            hint = "; channels last? array.transpose(0, 3, 1, 2)" if shape[1:] == (h, w, c) else ""
+            raise TensorError(
+                f"{field}: shape {list(shape)}; this model takes images [N, {c}, {h}, {w}] (channels "
+                f"first) or rows [N, {columns}]{hint}"
+            )
+        shape = (shape[0], columns)
     if len(shape) != 2:
         hint = ""
         if len(shape) > 2 and math.prod(shape[1:]) == columns:
@@ -86,12 +100,14 @@ def refuse_binary_uint8(pixels: np.ndarray, field: str) -> None:
         )
 
 
-def as_rows(array: np.ndarray, field: str) -> np.ndarray:
+def as_rows(array: np.ndarray, field: str, image_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Input rows as every entry point reads them (the Python client, `vae embed`, the console's
     server): one set of rules.
 
-    Shape: [N, D] as it is; images [N, H, W] or [N, H, W, C] are flattened per row; a single row
-    [D] (one image or feature vector) is [1, D].
+    Shape: [N, D] as it is; images [N, H, W], [N, H, W, C] (channels last) or [N, C, H, W]
+    (channels first) become rows channels first as the model of ``image_shape`` reads them
+    (vaeserve.layout; unknown ``image_shape``: flattened per row); a single row [D] (one image or
+    feature vector) is [1, D].
     dtype: uint8 is pixels 0-255; other integer types are pixels too, when within 0-255 (made
     uint8); bool is 0/1 values (float32); floating point is model inputs in [0, 1] (float32).
     uint8 or integer rows holding only 0 and 1 are refused (see refuse_binary_uint8)."""
@@ -104,7 +120,7 @@ def as_rows(array: np.ndarray, field: str) -> np.ndarray:
     if array.ndim == 1:
         array = array.reshape(1, -1)
     elif array.ndim > 2:
-        array = array.reshape(len(array), -1)
+        array = to_rows(array, image_shape, field)
     if array.dtype == np.uint8:
         refuse_binary_uint8(array, field)
         return array

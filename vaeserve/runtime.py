@@ -108,7 +108,10 @@ class OnnxPair:
         self.encoder = open_session(encoder, providers or [CPU], threads)
         self.decoder = open_session(decoder, providers or [CPU], threads)
         self.provider = self.encoder.get_providers()[0]
-        self.input_size = int(self.encoder.get_inputs()[0].shape[-1])
+        # One row as the encoder takes it: [D], or an image [C, H, W] (vaeserve.layout). Rows
+        # everywhere else are flat [N, D], channels first: the graph's shapes are views of them.
+        self.row_shape = tuple(int(d) for d in self.encoder.get_inputs()[0].shape[1:])
+        self.input_size = math.prod(self.row_shape)
         self.latent_size = int(self.decoder.get_inputs()[0].shape[-1])
 
     @classmethod
@@ -130,13 +133,15 @@ class OnnxPair:
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Latent mean and stddev [N, M] of float32 inputs [N, D]."""
-        mean, stddev = self.encoder.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, *self.row_shape)
+        mean, stddev = self.encoder.run(None, {"x": x})
         return mean, stddev
 
     def decode(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bernoulli logits and probabilities [N, D] of latents [N, M]."""
+        """The likelihood's parameters [N, P·D] (Bernoulli logits) and E[x|z] [N, D] of latents
+        [N, M], as rows."""
         logits, probs = self.decoder.run(None, {"z": np.ascontiguousarray(z, dtype=np.float32)})
-        return logits, probs
+        return logits.reshape(len(logits), -1), probs.reshape(len(probs), -1)
 
     def decode_logits(self, z: np.ndarray) -> np.ndarray:
         return self.decode(z)[0]

@@ -4,6 +4,10 @@
 |--------------------|---------------------------------|--------------------------------------|
 | NAME-encoder       | x [N, D] FP32 in [0, 1] or UINT8 | mean, stddev [N, M] (+ z with sample) |
 | NAME-decoder       | z [N, M] FP32                   | probs [N, D] (+ samples with sample)  |
+
+(A model whose rows are images also takes x as [N, C, H, W]; one whose graphs take images, a
+conv model, shows x so and answers probs and samples as [N, C, H, W].)
+
 | NAME-reconstruct   | x as above                      | probs, samples, latents               |
 | NAME-sample-prior  | count [1] INT64                 | latents, probs, samples               |
 | NAME-score         | x as above                      | elbo, log_px, complexity_bits, ood_score [N] |
@@ -23,7 +27,7 @@ import numpy as np
 
 from vaeserve.errors import ModelNotFoundError, RequestError
 from vaeserve.rows import Rows
-from vaeserve.service.dataplane import SAMPLE_DTYPES, ModelRegistry, ServedModel
+from vaeserve.service.dataplane import ModelRegistry, ServedModel
 from vaeserve.service.metrics import CALL_MODEL
 
 PLATFORM = "vaeserve"
@@ -103,7 +107,8 @@ class Kind:
 
 
 def _x(model: ServedModel) -> tuple[Input, ...]:
-    return (Input(TensorSpec("x", ("FP32", "UINT8"), (-1, model.version.input_size)), model.pixels),)
+    """Rows [N, D], or images [N, C, H, W] (shown so for a model whose graphs take images)."""
+    return (Input(TensorSpec("x", ("FP32", "UINT8"), (-1, *model.row_shape)), model.pixels),)
 
 
 def _z(model: ServedModel) -> tuple[Input, ...]:
@@ -115,9 +120,9 @@ def _count(model: ServedModel) -> tuple[Input, ...]:
 
 
 def _specs(model: ServedModel, *outputs: tuple[str, str, str]) -> tuple[TensorSpec, ...]:
-    """(name, datatype, "D" or "M") → TensorSpec of shape [-1, D or M]."""
-    size = {"D": model.version.input_size, "M": model.version.latent_size}
-    return tuple(TensorSpec(name, (datatype,), (-1, size[width])) for name, datatype, width in outputs)
+    """(name, datatype, "D" or "M") → TensorSpec of shape [-1, *row] (images: [-1, C, H, W]) or [-1, M]."""
+    size = {"D": model.row_shape, "M": (model.version.latent_size,)}
+    return tuple(TensorSpec(name, (datatype,), (-1, *size[width])) for name, datatype, width in outputs)
 
 
 async def _encode(model: ServedModel, inputs, params: Params, asked: frozenset[str]):
@@ -141,8 +146,8 @@ def _per_row(*names: str) -> tuple[TensorSpec, ...]:
 
 
 def _samples(model: ServedModel) -> tuple[str, str, str]:
-    """uint8 0/1 from a Bernoulli model, float32 intensities from a continuous one."""
-    return ("samples", SAMPLE_DTYPES[model.likelihood], "D")
+    """uint8 0/1 from a Bernoulli model, float32 values in [0, 1] from the others."""
+    return ("samples", model.likelihood.sample_dtype, "D")
 
 
 async def _sample_prior(model: ServedModel, inputs, params: Params, asked: frozenset[str]):

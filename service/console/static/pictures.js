@@ -11,8 +11,9 @@ export function shapeOf(m) {
   return { kind: "flat", height: 1, width: (m && m.input_size) || 0 };
 }
 
-// Rows of values in [0, 1] (row-major, ``width`` each) as images scaled up without smoothing, or,
-// for flat-feature models, as one heat map of rows × features.
+// Rows of values in [0, 1] (an image's row is channels first, [C, H, W] flattened, as the wire
+// carries it: vaeserve/layout.py) as images scaled up without smoothing, or, for flat-feature
+// models, as one heat map of rows × features.
 export function drawRows(container, values, rows, m, extraClass = "") {
   const shape = shapeOf(m);
   const size = values.length / rows;
@@ -29,10 +30,11 @@ export function drawRows(container, values, rows, m, extraClass = "") {
     canvas.height = shape.height;
     canvas.className = `tile ${extraClass}`;
     const image = canvas.getContext("2d").createImageData(shape.width, shape.height);
-    const channels = shape.kind === "rgb" ? 3 : 1;
-    for (let p = 0; p < shape.width * shape.height; p++) {
+    const plane = shape.width * shape.height;
+    const colour = shape.kind === "rgb";
+    for (let p = 0; p < plane; p++) {
       for (let c = 0; c < 3; c++) {
-        image.data[4 * p + c] = Math.round(255 * values[r * size + p * channels + (channels === 3 ? c : 0)]);
+        image.data[4 * p + c] = Math.round(255 * values[r * size + (colour ? c * plane : 0) + p]);
       }
       image.data[4 * p + 3] = 255;
     }
@@ -58,7 +60,7 @@ function heatMap(values, rows, size) {
 }
 
 // An image → the model's input: drawn at the model's height × width over black, in grey (or
-// colour), 8-bit, as the server's UINT8 input takes it.
+// colour), 8-bit, channels first, as the server's UINT8 input takes it.
 export function toPixels(source, m, invert) {
   const shape = shapeOf(m);
   const canvas = document.createElement("canvas");
@@ -71,11 +73,12 @@ export function toPixels(source, m, invert) {
   context.drawImage(source, 0, 0, shape.width, shape.height);
   const rgba = context.getImageData(0, 0, shape.width, shape.height).data;
   const channels = shape.kind === "rgb" ? 3 : 1;
-  const pixels = new Uint8Array(shape.width * shape.height * channels);
-  for (let p = 0; p < shape.width * shape.height; p++) {
+  const plane = shape.width * shape.height;
+  const pixels = new Uint8Array(plane * channels);
+  for (let p = 0; p < plane; p++) {
     const [r, g, b] = [rgba[4 * p], rgba[4 * p + 1], rgba[4 * p + 2]];
     const values = channels === 3 ? [r, g, b] : [Math.round(0.299 * r + 0.587 * g + 0.114 * b)];
-    values.forEach((v, c) => (pixels[p * channels + c] = invert ? 255 - v : v));
+    values.forEach((v, c) => (pixels[c * plane + p] = invert ? 255 - v : v));
   }
   return pixels;
 }
