@@ -262,3 +262,49 @@ def test_a_colour_conv_vae_takes_and_gives_images_channels_first(colour_repo: Pa
     assert "channels last? array.transpose(0, 3, 1, 2)" in refused.value.read().decode()
     with pytest.raises(TensorError, match=r"\[N, 32, 32, 3\] \(channels last"):
         ImageLayout.of((32, 32, 3)).rows(pixels[:, :16])
+
+    # For Triton: the configs declare the graphs' image dimensions.
+    triton = tmp_path / "triton"
+    command = ["export-triton", "--repo", str(colour_repo), "--name", "photos", "--out", str(triton)]
+    done = subprocess.run(
+        [sys.executable, "-m", "vaeserve.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "dims: [ 3, 32, 32 ]" in (triton / "photos-encoder" / "config.pbtxt").read_text()
+    decoder = (triton / "photos-decoder" / "config.pbtxt").read_text()
+    assert "dims: [ 18, 32, 32 ]" in decoder and "dims: [ 3, 32, 32 ]" in decoder  # logits: 3K·C, K = 2
+
+
+def test_the_console_draws_a_colour_model_in_colour(colour_repo: Path, tmp_path: Path) -> None:
+    """The console's sample grid of the colour model in headless Chromium: 32×32 canvases whose
+    pixels are the server's seeded SamplePrior means, channel for channel (a console that read
+    rows channels last would draw other colours in other places)."""
+    from vaeserve import sandbox
+    from vaeserve.client import VaeClient
+
+    missing = sandbox.chromium_missing()
+    if missing:
+        pytest.skip(missing)
+    from selenium.webdriver.support.ui import WebDriverWait
+    with servers.running(colour_repo, tmp_path / "serve.log") as server:
+        with VaeClient(server.target) as client:
+            probs = client.sample_prior(16, seed=0)["probs"]  # the console's first grid: seed 0, 16
+        driver = sandbox.start_chromium()
+        try:
+            driver.get(f"http://{server.http}/")
+            count = "return document.querySelectorAll('#sample-grid canvas').length"
+            WebDriverWait(driver, 60, poll_frequency=0.05).until(lambda d: d.execute_script(count) == 16)
+            drawn = driver.execute_script(
+                "return [...document.querySelectorAll('#sample-grid canvas')].map(c => [c.width, c.height, "
+                "Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)])"
+            )
+        finally:
+            driver.quit()
+    assert [(w, h) for w, h, _ in drawn] == [(32, 32)] * 16
+    rgba = np.array([pixels for _, _, pixels in drawn], np.int16).reshape(16, 32, 32, 4)
+    expected = np.round(255 * probs.transpose(0, 2, 3, 1)).astype(np.int16)  # [N, C, H, W] → [N, H, W, C]
+    assert np.abs(rgba[..., :3] - expected).max() <= 1
+    assert np.abs(rgba[..., 0] - rgba[..., 2]).max() > 20  # in colour, not grey
