@@ -85,6 +85,7 @@ def export_model(request: ExportRequest, progress: bool = False) -> ModelVersion
         raise ExportError(f"--version {request.version}: versions are positive integers")
     source = checkpoint.resolve(request.checkpoint)
     state = checkpoint.load(source)
+    variants.check_for(state["config"].get("architecture", "mlp"), request.variants)
     model_dir = request.repo / request.name
     version = request.version or next_version(model_dir)
     target = model_dir / str(version)

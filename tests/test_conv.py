@@ -148,19 +148,25 @@ COLOUR = {
 
 
 @pytest.fixture(scope="module")
-def colour_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def colour_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A conv VAE with a discretized logistic likelihood, trained on patches of a real colour
-    photograph (vaeserve.datasets.photo_patches), exported."""
+    photograph (vaeserve.datasets.photo_patches)."""
     from vaeserve.datasets import photo_patches
-    from vaeserve.export.exporter import ExportRequest, export_model
     from vaeserve.training.config import resolve_config
     from vaeserve.training.trainer import start_or_resume
 
     run = tmp_path_factory.mktemp("colour_run")
     config = resolve_config("seed", None, COLOUR)
     start_or_resume(config, photo_patches(2000, 300), run, resume=False, progress=False).run()
+    return run
+
+
+@pytest.fixture(scope="module")
+def colour_repo(tmp_path_factory: pytest.TempPathFactory, colour_run: Path) -> Path:
+    from vaeserve.export.exporter import ExportRequest, export_model
+
     repo = tmp_path_factory.mktemp("colour_models")
-    export_model(ExportRequest(run, repo, "photos", iw_samples=10))
+    export_model(ExportRequest(colour_run, repo, "photos", iw_samples=10))
     return repo
 
 
@@ -289,6 +295,7 @@ def test_the_console_draws_a_colour_model_in_colour(colour_repo: Path, tmp_path:
     if missing:
         pytest.skip(missing)
     from selenium.webdriver.support.ui import WebDriverWait
+
     with servers.running(colour_repo, tmp_path / "serve.log") as server:
         with VaeClient(server.target) as client:
             probs = client.sample_prior(16, seed=0)["probs"]  # the console's first grid: seed 0, 16
@@ -308,3 +315,18 @@ def test_the_console_draws_a_colour_model_in_colour(colour_repo: Path, tmp_path:
     expected = np.round(255 * probs.transpose(0, 2, 3, 1)).astype(np.int16)  # [N, C, H, W] → [N, H, W, C]
     assert np.abs(rgba[..., :3] - expected).max() <= 1
     assert np.abs(rgba[..., 0] - rgba[..., 2]).max() > 20  # in colour, not grey
+
+
+def test_int8_is_refused_for_conv_graphs_in_one_line(colour_run: Path, tmp_path: Path) -> None:
+    """int8 conv graphs run as ConvInteger, several times slower than fp32 on CPU: `vae export
+    --variants int8` of a conv run says so and writes nothing."""
+    command = ["export", "--checkpoint", str(colour_run), "--repo", str(tmp_path), "--name", "x"]
+    done = subprocess.run(
+        [sys.executable, "-m", "vaeserve.cli", *command, "--variants", "int8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--variants int8: not built for the conv architecture" in done.stderr
+    assert "ConvInteger" in done.stderr and not (tmp_path / "x" / "1").exists()

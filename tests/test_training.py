@@ -174,3 +174,15 @@ def test_early_stopping_and_time_budget(mnist, tmp_path: Path) -> None:
 def test_best_preset_is_a_valid_config() -> None:
     config = resolve_config("best", None, {})
     assert config.binarization == "dynamic" and config.objective == "iwae" and config.max_minutes
+    conv = resolve_config("conv", None, {})
+    assert conv.architecture == "conv" and conv.optimizer == "adam" and conv.max_minutes == config.max_minutes
+
+
+def test_an_architecture_brings_its_defaults_to_a_preset_made_for_another() -> None:
+    """The presets are the MLP's: `--architecture conv` on one takes conv's optimiser, initialiser,
+    learning rate and latent size (the seed's diverge on it), unless a flag sets them."""
+    config = resolve_config("seed", None, {"architecture": "conv"})
+    assert (config.optimizer, config.init, config.lr, config.latent_size) == ("adam", "torch", 2e-3, 32)
+    chosen = resolve_config("seed", None, {"architecture": "conv", "optimizer": "tf1-rmsprop", "lr": 1e-4})
+    assert (chosen.optimizer, chosen.lr, chosen.init) == ("tf1-rmsprop", 1e-4, "torch")
+    assert resolve_config("seed", None, {}).optimizer == "tf1-rmsprop"  # the MLP keeps the seed's

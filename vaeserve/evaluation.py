@@ -33,6 +33,10 @@ ACTIVE_UNIT_THRESHOLD = 1e-2
 # 16,384 rows of 784 Bernoulli logits, 51 MB of float32, so a few such arrays keep memory
 # bounded whatever k, the row's size and the split size are.
 BLOCK_VALUES = 16_384 * 784
+# Rows per run of a graph: a conv network's activations are channels × H × W per row (32 × 28 × 28
+# floats, 100 KB, at its first stage), so 16,384 rows at once held gigabytes per layer and a conv
+# MNIST model's export was killed for memory; an MLP's runs cost the same in these pieces.
+GRAPH_ROWS = 1024
 # numpy and the runtimes release the GIL, so blocks overlap on the machine's cores.
 WORKERS = 2
 
@@ -62,7 +66,7 @@ class Evaluation:
         return asdict(self)
 
 
-def encode_all(encode: Encode, x: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def encode_all(encode: Encode, x: np.ndarray, rows: int = GRAPH_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """Latent means and stddevs of every row, computed in chunks."""
     parts = [encode(x[i : i + rows]) for i in range(0, len(x), rows)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -88,7 +92,9 @@ def importance_weights(
     """log p(x|z_i) and log p(x, z_i)/q(z_i|x) for z_i = mean + stddev·ε_i; shapes [B, k]."""
     z = mean[:, None, :] + stddev[:, None, :] * eps
     batch, k, latent = z.shape
-    logits = decode(z.reshape(batch * k, latent)).reshape(batch, k, -1)
+    flat = z.reshape(batch * k, latent)
+    logits = np.concatenate([decode(flat[i : i + GRAPH_ROWS]) for i in range(0, len(flat), GRAPH_ROWS)])
+    logits = logits.reshape(batch, k, -1)
     log_px_z = likelihood.log_prob(x[:, None, :], logits)
     return log_px_z, log_px_z + prior.log_ratio(z, eps, stddev)
 
