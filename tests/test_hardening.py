@@ -74,7 +74,12 @@ def test_token_less_held_calls_and_watch_streams_starve_no_one(guarded) -> None:
         encode_s, check_s = authenticated_calls_answer(guarded.target, 3.0)
         assert encode_s < 3 and check_s < 3
         refused = [call.exception(timeout=30) for call in calls]
-        assert all(e is not None and e.code() == grpc.StatusCode.UNAUTHENTICATED for e in refused)
+        # Each is refused: on its headers (UNAUTHENTICATED), or, sent before the client learnt the
+        # connection's stream limit (a quarter of --max-concurrent-rpcs), refused by HTTP/2 as the
+        # Watch streams below can be (UNAVAILABLE, REFUSED_STREAM): a race of the client's.
+        codes = [None if e is None else e.code() for e in refused]
+        assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE}, set(codes)
+        assert codes.count(grpc.StatusCode.UNAUTHENTICATED) >= HELD // 4
         first = []
         for stream in watches:
             try:

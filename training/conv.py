@@ -26,7 +26,7 @@ from vaeserve.errors import ConfigError
 from vaeserve.layout import ImageLayout
 from vaeserve.training.architectures import Networks
 from vaeserve.training.config import TrainConfig
-from vaeserve.training.mlp import ACTIVATIONS, outputs
+from vaeserve.training.mlp import ACTIVATIONS, outputs, seed_init
 
 
 def image_layout(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -140,7 +140,7 @@ class Conv:
         last convolution starts at zero."""
         for network in (networks.encoder, networks.decoder):
             if init == "seed":
-                network.apply(_seed_init)
+                network.apply(seed_init)
             for module in network.modules():
                 if isinstance(module, Residual):
                     last = module.branch[-1]
@@ -169,14 +169,6 @@ class Conv:
             "conv_blocks": blocks,
             "activation": activation,
         }
-
-
-def _seed_init(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear | nn.Conv2d):
-        fan_in = module.weight[0].numel()
-        with torch.no_grad():
-            module.weight.normal_(0.0, 2.0 / math.sqrt(fan_in))
-            module.bias.zero_()
 
 
 ARCHITECTURE = Conv()

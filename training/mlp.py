@@ -49,8 +49,8 @@ class Mlp:
 
     def initialise(self, networks: Networks, init: str) -> None:
         if init == "seed":
-            networks.encoder.apply(_seed_init)
-            networks.decoder.apply(_seed_init)
+            networks.encoder.apply(seed_init)
+            networks.decoder.apply(seed_init)
 
     def describe(
         self, config: dict[str, Any], image_shape: tuple[int, ...], latent_size: int, params: int = 1
@@ -72,11 +72,13 @@ def outputs(params: int) -> str:
     return "logits" if params == 1 else f"the likelihood's {params} parameters per value"
 
 
-def _seed_init(module: nn.Module) -> None:
-    # The TF1 program's initialiser: W ~ N(0, 1) · 2/√fan_in, b = 0.
-    if isinstance(module, nn.Linear):
+def seed_init(module: nn.Module) -> None:
+    """The TF1 program's initialiser, W ~ N(0, 1) · 2/√fan_in and b = 0, on a dense or a
+    convolutional layer (fan_in: the inputs of one output, kernel included)."""
+    if isinstance(module, nn.Linear | nn.Conv2d):
+        fan_in = module.weight[0].numel()
         with torch.no_grad():
-            module.weight.normal_(0.0, 2.0 / math.sqrt(module.in_features))
+            module.weight.normal_(0.0, 2.0 / math.sqrt(fan_in))
             module.bias.zero_()
 
 
