@@ -70,6 +70,48 @@ def register_triton(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=export_triton_command)
 
 
+def register_import(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "import",
+        help="import a diffusers AutoencoderKL or AutoencoderTiny (latent diffusion) as a version",
+        description="Export a folder written by diffusers' save_pretrained (config.json and weights) of an "
+        "AutoencoderKL (Stable Diffusion, SDXL, SD3, FLUX) or AutoencoderTiny (TAESD) as encoder and decoder "
+        "ONNX graphs with dynamic batch, height and width, checked against diffusers on the same weights, "
+        "into REPO/NAME/VERSION. Needs the diffusers extra; serving it does not.",
+    )
+    parser.add_argument(
+        "--diffusers", type=Path, required=True, metavar="DIR", help="the autoencoder's folder"
+    )
+    parser.add_argument("--repo", type=Path, required=True, help="model repository folder")
+    parser.add_argument("--name", required=True, help="model name (letters, digits, '.', '_', '-')")
+    parser.add_argument("--version", type=int, help="version number (default: the next free one)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --version")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="fp16: also float16 graphs (for CUDA), their parity with diffusers recorded",
+    )
+    parser.set_defaults(handler=import_command)
+
+
+def import_command(args: argparse.Namespace) -> int:
+    require("vae import", "diffusers", "diffusers", "torch", "onnx")
+    from vaeserve.export.diffusers_import import ImportRequest, import_autoencoder
+
+    chosen = tuple(v for v in args.variants.split(",") if v)
+    request = ImportRequest(args.diffusers, args.repo, args.name, args.version, args.force, chosen)
+    version = import_autoencoder(request)
+    manifest, record = version.manifest, version.manifest.autoencoder
+    worst = max(manifest.parity["max_abs_diff"].values())
+    shift = f", shift {record.shift_factor:g}" if record.shift_factor else ""
+    print(
+        f"imported {version.path}: {record.diffusers_class}, {record.latent_channels} latent channels at 1/"
+        f"{record.downscale} of the image's side, scaling {record.scaling_factor:g}{shift}; parity with "
+        f"diffusers {worst:.1e}; variants {', '.join(version.variants)}"
+    )
+    return 0
+
+
 def register_label(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "label",

@@ -94,7 +94,7 @@ def export_model(request: ExportRequest, progress: bool = False) -> ModelVersion
     model_dir.mkdir(parents=True, exist_ok=True)
     sweep_stale(model_dir)
     with disk_full_said(model_dir):
-        staging = staging_dir(f".staging-{version}-{_owner()}-", model_dir)
+        staging = staging_dir(f".staging-{version}-{owner()}-", model_dir)
         try:
             build_version(request, state, source, version, staging, progress)
             load_version(staging)  # the manifest describes exactly the files we wrote
@@ -154,7 +154,7 @@ def build_version(
         likelihood_options=likelihood_options(model.likelihood),
         opset=graphs.OPSET,
         exporter=f"torch.onnx dynamo exporter, torch {torch.__version__}, onnx {onnx.__version__}",
-        graphs={role: _graph_record(path) for role, path in (("encoder", encoder), ("decoder", decoder))},
+        graphs={role: graph_record(path) for role, path in (("encoder", encoder), ("decoder", decoder))},
         parity={
             "batch_sizes": list(checks.PARITY_BATCH_SIZES),
             "tolerance": checks.PARITY_TOLERANCE,
@@ -199,7 +199,7 @@ def stopped_early(state: dict[str, Any]) -> str | None:
     return f"trained {trained} of {planned} planned epochs: {why}"
 
 
-def _graph_record(path: Path) -> FileRecord:
+def graph_record(path: Path) -> FileRecord:
     record = file_record(path)
     return FileRecord(record.file, record.size, record.sha256, graphs.io_signature(onnx.load(path)))
 
@@ -276,7 +276,7 @@ def evaluate_pair(
 _LEFTOVER = re.compile(r"^\.(?:staging|retired)-.+?-(\d+)@(.+)-[a-z0-9_]+$")
 
 
-def _owner() -> str:
+def owner() -> str:
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
@@ -302,7 +302,7 @@ def _running(pid: int) -> bool:
 def publish(staging: Path, target: Path) -> None:
     """Rename the checked staging folder into place; an old version (--force) goes only after."""
     if target.exists():
-        retired = target.with_name(f".retired-{target.name}-{_owner()}-old")
+        retired = target.with_name(f".retired-{target.name}-{owner()}-old")
         os.rename(target, retired)
         os.rename(staging, target)
         shutil.rmtree(retired, ignore_errors=True)

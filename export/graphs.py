@@ -87,7 +87,19 @@ def export_graph(
 ) -> onnx.ModelProto:
     """Export ``module`` with a dynamic batch dimension, stamp metadata, save to ``path``."""
     batch = torch.export.Dim("batch", min=1)
-    example = (torch.zeros(2, *row),)
+    return export_module(module, (torch.zeros(2, *row),), io, ({0: batch},), path, metadata)
+
+
+def export_module(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    io: tuple[list[str], list[str]],
+    dynamic_shapes: tuple[dict, ...],
+    path: Path,
+    metadata: dict[str, str],
+) -> onnx.ModelProto:
+    """Export ``module`` traced on ``example`` with the ``dynamic_shapes`` of torch.export (batch,
+    and for image autoencoders height and width), stamp metadata, save to ``path``."""
     with warnings.catch_warnings(), _quiet_torch_onnx():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -98,7 +110,7 @@ def export_graph(
             opset_version=OPSET,
             input_names=io[0],
             output_names=io[1],
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=dynamic_shapes,
             verbose=False,
         )
     proto = program.model_proto

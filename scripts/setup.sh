@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 # What the host installs: everything but the CUDA image's onnxruntime-gpu.
-SETS=(--extra train --extra embed --extra store --extra ray --extra test
+SETS=(--extra train --extra diffusers --extra embed --extra store --extra ray --extra test
       --group build --group peers --group tools)
 
 "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register_evaluate(subparsers)
     export_cli.register(subparsers)
     export_cli.register_triton(subparsers)
+    export_cli.register_import(subparsers)
     export_cli.register_label(subparsers)
     service_cli.register(subparsers)
     service_cli.register_health(subparsers)

@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vaeserve.errors import RepositoryError
+from vaeserve.tiling import Tiling
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
@@ -53,6 +54,45 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class ImportedAutoencoder:
+    """A latent-diffusion autoencoder imported from diffusers (``vae import --diffusers``): images
+    [N, 3, H, W] in [−1, 1] to latents [N, C, H/f, W/f] and back, at any size the model takes."""
+
+    diffusers_class: str  # AutoencoderKL or AutoencoderTiny
+    config: dict[str, Any]  # the folder's config.json, as diffusers read it
+    latent_channels: int
+    downscale: int  # f: pixels per latent along a side
+    scaling_factor: float  # a pipeline's latents are (z − shift_factor) · scaling_factor
+    shift_factor: float
+    stochastic: bool  # AutoencoderKL: a Gaussian q(z|x); AutoencoderTiny: latents, stddev 0
+    tiling: Tiling
+    image_channels: int = 3
+    pixel_range: tuple[float, float] = (-1.0, 1.0)
+    source: dict[str, Any] = field(default_factory=dict)  # folder, weights' SHA-256, diffusers' version
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any]) -> ImportedAutoencoder:
+        return cls(
+            diffusers_class=str(raw["diffusers_class"]),
+            config=dict(raw["config"]),
+            latent_channels=int(raw["latent_channels"]),
+            downscale=int(raw["downscale"]),
+            scaling_factor=float(raw["scaling_factor"]),
+            shift_factor=float(raw["shift_factor"]),
+            stochastic=bool(raw["stochastic"]),
+            tiling=Tiling.parse(raw["tiling"]),
+            image_channels=int(raw.get("image_channels", 3)),
+            pixel_range=tuple(float(v) for v in raw.get("pixel_range", (-1.0, 1.0))),
+            source=dict(raw.get("source", {})),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw.update(tiling=self.tiling.to_dict(), pixel_range=list(self.pixel_range))
+        return raw
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: int
@@ -77,6 +117,8 @@ class Manifest:
     evaluation: dict[str, Any] = field(default_factory=dict)
     score_reference: dict[str, Any] = field(default_factory=dict)
     source_checkpoint: dict[str, Any] = field(default_factory=dict)
+    # An imported latent-diffusion autoencoder; None for the VAEs vaeserve trains
+    autoencoder: ImportedAutoencoder | None = None
     schema_version: int = SCHEMA_VERSION
     unknown: dict[str, Any] = field(default_factory=dict)  # keys of a newer vaeserve, kept
 
@@ -115,6 +157,8 @@ class Manifest:
             )
             if raw.get("prior") is not None:
                 values["prior"] = FileRecord.parse(raw["prior"])
+            if raw.get("autoencoder") is not None:
+                values["autoencoder"] = ImportedAutoencoder.parse(raw["autoencoder"])
             for variant in raw.get("variants", {}).values():
                 [FileRecord.parse(variant[role]) for role in ROLES]
         except (KeyError, TypeError, ValueError) as exc:
@@ -127,6 +171,7 @@ class Manifest:
             image_shape=list(self.image_shape),
             graphs={r: g.to_dict() for r, g in self.graphs.items()},
             prior=None if self.prior is None else self.prior.to_dict(),
+            autoencoder=None if self.autoencoder is None else self.autoencoder.to_dict(),
         )
         return {**raw, **self.unknown}
 
