@@ -58,9 +58,12 @@ class ModelSummary:
     max_batch_rows: int
     is_default: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    family: str = "vae"  # or "autoencoder": imported by vae import --diffusers (service.autoencoders)
 
 
 class ServedModel:
+    family = "vae"
+
     def __init__(
         self,
         version: ModelVersion,
@@ -116,6 +119,18 @@ class ServedModel:
         return Batcher(
             runner, name, self.settings.batch_max_rows, delay, self.settings.max_queue_rows, observer
         )
+
+    @property
+    def provider(self) -> str:
+        return self.pair.provider
+
+    def start(self) -> None:
+        self.encoder.start()
+        self.decoder.start()
+
+    async def stop(self) -> None:
+        await self.encoder.stop()
+        await self.decoder.stop()
 
     def warm_up(self) -> None:
         """One run at batch 1 and one at the largest merged batch, before reporting SERVING."""
@@ -343,13 +358,11 @@ class ModelRegistry:
 
     def start(self) -> None:
         for model in self.all():
-            model.encoder.start()
-            model.decoder.start()
+            model.start()
 
     async def stop(self) -> None:
         for model in self.all():
-            await model.encoder.stop()
-            await model.decoder.stop()
+            await model.stop()
 
 
 def parallel_runs(settings: ServeSettings, provider: str) -> int:

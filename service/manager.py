@@ -54,6 +54,7 @@ from vaeserve.repository import (
     version_numbers,
 )
 from vaeserve.runtime import CPU, OnnxPair
+from vaeserve.service.autoencoders import Served, ServedAutoencoder
 from vaeserve.service.batching import Observer
 from vaeserve.service.dataplane import ModelRegistry, ServedModel
 from vaeserve.service.metrics import Metrics
@@ -91,7 +92,7 @@ class ModelManager:
     # -- at start ---------------------------------------------------------------------------------
     def _load_all(self) -> ModelRegistry:
         found = self._decided() or find_servable(self.settings, log_refusals=True)
-        models: dict[str, dict[int, ServedModel]] = {}
+        models: dict[str, dict[int, Served]] = {}
         for name, versions in found.items():
             for number, version in versions.items():
                 served = self._load_one(name, number, version)
@@ -254,13 +255,13 @@ class ModelManager:
         log.info("%s/%d: its files changed on disk and verify; serving them", name, number)
         self._add(served, signature)
 
-    def _warm(self, name: str, number: int) -> ServedModel | None:
+    def _warm(self, name: str, number: int) -> Served | None:
         served = self._load_one(name, number)
         if served is not None:
             served.warm_up()
         return served
 
-    def _load_one(self, name: str, number: int, version: ModelVersion | None = None) -> ServedModel | None:
+    def _load_one(self, name: str, number: int, version: ModelVersion | None = None) -> Served | None:
         """``_open``, or None with a log line saying why not."""
         try:
             return self._open(name, number, version)
@@ -268,12 +269,26 @@ class ModelManager:
             log.error("refusing %s: %s", self.settings.folder / name / str(number), exc)
             return None
 
-    def _open(self, name: str, number: int, version: ModelVersion | None = None) -> ServedModel:
+    def _open(self, name: str, number: int, version: ModelVersion | None = None) -> Served:
         """A version loaded and verified (checksums, shapes), ready to warm up; VaeError if not.
         ``version``: already verified (find_servable), not read again."""
         settings = self.settings
         path = settings.folder / name / str(number)
         version = version or load_version(path)
+        if version.manifest.autoencoder is not None:
+            served = ServedAutoencoder(version, settings, self.executor)
+            record = version.manifest.autoencoder
+            log.info(
+                "loaded %s: %s, %d latent channels at 1/%d, tiles of %d pixels, variant %s on %s",
+                path,
+                record.diffusers_class,
+                record.latent_channels,
+                record.downscale,
+                served.tiling.sample_tile,
+                settings.variant,
+                served.provider,
+            )
+            return served
         small = OnnxPair.load(version, settings.device, 1, settings.variant)
         # On CPU every run uses the one-thread session (large batches in parallel pieces).
         pair = small
@@ -289,7 +304,7 @@ class ModelManager:
         )
         return ServedModel(version, pair, small, settings, self.executor, self.observer)
 
-    def _add(self, served: ServedModel, signature: tuple) -> None:
+    def _add(self, served: Served, signature: tuple) -> None:
         self.registry.add(served)
         self.loaded_at[(served.version.name, served.version.version)] = signature
         self.metrics.repository_event("loaded")
@@ -379,7 +394,7 @@ class ModelManager:
             "versions": versions,
         }
 
-    def _brief(self, name: str, number: int, served: ServedModel | None) -> dict:
+    def _brief(self, name: str, number: int, served: Served | None) -> dict:
         """The manifest in brief: the loaded one's, or read from the folder (a version not
         served may still be read; one that cannot is said so)."""
         if served is not None:
@@ -417,7 +432,7 @@ class ModelManager:
             self._add(served, signature)
         self._follow_labels(name)
 
-    def _opened_warm(self, name: str, number: int) -> ServedModel:
+    def _opened_warm(self, name: str, number: int) -> Served:
         served = self._open(name, number)
         served.warm_up()
         return served

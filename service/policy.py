@@ -19,7 +19,14 @@ import hmac
 
 import grpc
 
-from vaeserve.errors import ModelNotFoundError, RepositoryError, RequestError, TensorError, VaeError
+from vaeserve.errors import (
+    ModelNotFoundError,
+    RepositoryError,
+    RequestError,
+    TensorError,
+    UnsupportedError,
+    VaeError,
+)
 from vaeserve.service.errors import (
     AbandonedError,
     AdminDisabledError,
@@ -42,6 +49,7 @@ STATUS: dict[type[Exception], Code] = {
     TensorError: Code.INVALID_ARGUMENT,
     RequestError: Code.INVALID_ARGUMENT,
     ModelNotFoundError: Code.NOT_FOUND,
+    UnsupportedError: Code.UNIMPLEMENTED,  # HTTP 501
     RegionNotFoundError: Code.NOT_FOUND,
     RegionExistsError: Code.ALREADY_EXISTS,
     SharedMemoryDisabledError: Code.FAILED_PRECONDITION,

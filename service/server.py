@@ -194,7 +194,7 @@ async def _until_signalled() -> None:
 
 
 def _describe(registry: ModelRegistry) -> str:
-    parts = [f"{m.version.name}/{m.version.version} on {m.pair.provider}" for m in registry.all()]
+    parts = [f"{m.version.name}/{m.version.version} on {m.provider}" for m in registry.all()]
     default = registry.default or "none: requests name their model"
     return ", ".join(parts) + f" (default {default})"
 

@@ -89,6 +89,16 @@ class ServeSettings:
         "names starting with this ('' allows any object the server's user can open)",
     )
     max_request_rows: int = option(4096, "most rows (or SamplePrior count) one request may carry")
+    max_request_pixels: int = option(
+        16_777_216,
+        "imported autoencoders: most pixels (images × height × width, or what a Decode or SamplePrior "
+        "would give) one request may carry; 4096 × 4096 by default",
+    )
+    tile_size: int = option(
+        0,
+        "imported autoencoders: tile side in pixels for tiled encoding and decoding (0: the model's, "
+        "as diffusers' enable_tiling() has it); a request's tile_size parameter overrides it",
+    )
     max_iw_samples: int = option(
         1000, "most importance samples k per row a Score call may ask for (rows × k decoder rows)"
     )
@@ -147,6 +157,7 @@ class ServeSettings:
         for name in (
             "batch_max_rows",
             "max_request_rows",
+            "max_request_pixels",
             "max_iw_samples",
             "max_queue_rows",
             "max_message_mb",
@@ -168,12 +179,13 @@ class ServeSettings:
                 self.heap_keep_mb,
                 self.http_port,
                 self.poll_s,
+                self.tile_size,
             )
             < 0
         ):
             raise ConfigError(
-                "--batch-max-delay-ms, --grace-s, --threads, --heap-keep-mb, --http-port and --poll-s "
-                "must not be negative"
+                "--batch-max-delay-ms, --grace-s, --threads, --heap-keep-mb, --http-port, --poll-s and "
+                "--tile-size must not be negative"
             )
         return self
 

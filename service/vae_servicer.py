@@ -14,7 +14,8 @@ from collections.abc import Callable
 from vaeserve import __version__
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import read_tensor, to_tensor
-from vaeserve.service.dataplane import ModelRegistry, ServedModel
+from vaeserve.service.autoencoders import LatentOptions, Served, options_for
+from vaeserve.service.dataplane import ModelRegistry
 from vaeserve.service.grpc_calls import rpc, stream_rpc
 from vaeserve.service.metrics import Metrics
 from vaeserve.service.shared_memory import SharedMemoryRegions
@@ -30,12 +31,19 @@ def _seed(request) -> int | None:
     return request.seed if request.HasField("seed") else None
 
 
+def _options(model: Served, request) -> tuple[LatentOptions, ...]:
+    """An imported autoencoder's options from the request (none for a VAE, which refuses them)."""
+    given = request.autoencoder
+    options = LatentOptions(given.pipeline_latents, given.tile_size, given.latent_height, given.latent_width)
+    return options_for(model, options)
+
+
 # The tensor whose first dimension counts a response's rows, for the rows-processed metric.
 _ROWS_FIELD = {
     vae_pb2.EncodeResponse: "mean",
     vae_pb2.DecodeResponse: "probs",
-    vae_pb2.ReconstructResponse: "probs",
-    vae_pb2.SamplePriorResponse: "probs",
+    vae_pb2.ReconstructResponse: "latents",
+    vae_pb2.SamplePriorResponse: "latents",
     vae_pb2.ScoreResponse: "elbo",
 }
 
@@ -46,6 +54,8 @@ def _rows(response) -> int:
         return response.rows
     field = _ROWS_FIELD.get(type(response))
     shape = getattr(response, field).shape if field else ()
+    if not shape and isinstance(response, vae_pb2.DecodeResponse):
+        shape = response.images.shape  # an imported autoencoder's
     return shape[0] if shape else 0
 
 
@@ -53,7 +63,7 @@ def _rpc(method: str) -> Callable:
     return rpc(method, PROTOCOL, _rows)
 
 
-def _ref(model: ServedModel) -> vae_pb2.ModelRef:
+def _ref(model: Served) -> vae_pb2.ModelRef:
     return vae_pb2.ModelRef(name=model.version.name, version=model.version.version)
 
 
@@ -87,7 +97,7 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     async def _encoded(self, request: vae_pb2.EncodeRequest, data: memoryview | None = None):
         model = self.registry.resolve(request.model, request.version)
         inputs = read_tensor(request.inputs, "inputs", model.pixels, self.regions.read, data)
-        return model, await model.encode(inputs, request.sample, _seed(request))
+        return model, await model.encode(inputs, request.sample, _seed(request), *_options(model, request))
 
     def _in_shared_memory(self, request, model, out: dict) -> vae_pb2.EncodeResponse:
         tensors = self.regions.write(request.output_shared_memory, out, "output_shared_memory")
@@ -97,32 +107,28 @@ class VaeServicer(vae_pb2_grpc.VaeServiceServicer):
     async def Decode(self, request: vae_pb2.DecodeRequest, context) -> vae_pb2.DecodeResponse:
         model = self.registry.resolve(request.model, request.version)
         latents = read_tensor(request.latents, "latents", model.latent_rows, self.regions.read)
-        out = await model.decode(latents, request.sample, _seed(request))
-        samples = to_tensor(out["samples"]) if "samples" in out else None
-        return vae_pb2.DecodeResponse(probs=to_tensor(out["probs"]), samples=samples, model=_ref(model))
+        out = await model.decode(latents, request.sample, _seed(request), *_options(model, request))
+        tensors = {name: to_tensor(array) for name, array in out.items()}  # probs (samples), or images
+        return vae_pb2.DecodeResponse(**tensors, model=_ref(model))
 
     @_rpc("Reconstruct")
     async def Reconstruct(self, request: vae_pb2.ReconstructRequest, context) -> vae_pb2.ReconstructResponse:
         model = self.registry.resolve(request.model, request.version)
         inputs = read_tensor(request.inputs, "inputs", model.pixels, self.regions.read)
-        out = await model.reconstruct(inputs, request.use_mean, _seed(request))
-        return vae_pb2.ReconstructResponse(
-            probs=to_tensor(out["probs"]),
-            samples=to_tensor(out["samples"]),
-            latents=to_tensor(out["latents"]),
-            model=_ref(model),
-        )
+        out = await model.reconstruct(inputs, request.use_mean, _seed(request), *_options(model, request))
+        tensors = {
+            name: to_tensor(array) for name, array in out.items()
+        }  # probs, samples, or images; latents
+        return vae_pb2.ReconstructResponse(**tensors, model=_ref(model))
 
     @_rpc("SamplePrior")
     async def SamplePrior(self, request: vae_pb2.SamplePriorRequest, context) -> vae_pb2.SamplePriorResponse:
         model = self.registry.resolve(request.model, request.version)
-        out = await model.sample_prior(model.count(request.count), _seed(request))
-        return vae_pb2.SamplePriorResponse(
-            latents=to_tensor(out["latents"]),
-            probs=to_tensor(out["probs"]),
-            samples=to_tensor(out["samples"]),
-            model=_ref(model),
-        )
+        out = await model.sample_prior(model.count(request.count), _seed(request), *_options(model, request))
+        tensors = {
+            name: to_tensor(array) for name, array in out.items()
+        }  # latents; probs, samples, or images
+        return vae_pb2.SamplePriorResponse(**tensors, model=_ref(model))
 
     @_rpc("Score")
     async def Score(self, request: vae_pb2.ScoreRequest, context) -> vae_pb2.ScoreResponse:

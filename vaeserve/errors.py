@@ -63,6 +63,10 @@ class TensorError(VaeError):
     """A tensor on the wire has the wrong shape, dtype, byte length or values."""
 
 
+class UnsupportedError(VaeError):
+    """A call the model does not define: Score of an imported autoencoder, which has no p(x|z)."""
+
+
 class ModelNotFoundError(VaeError):
     """A request names a model or version that is not loaded."""
 

@@ -32,12 +32,57 @@ class Rows:
     low: float | None = None
     high: float | None = None
     image: tuple[int, ...] = ()
+    # Images of any size (an imported autoencoder's): ``image`` is (C, 0, 0), the sides positive
+    # multiples of ``multiple``, the batch at most ``max_values`` values; taken as [N, C, H, W].
+    multiple: int = 1
+    max_values: int | None = None
+
+    @property
+    def any_size(self) -> bool:
+        return len(self.image) == 3 and self.image[1:] == (0, 0)
 
 
-def check_shape(shape: Sequence[int], field: str, expect: Rows) -> tuple[int, int]:
+def check_image_shape(shape: tuple[int, ...], field: str, expect: Rows) -> tuple[int, ...]:
+    """[N, C, H, W] of an image of any size: C the model's, H and W positive multiples of
+    ``multiple``, 1 <= N <= max_rows, N·C·H·W <= max_values; or a TensorError saying which."""
+    channels, step = expect.image[0], expect.multiple
+    if len(shape) != 4 or shape[1] != channels:
+        hint = ""
+        if len(shape) == 4 and shape[3] == channels:
+            hint = "; channels last? array.transpose(0, 3, 1, 2)"
+        elif len(shape) == 3 and shape[0] == channels:
+            hint = f"; one image is [1, {channels}, H, W]: array[None]"
+        raise TensorError(
+            f"{field}: shape {list(shape)}; this model takes [N, {channels}, H, W] (channels first){hint}"
+        )
+    rows, _, height, width = shape
+    if height < 1 or width < 1 or height % step or width % step:
+        raise TensorError(
+            f"{field}: shape {list(shape)}; height and width must be positive multiples of {step} "
+            f"(the model's {'downscale factor' if step > 1 else 'step'}): resize or pad the image"
+        )
+    if rows < 1:
+        raise TensorError(f"{field}: empty batch (shape {list(shape)}); send at least one image")
+    if expect.max_rows is not None and rows > expect.max_rows:
+        raise TensorError(
+            f"{field}: {rows} images exceed this server's limit of {expect.max_rows} per request; "
+            "split the batch"
+        )
+    values = math.prod(shape)
+    if expect.max_values is not None and values > expect.max_values:
+        raise TensorError(
+            f"{field}: shape {list(shape)} holds {values:,} values, more than this server's limit of "
+            f"{expect.max_values:,} per request (--max-request-pixels); send fewer or smaller images"
+        )
+    return shape
+
+
+def check_shape(shape: Sequence[int], field: str, expect: Rows) -> tuple[int, ...]:
     """[N, columns] (or [N, *image]) with 1 <= N <= max_rows, as rows [N, columns]; or a
     TensorError saying which part is wrong."""
     shape = tuple(shape)
+    if expect.any_size:
+        return check_image_shape(shape, field, expect)
     columns = expect.columns
     if expect.image and len(shape) == len(expect.image) + 1:
         if shape[1:] != expect.image:
@@ -161,13 +206,21 @@ def check_finite(
         return  # one pass instead of two: see _ONE
     smallest, largest = float(array.min()), float(array.max())
     if not (np.isfinite(smallest) and np.isfinite(largest)):
-        row, column = np.argwhere(~np.isfinite(array))[0]
+        row, column, _ = _first(~np.isfinite(array))
         raise TensorError(
-            f"{field}: NaN or infinity at row {first_row + row}, column {column}; values must be finite"
+            f"{field}: NaN or infinity at row {first_row + row}, {column}; values must be finite"
         )
     if low is not None and high is not None and (smallest < low or largest > high):
-        row, column = np.argwhere((array < low) | (array > high))[0]
+        row, column, index = _first((array < low) | (array > high))
         raise TensorError(
             f"{field}: values span [{smallest:.9g}, {largest:.9g}]; expected [{low:g}, {high:g}] "
-            f"(row {first_row + row}, column {column} is {array[row, column]:.9g})"
+            f"(row {first_row + row}, {column} is {array[index]:.9g})"
         )
+
+
+def _first(bad: np.ndarray) -> tuple[int, str, tuple[int, ...]]:
+    """The first bad value: its row, where in the row ("column C" of a row, "position [c, y, x]"
+    of an image) and its index."""
+    index = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = f"column {index[1]}" if len(index) == 2 else f"position {list(index[1:])}"
+    return index[0], where, index

@@ -12,6 +12,12 @@ conv model, shows x so and answers probs and samples as [N, C, H, W].)
 | NAME-sample-prior  | count [1] INT64                 | latents, probs, samples               |
 | NAME-score         | x as above                      | elbo, log_px, complexity_bits, ood_score [N] |
 
+An imported latent-diffusion autoencoder (service.autoencoders) has the same five, of images of
+any size: x [N, 3, H, W] (UINT8 0-255, FP32 or FP16 in [−1, 1]) → mean, stddev (+ z) [N, C, H/f,
+W/f]; z [N, C, h, w] → images [N, 3, f·h, f·w]; reconstruct → images, latents; sample-prior →
+latents, images; its score is refused (UNIMPLEMENTED, HTTP 501). Parameters pipeline_latents,
+tile_size, and sample-prior's height and width.
+
 Every version of NAME is a version of each ("1", "2"; empty: the latest). Both OIP front ends
 (gRPC and HTTP) turn their tensors into numpy (``tensors``) and call ``infer`` here, which
 runs the same ``ServedModel`` methods as vae.v1: one data plane, the same batching, limits,
@@ -27,6 +33,13 @@ import numpy as np
 
 from vaeserve.errors import ModelNotFoundError, RequestError
 from vaeserve.rows import Rows
+from vaeserve.service.autoencoders import (
+    DEFAULT_OPTIONS,
+    LatentOptions,
+    Served,
+    ServedAutoencoder,
+    options_for,
+)
 from vaeserve.service.dataplane import ModelRegistry, ServedModel
 from vaeserve.service.metrics import CALL_MODEL
 
@@ -62,32 +75,43 @@ class Params:
     use_mean: bool = False
     iw_samples: int = 0
     row_offset: int = 0
+    latent: LatentOptions = DEFAULT_OPTIONS  # an imported autoencoder's (service.autoencoders)
 
     @classmethod
     def parse(cls, values: Mapping[str, object]) -> Params:
         if not values:
             return NO_PARAMS
-        known = {"seed", "sample", "use_mean", "iw_samples", "row_offset"}
-        unknown = set(values) - known - IGNORED_PARAMETERS
+        unknown = set(values) - set(NUMBERS) - set(FLAGS) - IGNORED_PARAMETERS
         if unknown:
             raise RequestError(
                 f"parameters {sorted(unknown)}: not known here; expected seed (int64 >= 0), "
-                "sample (bool), use_mean (bool), iw_samples and row_offset (int >= 0, NAME-score)"
+                "sample (bool), use_mean (bool), iw_samples and row_offset (int >= 0, NAME-score); "
+                "for an imported autoencoder pipeline_latents (bool), tile_size (pixels), height and "
+                "width (NAME-sample-prior's latents)"
             )
-        numbers = {name: values.get(name) for name in ("seed", "iw_samples", "row_offset")}
+        numbers = {name: values.get(name) for name in NUMBERS}
         for name, value in numbers.items():
             if value is not None and (type(value) is not int or not 0 <= value < 2**64):
                 raise RequestError(f"parameter {name}: {value!r}; expected an integer from 0 to 2**64 - 1")
-        flags = {name: values.get(name, False) for name in ("sample", "use_mean")}
+        flags = {name: values.get(name, False) for name in FLAGS}
         for name, value in flags.items():
             if type(value) is not bool:
                 raise RequestError(f"parameter {name}: {value!r}; expected true or false")
+        latent = LatentOptions(
+            flags.pop("pipeline_latents"),
+            *(numbers.pop(name) or 0 for name in ("tile_size", "height", "width")),
+        )
         return cls(
             numbers["seed"],
             iw_samples=numbers["iw_samples"] or 0,
             row_offset=numbers["row_offset"] or 0,
+            latent=latent,
             **flags,
         )
+
+
+NUMBERS = ("seed", "iw_samples", "row_offset", "tile_size", "height", "width")
+FLAGS = ("sample", "use_mean", "pipeline_latents")
 
 
 NO_PARAMS = Params()
@@ -183,11 +207,54 @@ KINDS = (
 )
 
 
+# -- an imported autoencoder's (service.autoencoders): images and latents of any size --------------
+def _images_in(model: ServedAutoencoder) -> tuple[Input, ...]:
+    return (Input(TensorSpec("x", ("FP32", "UINT8", "FP16"), (-1, *model.row_shape)), model.pixels),)
+
+
+def _latents_in(model: ServedAutoencoder) -> tuple[Input, ...]:
+    return (Input(TensorSpec("z", ("FP32", "FP16"), (-1, *model.latent_shape)), model.latent_rows),)
+
+
+def _image_specs(model: ServedAutoencoder, *names: str) -> tuple[TensorSpec, ...]:
+    """Outputs by name: images [-1, 3, -1, -1], the rest latents [-1, C, -1, -1]."""
+    return tuple(
+        TensorSpec(name, ("FP32",), (-1, *(model.row_shape if name == "images" else model.latent_shape)))
+        for name in names
+    )
+
+
+async def _encode_images(model: ServedAutoencoder, inputs, params: Params, asked: frozenset[str]):
+    return await model.encode(inputs["x"], params.sample or "z" in asked, params.seed, params.latent)
+
+
+async def _decode_latents(model: ServedAutoencoder, inputs, params: Params, asked: frozenset[str]):
+    return await model.decode(inputs["z"], params.sample, params.seed, params.latent)
+
+
+async def _reconstruct_images(model: ServedAutoencoder, inputs, params: Params, asked: frozenset[str]):
+    return await model.reconstruct(inputs["x"], params.use_mean, params.seed, params.latent)
+
+
+async def _sample_latents(model: ServedAutoencoder, inputs, params: Params, asked: frozenset[str]):
+    return await model.sample_prior(model.count(int(inputs["count"][0])), params.seed, params.latent)
+
+
+AUTOENCODER_KINDS = (
+    Kind("encoder", _images_in, lambda m: _image_specs(m, "mean", "stddev", "z"), _encode_images),
+    Kind("decoder", _latents_in, lambda m: _image_specs(m, "images"), _decode_latents),
+    Kind("reconstruct", _images_in, lambda m: _image_specs(m, "images", "latents"), _reconstruct_images),
+    Kind("sample-prior", _count, lambda m: _image_specs(m, "latents", "images"), _sample_latents),
+    Kind("score", _images_in, lambda m: (), _score),  # refused: the model defines no likelihood
+)
+FAMILY_KINDS = {"vae": KINDS, "autoencoder": AUTOENCODER_KINDS}
+
+
 class Endpoint:
     """One OIP model at one loaded version: its inputs and outputs, built once, since every
     call looks them up."""
 
-    def __init__(self, name: str, model: ServedModel, kind: Kind) -> None:
+    def __init__(self, name: str, model: Served, kind: Kind) -> None:
         self.name = name
         self.model = model
         self.kind = kind
@@ -213,6 +280,7 @@ class Endpoint:
             unknown = sorted(wanted.difference(self.output_names))
             names = ", ".join(self.output_names)
             raise RequestError(f"outputs {unknown}: {self.name} has no such output; its outputs: {names}")
+        options_for(self.model, params.latent)  # a VAE asked for an autoencoder's options refuses
         out = await self.kind.run(self.model, inputs, params, wanted)
         return [(name, out[name]) for name in (asked or [n for n in self.output_names if n in out])]
 
@@ -236,6 +304,9 @@ class Catalogue:
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self.by_suffix = {f"-{kind.suffix}": kind for kind in KINDS}
+        self.family_kinds = {
+            family: {f"-{kind.suffix}": kind for kind in kinds} for family, kinds in FAMILY_KINDS.items()
+        }
         # (name, version as asked) → its endpoint; only names that resolved are kept, and only
         # while the registry stays as it was (a poll may load, retire or relabel versions).
         self.endpoints: dict[tuple[str, str], Endpoint] = {}
@@ -258,6 +329,7 @@ class Catalogue:
             base = name.removesuffix(suffix)
             if base != name and base in self.registry.models:
                 model = self.registry.resolve(base, version)
+                kind = self.family_kinds[model.family][suffix]
                 # One endpoint per loaded version, whichever way a request names it.
                 key = (name, str(model.version.version))
                 return self.endpoints.get(key) or self.endpoints.setdefault(key, Endpoint(name, model, kind))

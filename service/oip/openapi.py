@@ -25,7 +25,7 @@ _PARAMETERS = {
 def _tensor(with_data: bool) -> dict:
     properties = {
         "name": {"type": "string"},
-        "datatype": {"type": "string", "enum": ["FP32", "UINT8", "INT64"]},
+        "datatype": {"type": "string", "enum": ["FP32", "UINT8", "INT64", "FP16"]},
         "shape": {"type": "array", "items": {"type": "integer"}},
         "parameters": {
             "type": "object",
@@ -327,7 +327,9 @@ def document(console_page: bool = True) -> dict:
             "version": __version__,
             "description": "Every loaded model NAME appears as NAME-encoder, NAME-decoder, "
             "NAME-reconstruct, NAME-sample-prior and NAME-score. Request parameters: seed (int), "
-            "sample (bool), use_mean (bool), iw_samples and row_offset (int, NAME-score).",
+            "sample (bool), use_mean (bool), iw_samples and row_offset (int, NAME-score); for an "
+            "imported autoencoder pipeline_latents (bool), tile_size (pixels), height and width "
+            "(int, NAME-sample-prior's latents).",
         },
         "paths": {
             "/v2/health/live": open_("Server live", "ServerLive", {"type": "object"}),

@@ -19,7 +19,7 @@ from vaeserve.service.oip.endpoints import Endpoint, Input
 
 # The specification's datatypes the models here take or give, as numpy dtypes, and the field of
 # gRPC's InferTensorContents that carries each (the specification puts UINT8 in uint_contents).
-DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1"), "INT64": np.dtype("<i8")}
+DTYPES = {"FP32": np.dtype("<f4"), "UINT8": np.dtype("u1"), "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2")}
 DATATYPE = {dtype.newbyteorder("="): name for name, dtype in DTYPES.items()}
 CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents", "INT64": "int64_contents"}
 BYTES = (bytes, bytearray, memoryview)  # raw tensor data; anything else holds typed values
