@@ -75,19 +75,19 @@ class Served(NamedTuple):
 
 @contextlib.contextmanager
 def server(model: Path, threads: int | None, *flags: str, workers: int | None = 1) -> Iterator[Served]:
-    """`vae serve` on free ports; ``threads`` or ``workers`` None: the server's own default."""
+    """`vae serve` on free ports, of the version folder ``model`` (or, given a repository folder,
+    of every model in it); ``threads`` or ``workers`` None: the server's own default."""
     port, metrics_port, http_port = free_port(), free_port(), free_port()
+    if model.name.isdecimal():
+        chosen = ["--repo", str(model.parent.parent), "--model", model.parent.name, "--version", model.name]
+    else:
+        chosen = ["--repo", str(model)]
     command = [
         sys.executable,
         "-m",
         "vaeserve.cli",
         "serve",
-        "--repo",
-        str(model.parent.parent),
-        "--model",
-        model.parent.name,
-        "--version",
-        model.name,
+        *chosen,
         "--host",
         "127.0.0.1",
         "--port",

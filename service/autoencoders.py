@@ -186,13 +186,9 @@ class ServedAutoencoder:
 
     def _encode_now(self, images: np.ndarray, tiling: Tiling) -> tuple[np.ndarray, np.ndarray]:
         if self.record.stochastic:  # blend the moments, derive the stddev after (as diffusers does)
-            mean, logvar = self._through(
-                tiling.encode, tiling.encodes_tiled, self.encoder, images, ["mean", "logvar"]
-            )
+            mean, logvar = tiling.encode(self._runner(self.encoder, ["mean", "logvar"]), images)
             return mean, np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
-        mean, stddev = self._through(
-            tiling.encode, tiling.encodes_tiled, self.encoder, images, ["mean", "stddev"]
-        )
+        mean, stddev = tiling.encode(self._runner(self.encoder, ["mean", "stddev"]), images)
         return mean, stddev
 
     async def _decode(self, z: np.ndarray, options: LatentOptions) -> np.ndarray:
@@ -200,9 +196,7 @@ class ServedAutoencoder:
         f = self.record.downscale
         pixels = z.shape[0] * z.shape[2] * z.shape[3] * f * f
         with self.decoding.holding(pixels):
-            images = await self._run(
-                lambda: self._through(tiling.decode, tiling.decodes_tiled, self.decoder, z, None)[0]
-            )
+            images = await self._run(lambda: tiling.decode(self._runner(self.decoder, None), z)[0])
         if not math.isfinite(float(images.sum(dtype=np.float64))):
             raise TensorError(
                 "latents: the decoder's output is NaN or infinite for these latents; they are far outside "
@@ -211,16 +205,14 @@ class ServedAutoencoder:
         return images
 
     @staticmethod
-    def _through(tiled: Callable, needs_tiles: Callable, session, x: np.ndarray, names: list[str] | None):
-        """The session on the whole input, or on its tiles when it is larger than one."""
+    def _runner(session, names: list[str] | None) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+        """The session as a function of its one input (an image or latent tile, or a whole one)."""
         feed = session.get_inputs()[0].name
 
         def run(part: np.ndarray) -> tuple[np.ndarray, ...]:
             return tuple(session.run(names, {feed: np.ascontiguousarray(part, dtype=np.float32)}))
 
-        if needs_tiles(*x.shape[2:]):
-            return tiled(run, x)
-        return run(x)
+        return run
 
     async def _run(self, work: Callable):
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)

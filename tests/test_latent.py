@@ -124,7 +124,9 @@ def test_tiled_kl_equals_diffusers_enable_tiling(latent_repo: Path, autoencoders
     rng = np.random.default_rng(3)
     latents = rng.standard_normal((2, 4, 20, 28)).astype(np.float32)
     assert tiling.decodes_tiled(20, 28)
-    (decoded,) = tiling.decode(lambda z: decoder.run(None, {"latents": np.ascontiguousarray(z)}), latents)
+    (decoded,) = tiling.decode_tiles(
+        lambda z: decoder.run(None, {"latents": np.ascontiguousarray(z)}), latents
+    )
     images = rng.uniform(-1, 1, (1, 3, 160, 224)).astype(np.float32)
     mean, logvar = tiling.encode(
         lambda x: tuple(encoder.run(["mean", "logvar"], {"images": np.ascontiguousarray(x)})), images

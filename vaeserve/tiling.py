@@ -92,10 +92,21 @@ class Tiling:
             return height > self.latent_tile or width > self.latent_tile
         return True
 
-    # -- the two directions -----------------------------------------------------------------------
+    # -- the two directions, as diffusers with enable_tiling(): in tiles when larger than one ------
     def encode(self, run: TileRun, images: np.ndarray) -> tuple[np.ndarray, ...]:
-        """``run`` (the encoder graph on a tile) over the tiles of ``images`` [N, C, H, W]; the
-        blended outputs: (moments...) as ``run`` gives them."""
+        """``run`` (the encoder graph) on ``images`` [N, C, H, W], over its tiles when diffusers
+        would tile them; the (blended) outputs, as ``run`` gives them."""
+        if self.encodes_tiled(*images.shape[2:]):
+            return self.encode_tiles(run, images)
+        return run(images)
+
+    def decode(self, run: TileRun, latents: np.ndarray) -> tuple[np.ndarray, ...]:
+        if self.decodes_tiled(*latents.shape[2:]):
+            return self.decode_tiles(run, latents)
+        return run(latents)
+
+    def encode_tiles(self, run: TileRun, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``run`` over the tiles of ``images``, blended."""
         if self.style == "kl":
             step = int(self.sample_tile * (1 - self.overlap))
             blend = int(self.latent_tile * self.overlap)
@@ -103,7 +114,7 @@ class Tiling:
         blend = int(self.sample_tile * self.overlap)
         return _tiny_tiles(run, images, self.sample_tile, blend, 1 / self.downscale)
 
-    def decode(self, run: TileRun, latents: np.ndarray) -> tuple[np.ndarray, ...]:
+    def decode_tiles(self, run: TileRun, latents: np.ndarray) -> tuple[np.ndarray, ...]:
         if self.style == "kl":
             step = int(self.latent_tile * (1 - self.overlap))
             blend = int(self.sample_tile * self.overlap)
