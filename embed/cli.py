@@ -31,6 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0,
         help="in-process encoder threads, each making single-threaded onnxruntime calls (0: one per core)",
     )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="an imported autoencoder's images: resize every image to H×W (default: the input's own "
+        "size, one for all; an image of another size is refused)",
+    )
+    parser.add_argument(
+        "--pipeline-latents",
+        action="store_true",
+        help="an imported autoencoder's latents as a pipeline has them, (z − shift) · scale",
+    )
     parser.set_defaults(handler=embed_command)
 
 
@@ -141,6 +154,8 @@ def embed_command(args: argparse.Namespace) -> int:
         args,
         stddev=args.stddev,
         shared_memory=args.shared_memory,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        pipeline_latents=args.pipeline_latents,
     )
     summary = run(request, progress=not args.no_progress)
     if summary["complete_before"]:

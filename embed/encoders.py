@@ -29,6 +29,8 @@ from vaeserve.errors import VaeError
 from vaeserve.ood import flag_percentiles, outside
 from vaeserve.repository import ModelVersion
 
+# An imported autoencoder's images per onnxruntime call: as many as hold about this many pixels.
+IMAGE_PIXELS = 1 << 20
 # Rows per onnxruntime call: small enough that two threads stay evenly loaded to the end
 # of a chunk and their activations stay in cache, large enough to amortize the call.
 SUB_BATCH = 1024
@@ -73,14 +75,63 @@ class LocalEncoder:
         self.pool.shutdown(cancel_futures=True)
 
 
+class LatentEncoder:
+    """An imported autoencoder's encoder in-process (vaeserve.runtime.AutoencoderGraphs): rows
+    are images [H, W, C] flattened channels first; each chunk runs on one thread, in pieces of
+    about IMAGE_PIXELS pixels, each piece one onnxruntime call on every core (and in tiles past
+    the model's tile), so its activations stay bounded whatever the chunk's size."""
+
+    def __init__(
+        self, version: ModelVersion, images: tuple[int, int, int], pipeline: bool, threads: int = 0
+    ) -> None:
+        from vaeserve.runtime import AutoencoderGraphs
+
+        self.graphs = AutoencoderGraphs(version, threads=threads)
+        self.tiling = version.manifest.autoencoder.tiling
+        height, width, channels = images
+        self.layout = (channels, height, width)
+        self.pipeline = pipeline
+        self.per_call = max(1, IMAGE_PIXELS // (height * width))
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="embed-encode")
+
+    def start(self, rows: np.ndarray, records: np.ndarray) -> Wait:
+        future = self.pool.submit(self._encode, rows, records)
+        return lambda: _results([future])
+
+    def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
+        for at in range(0, len(rows), self.per_call):
+            images = rows[at : at + self.per_call].reshape(-1, *self.layout)
+            mean, stddev = self.graphs.encode(images, self.tiling)
+            if self.pipeline:
+                mean, stddev = (
+                    self.graphs.to_pipeline(mean),
+                    stddev * np.float32(self.graphs.record.scaling_factor),
+                )
+            _store(records[at : at + self.per_call], mean, stddev)
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
 class ServiceEncoder:
     """Two clients on two threads, each sending half of every chunk with its requests in
     flight together. The halves of the next chunk queue behind the current ones, so a
     client that finishes early starts on them and the server never waits between chunks."""
 
-    def __init__(self, version: ModelVersion, target: str, **client_options) -> None:
+    def __init__(
+        self,
+        version: ModelVersion,
+        target: str,
+        images: tuple[int, int, int] | None = None,
+        pipeline: bool = False,
+        **client_options,
+    ) -> None:
+        """``images``: an imported autoencoder's [H, W, C], rows sent as images (``pipeline``:
+        its latents scaled as a pipeline's)."""
         from vaeserve.client import VaeClient
 
+        self.layout = None if images is None else (images[2], images[0], images[1])
+        self.options = {"pipeline_latents": pipeline} if images is not None else {}
         model, number = version.name, str(version.version)
         wanted = REQUEST_ROWS["shared memory" if client_options.get("shared_memory") else "bytes"]
         with VaeClient(target, **client_options) as probe:  # no larger than the server takes
@@ -115,8 +166,10 @@ class ServiceEncoder:
     def _encode(self, rows: np.ndarray, records: np.ndarray) -> None:
         client = self.idle.get()
         fields = {name: records[name] for name in ("mean", "stddev") if name in records.dtype.names}
+        if self.layout is not None:
+            rows = rows.reshape(-1, *self.layout)
         try:
-            client.encode(rows, out=fields)  # written straight into the records
+            client.encode(rows, out=fields, **self.options)  # written straight into the records
         finally:
             self.idle.put(client)
 

@@ -10,6 +10,8 @@ onnxruntime or the service, embed.pipeline; or Ray, embed.ray_engine), and marks
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +23,7 @@ import numpy as np
 from vaeserve.atomic import disk_full_said
 from vaeserve.embed.encoders import (
     ChunkEncoder,
+    LatentEncoder,
     LocalEncoder,
     LocalScorer,
     ServiceEncoder,
@@ -29,7 +32,7 @@ from vaeserve.embed.encoders import (
 from vaeserve.embed.pipeline import embed_chunks
 from vaeserve.embed.sidecar import Sidecar
 from vaeserve.embed.sinks import FORMATS, ChunkSink, open_sink, record_dtype, score_dtype
-from vaeserve.embed.sources import Source, open_source
+from vaeserve.embed.sources import Source, image_size_of, open_source
 from vaeserve.errors import ConfigError, DataError, TensorError, VaeError
 from vaeserve.ood import FLAG_TAIL, REFERENCE_IW_SAMPLES, flag_percentiles, log_px_meaning
 from vaeserve.remote_repository import open_model
@@ -59,12 +62,33 @@ class EmbedRequest:
     score: bool = False  # vae score: per-row scores instead of latents
     iw_samples: int = REFERENCE_IW_SAMPLES
     seed: int = 0
+    # An imported autoencoder's (vae import --diffusers): every image at this [height, width]
+    # (resized to it; None: the input's own size, one for all), latents scaled as a pipeline's.
+    image_size: tuple[int, int] | None = None
+    pipeline_latents: bool = False
+    # ... and the job's images [H, W, C], as run() found them (None for a VAE's job).
+    autoencoder_images: tuple[int, int, int] | None = None
 
     def records(self, version: ModelVersion) -> np.dtype:
         """The output's record: latents, or scores."""
         if self.score:
             return score_dtype(self.flag_percentiles(version) is not None)
-        return record_dtype(version.latent_size, self.stddev)
+        return record_dtype(self.shapes(version)[1], self.stddev)
+
+    def shapes(self, version: ModelVersion) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The job's image shape (as sources read it) and each row's latent shape: the model's,
+        or for an imported autoencoder [H, W, 3] and [C, H/f, W/f]."""
+        record = version.manifest.autoencoder
+        if record is None or self.autoencoder_images is None:
+            return version.image_shape, (version.latent_size,)
+        height, width, _ = self.autoencoder_images
+        f = record.downscale
+        return self.autoencoder_images, (record.latent_channels, height // f, width // f)
+
+    @property
+    def lowest_value(self) -> float:
+        """Float inputs' range starts here: [0, 1] for a VAE, [−1, 1] for an imported autoencoder."""
+        return -1.0 if self.autoencoder_images is not None else 0.0
 
     def flag_percentiles(self, version: ModelVersion) -> dict[str, float] | None:
         """The reference ood_flag compares with: the manifest's, when recorded at this k."""
@@ -81,11 +105,21 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
     if request.score and (request.iw_samples < 1 or request.seed < 0):
         raise ConfigError("vae score needs --iw-samples >= 1 and --seed >= 0")
     version = open_model(request.model)
-    source = open_source(request.input, version.image_shape, request.column, request.key)
-    if source.columns != version.input_size:
+    if version.manifest.autoencoder is not None:
+        request = for_autoencoder(request, version)
+    elif request.image_size or request.pipeline_latents:
+        raise ConfigError(
+            f"--image-size and --pipeline-latents are an imported autoencoder's; {version.name} is a VAE "
+            "trained by vae train (its images are resized to its own shape)"
+        )
+    image_shape, _ = request.shapes(version)
+    source = open_source(
+        request.input, image_shape, request.column, request.key, resize=request.image_size is not None
+    )
+    if source.columns != math.prod(image_shape):
         raise DataError(
             f"{request.input}: rows of {source.columns} values; model {version.name}/"
-            f"{version.version} expects {version.input_size}"
+            f"{version.version} expects {math.prod(image_shape)}"
         )
     job = describe(request, version, source)
     if request.resume and not request.force and _already_complete(request, job):
@@ -97,6 +131,26 @@ def run(request: EmbedRequest, progress: bool = True) -> dict[str, Any]:
         done = embed_locally(request, job, version, source, progress)
     job.completed_at(datetime.now(timezone.utc).isoformat(timespec="seconds")).write(request.output)
     return _summary(request, job, source.rows, done, time.perf_counter() - started)
+
+
+def for_autoencoder(request: EmbedRequest, version: ModelVersion) -> EmbedRequest:
+    """The request with its images' shape: --image-size, else the input's own (its first image
+    file's size, or its array's); each side a multiple of the model's downscale factor."""
+    record = version.manifest.autoencoder
+    assert record is not None
+    if request.score:
+        raise ConfigError(
+            f"vae score: {version.name} is an imported {record.diffusers_class}, which defines no "
+            "likelihood to score with; vae embed writes its latents"
+        )
+    height, width = request.image_size or image_size_of(request.input, request.key)
+    f = record.downscale
+    if height % f or width % f or min(height, width) < f:
+        raise ConfigError(
+            f"images of {height}×{width}: {version.name} takes sides that are multiples of {f}; "
+            "pass --image-size H W to resize them"
+        )
+    return dataclasses.replace(request, autoencoder_images=(height, width, record.image_channels))
 
 
 def _summary(
@@ -139,7 +193,9 @@ def embed_locally(
             finished = sink.start(request.resume)
             engine = encoder(request, version)
             try:
-                done = embed_chunks(source, engine, sink, finished, job, dtype, progress)
+                done = embed_chunks(
+                    source, engine, sink, finished, job, dtype, progress, request.lowest_value
+                )
             finally:
                 engine.close()
             sink.finish()
@@ -237,8 +293,10 @@ def describe(request: EmbedRequest, version: ModelVersion, source: Source) -> Si
         chunks=-(-source.rows // request.chunk_rows),
         fields=fields,
         score=score,
-        latent_size=version.latent_size,
+        latent_size=math.prod(request.shapes(version)[1]),
         output=str(request.output),
+        latent_shape=list(request.shapes(version)[1]),
+        pipeline_latents=request.pipeline_latents,
     )
 
 
@@ -283,6 +341,19 @@ def encoder(request: EmbedRequest, version: ModelVersion) -> ChunkEncoder:
         if request.server is None:
             return LocalScorer(version, request.iw_samples, request.seed, request.threads)
         return ServiceScorer(version, request.server, request.iw_samples, request.seed, **options)
+    if request.autoencoder_images is not None:
+        if request.server is None:
+            return LatentEncoder(
+                version, request.autoencoder_images, request.pipeline_latents, request.threads
+            )
+        if request.shared_memory:
+            raise ConfigError(
+                "--shared-memory carries a VAE's fixed-size rows; embed this autoencoder without it"
+            )
+        images = request.autoencoder_images
+        return ServiceEncoder(
+            version, request.server, images=images, pipeline=request.pipeline_latents, **options
+        )
     if request.server is None:
         return LocalEncoder(version, request.threads)
     return ServiceEncoder(version, request.server, shared_memory=request.shared_memory, **options)

@@ -30,6 +30,7 @@ def embed_chunks(
     job: Sidecar,
     dtype: np.dtype,
     progress: bool,
+    lowest: float = 0.0,
 ) -> int:
     chunk_rows = job.chunk_rows
     first = next((i for i in range(job.chunks) if i not in finished), job.chunks)
@@ -44,7 +45,7 @@ def embed_chunks(
         disable=None if progress else True,
     )
     with bar, ChunkPipeline(engine, sink, dtype, chunk_rows, bar.update) as pipeline:
-        for index, rows in _prefetched(source.chunks(chunk_rows, first), source, chunk_rows, first):
+        for index, rows in _prefetched(source.chunks(chunk_rows, first), source, chunk_rows, first, lowest):
             if index in todo:
                 pipeline.add(index, rows)
                 done += len(rows)
@@ -109,13 +110,13 @@ class ChunkPipeline:
 
 
 def _prefetched(
-    chunks: Iterator[np.ndarray], source: Source, chunk_rows: int, first: int
+    chunks: Iterator[np.ndarray], source: Source, chunk_rows: int, first: int, lowest: float
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Read and check the next chunk on a worker thread while the current ones are encoded."""
 
     def following(index: int) -> np.ndarray | None:
         rows = next(chunks, None)
-        return None if rows is None else check_rows(rows, source, index * chunk_rows)
+        return None if rows is None else check_rows(rows, source, index * chunk_rows, lowest)
 
     with ThreadPoolExecutor(1, thread_name_prefix="embed-read") as reader:
         index = first
@@ -126,12 +127,13 @@ def _prefetched(
             index += 1
 
 
-def check_rows(rows: np.ndarray, source: Source, start: int) -> np.ndarray:
+def check_rows(rows: np.ndarray, source: Source, start: int, lowest: float = 0.0) -> np.ndarray:
     """The core's rules (vaeserve.rows.as_rows): uint8 and 0-255 integers are pixels, floats
-    must be finite and in [0, 1], else the file and the row are named."""
+    must be finite and in [0, 1] (an imported autoencoder's: [−1, 1]), else the file and the
+    row are named."""
     try:
         values = as_rows(rows, str(source.path))
-        check_finite(values, str(source.path), 0.0, 1.0, first_row=start)
+        check_finite(values, str(source.path), lowest, 1.0, first_row=start)
     except TensorError as exc:
-        raise DataError(f"{exc}; pixels are uint8, or float values in [0, 1]") from None
+        raise DataError(f"{exc}; pixels are uint8, or float values in [{lowest:g}, 1]") from None
     return values

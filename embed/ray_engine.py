@@ -42,7 +42,7 @@ def encode_chunks(request: Any, first: int, count: int, chunks: int) -> int:
     reader = job["source"].chunks(request.chunk_rows, first)
     for index in range(first, first + count):
         start = index * request.chunk_rows
-        rows = check_rows(next(reader), job["source"], start)
+        rows = check_rows(next(reader), job["source"], start, request.lowest_value)
         records = np.empty(len(rows), job["dtype"])
         records["row_id"] = np.arange(start, start + len(rows))
         job["engine"].start(rows, records)()
@@ -78,7 +78,13 @@ def _open_job(request: Any, chunks: int) -> dict[str, Any]:
         dtype = request.records(version)
         _opened.update(
             key=key,
-            source=open_source(request.input, version.image_shape, request.column, request.key),
+            source=open_source(
+                request.input,
+                request.shapes(version)[0],
+                request.column,
+                request.key,
+                resize=request.image_size is not None,
+            ),
             engine=encoder(request, version),
             dtype=dtype,
             sink=DatasetParts(request.output, chunks, dtype),

@@ -33,6 +33,8 @@ class Sidecar:
     score: dict[str, Any] | None  # vae score: iw_samples, seed, decoder_sha256, likelihood
     latent_size: int
     output: str
+    latent_shape: list[int] | None = None  # an imported autoencoder's [C, h, w] per row
+    pipeline_latents: bool = False  # its latents as a pipeline's, (z − shift) · scale
     vaeserve_version: str = __version__
     completed: bool = False
     finished: str | None = None  # when it completed, ISO 8601

@@ -23,6 +23,7 @@ neither lets an unfinished output appear under its final name:
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -43,10 +44,13 @@ FORMATS = (".npy", ".parquet")
 BLOCK = 4096
 
 
-def record_dtype(latent_size: int, stddev: bool) -> np.dtype:
-    fields = [("row_id", "<i8"), ("mean", "<f4", (latent_size,))]
+def record_dtype(latent_shape: int | tuple[int, ...], stddev: bool) -> np.dtype:
+    """row_id and the latents of a row: [M] (a VAE's), or [C, h, w] (an imported autoencoder's;
+    Parquet stores them flat, the sidecar's latent_shape says how to view them)."""
+    shape = (latent_shape,) if isinstance(latent_shape, int) else tuple(latent_shape)
+    fields = [("row_id", "<i8"), ("mean", "<f4", shape)]
     if stddev:
-        fields.append(("stddev", "<f4", (latent_size,)))
+        fields.append(("stddev", "<f4", shape))
     return np.dtype(fields)
 
 
@@ -286,8 +290,9 @@ def _write_parquet(parts: Iterator[np.ndarray], dtype: np.dtype, path: Path | io
         import pyarrow.parquet as pq
     except ImportError:
         raise MissingExtraError("writing Parquet", "embed", "pyarrow") from None
-    # A vector field (mean, stddev) is a fixed-size list column, a scalar one (scores) a float.
-    widths = {name: dtype[name].shape[0] if dtype[name].shape else 0 for name in dtype.names[1:]}
+    # A vector field (mean, stddev) is a fixed-size list column, a scalar one (scores) a float; an
+    # autoencoder's [C, h, w] latents are stored flat (the sidecar's latent_shape views them).
+    widths = {name: math.prod(dtype[name].shape) if dtype[name].shape else 0 for name in dtype.names[1:]}
     fields = [pa.field("row_id", pa.int64())] + [
         pa.field(n, pa.list_(pa.float32(), w) if w else pa.float32()) for n, w in widths.items()
     ]

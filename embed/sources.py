@@ -200,9 +200,11 @@ PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 class ImageFolderSource(Source):
     """PNG/JPEG files, sorted by name, converted to the model's image shape (grey, RGB or RGBA,
-    as its channel count says, at its height and width); or one such file, one row."""
+    as its channel count says, at its height and width); or one such file, one row. Without
+    ``resize`` a file of another size is refused (an imported autoencoder takes any size, so a
+    resize would be a choice the user did not make)."""
 
-    def __init__(self, path: Path, image_shape: tuple[int, ...]) -> None:
+    def __init__(self, path: Path, image_shape: tuple[int, ...], resize: bool = True) -> None:
         layout = ImageLayout.of(image_shape)
         if layout is None:
             raise DataError(
@@ -214,7 +216,7 @@ class ImageFolderSource(Source):
                 f"{path}: the model's images have {layout.channels} channels; image files give 1 "
                 "(grey), 3 (RGB) or 4 (RGBA): give a .npy, .npz or Parquet file"
             )
-        self.path, self.layout = path, layout
+        self.path, self.layout, self.resize = path, layout, resize
         found = path.iterdir() if path.is_dir() else [path]
         self.files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
@@ -232,6 +234,11 @@ class ImageFolderSource(Source):
         try:
             with Image.open(file) as image:
                 size = (self.layout.width, self.layout.height)
+                if not self.resize and image.size != size:
+                    raise DataError(
+                        f"{file}: {image.size[1]}×{image.size[0]} pixels, where the job's images are "
+                        f"{size[1]}×{size[0]} (its first image's); pass --image-size H W to resize them all"
+                    )
                 pixels = image.convert(PIL_MODES[self.layout.channels]).resize(
                     size, Image.Resampling.BILINEAR
                 )
@@ -291,8 +298,13 @@ def rechunk(batches: Iterator[np.ndarray], chunk_rows: int, skip: int = 0) -> It
 
 
 def open_source(
-    path: Location, image_shape: tuple[int, ...], column: str | None = None, key: str | None = None
+    path: Location,
+    image_shape: tuple[int, ...],
+    column: str | None = None,
+    key: str | None = None,
+    resize: bool = True,
 ) -> Source:
+    """``resize``: image files of another size than ``image_shape`` are resized (else refused)."""
     if not path.exists():
         raise DataError(f"{path}: no such file, folder or prefix")
     if path.is_dir():
@@ -301,8 +313,31 @@ def open_source(
             return PartsSource(path, [_open_file(part, image_shape, column, key) for part in parts])
         if isinstance(path, ObjectPath):
             raise DataError(f"{path}: no .parquet or .npy parts under this prefix")
-        return ImageFolderSource(path, image_shape)
-    return _open_file(path, image_shape, column, key)
+        return ImageFolderSource(path, image_shape, resize)
+    return _open_file(path, image_shape, column, key, resize)
+
+
+def image_size_of(path: Location, key: str | None = None) -> tuple[int, int]:
+    """[height, width] of an input's images, for a model that takes any size: its first image
+    file's, or its .npy/.npz array's ([N, H, W, C] or [N, C, H, W])."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file, folder or prefix")
+    if isinstance(path, Path) and (path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES):
+        files = sorted(
+            p for p in (path.iterdir() if path.is_dir() else [path]) if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise DataError(f"{path}: no PNG or JPEG files (an imported autoencoder's input: images)")
+        from PIL import Image
+
+        with Image.open(files[0]) as image:
+            return image.size[1], image.size[0]
+    suffix = path.suffix.lower()
+    if suffix in (".npy", ".npz") and isinstance(path, Path):
+        shape = (_npy_layout(path) if suffix == ".npy" else _npz_member(path, key))[2]
+        if len(shape) == 4:
+            return (shape[1], shape[2]) if shape[3] in (1, 3, 4) else (shape[2], shape[3])
+    raise DataError(f"{path}: the images' size is not in the input (rows of values); pass --image-size H W")
 
 
 def _part_files(path: Location) -> list[Location]:
@@ -313,7 +348,9 @@ def _part_files(path: Location) -> list[Location]:
     ]
 
 
-def _open_file(path: Location, image_shape: tuple[int, ...], column: str | None, key: str | None) -> Source:
+def _open_file(
+    path: Location, image_shape: tuple[int, ...], column: str | None, key: str | None, resize: bool = True
+) -> Source:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         return FileArraySource(path, *_npy_layout(path), image_shape)
@@ -324,7 +361,7 @@ def _open_file(path: Location, image_shape: tuple[int, ...], column: str | None,
     if suffix == ".npz":
         return FileArraySource(path, *_npz_member(path, key), image_shape)
     if suffix in IMAGE_SUFFIXES:
-        return ImageFolderSource(path, image_shape)
+        return ImageFolderSource(path, image_shape, resize)
     with open(path, "rb") as handle:
         head = handle.read(4 + 4 * 8)
     if head.startswith(GZIP_MAGIC):

@@ -27,16 +27,13 @@ import numpy as np
 from vaeserve.errors import RequestError, TensorError, UnsupportedError
 from vaeserve.repository import ModelVersion
 from vaeserve.rows import Rows
-from vaeserve.runtime import choose_providers, open_session
+from vaeserve.runtime import AutoencoderGraphs
 from vaeserve.service.batching import Admission
 from vaeserve.service.dataplane import ModelSummary, ServedModel
 from vaeserve.service.settings import ServeSettings
 from vaeserve.tiling import Tiling
 
 log = logging.getLogger(__name__)
-
-# diffusers' DiagonalGaussianDistribution clamps the log-variance to this range.
-LOGVAR_RANGE = (-30.0, 20.0)
 
 
 @dataclass(frozen=True)
@@ -52,13 +49,6 @@ class LatentOptions:
 DEFAULT_OPTIONS = LatentOptions()
 
 
-def pixels_to_inputs(images: np.ndarray) -> np.ndarray:
-    """uint8 0-255 → float32 in [−1, 1] as diffusers' VaeImageProcessor normalises; float as is."""
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return np.ascontiguousarray(images, dtype=np.float32)
-
-
 class ServedAutoencoder:
     family = "autoencoder"
 
@@ -69,14 +59,8 @@ class ServedAutoencoder:
         self.record = record
         self.settings = settings
         self.executor = executor
-        providers = choose_providers(settings.device)
-        self.encoder = open_session(
-            version.graph_path("encoder", settings.variant), providers, settings.threads
-        )
-        self.decoder = open_session(
-            version.graph_path("decoder", settings.variant), providers, settings.threads
-        )
-        self.provider = self.encoder.get_providers()[0]
+        self.graphs = AutoencoderGraphs(version, settings.device, settings.threads, settings.variant)
+        self.provider = self.graphs.provider
         self.tiling = self._tiling(settings.tile_size) if settings.tile_size else record.tiling
         f, c = record.downscale, record.latent_channels
         limit, pixels = settings.max_request_rows, settings.max_request_pixels
@@ -126,7 +110,7 @@ class ServedAutoencoder:
             )
         if options.pipeline_latents:
             scale = np.float32(self.record.scaling_factor)
-            out = {k: v * scale if k == "stddev" else self._to_pipeline(v) for k, v in out.items()}
+            out = {k: v * scale if k == "stddev" else self.graphs.to_pipeline(v) for k, v in out.items()}
         return out
 
     async def decode(
@@ -138,7 +122,7 @@ class ServedAutoencoder:
                 "draw from; ask without sample"
             )
         if options.pipeline_latents:
-            z = self._from_pipeline(z)
+            z = self.graphs.from_pipeline(z)
         return {"images": await self._decode(z, options)}
 
     async def reconstruct(
@@ -150,7 +134,7 @@ class ServedAutoencoder:
         if not use_mean and self.record.stochastic:
             z = mean + stddev * np.random.default_rng(seed).standard_normal(mean.shape, dtype=np.float32)
         images = await self._decode(z, options)
-        return {"images": images, "latents": self._to_pipeline(z) if options.pipeline_latents else z}
+        return {"images": images, "latents": self.graphs.to_pipeline(z) if options.pipeline_latents else z}
 
     async def sample_prior(
         self, count: int, seed: int | None, options: LatentOptions = DEFAULT_OPTIONS
@@ -168,7 +152,7 @@ class ServedAutoencoder:
                 f"server's limit of {self.settings.max_request_pixels:,} per request (--max-request-pixels)"
             )
         z = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-        raw = self._from_pipeline(z) if options.pipeline_latents else z
+        raw = self.graphs.from_pipeline(z) if options.pipeline_latents else z
         return {"latents": z, "images": await self._decode(raw, options)}
 
     async def score(self, x: np.ndarray, iw_samples: int, seed: int | None, row_offset: int = 0) -> dict:
@@ -182,21 +166,14 @@ class ServedAutoencoder:
         tiling = self.tiling_for(options)
         images = x.shape[0] * x.shape[2] * x.shape[3]
         with self.encoding.holding(images):
-            return await self._run(lambda: self._encode_now(pixels_to_inputs(x), tiling))
-
-    def _encode_now(self, images: np.ndarray, tiling: Tiling) -> tuple[np.ndarray, np.ndarray]:
-        if self.record.stochastic:  # blend the moments, derive the stddev after (as diffusers does)
-            mean, logvar = tiling.encode(self._runner(self.encoder, ["mean", "logvar"]), images)
-            return mean, np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
-        mean, stddev = tiling.encode(self._runner(self.encoder, ["mean", "stddev"]), images)
-        return mean, stddev
+            return await self._run(lambda: self.graphs.encode(x, tiling))
 
     async def _decode(self, z: np.ndarray, options: LatentOptions) -> np.ndarray:
         tiling = self.tiling_for(options)
         f = self.record.downscale
         pixels = z.shape[0] * z.shape[2] * z.shape[3] * f * f
         with self.decoding.holding(pixels):
-            images = await self._run(lambda: tiling.decode(self._runner(self.decoder, None), z)[0])
+            images = await self._run(lambda: self.graphs.decode(z, tiling))
         if not math.isfinite(float(images.sum(dtype=np.float64))):
             raise TensorError(
                 "latents: the decoder's output is NaN or infinite for these latents; they are far outside "
@@ -204,32 +181,14 @@ class ServedAutoencoder:
             )
         return images
 
-    @staticmethod
-    def _runner(session, names: list[str] | None) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
-        """The session as a function of its one input (an image or latent tile, or a whole one)."""
-        feed = session.get_inputs()[0].name
-
-        def run(part: np.ndarray) -> tuple[np.ndarray, ...]:
-            return tuple(session.run(names, {feed: np.ascontiguousarray(part, dtype=np.float32)}))
-
-        return run
-
     async def _run(self, work: Callable):
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
-
-    def _to_pipeline(self, z: np.ndarray) -> np.ndarray:
-        return (z - np.float32(self.record.shift_factor)) * np.float32(self.record.scaling_factor)
-
-    def _from_pipeline(self, z: np.ndarray) -> np.ndarray:
-        return z / np.float32(self.record.scaling_factor) + np.float32(self.record.shift_factor)
 
     # -- as the registry and the manager use a model ---------------------------------------------
     def warm_up(self) -> None:
         f, c = self.record.downscale, self.record.latent_channels
-        self.encoder.run(
-            None, {"images": np.zeros((1, self.record.image_channels, 4 * f, 4 * f), np.float32)}
-        )
-        self.decoder.run(None, {"latents": np.zeros((1, c, 4, 4), np.float32)})
+        self.graphs.encode(np.zeros((1, self.record.image_channels, 4 * f, 4 * f), np.float32), self.tiling)
+        self.graphs.decode(np.zeros((1, c, 4, 4), np.float32), self.tiling)
 
     def summary(self, is_default: bool) -> ModelSummary:
         return ModelSummary(

@@ -417,3 +417,106 @@ def test_a_vae_refuses_an_autoencoders_options(serve) -> None:
     }
     code, message = rest_error(server, "tiny-encoder", body)
     assert code == 400 and "apply to imported autoencoders" in message
+
+
+def test_the_python_client_on_an_autoencoder(latent_server) -> None:
+    """VaeClient takes [N, H, W, 3] as numpy holds photographs, asks the model's family once,
+    and answers in the autoencoder's shapes, split into calls of about a megapixel."""
+    from vaeserve.client import VaeClient
+
+    rng = np.random.default_rng(16)
+    photos = rng.integers(0, 256, (3, 40, 56, 3), dtype=np.uint8)
+    channels_first = np.ascontiguousarray(photos.transpose(0, 3, 1, 2))
+    with VaeClient(latent_server.target, model="kl", chunk_rows=2) as client:
+        encoded = client.encode(photos, pipeline_latents=True)
+        expected = rest(
+            latent_server, "kl-encoder", {"x": channels_first}, parameters={"pipeline_latents": True}
+        )
+        np.testing.assert_allclose(encoded["mean"], expected["mean"], atol=1e-6)
+        decoded = client.decode(encoded["mean"], pipeline_latents=True)["images"]
+        assert decoded.shape == (3, 3, 40, 56)
+        rebuilt = client.reconstruct(photos, use_mean=True)
+        assert rebuilt["images"].shape == (3, 3, 40, 56) and rebuilt["latents"].shape == (3, 4, 5, 7)
+        drawn = client.sample_prior(2, seed=3, latent_height=4, latent_width=2)
+        assert drawn["images"].shape == (2, 3, 32, 16)
+        assert client.model_reached()["family"] == "autoencoder"
+
+
+def test_embed_a_folder_of_colour_pngs_gives_diffusers_latents(
+    latent_repo: Path, latent_server, autoencoders: dict[str, Path], tmp_path: Path
+) -> None:
+    """`vae embed` of PNG files, in-process and through the service: diffusers' latent_dist of
+    the same pixels, [N, C, h, w] per row; a .npy of [N, H, W, 3] the same; pipeline latents
+    scaled; an image of another size refused, naming it."""
+    import torch
+    from PIL import Image
+
+    rng = np.random.default_rng(17)
+    photos = rng.integers(0, 256, (5, 32, 48, 3), dtype=np.uint8)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, photo in enumerate(photos):
+        Image.fromarray(photo).save(folder / f"{i:02d}.png")
+    np.save(tmp_path / "photos.npy", photos)
+    model = diffusers_model(autoencoders["kl"])
+    with torch.no_grad():
+        dist = model.encode(
+            torch.from_numpy(photos.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1)
+        ).latent_dist
+    expected_mean, expected_stddev = dist.mean.numpy(), dist.std.numpy()
+    runs = {
+        "local": ["--input", str(folder)],
+        "service": ["--input", str(folder), "--server", latent_server.target],
+        "npy": ["--input", str(tmp_path / "photos.npy"), "--chunk-rows", "2"],
+    }
+    for name, args in runs.items():
+        output = tmp_path / f"{name}.npy"
+        result = vae(
+            "embed",
+            "--model",
+            str(latent_repo / "kl"),
+            *args,
+            "--output",
+            str(output),
+            "--stddev",
+            "--no-progress",
+        )
+        assert result.returncode == 0, result.stderr
+        records = np.load(output)
+        assert records["mean"].shape == (5, 4, 4, 6), name
+        np.testing.assert_allclose(records["mean"], expected_mean, atol=1e-4, rtol=0, err_msg=name)
+        np.testing.assert_allclose(records["stddev"], expected_stddev, atol=1e-4, rtol=0, err_msg=name)
+        sidecar = json.loads((tmp_path / f"{name}.npy.manifest.json").read_text())
+        assert sidecar["latent_shape"] == [4, 4, 6] and sidecar["rows"] == 5
+    scaled = tmp_path / "scaled.parquet"
+    result = vae(
+        "embed",
+        "--model",
+        str(latent_repo / "kl"),
+        "--input",
+        str(folder),
+        "--output",
+        str(scaled),
+        "--pipeline-latents",
+        "--no-progress",
+    )
+    assert result.returncode == 0, result.stderr
+    import pyarrow.parquet as pq
+
+    flat = np.stack(pq.read_table(scaled).column("mean").to_numpy(zero_copy_only=False))
+    pipeline = (expected_mean - KL_CONFIG["shift_factor"]) * KL_CONFIG["scaling_factor"]
+    np.testing.assert_allclose(flat.reshape(5, 4, 4, 6), pipeline, atol=1e-4, rtol=0)
+    Image.fromarray(photos[0][:16]).save(folder / "99.png")
+    result = vae(
+        "embed",
+        "--model",
+        str(latent_repo / "kl"),
+        "--input",
+        str(folder),
+        "--output",
+        str(tmp_path / "mixed.npy"),
+        "--no-progress",
+    )
+    assert (
+        result.returncode == 1 and "99.png: 16×48 pixels" in result.stderr and "--image-size" in result.stderr
+    )

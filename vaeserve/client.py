@@ -30,7 +30,7 @@ from vaeserve.channel import ServiceError, channel_target, open_channel
 from vaeserve.codec import SharedBytes, from_response, to_tensor
 from vaeserve.errors import UNKNOWN_REGION, VaeError
 from vaeserve.ood import REFERENCE_IW_SAMPLES, SCORE_FIELDS
-from vaeserve.rows import as_rows
+from vaeserve.rows import as_images, as_rows
 from vaeserve.shared_slots import SharedSlots
 
 __all__ = ["ServiceError", "VaeClient", "channel_target"]
@@ -38,6 +38,9 @@ __all__ = ["ServiceError", "VaeClient", "channel_target"]
 # A Score call's work at most, rows × k decoder rows: a tenth of what a default server's scorer
 # takes at once (--max-queue-rows 65,536 × 10), so ten such calls run side by side.
 SCORE_CALL_DECODER_ROWS = 65_536
+# An imported autoencoder's images (or latents) per call: as many as hold about this many pixels
+# (4 images of 512 × 512, 12 MiB of float32).
+REQUEST_PIXELS = 1 << 20
 # Pauses before sending a data call again after UNAVAILABLE: about 10 s in all, what a restarting
 # server takes to answer again.
 RESEND_BACKOFF_S = (0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0)
@@ -92,7 +95,7 @@ class VaeClient:
         self.chunk_rows, self.max_in_flight = chunk_rows, max_in_flight
         self.shared_memory = shared_memory
         self._slots: SharedSlots | None = None
-        self._image_shape: tuple[int, ...] | None = None
+        self._reached: dict[str, Any] | None = None  # the info of the model calls reach, asked once
 
     def close(self) -> None:
         if self._slots is not None:
@@ -125,14 +128,23 @@ class VaeClient:
         sample: bool = False,
         seed: int | None = None,
         out: dict[str, np.ndarray] | None = None,
+        pipeline_latents: bool = False,
+        tile_size: int = 0,
     ) -> dict[str, np.ndarray]:
         """Latent ``mean`` and ``stddev`` [N, M] (and ``z`` with sample) of inputs [N, D]
         (float32 model inputs in [0, 1], or uint8 raw pixels). ``out`` may hold float32
         [N, M] arrays (views too, such as a field of a record array) to fill in place of
-        new ones."""
+        new ones. An imported autoencoder takes images [N, 3, H, W] or [N, H, W, 3] (uint8, or
+        float32 in [−1, 1]) and answers [N, C, H/f, W/f], as a pipeline scales them with
+        ``pipeline_latents``, in tiles of ``tile_size`` pixels when asked."""
         inputs = self._rows(inputs)  # the core's shape and dtype rules, as vae embed's
         fields = ("mean", "stddev", "z") if sample else ("mean", "stddev")
+        options = vae_pb2.AutoencoderOptions(pipeline_latents=pipeline_latents, tile_size=tile_size)
         if self.shared_memory:
+            if inputs.ndim == 4:
+                raise VaeError(
+                    "shared memory carries a VAE's fixed-size rows; call this autoencoder without it"
+                )
             return self._encode_shared(inputs, sample, seed, fields, out)
         requests = (
             vae_pb2.EncodeRequest(
@@ -141,6 +153,7 @@ class VaeClient:
                 inputs=to_tensor(part),
                 sample=sample,
                 seed=_chunk_seed(seed, i),
+                autoencoder=options,
             )
             for i, part in enumerate(self._chunks(inputs))
         )
@@ -211,10 +224,19 @@ class VaeClient:
         return self._slots
 
     def decode(
-        self, latents: np.ndarray, sample: bool = False, seed: int | None = None
+        self,
+        latents: np.ndarray,
+        sample: bool = False,
+        seed: int | None = None,
+        pipeline_latents: bool = False,
+        tile_size: int = 0,
     ) -> dict[str, np.ndarray]:
-        """Bernoulli ``probs`` [N, D] (and uint8 ``samples``) of latents [N, M]."""
-        latents = as_rows(np.asarray(latents, np.float32), "latents")
+        """Bernoulli ``probs`` [N, D] (and uint8 ``samples``) of latents [N, M]; an imported
+        autoencoder's ``images`` [N, 3, f·h, f·w] of latents [N, C, h, w]."""
+        latents = np.asarray(latents, np.float32)
+        autoencoder = latents.ndim == 4 and self._reaches_autoencoder()
+        latents = np.ascontiguousarray(latents) if autoencoder else as_rows(latents, "latents")
+        options = vae_pb2.AutoencoderOptions(pipeline_latents=pipeline_latents, tile_size=tile_size)
         requests = (
             vae_pb2.DecodeRequest(
                 model=self.model,
@@ -222,17 +244,25 @@ class VaeClient:
                 latents=to_tensor(part),
                 sample=sample,
                 seed=_chunk_seed(seed, i),
+                autoencoder=options,
             )
             for i, part in enumerate(self._chunks(latents))
         )
-        fields = ("probs", "samples") if sample else ("probs",)
+        fields = ("images",) if autoencoder else ("probs", "samples") if sample else ("probs",)
         return self._gather(self.stub.Decode, requests, fields, len(latents))
 
     def reconstruct(
-        self, inputs: np.ndarray, use_mean: bool = False, seed: int | None = None
+        self,
+        inputs: np.ndarray,
+        use_mean: bool = False,
+        seed: int | None = None,
+        pipeline_latents: bool = False,
+        tile_size: int = 0,
     ) -> dict[str, np.ndarray]:
-        """Posterior predictive ``probs`` and ``samples`` [N, D], and the ``latents`` decoded."""
+        """Posterior predictive ``probs`` and ``samples`` [N, D], and the ``latents`` decoded; an
+        imported autoencoder's ``images`` and ``latents``."""
         inputs = self._rows(inputs)
+        options = vae_pb2.AutoencoderOptions(pipeline_latents=pipeline_latents, tile_size=tile_size)
         requests = (
             vae_pb2.ReconstructRequest(
                 model=self.model,
@@ -240,23 +270,35 @@ class VaeClient:
                 inputs=to_tensor(part),
                 use_mean=use_mean,
                 seed=_chunk_seed(seed, i),
+                autoencoder=options,
             )
             for i, part in enumerate(self._chunks(inputs))
         )
-        return self._gather(self.stub.Reconstruct, requests, ("probs", "samples", "latents"), len(inputs))
+        fields = ("images", "latents") if inputs.ndim == 4 else ("probs", "samples", "latents")
+        return self._gather(self.stub.Reconstruct, requests, fields, len(inputs))
 
-    def sample_prior(self, count: int, seed: int | None = None) -> dict[str, np.ndarray]:
-        """``latents`` z ~ p(z), the model's prior [count, M], their ``probs`` and ``samples`` [count, D]."""
-        counts = [min(self.chunk_rows, count - start) for start in range(0, count, self.chunk_rows)] or [
-            count
-        ]
+    def sample_prior(
+        self, count: int, seed: int | None = None, latent_height: int = 0, latent_width: int = 0
+    ) -> dict[str, np.ndarray]:
+        """``latents`` z ~ p(z), the model's prior [count, M], their ``probs`` and ``samples`` [count, D];
+        an imported autoencoder's N(0, I) latents [count, C, h, w] (a tile's size unless given) and
+        their ``images``."""
+        autoencoder = self._reaches_autoencoder()
+        per_call = 1 if autoencoder else self.chunk_rows  # an image each: their size is the server's
+        counts = [min(per_call, count - start) for start in range(0, count, per_call)] or [count]
+        options = vae_pb2.AutoencoderOptions(latent_height=latent_height, latent_width=latent_width)
         requests = (
             vae_pb2.SamplePriorRequest(
-                model=self.model, version=self.version, count=n, seed=_chunk_seed(seed, i)
+                model=self.model,
+                version=self.version,
+                count=n,
+                seed=_chunk_seed(seed, i),
+                autoencoder=options,
             )
             for i, n in enumerate(counts)
         )
-        return self._gather(self.stub.SamplePrior, requests, ("latents", "probs", "samples"), count)
+        fields = ("latents", "images") if autoencoder else ("latents", "probs", "samples")
+        return self._gather(self.stub.SamplePrior, requests, fields, count)
 
     def score(
         self,
@@ -288,16 +330,26 @@ class VaeClient:
 
     def _rows(self, inputs: np.ndarray) -> np.ndarray:
         """Inputs as rows (vaeserve.rows.as_rows); images of more than one channel need the
-        model's image shape to tell [N, H, W, C] from [N, C, H, W], asked once."""
-        if np.ndim(inputs) <= 2:
+        model's image shape to tell [N, H, W, C] from [N, C, H, W], asked once. An imported
+        autoencoder's are images [N, 3, H, W] (vaeserve.rows.as_images)."""
+        if np.ndim(inputs) <= 2:  # rows: no need to ask (an autoencoder refuses them, saying why)
             return as_rows(inputs, "inputs")
-        if self._image_shape is None:
+        if self._reaches_autoencoder():
+            return as_images(inputs, "inputs")
+        return as_rows(inputs, "inputs", tuple(self.model_reached()["image_shape"]))
+
+    def model_reached(self) -> dict[str, Any]:
+        """The info of the model (and version) this client's calls reach, asked once."""
+        if self._reached is None:
             info = self.model_info(self.model)
             chosen = [m for m in info if str(m["version"]) == self.version] or [
                 m for m in info if m["is_default"] or self.model
             ]
-            self._image_shape = tuple(max(chosen or info, key=lambda m: m["version"])["image_shape"])
-        return as_rows(inputs, "inputs", self._image_shape)
+            self._reached = max(chosen or info, key=lambda m: m["version"])
+        return self._reached
+
+    def _reaches_autoencoder(self) -> bool:
+        return self.model_reached()["family"] == "autoencoder"
 
     def model_info(self, model: str = "") -> list[dict[str, Any]]:
         response = self._call(self.stub.GetModelInfo, vae_pb2.GetModelInfoRequest(model=model))
@@ -315,6 +367,7 @@ class VaeClient:
                 "is_default": m.is_default,
                 "max_batch_rows": m.max_batch_rows,
                 "likelihood": m.likelihood or "bernoulli",
+                "family": m.family or "vae",
             }
             for m in response.models
         ]
@@ -376,7 +429,10 @@ class VaeClient:
             raise ServiceError(exc.code(), exc.details()) from None
 
     def _chunks(self, array: np.ndarray, rows: int = 0) -> Iterator[np.ndarray]:
-        """Rows already read by ``as_rows``, ``rows`` (else ``chunk_rows``) at a time."""
+        """Rows already read by ``as_rows``, ``rows`` (else ``chunk_rows``) at a time; images or
+        latents of an autoencoder [N, C, H, W] as many as make REQUEST_PIXELS."""
+        if array.ndim == 4:
+            rows = rows or max(1, min(self.chunk_rows, REQUEST_PIXELS // (array.shape[2] * array.shape[3])))
         rows = rows or self.chunk_rows
         for start in range(0, len(array), rows):
             yield array[start : start + rows]

@@ -188,6 +188,31 @@ def as_rows(array: np.ndarray, field: str, image_shape: tuple[int, ...] | None =
     )
 
 
+def as_images(array: np.ndarray, field: str, channels: int = 3) -> np.ndarray:
+    """Images for an imported autoencoder, [N, C, H, W] of any size: [N, H, W, C] (channels last,
+    as PIL and numpy hold them) is transposed, one image [C, H, W] or [H, W, C] is a batch of one;
+    uint8 (or integers within 0-255) are pixels, floats are model inputs in [−1, 1] (float32)."""
+    array = np.asarray(array)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or channels not in (array.shape[1], array.shape[3]):
+        raise TensorError(
+            f"{field}: shape {list(array.shape)}; expected images [N, {channels}, H, W] "
+            f"or [N, H, W, {channels}]"
+        )
+    if array.shape[1] != channels:
+        array = array.transpose(0, 3, 1, 2)
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        if array.size and (int(array.min()) < 0 or int(array.max()) > 255):
+            raise TensorError(f"{field}: {array.dtype} values outside 0-255; integer pixels must be 0-255")
+        array = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32, copy=False)
+    elif array.dtype != np.uint8:
+        raise TensorError(f"{field}: dtype {array.dtype}; expected uint8 pixels or float32 in [-1, 1]")
+    return np.ascontiguousarray(array)
+
+
 # The bit patterns of float32 +0.0 to 1.0 are the integers 0 to 0x3F800000, in order; a
 # negative number, a larger one, infinity or NaN reads as a larger integer. So every
 # value lies in [0, 1] when the largest pattern is at most this (else the exact check

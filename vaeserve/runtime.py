@@ -145,3 +145,65 @@ class OnnxPair:
 
     def decode_logits(self, z: np.ndarray) -> np.ndarray:
         return self.decode(z)[0]
+
+
+# diffusers' DiagonalGaussianDistribution clamps the log-variance to this range.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def autoencoder_inputs(images: np.ndarray) -> np.ndarray:
+    """An imported autoencoder's inputs: uint8 p → p / 127.5 − 1, as diffusers' image processor
+    normalises; float as is (float32)."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+class AutoencoderGraphs:
+    """An imported latent-diffusion autoencoder's two graphs (``vae import --diffusers``), run as
+    diffusers runs the model with ``enable_tiling()``: the service, ``vae embed`` and the
+    benchmarks encode and decode through this."""
+
+    def __init__(
+        self, model: ModelVersion, device: str = "cpu", threads: int = 0, variant: str = "fp32"
+    ) -> None:
+        record = model.manifest.autoencoder
+        if record is None:
+            raise RepositoryError(f"{model.path}: a VAE trained by vae train, not an imported autoencoder")
+        self.record = record
+        providers = choose_providers(device)
+        self.encoder = open_session(model.graph_path("encoder", variant), providers, threads)
+        self.decoder = open_session(model.graph_path("decoder", variant), providers, threads)
+        self.provider = self.encoder.get_providers()[0]
+
+    def encode(self, images: np.ndarray, tiling) -> tuple[np.ndarray, np.ndarray]:
+        """The latent distribution's mean and stddev of images [N, C, H, W] (uint8, or float32 in
+        [−1, 1]); an AutoencoderKL's tiles blend its moments, the stddev derived after, as in
+        diffusers."""
+        x = autoencoder_inputs(images)
+        if self.record.stochastic:
+            mean, logvar = tiling.encode(_runner(self.encoder, ["mean", "logvar"]), x)
+            return mean, np.exp(np.float32(0.5) * np.clip(logvar, *LOGVAR_RANGE))
+        mean, stddev = tiling.encode(_runner(self.encoder, ["mean", "stddev"]), x)
+        return mean, stddev
+
+    def decode(self, latents: np.ndarray, tiling) -> np.ndarray:
+        """Images [N, 3, f·h, f·w] of the autoencoder's own latents [N, C, h, w]."""
+        return tiling.decode(_runner(self.decoder, None), latents)[0]
+
+    def to_pipeline(self, z: np.ndarray) -> np.ndarray:
+        """The autoencoder's latents as a pipeline has them: (z − shift) · scale."""
+        return (z - np.float32(self.record.shift_factor)) * np.float32(self.record.scaling_factor)
+
+    def from_pipeline(self, z: np.ndarray) -> np.ndarray:
+        return z / np.float32(self.record.scaling_factor) + np.float32(self.record.shift_factor)
+
+
+def _runner(session, names: list[str] | None):
+    """A session as a function of its one input (a whole image or latent, or a tile of one)."""
+    feed = session.get_inputs()[0].name
+
+    def run(part: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(session.run(names, {feed: np.ascontiguousarray(part, dtype=np.float32)}))
+
+    return run
