@@ -16,8 +16,9 @@ images/s at each size and batch, on the same inputs, in one run:
   tensors by a client in this process, one call at a time; the client's CPU is reported.
 
 Each cell: one warm-up call at its shape, then calls until ``--seconds`` have passed (at least
-``--repeats``); the median call. Then a tiled decode of a ``--tiled``-pixel image (latents of a
-side / 8), each runtime in a process of its own so its peak RSS is its own: diffusers with
+``--repeats``); the median call (a warm-up longer than ``--seconds`` is the figure itself).
+Then a tiled decode of a ``--tiled``-pixel image (latents of a side / 8), each runtime in a
+process of its own so its peak RSS is its own: diffusers with
 ``enable_tiling()``, vaeserve's tiling over the imported decoder, and the decoder untiled under
 an address-space limit (``--untiled-limit-gb``), which shows what the tiles save.
 """
@@ -77,8 +78,13 @@ def build(work: Path) -> Path:
 
 
 def timed(call: Callable[[], object], seconds: float, repeats: int) -> float:
-    """Seconds per call: the median after one warm-up call."""
+    """Seconds per call: the median after one warm-up call; a warm-up longer than ``seconds`` is
+    the figure itself (at tens of seconds a call, a first call's allocations are noise)."""
+    begin = time.perf_counter()
     call()
+    first = time.perf_counter() - begin
+    if first > seconds:
+        return first
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < repeats or time.perf_counter() - started < seconds:
@@ -209,29 +215,10 @@ def _tiled_worker(how: str, work: str, side: int, limit_gb: float, queue) -> Non
         limit = int(limit_gb * (1 << 30))
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     latents = np.random.default_rng(SEED).standard_normal((1, 4, side // 8, side // 8)).astype(np.float32)
-    started = time.perf_counter()
     try:
-        if how == "diffusers":
-            import torch
-
-            model = diffusers_model(Path(work), "sd15")
-            model.enable_tiling()
-            with torch.no_grad():
-                image = model.decode(torch.from_numpy(latents)).sample.numpy()
-        else:
-            from vaeserve.repository import resolve
-            from vaeserve.runtime import open_session
-
-            version = resolve(Path(work) / "models", "sd15")
-            decoder = open_session(version.graph_path("decoder"), ["CPUExecutionProvider"])
-
-            def run(z: np.ndarray) -> tuple[np.ndarray, ...]:
-                return tuple(decoder.run(None, {"latents": np.ascontiguousarray(z)}))
-
-            if how == "vaeserve":  # as the service decodes: in tiles when larger than one
-                (image,) = version.manifest.autoencoder.tiling.decode(run, latents)
-            else:
-                (image,) = run(latents)
+        decode = _tiled_decoder(how, Path(work))  # loading is not timed
+        started = time.perf_counter()
+        image = decode(latents)
         outcome = {"seconds": time.perf_counter() - started, "shape": list(image.shape)}
         np.save(Path(work) / f"tiled-{how}.npy", image)
     except Exception as exc:  # the untiled run is expected to fail for memory
@@ -247,6 +234,30 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _tiled_decoder(how: str, work: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """diffusers with enable_tiling(), vaeserve's decode (tiled past a tile, as the service
+    decodes), or the imported decoder run whole."""
+    if how == "diffusers":
+        import torch
+
+        model = diffusers_model(work, "sd15")
+        model.enable_tiling()
+
+        def decode(latents: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return model.decode(torch.from_numpy(latents)).sample.numpy()
+
+        return decode
+    from vaeserve.repository import resolve
+    from vaeserve.runtime import AutoencoderGraphs
+
+    version = resolve(work / "models", "sd15")
+    graphs = AutoencoderGraphs(version)
+    if how == "vaeserve":
+        return lambda latents: graphs.decode(latents, version.manifest.autoencoder.tiling)
+    return lambda latents: graphs.decoder.run(None, {"latents": latents})[0]
 
 
 def tiled(work: Path, side: int, limit_gb: float) -> dict:
