@@ -30,7 +30,7 @@ from vaeserve.datasets import evaluation_inputs, load_run_data
 from vaeserve.errors import ExportError
 from vaeserve.evaluation import evaluate
 from vaeserve.export import checks, graphs, variants
-from vaeserve.likelihoods import DiscretizedLogistic, Likelihood
+from vaeserve.likelihoods import Likelihood
 from vaeserve.manifest import MANIFEST, FileRecord, Manifest
 from vaeserve.prior import PRIOR_FILE, Prior
 from vaeserve.repository import ModelVersion, file_record, load_version, next_version, sha256_file
@@ -151,7 +151,7 @@ def build_version(
         image_shape=tuple(state["image_shape"]),
         binarization=config["binarization"],
         likelihood=model.likelihood.name,
-        likelihood_options=likelihood_options(model.likelihood),
+        likelihood_options=model.likelihood.options(),
         opset=graphs.OPSET,
         exporter=f"torch.onnx dynamo exporter, torch {torch.__version__}, onnx {onnx.__version__}",
         graphs={role: graph_record(path) for role, path in (("encoder", encoder), ("decoder", decoder))},
@@ -183,11 +183,6 @@ def build_version(
         source_checkpoint={"file": source.name, "sha256": sha256_file(source)},
     )
     manifest.write(folder)
-
-
-def likelihood_options(part: Likelihood) -> dict[str, Any]:
-    """What besides its name rebuilds the likelihood (vaeserve.likelihoods.likelihood)."""
-    return {"components": part.components} if isinstance(part, DiscretizedLogistic) else {}
 
 
 def stopped_early(state: dict[str, Any]) -> str | None:

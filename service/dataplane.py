@@ -22,7 +22,6 @@ import numpy as np
 from vaeserve.datasets import encoder_inputs
 from vaeserve.errors import ModelNotFoundError, RepositoryError, RequestError, TensorError
 from vaeserve.layout import ImageLayout
-from vaeserve.likelihoods import Bernoulli
 from vaeserve.ood import REFERENCE_IW_SAMPLES, scores
 from vaeserve.repository import ModelVersion
 from vaeserve.rows import Rows
@@ -36,10 +35,6 @@ from vaeserve.service.settings import ServeSettings
 def generator(seed: int | None) -> np.random.Generator:
     """The request's randomness: seeded (PCG64, identical on every platform) or fresh."""
     return np.random.default_rng(seed)
-
-
-def bernoulli(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return (rng.random(probs.shape, dtype=np.float32) < probs).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -194,9 +189,7 @@ class ServedModel:
     def _draw(self, logits: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """x ~ p(x|z): uint8 0/1 from a Bernoulli (against the graph's probs, its mean), float32
         in [0, 1] from the others."""
-        if isinstance(self.likelihood, Bernoulli):
-            return bernoulli(probs, rng)
-        return self.likelihood.sample(logits, rng)
+        return self.likelihood.draw(logits, probs, rng)
 
     async def score(
         self, x: np.ndarray, iw_samples: int, seed: int | None, row_offset: int = 0

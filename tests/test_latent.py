@@ -520,3 +520,31 @@ def test_embed_a_folder_of_colour_pngs_gives_diffusers_latents(
     assert (
         result.returncode == 1 and "99.png: 16×48 pixels" in result.stderr and "--image-size" in result.stderr
     )
+
+
+def test_vae_client_shows_an_autoencoder(latent_server, tmp_path: Path) -> None:
+    """`vae client` on an imported model: a photograph (a crop of matplotlib's sample) encoded and
+    decoded, its latents' channels and prior latents decoded, as PNGs and summary.json."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
+        image.convert("RGB").crop((200, 100, 300, 200)).save(tmp_path / "photo.png")  # 100 × 100
+    out = tmp_path / "demo"
+    result = vae(
+        "client",
+        "--target",
+        latent_server.target,
+        "--model",
+        "kl",
+        "--image",
+        str(tmp_path / "photo.png"),
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["image_shape"] == [96, 96, 3] and summary["latent_shape"] == [4, 12, 12]
+    assert np.isfinite(summary["reconstruction_psnr_db"])
+    assert summary["pictures"] == ["latents.png", "reconstruct.png", "sample_prior.png"]
+    assert "reconstruction PSNR" in result.stdout

@@ -1,7 +1,9 @@
 """`vae client`: every RPC of a running server, shown the way the seed program showed its
 model's uses, but as PNG files: reconstructions (Reconstruct), prior samples (SamplePrior),
 a latent-manifold grid and an interpolation between two digits (Encode, then Decode); then the
-test images' per-row scores (Score) and Encode's rows/s, by unary calls and by EncodeStream."""
+test images' per-row scores (Score) and Encode's rows/s, by unary calls and by EncodeStream.
+An imported autoencoder's: a photograph encoded and decoded, its latents' channels, and prior
+latents decoded."""
 
 from __future__ import annotations
 
@@ -52,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of every random draw (default: %(default)s)"
     )
+    parser.add_argument(
+        "--image",
+        type=Path,
+        help="an imported autoencoder's: the photograph to encode and reconstruct (PNG or JPEG; cropped "
+        "to multiples of its downscale factor); default: matplotlib's sample photograph",
+    )
     parser.set_defaults(handler=client_command)
 
 
@@ -61,6 +69,8 @@ def client_command(args: argparse.Namespace) -> int:
     token = args.token_file.read_text().strip() if args.token_file else None
     with VaeClient(args.target, model=args.model, token=token, root_certificates=args.tls_ca) as client:
         info = served_model(client)  # the server first: a dead target is said before any download
+        if info["family"] == "autoencoder":
+            return autoencoder_demo(client, info, args)
         pixels = load_dataset(args.dataset, args.data_dir, progress=False).test_images
         summary = run_demo(client, info, pixels, args.out, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -164,3 +174,86 @@ def interpolation(client: VaeClient, means: np.ndarray, shape: tuple, path: Path
         path,
         "Encode then Decode: interpolation between digits",
     )
+
+
+# -- an imported latent-diffusion autoencoder (vae import --diffusers) -------------------------------
+PRIOR_SAMPLES = 4
+
+
+def photograph(path: Path | None, multiple: int) -> np.ndarray:
+    """uint8 [H, W, 3]: the file, or matplotlib's sample photograph, cropped to multiples."""
+    from PIL import Image, UnidentifiedImageError
+
+    from vaeserve.errors import DataError
+
+    if path is None:
+        from matplotlib import cbook
+
+        path = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"--image {path}: not a readable image ({exc})") from None
+    height, width = (pixels.shape[0] // multiple) * multiple, (pixels.shape[1] // multiple) * multiple
+    if not height or not width:
+        raise DataError(
+            f"--image {path}: {pixels.shape[0]}×{pixels.shape[1]}, smaller than {multiple} pixels"
+        )
+    return np.ascontiguousarray(pixels[:height, :width])
+
+
+def autoencoder_demo(client: VaeClient, info: dict, args: argparse.Namespace) -> int:
+    """Your image in, its reconstruction out; prior latents decoded; the latents' channels;
+    Encode's and Decode's time, and the reconstruction's PSNR, in summary.json."""
+    from vaeserve import pictures
+
+    multiple = 8  # every released latent-diffusion autoencoder's downscale factor
+    photo = photograph(args.image, multiple)
+    started = time.perf_counter()
+    encoded = client.encode(photo[None])
+    encode_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    images = client.decode(encoded["mean"])["images"]
+    decode_seconds = time.perf_counter() - started
+    rebuilt = np.clip((images[0].transpose(1, 2, 0) + 1) / 2, 0, 1)
+    original = photo.astype(np.float32) / 255
+    psnr = float(10 * np.log10(1 / max(float(np.mean((rebuilt - original) ** 2)), 1e-12)))
+    out = args.out
+    pictures.save_panels(
+        [("your image", original), ("Encode, then Decode", rebuilt)],
+        out / "reconstruct.png",
+        f"{info['name']}/{info['version']}: Reconstruct ({photo.shape[0]}×{photo.shape[1]})",
+    )
+    latents = encoded["mean"][0]
+    spread = (latents - latents.min()) / max(float(np.ptp(latents)), 1e-12)
+    pictures.save_panels(
+        [(f"channel {c}", spread[c]) for c in range(len(spread))],
+        out / "latents.png",
+        f"Encode: the latent mean's {len(spread)} channels ({latents.shape[1]}×{latents.shape[2]})",
+    )
+    side = max(latents.shape[1], latents.shape[2])
+    prior = client.sample_prior(PRIOR_SAMPLES, seed=args.seed, latent_height=side, latent_width=side)
+    drawn = [np.clip((image.transpose(1, 2, 0) + 1) / 2, 0, 1) for image in prior["images"]]
+    pictures.save_panels(
+        [(f"z ~ N(0, I), seed {args.seed}: {i}", image) for i, image in enumerate(drawn)],
+        out / "sample_prior.png",
+        "SamplePrior: N(0, I) latents decoded (a diffusion model's starting noise, not images)",
+    )
+    summary = {
+        "model": info,
+        "image_shape": list(photo.shape),
+        "latent_shape": list(latents.shape),
+        "encode_seconds": encode_seconds,
+        "decode_seconds": decode_seconds,
+        "reconstruction_psnr_db": psnr,
+        "pictures": sorted(p.name for p in out.glob("*.png")),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(
+        f"{info['name']}/{info['version']} ({info['execution_provider']}): {photo.shape[0]}×{photo.shape[1]} "
+        f"image → latents {list(latents.shape)} in {encode_seconds:.2f} s, decoded in "
+        f"{decode_seconds:.2f} s, "
+        f"reconstruction PSNR {psnr:.1f} dB; pictures in {out}"
+    )
+    return 0

@@ -77,6 +77,10 @@ class Bernoulli:
     def initial_params(self) -> tuple[float, ...]:
         return (0.0,)
 
+    def options(self) -> dict:
+        """What besides its name rebuilds it (``likelihood(name, **options)``; the manifest's)."""
+        return {}
+
     def log_prob(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
         return log_bernoulli(x, params)
 
@@ -84,7 +88,12 @@ class Bernoulli:
         return sigmoid(params)
 
     def sample(self, params: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return (rng.random(params.shape, dtype=np.float32) < self.mean(params)).astype(np.uint8)
+        return self.draw(params, self.mean(params), rng)
+
+    def draw(self, params: np.ndarray, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """x ~ p(x|z) given the parameters and the mean a graph already computed: 0/1 against
+        the mean itself (so a seeded draw matches the graph's probs exactly)."""
+        return (rng.random(mean.shape, dtype=np.float32) < mean).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,9 @@ class ContinuousBernoulli:
 
     def initial_params(self) -> tuple[float, ...]:
         return (0.0,)
+
+    def options(self) -> dict:
+        return {}
 
     def log_prob(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
         return log_bernoulli(x, params) + np.sum(log_cb_normaliser(params), axis=-1)
@@ -115,6 +127,9 @@ class ContinuousBernoulli:
         safe = np.where(near, 1.0, clipped)
         return np.where(near, u, np.log1p(u * np.expm1(safe)) / safe).astype(np.float32)
 
+    def draw(self, params: np.ndarray, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.sample(params, rng)
+
 
 @dataclass(frozen=True)
 class DiscretizedLogistic:
@@ -133,6 +148,9 @@ class DiscretizedLogistic:
         k = self.components
         return (0.0,) * (2 * k) + (INITIAL_LOG_SCALE,) * k
 
+    def options(self) -> dict:
+        return {"components": self.components}
+
     def split(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """[..., 3K·D] → mixture logits, means, log scales, each [..., K, D]."""
         k = self.components
@@ -142,7 +160,8 @@ class DiscretizedLogistic:
 
     def log_prob(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
         weights, means, log_scales = self.split(params)
-        centred = (2.0 * x[..., None, :] - 1.0).astype(params.dtype, copy=False) - means
+        scaled = (2.0 * x[..., None, :] - 1.0).astype(params.dtype, copy=False)  # values in [−1, 1]
+        centred = scaled - means
         inverse = np.exp(-log_scales)
         half = np.float32(1.0 / PIXEL_LEVELS)
         plus, minus = inverse * (centred + half), inverse * (centred - half)
@@ -153,8 +172,7 @@ class DiscretizedLogistic:
         log_density = middle - log_scales - 2.0 * softplus(middle) + np.float32(math.log(2 / PIXEL_LEVELS))
         inner = np.where(mass > BIN_MASS_FLOOR, np.log(np.maximum(mass, BIN_MASS_FLOOR)), log_density)
         top = np.float32(1.0 - 1e-3)
-        edge = (2.0 * x[..., None, :] - 1.0).astype(params.dtype, copy=False)
-        log_bin = np.where(edge < -top, log_cdf_plus, np.where(edge > top, log_survival_minus, inner))
+        log_bin = np.where(scaled < -top, log_cdf_plus, np.where(scaled > top, log_survival_minus, inner))
         log_mix = log_bin + _log_softmax(weights, axis=-2)
         return np.sum(_logsumexp(log_mix, axis=-2), axis=-1)
 
@@ -178,6 +196,9 @@ class DiscretizedLogistic:
         u = rng.uniform(1e-5, 1.0 - 1e-5, mean.shape)
         value = np.clip(mean + scale * (np.log(u) - np.log1p(-u)), -1.0, 1.0)
         return (np.round((value + 1.0) * 0.5 * PIXEL_LEVELS) / PIXEL_LEVELS).astype(np.float32)
+
+    def draw(self, params: np.ndarray, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.sample(params, rng)
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:

@@ -220,6 +220,7 @@ class Manifest:
             "image_shape": list(self.image_shape),
             "latent_size": self.latent_size,
             "architecture": self.architecture.get("name", "mlp"),
+            "family": "autoencoder" if self.autoencoder is not None else "vae",
             "prior": self.architecture.get("prior", "standard-normal"),
             "test": {
                 key: evaluation[key]
