@@ -283,8 +283,12 @@ class VaeClient:
         """``latents`` z ~ p(z), the model's prior [count, M], their ``probs`` and ``samples`` [count, D];
         an imported autoencoder's N(0, I) latents [count, C, h, w] (a tile's size unless given) and
         their ``images``."""
-        autoencoder = self._reaches_autoencoder()
-        per_call = 1 if autoencoder else self.chunk_rows  # an image each: their size is the server's
+        # An autoencoder's images are large: one per call. Known only if this client asked already
+        # (or sizes were given); else the answers say which outputs came (no call to ask first).
+        autoencoder = bool(latent_height or latent_width) or (
+            self._reached is not None and self._reached["family"] == "autoencoder"
+        )
+        per_call = 1 if autoencoder else self.chunk_rows
         counts = [min(per_call, count - start) for start in range(0, count, per_call)] or [count]
         options = vae_pb2.AutoencoderOptions(latent_height=latent_height, latent_width=latent_width)
         requests = (
@@ -297,7 +301,7 @@ class VaeClient:
             )
             for i, n in enumerate(counts)
         )
-        fields = ("latents", "images") if autoencoder else ("latents", "probs", "samples")
+        fields = None  # those the answers carry: latents, probs, samples; or latents, images
         return self._gather(self.stub.SamplePrior, requests, fields, count)
 
     def score(
@@ -441,14 +445,15 @@ class VaeClient:
         self,
         method: Callable,
         requests: Iterator,
-        fields: tuple[str, ...],
+        fields: tuple[str, ...] | None,
         rows: int,
         shared: SharedBytes | None = None,
         out: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Send requests with up to max_in_flight outstanding; put each response's fields in
         place in the ``rows``-row outputs (``out``'s arrays where given), in order. One copy
-        per byte, which for outputs in shared memory happens before their slot is reused."""
+        per byte, which for outputs in shared memory happens before their slot is reused.
+        ``fields`` None: the tensors the first response carries."""
         out = dict(out or {})
         for name, array in out.items():
             if array.shape[0] != rows or array.dtype != np.float32:
@@ -457,6 +462,12 @@ class VaeClient:
                 )
         done = 0
         for response in self._pipelined(method, requests):
+            if fields is None:
+                fields = tuple(
+                    f.name
+                    for f, _ in response.ListFields()
+                    if f.message_type and f.message_type.name == "Tensor"
+                )
             for name in fields:
                 part = from_response(getattr(response, name), name, shared)
                 if name not in out:
