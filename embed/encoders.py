@@ -103,10 +103,8 @@ class LatentEncoder:
             images = rows[at : at + self.per_call].reshape(-1, *self.layout)
             mean, stddev = self.graphs.encode(images, self.tiling)
             if self.pipeline:
-                mean, stddev = (
-                    self.graphs.to_pipeline(mean),
-                    stddev * np.float32(self.graphs.record.scaling_factor),
-                )
+                scaled = self.graphs.pipeline_encoding({"mean": mean, "stddev": stddev})
+                mean, stddev = scaled["mean"], scaled["stddev"]
             _store(records[at : at + self.per_call], mean, stddev)
 
     def close(self) -> None:

@@ -108,10 +108,7 @@ class ServedAutoencoder:
             out["z"] = mean + stddev * np.random.default_rng(seed).standard_normal(
                 mean.shape, dtype=np.float32
             )
-        if options.pipeline_latents:
-            scale = np.float32(self.record.scaling_factor)
-            out = {k: v * scale if k == "stddev" else self.graphs.to_pipeline(v) for k, v in out.items()}
-        return out
+        return self.graphs.pipeline_encoding(out) if options.pipeline_latents else out
 
     async def decode(
         self, z: np.ndarray, sample: bool, seed: int | None, options: LatentOptions = DEFAULT_OPTIONS

@@ -198,6 +198,12 @@ class AutoencoderGraphs:
     def from_pipeline(self, z: np.ndarray) -> np.ndarray:
         return z / np.float32(self.record.scaling_factor) + np.float32(self.record.shift_factor)
 
+    def pipeline_encoding(self, encoding: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Encode's outputs (mean, stddev, z) as a pipeline's: latents shifted and scaled, the
+        stddev scaled only."""
+        scale = np.float32(self.record.scaling_factor)
+        return {k: v * scale if k == "stddev" else self.to_pipeline(v) for k, v in encoding.items()}
+
 
 def _runner(session, names: list[str] | None):
     """A session as a function of its one input (a whole image or latent, or a tile of one)."""
