@@ -548,3 +548,103 @@ def test_vae_client_shows_an_autoencoder(latent_server, tmp_path: Path) -> None:
     assert np.isfinite(summary["reconstruction_psnr_db"])
     assert summary["pictures"] == ["latents.png", "reconstruct.png", "sample_prior.png"]
     assert "reconstruction PSNR" in result.stdout
+
+
+def test_the_console_shows_an_autoencoder(latent_server, tmp_path: Path) -> None:
+    """The console on an imported model in headless Chromium: prior latents decoded as the
+    service's seeded SamplePrior decodes them; a photograph uploaded at its own size, reconstructed
+    (pixels = the service's Reconstruct, PSNR as `vae client` computes it) with its latent's
+    channels; an interpolation from it decoded at its size, its first step its reconstruction.
+    The VAE-only controls (draws from p(x|z), importance samples, traversals) are hidden."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    from vaeserve import sandbox
+
+    missing = sandbox.chromium_missing()
+    if missing:
+        pytest.skip(missing)
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
+        photo = np.asarray(image.convert("RGB").crop((200, 100, 296, 180)))  # 96 × 80: multiples of 8
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    pixels = np.ascontiguousarray(photo.transpose(2, 0, 1)[None])  # [1, 3, 80, 96]
+    prior = rest(
+        latent_server,
+        "kl-sample-prior",
+        {"count": np.array([4], np.int64)},
+        {"seed": 3, "height": 8, "width": 8},
+    )
+    rebuilt = rest(latent_server, "kl-reconstruct", {"x": pixels}, {"use_mean": True})
+
+    def shown(images: np.ndarray) -> np.ndarray:  # [N, 3, H, W] in [−1, 1] → RGB bytes [N, H, W, 3]
+        return np.round(255 * np.clip((images.transpose(0, 2, 3, 1) + 1) / 2, 0, 1)).astype(np.int16)
+
+    driver = sandbox.start_chromium()
+    try:
+        js = driver.execute_script
+
+        def wait(check, timeout: float = 60):
+            return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda _: check())
+
+        def drawn(selector: str) -> list[tuple[int, int, np.ndarray]]:
+            canvases = js(
+                "return [...document.querySelectorAll(arguments[0])].map(c => [c.width, c.height, "
+                "Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)])",
+                selector,
+            )
+            return [(w, h, np.array(rgba, np.int16).reshape(h, w, 4)[..., :3]) for w, h, rgba in canvases]
+
+        def choose(element_id: str, value: str) -> None:
+            js(
+                "const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                "e.dispatchEvent(new Event('change'))",
+                element_id,
+                value,
+            )
+
+        driver.get(f"http://{latent_server.http}/")
+        wait(lambda: js("return document.getElementById('model').options.length") == 2)
+        choose("model", "kl")
+        assert js("return document.getElementById('sample-size').value") == "8"  # the test model's tile
+        assert js("return document.getElementById('traverse-form').offsetParent") is None  # hidden
+        assert js("return document.getElementById('sample-show').offsetParent") is None
+        cells = js("return [...document.querySelectorAll('#model-table tbody tr')].map(r => r.innerText)")
+        assert any("imported AutoencoderKL" in row and "4×H/8×W/8" in row for row in cells), cells
+
+        choose("sample-seed", "3")
+        js("document.getElementById('sample-form').requestSubmit()")
+        wait(lambda: js("return document.getElementById('sample-grid').dataset.seed") == "3")
+        samples = drawn("#sample-grid canvas")
+        assert [(w, h) for w, h, _ in samples] == [(64, 64)] * 4
+        assert np.abs(np.stack([rgb for _, _, rgb in samples]) - shown(prior["images"])).max() <= 1
+
+        driver.find_element(By.ID, "input-file").send_keys(str(tmp_path / "photo.png"))
+        wait(lambda: js("return document.querySelectorAll('#input-image canvas').length") == 1)
+        [(w, h, sent)] = drawn("#input-image canvas")
+        assert (w, h) == (96, 80) and np.array_equal(sent, photo)
+        js("document.getElementById('input-form').requestSubmit()")
+        wait(lambda: js("return document.getElementById('input-scores').dataset.psnr") is not None)
+        [(w, h, reconstruction)] = drawn("#input-reconstruction canvas")
+        assert (w, h) == (96, 80)
+        assert np.abs(reconstruction - shown(rebuilt["images"])[0]).max() <= 1
+        expected = np.clip((rebuilt["images"][0].transpose(1, 2, 0) + 1) / 2, 0, 1)
+        psnr = 10 * np.log10(1 / np.mean((expected - photo / 255) ** 2))
+        assert abs(float(js("return document.getElementById('input-scores').dataset.psnr")) - psnr) < 0.01
+        assert [(w, h) for w, h, _ in drawn("#input-latents canvas")] == [(12, 10)] * 4
+
+        choose("latent-a", "input")
+        choose("latent-steps", "3")
+        js("document.getElementById('latent-form').requestSubmit()")
+        wait(lambda: js("return document.querySelectorAll('#latent-strip canvas').length") == 3)
+        strip = drawn("#latent-strip canvas")
+        assert [(w, h) for w, h, _ in strip] == [(96, 80)] * 3
+        assert np.abs(strip[0][2] - reconstruction).max() <= 1  # z = your input's mean: its reconstruction
+        assert np.abs(strip[2][2] - strip[0][2]).max() > 20  # the other end is a prior draw
+        assert js("return document.getElementById('status').textContent") == "ready"
+        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+    finally:
+        driver.quit()

@@ -91,6 +91,19 @@ class ImportedAutoencoder:
         raw.update(tiling=self.tiling.to_dict(), pixel_range=list(self.pixel_range))
         return raw
 
+    def brief(self) -> dict[str, Any]:
+        """What the console needs to draw it: its class, latents, factors and tile."""
+        return {
+            "diffusers_class": self.diffusers_class,
+            "latent_channels": self.latent_channels,
+            "downscale": self.downscale,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "stochastic": self.stochastic,
+            "sample_tile": self.tiling.sample_tile,
+            "latent_tile": self.tiling.latent_tile,
+        }
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -221,6 +234,7 @@ class Manifest:
             "latent_size": self.latent_size,
             "architecture": self.architecture.get("name", "mlp"),
             "family": "autoencoder" if self.autoencoder is not None else "vae",
+            "autoencoder": self.autoencoder.brief() if self.autoencoder is not None else None,
             "prior": self.architecture.get("prior", "standard-normal"),
             "test": {
                 key: evaluation[key]

@@ -55,10 +55,12 @@ export async function infer(model, kind, version, inputs, parameters = {}) {
   return outputs;
 }
 
-export const pixelsTensor = (pixels, rows) => ({
-  name: "x", datatype: "UINT8", shape: [rows, pixels.length / rows], data: Array.from(pixels),
+// Tensors carry their shapes: [1, D] rows for a VAE, [1, 3, H, W] images and [N, C, h, w] latents
+// for an imported autoencoder.
+export const pixelsTensor = (input) => ({
+  name: "x", datatype: "UINT8", shape: input.shape, data: Array.from(input.pixels),
 });
-export const latentTensor = (latents, rows) => ({
-  name: "z", datatype: "FP32", shape: [rows, latents.length / rows], data: Array.from(latents),
+export const latentTensor = (latents, shape) => ({
+  name: "z", datatype: "FP32", shape, data: Array.from(latents),
 });
 export const countTensor = (count) => ({ name: "count", datatype: "INT64", shape: [1], data: [count] });

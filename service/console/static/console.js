@@ -8,7 +8,7 @@ import {
   api, ApiError, countTensor, infer as inferModel, latentTensor, onUnauthorized, pixelsTensor, TOKEN_KEY,
 } from "./api.js";
 import { LIVE_WINDOW_S, startLive } from "./live.js";
-import { drawRows, shapeOf, toPixels } from "./pictures.js";
+import { drawChannels, drawImages, drawRows, shapeOf, toImage, toPixels } from "./pictures.js";
 
 const SCORES = ["elbo", "log_px", "ood_score", "complexity_bits"];
 const SCORE_NAMES = {
@@ -25,6 +25,12 @@ const $ = (id) => document.getElementById(id);
 
 // NAME-KIND of the chosen model.
 const infer = (kind, version, inputs, parameters) => inferModel(state.model.name, kind, version, inputs, parameters);
+
+// An imported autoencoder (`vae import --diffusers`): images of any size in and out, latents
+// [C, H/f, W/f], no likelihood to score. Its panels show images, latents and PSNR instead.
+const isAutoencoder = (m) => Boolean(m && m.autoencoder);
+// Uploads are scaled down to this many pixels a side: a 512² decode takes seconds on a CPU.
+const LARGEST_SIDE = 512;
 
 // -- the token -----------------------------------------------------------------------------------
 function askForToken(message) {
@@ -84,10 +90,10 @@ function renderModels() {
       const test = m.test || {};
       const labels = Object.entries(model.labels).filter(([, v]) => v === version.version).map(([l]) => l);
       if (version.version === model.latest) labels.push("latest");
+      labels.push(...routing(model.traffic, version.version));
       const cells = [
         model.name, version.version, version.state + (version.reason ? ` (${version.reason})` : ""),
-        labels.join(", "), m.dataset, m.preset || "—", m.likelihood,
-        m.image_shape ? m.image_shape.join("×") : "", m.latent_size, m.prior || "standard-normal",
+        labels.join(", "), ...describe(m),
         fixed(test.elbo, 2, test.elbo_stderr), fixed(test.nll, 2, test.nll_stderr),
         test.active_units !== undefined ? `${test.active_units}/${m.latent_size}` : "",
         m.parity_max_abs_diff !== undefined && m.parity_max_abs_diff !== null ? m.parity_max_abs_diff.toExponential(1) : "",
@@ -111,6 +117,31 @@ function renderModels() {
   chooseModel($("model").value);
 }
 
+// What a traffic split (vae traffic) gives a version: its share of the calls that name no
+// version, or the shadow's mirrored copies.
+function routing(traffic, version) {
+  if (!traffic) return [];
+  const found = traffic.shares.filter((s) => s.version === version).map((s) => `${Math.round(100 * s.share)} % of unversioned calls`);
+  if (traffic.shadow && traffic.shadow.version === version) found.push("shadow (mirrored calls)");
+  return found;
+}
+
+// The data, preset, likelihood, input, latents and prior columns of a version.
+function describe(m) {
+  if (isAutoencoder(m)) {
+    const a = m.autoencoder;
+    const f = a.downscale;
+    return [
+      `imported ${a.diffusers_class}`, "—", a.stochastic ? "— (q(z|x) Gaussian)" : "— (deterministic)",
+      `3×H×W (multiples of ${f})`, `${a.latent_channels}×H/${f}×W/${f}`, "N(0, I)",
+    ];
+  }
+  return [
+    m.dataset, m.preset || "—", m.likelihood, m.image_shape ? m.image_shape.join("×") : "", m.latent_size,
+    m.prior || "standard-normal",
+  ];
+}
+
 function fixed(value, digits, stderr) {
   if (value === undefined || value === null) return "";
   return value.toFixed(digits) + (stderr !== undefined ? ` ± ${stderr.toFixed(digits)}` : "");
@@ -129,6 +160,16 @@ function chooseModel(name) {
   if (reference.iw_samples) $("input-k").value = reference.iw_samples;
   const small = shapeOf(m).kind === "grey" && shapeOf(m).height <= 64 && shapeOf(m).width <= 64;
   $("pad-box").hidden = !small;
+  const autoencoder = isAutoencoder(m);
+  for (const element of document.querySelectorAll(".vae-only")) element.hidden = autoencoder;
+  for (const element of document.querySelectorAll(".autoencoder-only")) element.hidden = !autoencoder;
+  $("input-score").textContent = autoencoder ? "Reconstruct" : "Reconstruct and score";
+  if (autoencoder) {
+    // A tile's latents, at most 32 a side (256 pixels at f = 8), four of them: seconds on a CPU.
+    $("sample-size").value = Math.min(32, m.autoencoder.latent_tile);
+    $("sample-count").value = Math.min(Number($("sample-count").value), 4);
+  }
+  if (state.input && state.input.family !== (autoencoder ? "autoencoder" : "vae")) clearInput();
   fillDimensions(m);
 }
 
@@ -142,6 +183,13 @@ function fillDimensions(m) {
 
 // -- samples ---------------------------------------------------------------------------------------
 async function drawSamples(container, version, seed, count, show) {
+  if (isAutoencoder(brief(version))) {
+    const side = Number($("sample-size").value);
+    const out = await infer("sample-prior", version, [countTensor(count)], { seed, height: side, width: side });
+    drawImages(container, out.images, "sample");
+    container.dataset.seed = seed;
+    return out;
+  }
   const out = await infer("sample-prior", version, [countTensor(count)], { seed });
   const values = show === "samples" ? out.samples.data.map(Number) : out.probs.data;
   drawRows(container, values, count, brief(version), "sample");
@@ -162,18 +210,37 @@ async function onFile() {
   const file = $("input-file").files[0];
   if (!file) return;
   const m = brief($("input-version").value);
+  if (isAutoencoder(m)) {
+    const bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+    setInput(toImage(bitmap, m.autoencoder.downscale, LARGEST_SIDE), m);
+    return;
+  }
   if (shapeOf(m).kind === "flat") {
     note(`${state.model.name} takes ${m.input_size} flat features, not an image`);
     return;
   }
   const bitmap = await createImageBitmap(file, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
-  setInput(toPixels(bitmap, m, $("input-invert").checked), m);
+  const pixels = toPixels(bitmap, m, $("input-invert").checked);
+  setInput({ pixels, shape: [1, pixels.length] }, m);
 }
 
-function setInput(pixels, m) {
-  state.input = pixels;
-  drawRows($("input-image"), Array.from(pixels, (v) => v / 255), 1, m, "input");
+// The input as the model takes it: {pixels (8-bit, channels first), shape} and the family it is for.
+function setInput(input, m) {
+  state.input = Object.assign(input, { family: isAutoencoder(m) ? "autoencoder" : "vae" });
+  if (isAutoencoder(m)) {
+    drawImages($("input-image"), { shape: input.shape, data: input.pixels }, "input", "bytes");
+    note(`${input.shape[3]}×${input.shape[2]} pixels, as sent`);
+  } else {
+    drawRows($("input-image"), Array.from(input.pixels, (v) => v / 255), 1, m, "input");
+  }
   $("input-score").disabled = false;
+}
+
+// Another family's input means nothing to this model: it is dropped, not sent.
+function clearInput() {
+  state.input = null;
+  for (const id of ["input-image", "input-reconstruction", "input-latents", "input-scores"]) $(id).replaceChildren();
+  note("");
 }
 
 async function onScore(event) {
@@ -184,12 +251,13 @@ async function onScore(event) {
   }
   await run("input", () => scoreInput(
     $("input-version").value, $("input-reconstruction"), $("input-scores"),
-    Number($("input-k").value), Number($("input-seed").value),
+    Number($("input-k").value), Number($("input-seed").value), $("input-latents"),
   ));
 }
 
-async function scoreInput(version, picture, table, k, seed) {
-  const x = [pixelsTensor(state.input, 1)];
+async function scoreInput(version, picture, table, k, seed, latents) {
+  const x = [pixelsTensor(state.input)];
+  if (isAutoencoder(brief(version))) return reconstructImage(version, x, picture, table, latents);
   const [reconstruction, scores] = await Promise.all([
     infer("reconstruct", version, x, { use_mean: true, seed }),
     infer("score", version, x, { iw_samples: k, seed }),
@@ -197,6 +265,40 @@ async function scoreInput(version, picture, table, k, seed) {
   const m = brief(version);
   drawRows(picture, reconstruction.probs.data, 1, m, "reconstruction");
   renderScores(table, scores, m, k);
+}
+
+// An imported autoencoder's Reconstruct (Encode's mean, then Decode): the image, the latent's
+// channels, and how close it came (PSNR over 8-bit pixels, as `vae client` reports it).
+async function reconstructImage(version, x, picture, table, latents) {
+  const started = performance.now();
+  const out = await infer("reconstruct", version, x, { use_mean: true });
+  const seconds = (performance.now() - started) / 1000;
+  drawImages(picture, out.images, "reconstruction");
+  if (latents) drawChannels(latents, out.latents, "latent-channel");
+  const original = state.input.pixels;
+  let squared = 0;
+  for (let i = 0; i < original.length; i++) {
+    const rebuilt = Math.max(0, Math.min(1, (Number(out.images.data[i]) + 1) / 2));
+    squared += (rebuilt - original[i] / 255) ** 2;
+  }
+  const psnr = 10 * Math.log10(1 / Math.max(squared / original.length, 1e-12));
+  const rows = [
+    ["reconstruction PSNR (dB)", psnr.toFixed(2)],
+    ["latents", out.latents.shape.slice(1).join("×")],
+    ["Reconstruct (s)", seconds.toFixed(2)],
+  ];
+  table.replaceChildren(
+    ...rows.map(([name, value]) => {
+      const tr = document.createElement("tr");
+      const [th, td] = [document.createElement("th"), document.createElement("td")];
+      th.textContent = name;
+      td.textContent = value;
+      td.dataset.name = name;
+      tr.append(th, td);
+      return tr;
+    }),
+  );
+  table.dataset.psnr = String(psnr);
 }
 
 function renderScores(table, scores, m, k) {
@@ -275,24 +377,35 @@ function wirePad() {
   $("pad-clear").addEventListener("click", clear);
   $("pad-use").addEventListener("click", () => {
     const m = brief($("input-version").value);
-    setInput(toPixels(pad, m, false), m);
+    const pixels = toPixels(pad, m, false);
+    setInput({ pixels, shape: [1, pixels.length] }, m);
   });
 }
 
 // -- latent space ------------------------------------------------------------------------------------
+// One latent, {data, shape [1, …]}: your input's posterior mean or a seeded prior draw. An imported
+// autoencoder's prior draw takes your input's latent size, so that the two can be mixed.
 async function latentOf(kind, seed, version) {
+  const autoencoder = isAutoencoder(brief(version));
   if (kind === "input") {
     if (!state.input) throw new ApiError(0, "choose or draw an input first (Your input)");
-    const out = await infer("encoder", version, [pixelsTensor(state.input, 1)]);
-    return Float32Array.from(out.mean.data);
+    const out = await infer("encoder", version, [pixelsTensor(state.input)]);
+    return { data: Float32Array.from(out.mean.data), shape: out.mean.shape };
   }
-  const out = await infer("sample-prior", version, [countTensor(1)], { seed });
-  return Float32Array.from(out.latents.data);
+  let parameters = { seed };
+  if (autoencoder) {
+    const f = brief(version).autoencoder.downscale;
+    const [height, width] = state.input ? state.input.shape.slice(2).map((n) => n / f) : Array(2).fill(Number($("sample-size").value));
+    parameters = { seed, height, width };
+  }
+  const out = await infer("sample-prior", version, [countTensor(1)], parameters);
+  return { data: Float32Array.from(out.latents.data), shape: out.latents.shape };
 }
 
-async function decodeAll(latents, rows, version, container) {
-  const out = await infer("decoder", version, [latentTensor(latents, rows)]);
-  drawRows(container, out.probs.data, rows, brief(version), "latent");
+async function decodeAll(latents, shape, version, container) {
+  const out = await infer("decoder", version, [latentTensor(latents, shape)]);
+  if (isAutoencoder(brief(version))) drawImages(container, out.images, "latent");
+  else drawRows(container, out.probs.data, shape[0], brief(version), "latent");
 }
 
 async function onInterpolate(event) {
@@ -302,12 +415,13 @@ async function onInterpolate(event) {
     const a = await latentOf($("latent-a").value, Number($("latent-a-seed").value), version);
     const b = await latentOf($("latent-b").value, Number($("latent-b-seed").value), version);
     const steps = Number($("latent-steps").value);
-    const z = new Float32Array(steps * a.length);
+    const size = a.data.length;
+    const z = new Float32Array(steps * size);
     for (let s = 0; s < steps; s++) {
       const t = s / (steps - 1);
-      for (let d = 0; d < a.length; d++) z[s * a.length + d] = (1 - t) * a[d] + t * b[d];
+      for (let d = 0; d < size; d++) z[s * size + d] = (1 - t) * a.data[d] + t * b.data[d];
     }
-    await decodeAll(z, steps, version, $("latent-strip"));
+    await decodeAll(z, [steps, ...a.shape.slice(1)], version, $("latent-strip"));
   });
 }
 
@@ -315,7 +429,7 @@ async function onTraverse(event) {
   event.preventDefault();
   await run("latent", async () => {
     const version = $("latent-version").value;
-    const base = await latentOf($("latent-a").value, Number($("latent-a-seed").value), version);
+    const base = (await latentOf($("latent-a").value, Number($("latent-a-seed").value), version)).data;
     const dim = Number($("latent-dim").value);
     const range = Number($("latent-range").value);
     const steps = 11;
@@ -324,7 +438,7 @@ async function onTraverse(event) {
       z.set(base, s * base.length);
       z[s * base.length + dim] = -range + (2 * range * s) / (steps - 1);
     }
-    await decodeAll(z, steps, version, $("latent-traversal"));
+    await decodeAll(z, [steps, base.length], version, $("latent-traversal"));
   });
 }
 
@@ -348,7 +462,7 @@ async function compareSide(box, version, seed, count) {
   if (state.input) {
     const picture = Object.assign(document.createElement("div"), { className: "grid reconstruction" });
     const table = Object.assign(document.createElement("table"), { className: "scores" });
-    box.append(caption("your input, reconstructed and scored"), picture, table);
+    box.append(caption(isAutoencoder(brief(version)) ? "your input, reconstructed" : "your input, reconstructed and scored"), picture, table);
     await scoreInput(version, picture, table, Number($("input-k").value), Number($("input-seed").value));
   }
 }
