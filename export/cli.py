@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vaeserve.errors import ConfigError, require
+from vaeserve.errors import ConfigError, VaeError, require
 from vaeserve.flags import add_data_flags
 from vaeserve.storage import ObjectPath, location
 
@@ -156,6 +156,81 @@ def label_command(args: argparse.Namespace) -> int:
         print(f"{args.name} {label} = {version}")
     if not labels:
         print(f"{args.name}: no labels (versions {versions}); set one with LABEL=VERSION, such as stable=1")
+    return 0
+
+
+def register_traffic(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "traffic",
+        help="split calls that name no version between versions (1=80 2=20), and mirror them to a shadow",
+        description="Set how a model's calls that name no version are split between versions or "
+        "labels, by weight, and which version, if any, receives a mirrored copy of each such call "
+        "off the caller's path (--shadow): REPO/NAME/traffic.json, written whole; a server started "
+        "with --poll-s follows it. Without KEY=WEIGHT arguments, print the split.",
+    )
+    parser.add_argument("--repo", type=location, required=True, help=REPO_HELP)
+    parser.add_argument("--name", required=True, help="model name in the repository")
+    parser.add_argument(
+        "weights", nargs="*", metavar="KEY=WEIGHT", help="a version number or label and its weight (> 0)"
+    )
+    parser.add_argument(
+        "--shadow", default="", metavar="KEY", help="version number or label to mirror calls to"
+    )
+    parser.add_argument(
+        "--clear", action="store_true", help="remove the split: calls naming no version go to the latest"
+    )
+    parser.set_defaults(handler=traffic_command)
+
+
+def traffic_command(args: argparse.Namespace) -> int:
+    from vaeserve.remote_repository import model_labels, model_traffic, model_versions, set_model_traffic
+    from vaeserve.repository import TrafficSplit, check_key
+
+    versions = model_versions(args.repo, args.name)
+    if not versions:
+        raise ConfigError(f"--repo {args.repo} --name {args.name}: no versions in {args.repo / args.name}")
+    labels = model_labels(args.repo, args.name)
+
+    def known(key: str, what: str) -> str:
+        try:
+            check_key(key)
+        except VaeError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+        if key.isdecimal() and int(key) not in versions:
+            raise ConfigError(f"{what}: {args.name} has no version {key} (has {versions})")
+        if not key.isdecimal() and key not in labels:
+            raise ConfigError(f"{what}: {args.name} has no label {key!r} (has {sorted(labels) or 'none'})")
+        return key
+
+    if args.clear:
+        if args.weights or args.shadow:
+            raise ConfigError("--clear removes the split: give it no KEY=WEIGHT and no --shadow")
+        set_model_traffic(args.repo, args.name, None)
+        print(f"{args.name}: no traffic split; calls naming no version go to the latest")
+        return 0
+    if args.weights:
+        weights: dict[str, int] = {}
+        for given in args.weights:
+            key, equals, weight = given.partition("=")
+            if not equals or not weight.isdecimal() or int(weight) < 1:
+                raise ConfigError(f"{given!r}: expected KEY=WEIGHT with a weight above 0, such as 1=80")
+            weights[known(key, given)] = int(weight)
+        shadow = known(args.shadow, f"--shadow {args.shadow}") if args.shadow else ""
+        if shadow and shadow in weights:
+            raise ConfigError(f"--shadow {shadow}: it already answers callers ({given}); mirror to another")
+        set_model_traffic(args.repo, args.name, TrafficSplit(weights, shadow))
+    elif args.shadow:
+        raise ConfigError("--shadow needs the split it mirrors: KEY=WEIGHT ..., such as 1=100 --shadow 2")
+    split = model_traffic(args.repo, args.name)
+    if split is None:
+        print(f"{args.name}: no traffic split; calls naming no version go to the latest")
+        return 0
+    for key, share in split.shares().items():
+        print(f"{args.name} {key}: {share:.0%} of calls naming no version")
+    if split.shadow:
+        print(
+            f"{args.name} {split.shadow}: shadow (a mirrored copy of each of those calls, answered to no one)"
+        )
     return 0
 
 

@@ -28,9 +28,12 @@ from vaeserve.errors import RequestError, TensorError, UnsupportedError
 from vaeserve.repository import ModelVersion
 from vaeserve.rows import Rows
 from vaeserve.runtime import AutoencoderGraphs
+from vaeserve.service import tracing
 from vaeserve.service.batching import Admission
+from vaeserve.service.cache import ResponseCache
 from vaeserve.service.dataplane import ModelSummary, ServedModel
 from vaeserve.service.settings import ServeSettings
+from vaeserve.service.uses import drawn_with_seed_or_not_at_all, seeded, use
 from vaeserve.tiling import Tiling
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,10 @@ DEFAULT_OPTIONS = LatentOptions()
 
 class ServedAutoencoder:
     family = "autoencoder"
+    cache: ResponseCache | None = None  # as ServedModel's
+    cache_key = b""
+    in_flight = None
+    mirror = None  # service.shadow.Mirror: where a routed call's copy for its shadow goes
 
     def __init__(self, version: ModelVersion, settings: ServeSettings, executor: Executor) -> None:
         record = version.manifest.autoencoder
@@ -99,6 +106,7 @@ class ServedAutoencoder:
         return self._tiling(options.tile_size) if options.tile_size else self.tiling
 
     # -- the uses --------------------------------------------------------------------------------
+    @use(drawn_with_seed_or_not_at_all)
     async def encode(
         self, x: np.ndarray, sample: bool, seed: int | None, options: LatentOptions = DEFAULT_OPTIONS
     ) -> dict[str, np.ndarray]:
@@ -110,6 +118,7 @@ class ServedAutoencoder:
             )
         return self.graphs.pipeline_encoding(out) if options.pipeline_latents else out
 
+    @use(drawn_with_seed_or_not_at_all)
     async def decode(
         self, z: np.ndarray, sample: bool, seed: int | None, options: LatentOptions = DEFAULT_OPTIONS
     ) -> dict[str, np.ndarray]:
@@ -122,6 +131,7 @@ class ServedAutoencoder:
             z = self.graphs.from_pipeline(z)
         return {"images": await self._decode(z, options)}
 
+    @use(seeded)
     async def reconstruct(
         self, x: np.ndarray, use_mean: bool, seed: int | None, options: LatentOptions = DEFAULT_OPTIONS
     ) -> dict[str, np.ndarray]:
@@ -133,6 +143,7 @@ class ServedAutoencoder:
         images = await self._decode(z, options)
         return {"images": images, "latents": self.graphs.to_pipeline(z) if options.pipeline_latents else z}
 
+    @use(seeded)
     async def sample_prior(
         self, count: int, seed: int | None, options: LatentOptions = DEFAULT_OPTIONS
     ) -> dict[str, np.ndarray]:
@@ -179,7 +190,10 @@ class ServedAutoencoder:
         return images
 
     async def _run(self, work: Callable):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        started = tracing.now()
+        done = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        tracing.record("run", started, graph=self.version.name)
+        return done
 
     # -- as the registry and the manager use a model ---------------------------------------------
     def warm_up(self) -> None:

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from vaeserve.service import tracing
 from vaeserve.service.errors import OverloadedError
 
 Run = Callable[[np.ndarray], tuple[np.ndarray, ...]]
@@ -96,6 +97,10 @@ class _Item:
     future: asyncio.Future
     alone: bool
     queued_at: float = field(default_factory=time.perf_counter)
+    # With traces on (wall-clock ns, as spans take them): queued, its batch's run, that batch's rows.
+    queued_ns: int = field(default_factory=tracing.now)
+    run_ns: tuple[int, int] = (0, 0)
+    batch_rows: int = 0
 
 
 class Batcher:
@@ -141,14 +146,24 @@ class Batcher:
             # loop, instead of a turn later through a task.
             self.observer.queued(self.name, 0.0)
             self.observer.batch(self.name, len(rows))
-            return self.run.small(rows)
+            started = tracing.now()
+            outputs = self.run.small(rows)
+            tracing.record("run", started, graph=self.name, batch_rows=len(rows))
+            return outputs
         loop = asyncio.get_running_loop()
         item = _Item(rows, loop.create_future(), alone, now)
         self.queue.append(item)
         self.queued_rows += len(rows)
         if len(self.running) < RUNS_IN_FLIGHT:
             self._schedule(loop)
-        return await item.future
+        try:
+            return await item.future
+        finally:
+            if item.run_ns[0]:  # traced: its wait, and the run that served it with others' rows
+                tracing.record("queue", item.queued_ns, item.run_ns[0], graph=self.name)
+                tracing.record(
+                    "run", item.run_ns[0], item.run_ns[1], graph=self.name, batch_rows=item.batch_rows
+                )
 
     def _alone_and_small(self, rows: np.ndarray) -> bool:
         return (
@@ -218,6 +233,7 @@ class Batcher:
             self.observer.queued(self.name, started - item.queued_at)
         rows = batch[0].rows if len(batch) == 1 else np.concatenate([i.rows for i in batch])
         self.observer.batch(self.name, len(rows))
+        run_started = tracing.now()
         try:
             outputs = await self.run(rows)
         except Exception as exc:
@@ -225,6 +241,10 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
+        if run_started:
+            run_ns = (run_started, tracing.now())
+            for item in batch:
+                item.run_ns, item.batch_rows = run_ns, len(rows)
         start = 0
         for item in batch:
             stop = start + len(item.rows)
@@ -316,7 +336,15 @@ class Direct:
         # Nothing queues here, so no queue time is observed: a metric update is a measurable
         # share of a batch-1 call (docs/benchmarks.md).
         self.observer.batch(self.name, len(rows))
+        started = tracing.now()
         if len(rows) <= self.run.inline_rows:
-            return self.run.small(rows)  # what Runner would do, one coroutine fewer per call
-        with self.admission.holding(len(rows)):
-            return await self.run(rows)
+            outputs = self.run.small(rows)  # what Runner would do, one coroutine fewer per call
+        else:
+            with self.admission.holding(len(rows)):
+                tracing.record(
+                    "admission", started, graph=self.name, in_flight_rows=self.admission.in_flight_rows
+                )
+                started = tracing.now()
+                outputs = await self.run(rows)
+        tracing.record("run", started, graph=self.name, batch_rows=len(rows))
+        return outputs

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import random
 import threading
 import time
 from concurrent.futures import Executor
@@ -23,13 +24,17 @@ from vaeserve.datasets import encoder_inputs
 from vaeserve.errors import ModelNotFoundError, RepositoryError, RequestError, TensorError
 from vaeserve.layout import ImageLayout
 from vaeserve.ood import REFERENCE_IW_SAMPLES, scores
-from vaeserve.repository import ModelVersion
+from vaeserve.repository import ModelVersion, TrafficSplit
 from vaeserve.rows import Rows
 from vaeserve.runtime import CPU, OnnxPair, usable_cores
 from vaeserve.service.batching import Admission, Batcher, Direct, Observer, Run, Runner, deadline
+from vaeserve.service.cache import ResponseCache
 from vaeserve.service.errors import AbandonedError, OverloadedError
 from vaeserve.service.metrics import CALL_MODEL
+from vaeserve.service.residency import NotResidentError
 from vaeserve.service.settings import ServeSettings
+from vaeserve.service.shadow import SHADOW
+from vaeserve.service.uses import drawn_with_seed_or_not_at_all, seeded, use
 
 
 def generator(seed: int | None) -> np.random.Generator:
@@ -58,6 +63,10 @@ class ModelSummary:
 
 class ServedModel:
     family = "vae"
+    cache: ResponseCache | None = None  # --cache-mb: the manager's, shared by every version
+    cache_key = b""  # service.cache.version_key: what names this version's answers there
+    in_flight = None  # vaeserve_in_flight_calls{model}'s child (service.uses)
+    mirror = None  # service.shadow.Mirror: where a routed call's copy for its shadow goes
 
     def __init__(
         self,
@@ -140,6 +149,7 @@ class ServedModel:
         return count
 
     # -- the four uses ----------------------------------------------------------------------------
+    @use(drawn_with_seed_or_not_at_all)
     async def encode(self, x: np.ndarray, sample: bool, seed: int | None) -> dict[str, np.ndarray]:
         mean, stddev = await self.encoder.submit(x, alone=seed is not None)
         out = {"mean": mean, "stddev": stddev}
@@ -147,6 +157,7 @@ class ServedModel:
             out["z"] = mean + stddev * generator(seed).standard_normal(mean.shape, dtype=np.float32)
         return out
 
+    @use(drawn_with_seed_or_not_at_all)
     async def decode(self, z: np.ndarray, sample: bool, seed: int | None) -> dict[str, np.ndarray]:
         logits, probs = await self.decoder.submit(z, alone=seed is not None)
         # Latents finite but huge (3e38) overflow inside the graph: NaN is no answer. One
@@ -161,6 +172,7 @@ class ServedModel:
             out["samples"] = self._images(self._draw(logits, probs, generator(seed)))
         return out
 
+    @use(seeded)
     async def reconstruct(self, x: np.ndarray, use_mean: bool, seed: int | None) -> dict[str, np.ndarray]:
         rng = generator(seed)
         mean, stddev = await self.encoder.submit(x, alone=seed is not None)
@@ -172,6 +184,7 @@ class ServedModel:
             "latents": z,
         }
 
+    @use(seeded)
     async def sample_prior(self, count: int, seed: int | None) -> dict[str, np.ndarray]:
         rng = generator(seed)
         z = self.prior.sample(count, self.version.latent_size, rng)
@@ -191,6 +204,7 @@ class ServedModel:
         in [0, 1] from the others."""
         return self.likelihood.draw(logits, probs, rng)
 
+    @use(seeded)
     async def score(
         self, x: np.ndarray, iw_samples: int, seed: int | None, row_offset: int = 0
     ) -> dict[str, np.ndarray]:
@@ -281,6 +295,12 @@ class ModelRegistry:
         self.models = models
         self.default = default
         self.labels: dict[str, dict[str, int]] = labels or {}
+        self.traffic: dict[str, TrafficSplit] = {}  # vae traffic: how unversioned calls are split
+        # Bounded residency (service.residency): servable models not loaded now, loaded on demand,
+        # and when each model was last called (the least recently called is evicted first).
+        self.evicted: set[str] = set()
+        self.residency = None
+        self.last_used: dict[str, float] = {}
         self.generation = 0
 
     def resolve(self, name: str, version: str) -> ServedModel:
@@ -292,9 +312,15 @@ class ModelRegistry:
             )
         name = name or self.default
         if name not in self.models:
+            if name in self.evicted:
+                raise NotResidentError(name, self.residency)
             raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self.models)}")
         versions = self.models[name]
         CALL_MODEL.set(name)
+        self.last_used[name] = time.monotonic()
+        if not version and name in self.traffic:
+            return self._route(name, versions)
+        SHADOW.set(None)
         if version in ("", "latest"):
             return versions[max(versions)]
         if version.isdecimal() and len(version) > MAX_VERSION_DIGITS:  # int() refuses 4,300 digits
@@ -309,6 +335,47 @@ class ModelRegistry:
             )
         return versions[number]
 
+    def _route(self, name: str, versions: dict[int, ServedModel]) -> ServedModel:
+        """A call that named no version, by the model's traffic split: a routed version drawn by
+        weight among those loaded (the latest when none is), and the split's shadow, if loaded
+        and not the one answering, put in SHADOW for the data plane to mirror the call to."""
+        split = self.traffic[name]
+        routed = [(n, w) for key, w in split.weights.items() if (n := self.number(name, key)) in versions]
+        if routed:
+            numbers, weights = zip(*routed, strict=True)
+            chosen = random.choices(numbers, weights)[0]
+        else:
+            chosen = max(versions)
+        shadow = self.number(name, split.shadow) if split.shadow else None
+        SHADOW.set(versions[shadow] if shadow in versions and shadow != chosen else None)
+        return versions[chosen]
+
+    def number(self, name: str, key: str) -> int | None:
+        """A version number or a label's version (None for a label not set)."""
+        return int(key) if key.isdecimal() else self.labels.get(name, {}).get(key)
+
+    def set_traffic(self, name: str, split: TrafficSplit | None) -> None:
+        if split is None:
+            self.traffic.pop(name, None)
+        else:
+            self.traffic[name] = split
+        self.generation += 1
+
+    def routes(self, name: str) -> dict | None:
+        """The split in effect, as the console shows it: each key's share and version, the shadow's."""
+        split = self.traffic.get(name)
+        if split is None:
+            return None
+        return {
+            "shares": [
+                {"key": key, "version": self.number(name, key), "share": share}
+                for key, share in split.shares().items()
+            ],
+            "shadow": {"key": split.shadow, "version": self.number(name, split.shadow)}
+            if split.shadow
+            else None,
+        }
+
     def add(self, served: ServedModel) -> None:
         self.models.setdefault(served.version.name, {})[served.version.version] = served
         self.generation += 1
@@ -321,6 +388,7 @@ class ModelRegistry:
         if not self.models[name]:
             del self.models[name]
             self.labels.pop(name, None)
+            self.traffic.pop(name, None)
         self.generation += 1
         return served
 

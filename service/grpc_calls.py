@@ -1,8 +1,9 @@
 """The one wrapper every gRPC handler runs in, vae.v1's and OIP's, unary and streaming.
 
 It sets the call's deadline for the data plane's admission, times and counts the call by
-protocol and status, and answers our errors with the status ``service.policy`` gives them; any
-other exception is a bug: logged with its traceback, answered INTERNAL.
+protocol and status, traces it (service.tracing: a span under the caller's traceparent, when
+traces are on), and answers our errors with the status ``service.policy`` gives them; any other
+exception is a bug: logged with its traceback, answered INTERNAL.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 import grpc
 
-from vaeserve.service import policy
+from vaeserve.service import policy, tracing
 from vaeserve.service.batching import deadline
+from vaeserve.service.residency import NotResidentError
 from vaeserve.service.wire import checked
 
 log = logging.getLogger("vaeserve.service")
@@ -32,7 +34,11 @@ async def _answer(method: str, handler: Callable[..., Awaitable], servicer, requ
     """(response, OK, "") or (None, the error's status, its message). The request is checked
     here: one that did not decode (service.wire) is the client's error like any other."""
     try:
-        return await handler(servicer, checked(request), *rest), OK, ""
+        try:
+            return await handler(servicer, checked(request), *rest), OK, ""
+        except NotResidentError as missing:  # bounded residency: loaded for this call, which then runs
+            await missing.loaded()
+            return await handler(servicer, checked(request), *rest), OK, ""
     except Exception as exc:
         code = policy.grpc_status(exc)
         if code is grpc.StatusCode.INTERNAL:
@@ -50,8 +56,10 @@ def rpc(method: str, protocol: str, rows: Callable[[Any], int]) -> Callable:
         async def call(self, request, context: grpc.aio.ServicerContext):
             started = self.metrics.started()
             _set_deadline(context)
-            response, code, message = await _answer(method, handler, self, request, context)
-            counted = rows(response) if response is not None else 0
+            with tracing.call(method, protocol, context.invocation_metadata) as span:
+                response, code, message = await _answer(method, handler, self, request, context)
+                counted = rows(response) if response is not None else 0
+                tracing.ended(span, code.name, code is OK, counted)
             self.metrics.call(method, code.name, started, counted, protocol)
             if code is not OK:
                 await context.abort(code, message)
@@ -72,8 +80,10 @@ def stream_rpc(method: str, protocol: str, rows: Callable[[Any], int]) -> Callab
             _set_deadline(context)
             async for request in requests:
                 started = self.metrics.started()
-                response, code, message = await _answer(method, handler, self, request)
-                counted = rows(response) if response is not None else 0
+                with tracing.call(method, protocol, context.invocation_metadata) as span:
+                    response, code, message = await _answer(method, handler, self, request)
+                    counted = rows(response) if response is not None else 0
+                    tracing.ended(span, code.name, code is OK, counted)
                 self.metrics.call(method, code.name, started, counted, protocol)
                 if code is not OK:
                     await context.abort(code, message)

@@ -47,18 +47,23 @@ from vaeserve.errors import ModelNotFoundError, RepositoryError, VaeError
 from vaeserve.manifest import Manifest
 from vaeserve.repository import (
     LABELS,
+    TRAFFIC,
     ModelVersion,
     load_version,
     model_names,
     read_labels,
+    read_traffic,
     version_numbers,
 )
 from vaeserve.runtime import CPU, OnnxPair
 from vaeserve.service.autoencoders import Served, ServedAutoencoder
 from vaeserve.service.batching import Observer
+from vaeserve.service.cache import ResponseCache, version_key
 from vaeserve.service.dataplane import ModelRegistry, ServedModel
 from vaeserve.service.metrics import Metrics
+from vaeserve.service.residency import Residency
 from vaeserve.service.settings import ServeSettings
+from vaeserve.service.shadow import Mirror
 
 log = logging.getLogger("vaeserve.service")
 # Set by the --workers supervisor: a folder its workers share for operators' loads and unloads.
@@ -74,6 +79,10 @@ class ModelManager:
         self.executor = executor
         self.metrics = metrics
         self.observer: Observer = metrics
+        # One response cache for every version this process serves (--cache-mb; None: off).
+        self.cache = ResponseCache(settings.cache_mb << 20, metrics) if settings.cache_mb else None
+        self.mirror = Mirror(metrics)  # copies of calls for traffic splits' shadows (vae traffic)
+        self.residency = Residency(self, settings.max_loaded_models, settings.max_loaded_mb << 20)
         self.registry = self._load_all()
         self.metrics.models.set(len(self.registry.all()))
         self.unloaded: set[str] = set()  # by an operator: polls leave these models alone
@@ -92,8 +101,11 @@ class ModelManager:
     # -- at start ---------------------------------------------------------------------------------
     def _load_all(self) -> ModelRegistry:
         found = self._decided() or find_servable(self.settings, log_refusals=True)
+        evicted = self._not_resident_at_start(found)
         models: dict[str, dict[int, Served]] = {}
         for name, versions in found.items():
+            if name in evicted:
+                continue
             for number, version in versions.items():
                 served = self._load_one(name, number, version)
                 if served is not None:
@@ -103,13 +115,78 @@ class ModelManager:
                 f"no servable model in {self.settings.folder} (model {self.settings.model or 'any'}, "
                 f"version {self.settings.version}): onnxruntime could not open any; see the log lines above"
             )
-        registry = ModelRegistry(models, self._default_model(models))
+        registry = ModelRegistry(models, self._default_model({**models, **dict.fromkeys(evicted)}))
+        registry.evicted, registry.residency = evicted, self.residency
         for name in models:
             try:
                 registry.set_labels(name, read_labels(self.settings.folder / name))
             except RepositoryError as exc:
                 log.error("refusing the labels of %s: %s", name, exc)
+            try:
+                registry.set_traffic(name, read_traffic(self.settings.folder / name))
+            except RepositoryError as exc:
+                log.error("refusing the traffic split of %s: %s", name, exc)
         return registry
+
+    def _not_resident_at_start(self, found: dict[str, dict[int, ModelVersion]]) -> set[str]:
+        """With bounded residency, the models not loaded at start: the default model first, then
+        by name, are loaded while they fit; the rest wait for a call."""
+        if not self.residency.bounded:
+            return set()
+        first = self.settings.model or self.settings.default_model
+        order = sorted(found, key=lambda name: (name != first, name))
+        resident: dict[str, int] = {}
+        for name in order:
+            size = sum(_graph_bytes(version) for version in found[name].values())
+            if not self.residency.fits(resident, size):
+                break
+            resident[name] = size
+        later = set(found) - set(resident)
+        if later:
+            log.info(
+                "bounded residency: loading %s now; %s on their first call",
+                ", ".join(resident),
+                ", ".join(sorted(later)),
+            )
+        return later
+
+    # -- bounded residency (service.residency) -----------------------------------------------------
+    def model_bytes(self, name: str) -> int:
+        """The graph bytes of the versions of ``name`` this server would load."""
+        folder = self.settings.folder / name
+        return sum(_graph_bytes(load_version(folder / str(n))) for n in wanted_versions(self.settings, name))
+
+    def resident_bytes(self) -> dict[str, int]:
+        return {
+            name: sum(_graph_bytes(served.version) for served in versions.values())
+            for name, versions in self.registry.models.items()
+        }
+
+    def evict(self, name: str, why: str) -> None:
+        for number in sorted(self.registry.models.get(name, {})):
+            self._retire(name, number)
+        self.registry.evicted.add(name)
+        log.info("evicted %s (%s; --max-loaded-models %d, --max-loaded-mb %d)", name, why,
+                 self.settings.max_loaded_models, self.settings.max_loaded_mb)  # fmt: skip
+
+    async def load_resident(self, name: str) -> None:
+        """Every version of ``name`` this server would serve, loaded and warmed up; a version
+        that does not verify is refused as at start (RepositoryError if none loads)."""
+        loop = asyncio.get_running_loop()
+        for number in wanted_versions(self.settings, name):
+            path = self.settings.folder / name / str(number)
+            signature = _signature(path)
+            served = await loop.run_in_executor(self.executor, self._warm, name, number)
+            if served is None:
+                self.refused[path] = signature
+                self.metrics.repository_event("refused")
+                continue
+            self._add(served, signature)
+        if name not in self.registry.models:
+            raise RepositoryError(f"model {name!r}: no version of it loads now (see the server log)")
+        self.registry.evicted.discard(name)
+        self._follow_labels(name)
+        self._follow_traffic(name)
 
     def _decided(self) -> dict[str, dict[int, ModelVersion]] | None:
         """A --workers worker that does not poll serves the versions its supervisor decided on
@@ -196,7 +273,15 @@ class ModelManager:
             self._once("scan", str(exc), "cannot read the repository, serving what was loaded: %s", exc)
             return
         self.reported.pop("scan", None)
+        self.registry.evicted &= set(found)  # a model gone from the repository is not loaded on demand
         for name, numbers in found.items():
+            if name in self.registry.evicted:
+                continue  # not resident: its versions are read when a call loads it
+            new = name not in self.registry.models and self.residency.bounded
+            if new and not self.residency.fits(self.resident_bytes(), self.model_bytes(name)):
+                self.registry.evicted.add(name)
+                log.info("new model %s: loaded on its first call (bounded residency)", name)
+                continue
             for number in numbers or []:
                 if number not in self.registry.models.get(name, {}):
                     await self._load(name, number)
@@ -207,6 +292,7 @@ class ModelManager:
                 continue
             self._retire_gone(name, set(found.get(name, [])))
             self._follow_labels(name)
+            self._follow_traffic(name)
 
     def _names(self) -> list[str]:
         return [self.settings.model] if self.settings.model else model_names(self.settings.folder)
@@ -272,6 +358,14 @@ class ModelManager:
     def _open(self, name: str, number: int, version: ModelVersion | None = None) -> Served:
         """A version loaded and verified (checksums, shapes), ready to warm up; VaeError if not.
         ``version``: already verified (find_servable), not read again."""
+        served = self._opened(name, number, version)
+        served.cache = self.cache
+        served.cache_key = version_key(served.version)
+        served.in_flight = self.metrics.in_flight_calls.labels(name)
+        served.mirror = self.mirror
+        return served
+
+    def _opened(self, name: str, number: int, version: ModelVersion | None) -> Served:
         settings = self.settings
         path = settings.folder / name / str(number)
         version = version or load_version(path)
@@ -343,6 +437,19 @@ class ModelManager:
             return
         self.reported.pop(f"labels {name}", None)
 
+    def _follow_traffic(self, name: str) -> None:
+        path = self.settings.folder / name / TRAFFIC
+        try:
+            split = read_traffic(path.parent)
+        except RepositoryError as exc:
+            if self._once(f"traffic {name}", (_signature(path), str(exc)), "refusing %s: %s", path, exc):
+                self.metrics.repository_event("refused")
+            return
+        self.reported.pop(f"traffic {name}", None)
+        if split != self.registry.traffic.get(name):
+            self.registry.set_traffic(name, split)
+            log.info("traffic of %s: %s", name, split.describe() if split else "none; the latest answers")
+
     def _once(self, key: str, state: object, message: str, *args: object) -> bool:
         """Log a refusal or a kept version once per state, not on every poll."""
         if self.reported.get(key) == state:
@@ -365,6 +472,11 @@ class ModelManager:
                     state, reason = "READY", "" if number in on_disk else "kept: its folder is gone"
                 elif name in self.unloaded:
                     state, reason = "UNLOADED", "unloaded by an operator"
+                elif name in self.registry.evicted:
+                    state, reason = (
+                        "UNLOADED",
+                        "not resident: the next call naming it loads it",
+                    )
                 else:
                     state, reason = "UNAVAILABLE", self._why_not(name, number)
                 if state == "READY" or not ready_only:
@@ -391,6 +503,7 @@ class ModelManager:
             "default": name == self.registry.default,
             "latest": max(loaded) if loaded else None,
             "labels": self.registry.labels.get(name, {}),
+            "traffic": self.registry.routes(name),
             "versions": versions,
         }
 
@@ -430,7 +543,9 @@ class ModelManager:
                 self.metrics.repository_event("refused")
                 raise RepositoryError(f"{name}/{number}: {exc}") from None
             self._add(served, signature)
+        self.registry.evicted.discard(name)  # loaded by hand: resident until evicted again
         self._follow_labels(name)
+        self._follow_traffic(name)
 
     def _opened_warm(self, name: str, number: int) -> Served:
         served = self._open(name, number)
@@ -442,6 +557,7 @@ class ModelManager:
         if name not in self.registry.models and name not in self._names():
             raise ModelNotFoundError(f"model {name!r} is not in the repository; it has {self._names()}")
         self.unloaded.add(name)
+        self.registry.evicted.discard(name)  # unloaded by hand: no call loads it again
         self._share()
         for number in sorted(self.registry.models.get(name, {})):
             self._retire(name, number)
@@ -563,3 +679,8 @@ def _no_version(settings: ServeSettings, name: str) -> str:
     if not numbers:
         return f"no model {name!r} (models there: {', '.join(model_names(settings.folder)) or 'none'})"
     return f"model {name!r} has no version {settings.version} (has {numbers})"
+
+
+def _graph_bytes(version: ModelVersion) -> int:
+    """The bytes of a version's graph files (its fp32 graphs: what a server loads by default)."""
+    return sum(record.size for record in version.manifest.graphs.values())

@@ -74,6 +74,53 @@ class Metrics:
             multiprocess_mode="livemax",  # with --workers: each worker loads every version
         )
 
+        # Autoscaling's signal: calls inside the data plane (queued, admitted or running) by model.
+        self.in_flight_calls = Gauge(
+            "vaeserve_in_flight_calls",
+            "Calls of a model inside the data plane now (waiting for a batch, admitted or running), "
+            "summed over --workers: the load to autoscale on",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.shadow_calls = Counter(
+            "vaeserve_shadow_calls",
+            "Mirrored copies of routed calls run on a traffic split's shadow version (vae traffic), by "
+            "model, shadow version, use and outcome: answered, failed, or dropped (too many in flight)",
+            ["model", "version", "method", "outcome"],
+            registry=self.registry,
+        )
+        self.shadow_difference = Histogram(
+            "vaeserve_shadow_max_abs_difference",
+            "Largest absolute difference between a shadow's outputs and the routed version's answer",
+            ["model", "version", "method"],
+            buckets=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0),
+            registry=self.registry,
+        )
+        self.cache_hits = Counter(
+            "vaeserve_cache_hits",
+            "Calls answered from the response cache (--cache-mb), by model and use",
+            ["model", "method"],
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "vaeserve_cache_misses",
+            "Cacheable calls (deterministic: no draw, or a seeded one) not found in the response cache",
+            ["model", "method"],
+            registry=self.registry,
+        )
+        self.cache_evictions = Counter(
+            "vaeserve_cache_evictions",
+            "Answers dropped from the response cache, least recently used first, to stay within --cache-mb",
+            registry=self.registry,
+        )
+        self.cache_bytes = Gauge(
+            "vaeserve_cache_bytes",
+            "Bytes of answers held in the response cache",
+            registry=self.registry,
+            multiprocess_mode="livesum",  # with --workers: each worker has a cache of its own
+        )
+
     # Labelled children are looked up once and kept: labels() costs more than the update.
     @functools.cache  # noqa: B019 - one Metrics per server, kept for its lifetime
     def _child(self, metric: str, *labels: str):
@@ -103,6 +150,20 @@ class Metrics:
 
     def batch(self, graph: str, rows: int) -> None:
         self._child("batch_rows", graph).observe(rows)
+
+    def cache_event(self, kind: str, model: str, method: str, count: int = 1) -> None:
+        """A response-cache hit, miss (by model and use) or evictions."""
+        if kind == "evictions":
+            self.cache_evictions.inc(count)
+        else:
+            self._child(f"cache_{kind}", model, method).inc(count)
+
+    def shadow_call(
+        self, model: str, version: int, method: str, outcome: str, difference: float | None = None
+    ) -> None:
+        self._child("shadow_calls", model, str(version), method, outcome).inc()
+        if difference is not None:
+            self._child("shadow_difference", model, str(version), method).observe(difference)
 
     def repository_event(self, event: str) -> None:
         self._child("repository", event).inc()

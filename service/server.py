@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2
 
 from vaeserve.errors import ConfigError
 from vaeserve.runtime import usable_cores
-from vaeserve.service import policy
+from vaeserve.service import policy, tracing
 from vaeserve.service.console.routes import Console
 from vaeserve.service.dataplane import ModelRegistry
 from vaeserve.service.grpc_server import SERVICE_NAME, bind, grpc_server
@@ -86,6 +86,9 @@ async def serve(settings: ServeSettings, on_serving: Callable[[], None] | None =
 async def _start(settings: ServeSettings, serving: asyncio.Event) -> Running:
     """Models loaded and verified, both ports bound, health NOT_SERVING."""
     metrics = Metrics()
+    traces = tracing.configure()  # OTEL_TRACES_EXPORTER and the SDK's other variables; off if unset
+    if traces:
+        log.info(traces)
     token, admin_token = settings.read_token(), settings.read_admin_token()
     tokens = policy.Tokens(token, admin_token)
     credentials = server_credentials(settings)
@@ -119,6 +122,7 @@ async def _stop(settings: ServeSettings, running: Running) -> None:
     running.executor.shutdown(wait=True)
     if running.metrics_server is not None:
         running.metrics_server.shutdown()
+    tracing.shutdown()  # the spans still buffered are exported
 
 
 def _log_serving(settings: ServeSettings, running: Running) -> None:

@@ -99,6 +99,21 @@ class ServeSettings:
         "imported autoencoders: tile side in pixels for tiled encoding and decoding (0: the model's, "
         "as diffusers' enable_tiling() has it); a request's tile_size parameter overrides it",
     )
+    max_loaded_models: int = option(
+        0,
+        "bounded residency: keep at most this many models loaded, evicting the least recently called "
+        "and loading another when a call names it (the call waits, within its deadline); 0: no bound",
+    )
+    max_loaded_mb: int = option(
+        0,
+        "bounded residency: keep at most this many MiB of ONNX graphs loaded (the models' graph files), "
+        "as --max-loaded-models does; 0: no bound",
+    )
+    cache_mb: int = option(
+        0,
+        "response cache: answer repeated deterministic calls (Encode and Decode without draws, seeded "
+        "Reconstruct, SamplePrior and Score) from up to this many MiB of memory per process; 0: off",
+    )
     max_iw_samples: int = option(
         1000, "most importance samples k per row a Score call may ask for (rows × k decoder rows)"
     )
@@ -180,12 +195,15 @@ class ServeSettings:
                 self.http_port,
                 self.poll_s,
                 self.tile_size,
+                self.cache_mb,
+                self.max_loaded_models,
+                self.max_loaded_mb,
             )
             < 0
         ):
             raise ConfigError(
-                "--batch-max-delay-ms, --grace-s, --threads, --heap-keep-mb, --http-port, --poll-s and "
-                "--tile-size must not be negative"
+                "--batch-max-delay-ms, --grace-s, --threads, --heap-keep-mb, --http-port, --poll-s, "
+                "--tile-size, --cache-mb, --max-loaded-models and --max-loaded-mb must not be negative"
             )
         return self
 

@@ -46,7 +46,7 @@ def rendered(folder: Path, kind: str) -> dict:
 def test_every_folder_with_manifests_is_a_kustomization() -> None:
     folders = {p.parent for p in ROOT.rglob("*.yaml")}
     assert folders == set(KUSTOMIZATIONS)
-    assert {BASE, ROOT / "object-storage", ROOT / "kserve"} <= set(KUSTOMIZATIONS)
+    assert {BASE, ROOT / "object-storage", ROOT / "kserve", ROOT / "autoscale-on-load"} <= set(KUSTOMIZATIONS)
 
 
 @pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -150,3 +150,21 @@ def test_the_object_storage_variant_serves_a_bucket_without_a_volume_claim() -> 
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert "emptyDir" in volume
     assert served["envFrom"] == [{"secretRef": {"name": "vaeserve-store"}}]
+
+
+def test_the_load_autoscaler_follows_a_gauge_the_server_exports() -> None:
+    """autoscale-on-load: the HorizontalPodAutoscaler scales the Deployment on one per-pod custom
+    metric, the Prometheus adapter's rule serves that name from a series of the same name, and
+    the server exports it (a gauge of vaeserve.service.metrics)."""
+    from vaeserve.service.metrics import Metrics
+
+    folder = ROOT / "autoscale-on-load"
+    hpa = rendered(folder, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == rendered(folder, "Deployment")["metadata"]["name"]
+    [metric] = hpa["spec"]["metrics"]  # the CPU target is replaced, not kept beside it
+    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+    name = metric["pods"]["metric"]["name"]
+    [rule] = yaml.safe_load(rendered(folder, "ConfigMap")["data"]["config.yaml"])["rules"]
+    assert rule["name"]["as"] == name and rule["seriesQuery"].startswith(name + "{")
+    gauges = {family.name for family in Metrics().registry.collect() if family.type == "gauge"}
+    assert name in gauges

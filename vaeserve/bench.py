@@ -33,6 +33,7 @@ from vaeserve.codec import from_tensor, to_tensor
 from vaeserve.errors import ConfigError, VaeError, first_line
 from vaeserve.rows import Rows
 from vaeserve.shared_slots import SharedSlots
+from vaeserve.tracecontext import trace_metadata
 
 Call = Callable[[], Awaitable[object]]
 
@@ -136,16 +137,23 @@ async def _grpc_callers(
     protocol: str, target: str, message: vae_pb2.EncodeRequest, concurrency: int, shared: bool
 ) -> tuple[list[Call], Close]:
     channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(concurrency)]
+    traced = trace_metadata()  # the run's trace context, if it has one: every call joins it
     slots = None
     if protocol == "oip-grpc":
         from vaeserve._proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub  # see oip_request
 
         request = oip_request(message)
-        calls = [functools.partial(GRPCInferenceServiceStub(c).ModelInfer, request) for c in channels]
+        calls = [
+            functools.partial(GRPCInferenceServiceStub(c).ModelInfer, request, metadata=traced)
+            for c in channels
+        ]
     elif shared:
         slots, calls = await _shared_callers([vae_pb2_grpc.VaeServiceStub(c) for c in channels], message)
     else:
-        calls = [functools.partial(vae_pb2_grpc.VaeServiceStub(c).Encode, message) for c in channels]
+        calls = [
+            functools.partial(vae_pb2_grpc.VaeServiceStub(c).Encode, message, metadata=traced)
+            for c in channels
+        ]
 
     async def close() -> None:
         if slots is not None:
@@ -165,6 +173,7 @@ async def _http_callers(
     import aiohttp
 
     path, body, headers = rest_request(message)
+    headers.update(trace_metadata())
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(concurrency)]
 
     def caller(session: aiohttp.ClientSession) -> Call:
@@ -190,6 +199,7 @@ async def _shared_callers(
     rows = from_tensor(message.inputs, "inputs", Rows(int(message.inputs.shape[1])))
     out_bytes = len(rows) * 2 * 4 * 512  # room for mean and stddev of up to 512 latents
     slots = SharedSlots(len(stubs), rows.nbytes + out_bytes, rows.nbytes)
+    traced = trace_metadata()
     await stubs[0].RegisterSharedMemory(slots.registration())
 
     def caller(index: int, stub: vae_pb2_grpc.VaeServiceStub) -> Call:
@@ -198,7 +208,7 @@ async def _shared_callers(
             request = vae_pb2.EncodeRequest(
                 model=message.model, version=message.version, inputs=inputs, output_shared_memory=outputs
             )
-            response = await stub.Encode(request)
+            response = await stub.Encode(request, metadata=traced)
             return [
                 from_tensor(t, n, Rows(int(t.shape[1])), slots.read).copy()
                 for n, t in (("mean", response.mean), ("stddev", response.stddev))

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.register_triton(subparsers)
     export_cli.register_import(subparsers)
     export_cli.register_label(subparsers)
+    export_cli.register_traffic(subparsers)
     service_cli.register(subparsers)
     service_cli.register_health(subparsers)
     demo.register(subparsers)

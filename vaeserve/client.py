@@ -32,6 +32,7 @@ from vaeserve.errors import UNKNOWN_REGION, VaeError
 from vaeserve.ood import REFERENCE_IW_SAMPLES, SCORE_FIELDS
 from vaeserve.rows import as_images, as_rows
 from vaeserve.shared_slots import SharedSlots
+from vaeserve.tracecontext import trace_metadata
 
 __all__ = ["ServiceError", "VaeClient", "channel_target"]
 
@@ -91,7 +92,7 @@ class VaeClient:
         self.stub = vae_pb2_grpc.VaeServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.model, self.version, self.timeout = model, version, timeout
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.authorization = (("authorization", f"Bearer {token}"),) if token else ()
         self.chunk_rows, self.max_in_flight = chunk_rows, max_in_flight
         self.shared_memory = shared_memory
         self._slots: SharedSlots | None = None
@@ -114,6 +115,11 @@ class VaeClient:
             self._shared_slots()
         else:
             self.model_info(self.model)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Every call's metadata: the token, and the caller's trace context (vaeserve.tracecontext)."""
+        return self.authorization + trace_metadata()
 
     def __enter__(self) -> VaeClient:
         return self

@@ -32,12 +32,15 @@ from vaeserve.errors import RepositoryError, StorageError
 from vaeserve.manifest import MANIFEST, Manifest
 from vaeserve.repository import (
     LABELS,
+    TRAFFIC,
     ModelVersion,
+    TrafficSplit,
     labels_text,
     load_version,
     open_path,
     parse_labels,
     read_labels,
+    read_traffic,
     version_numbers,
 )
 from vaeserve.storage import Location, ObjectInfo, ObjectPath, write_whole
@@ -95,7 +98,8 @@ class RepositoryMirror:
                     self.fetch(name, number, objects)
                 except RepositoryError as exc:
                     self._refuse(name, number, objects, exc)
-            self._sync_labels(name)
+            for what in (LABELS, TRAFFIC):
+                self._sync_file(name, what)
         self._remove_gone(listing)
 
     def fetch(self, name: str, number: int, objects: list[ObjectInfo]) -> ModelVersion:
@@ -145,8 +149,9 @@ class RepositoryMirror:
             self.refused[(name, number)] = stamp
             log.error("refusing %s/%s/%d: %s", self.root, name, number, exc)
 
-    def _sync_labels(self, name: str) -> None:
-        remote, local = self.root / name / LABELS, self.folder / name / LABELS
+    def _sync_file(self, name: str, what: str) -> None:
+        """A model's labels or traffic split, as the store has it now (or gone with it)."""
+        remote, local = self.root / name / what, self.folder / name / what
         try:
             text = remote.read_text() if remote.exists() else None
         except StorageError as exc:
@@ -156,7 +161,7 @@ class RepositoryMirror:
             local.unlink(missing_ok=True)
         elif _read(local) != text:
             atomic_write_text(local, text)
-            log.info("labels of %s updated from %s", name, remote)
+            log.info("%s of %s updated from %s", what, name, remote)
 
     def _remove_gone(self, listing: dict[str, dict[int, list[ObjectInfo]]]) -> None:
         if not self.folder.is_dir():
@@ -232,6 +237,22 @@ def set_model_labels(repo: Location, name: str, labels: dict[str, int]) -> None:
     """Written whole: renamed into place in a folder, one upload to a store; a polling server
     reads the old labels or the new."""
     write_whole(repo / name / LABELS, labels_text(labels).encode())
+
+
+def model_traffic(repo: Location, name: str) -> TrafficSplit | None:
+    """A model's traffic split, from a folder or a store (None without one)."""
+    if isinstance(repo, Path):
+        return read_traffic(repo / name)
+    stored = repo / name / TRAFFIC
+    return TrafficSplit.parse(stored.read_text(), str(stored)) if stored.exists() else None
+
+
+def set_model_traffic(repo: Location, name: str, split: TrafficSplit | None) -> None:
+    """Written whole as labels are (None: removed, so calls naming no version go to the latest)."""
+    if split is not None:
+        write_whole(repo / name / TRAFFIC, split.text().encode())
+    else:
+        (repo / name / TRAFFIC).unlink(missing_ok=True)
 
 
 def upload_version(version: ModelVersion, root: ObjectPath) -> ObjectPath:

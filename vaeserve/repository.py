@@ -244,3 +244,63 @@ def parse_labels(text: str, source: str) -> dict[str, int]:
 
 def labels_text(labels: dict[str, int]) -> str:
     return json.dumps(dict(sorted(labels.items())), indent=2) + "\n"
+
+
+# Traffic (`vae traffic`): REPO/NAME/traffic.json says how calls that name no version are split
+# between versions (by number or label, weighted), and which version, if any, gets a mirrored
+# copy of each such call off the caller's path. Without the file such calls go to the latest.
+TRAFFIC = "traffic.json"
+
+
+@dataclass(frozen=True)
+class TrafficSplit:
+    weights: dict[str, int]  # version number or label → relative weight (> 0)
+    shadow: str = ""  # version number or label; "" for none
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> TrafficSplit:
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise RepositoryError(f"{source}: not a JSON traffic split ({exc})") from None
+        weights = raw.get("weights") if isinstance(raw, dict) else None
+        shadow = raw.get("shadow", "") if isinstance(raw, dict) else ""
+        if (
+            not isinstance(weights, dict)
+            or not weights
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in weights.values())
+            or not isinstance(shadow, str)
+        ):
+            raise RepositoryError(
+                f'{source}: expected {{"weights": {{"VERSION or LABEL": weight > 0, ...}}, "shadow": '
+                f'"VERSION or LABEL" or ""}}, got {raw!r}'
+            )
+        return cls({check_key(k): int(w) for k, w in weights.items()}, check_key(shadow) if shadow else "")
+
+    def text(self) -> str:
+        return json.dumps({"weights": self.weights, "shadow": self.shadow}, indent=2) + "\n"
+
+    def describe(self) -> str:
+        shares = ", ".join(f"{key} {share:.0%}" for key, share in self.shares().items())
+        return shares + (f", shadow {self.shadow}" if self.shadow else "")
+
+    def shares(self) -> dict[str, float]:
+        """Each key's share of the calls, 0 to 1."""
+        total = sum(self.weights.values())
+        return {key: weight / total for key, weight in self.weights.items()}
+
+
+def check_key(key: str) -> str:
+    """A traffic key: a version number or a label."""
+    return key if key.isdecimal() and int(key) > 0 else check_label(key)
+
+
+def read_traffic(model_dir: Path) -> TrafficSplit | None:
+    path = model_dir / TRAFFIC
+    try:
+        with readable():
+            return TrafficSplit.parse(path.read_text(), str(path))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RepositoryError(f"{path}: not readable ({exc})") from None

@@ -42,6 +42,7 @@ from vaeserve.service.autoencoders import (
 )
 from vaeserve.service.dataplane import ModelRegistry, ServedModel
 from vaeserve.service.metrics import CALL_MODEL
+from vaeserve.service.shadow import SHADOW
 
 PLATFORM = "vaeserve"
 # Request parameters clients of other servers send that mean nothing here; accepted and ignored.
@@ -319,15 +320,20 @@ class Catalogue:
         found = self.endpoints.get((name, version))
         if found is None:
             found = self._endpoint(name, version)
-            if version in ("", "latest"):  # other spellings ("01") are not kept: the cache stays bounded
+            # Other spellings ("01") are not kept, so the cache stays bounded; nor is what a
+            # traffic split routes, which each call draws again (ModelRegistry.resolve).
+            routed = not version and found.model.version.name in self.registry.traffic
+            if version in ("", "latest") and not routed:
                 self.endpoints[name, version] = found
+        else:
+            SHADOW.set(None)  # a cached endpoint is never a routed call's: nothing to mirror
         CALL_MODEL.set(found.model.version.name)
         return found
 
     def _endpoint(self, name: str, version: str) -> Endpoint:
         for suffix, kind in self.by_suffix.items():
             base = name.removesuffix(suffix)
-            if base != name and base in self.registry.models:
+            if base != name and (base in self.registry.models or base in self.registry.evicted):
                 model = self.registry.resolve(base, version)
                 kind = self.family_kinds[model.family][suffix]
                 # One endpoint per loaded version, whichever way a request names it.

@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from vaeserve import __version__
 from vaeserve.errors import ConfigError, ModelNotFoundError, RequestError, TensorError, VaeError
-from vaeserve.service import policy
+from vaeserve.service import policy, tracing
 from vaeserve.service.console.routes import Console
 from vaeserve.service.errors import BodyTimeoutError, ClientGoneError, ForeignOriginError, OverloadedError
 from vaeserve.service.metrics import Metrics
@@ -35,6 +35,7 @@ from vaeserve.service.oip.endpoints import Catalogue, Endpoint, Outputs, Params
 from vaeserve.service.oip.grpc_servicer import EXTENSIONS, NAME
 from vaeserve.service.oip.openapi import document
 from vaeserve.service.oip.repository_extension import RepositoryExtension
+from vaeserve.service.residency import NotResidentError
 
 log = logging.getLogger("vaeserve.service")
 PROTOCOL = "oip-http"
@@ -198,13 +199,16 @@ class Guard:
         started = self.metrics.started()
         route = request.match_info.route.name or "unknown"
         method = route.removesuffix("Version")
-        try:
-            response, rows = await self._answer(request, handler, method)
-        except asyncio.CancelledError:  # the client left: its work was cancelled, nobody to answer
-            self.metrics.call(method, "499", started, 0, PROTOCOL)
-            raise
-        except Exception as exc:
-            response, rows = self._error(exc, request, method), 0
+        with tracing.call(method, PROTOCOL, request.headers) as span:
+            try:
+                response, rows = await self._answer(request, handler, method)
+            except asyncio.CancelledError:  # the client left: its work was cancelled, nobody to answer
+                self.metrics.call(method, "499", started, 0, PROTOCOL)
+                tracing.ended(span, "499", False, 0)
+                raise
+            except Exception as exc:
+                response, rows = self._error(exc, request, method), 0
+            tracing.ended(span, str(response.status), response.status < 400, rows)
         self.metrics.call(method, str(response.status), started, rows, PROTOCOL)
         return response
 
@@ -227,7 +231,11 @@ class Guard:
             )
         self.in_flight += 1
         try:
-            response = await handler(request)
+            try:
+                response = await handler(request)
+            except NotResidentError as missing:  # bounded residency: loaded for this call, which then runs
+                await missing.loaded()
+                response = await handler(request)
         except ConnectionResetError:  # the client left mid-request: its failure, not the server's
             log.debug("%s %s: the client closed the connection", request.method, request.path)
             raise ClientGoneError("client closed the connection") from None
