@@ -189,7 +189,7 @@ PRESETS: dict[str, TrainConfig] = {
     # would cost 5x more per row) and a faster decay, so that the learning rate anneals within the
     # epochs that fit. Three stages of 16-32-64 channels (full resolution is the cost: 2.6x the
     # rows/s of 32-64) and a VampPrior of 100 pseudo-inputs (500 would run the encoder on 5x the
-    # batch every step): NLL_5000 81.42 on the first 100 test digits, where 32-64 with the
+    # batch every step): NLL_5000 80.78 ± 0.98 on the first 500 test digits, where 32-64 with the
     # standard normal had NLL_100 88.08 (docs/training.md).
     "conv": replace(
         _BEST,
