@@ -259,6 +259,15 @@ def test_serve_follows_a_repository_on_s3(store_repo, repo, pixels, tmp_path) ->
         assert labelled.returncode == 0 and "tiny stable = 1" in labelled.stdout, labelled.stderr
         assert json.loads(location(f"{store_repo}/tiny/labels.json").read_text()) == {"stable": 1}
         servers.until(lambda: all_serve(server.target, rows, "stable", 1), what="label followed")
+        # A traffic split is stored and followed as labels are: all of it to stable (1), then none.
+        routed = vae("traffic", "--repo", store_repo, "--name", "tiny", "stable=100")
+        assert routed.returncode == 0, routed.stderr
+        split = json.loads(location(f"{store_repo}/tiny/traffic.json").read_text())
+        assert split == {"weights": {"stable": 100}, "shadow": ""}
+        servers.until(lambda: all_serve(server.target, rows, "", 1), what="traffic split followed")
+        assert vae("traffic", "--repo", store_repo, "--name", "tiny", "--clear").returncode == 0
+        assert not location(f"{store_repo}/tiny/traffic.json").exists()
+        servers.until(lambda: all_serve(server.target, rows, "", 2), what="traffic split removed")
         target.remove_tree()
         servers.until(lambda: all_serve(server.target, rows, "", 1), what="version 2 retired")
         assert served(server.target, rows, "2") is None

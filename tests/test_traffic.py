@@ -69,7 +69,8 @@ def test_a_weighted_split_with_a_shadow(traffic_repo: Path, tmp_path: Path, mnis
     rows = model_inputs(mnist.test_images[:2], "threshold")
     request = vae_pb2.EncodeRequest(model="m", inputs=to_tensor(rows))
     repo = str(traffic_repo)
-    server = servers.start(traffic_repo, tmp_path / "serve.log", "--poll-s", POLL)
+    # One worker: it follows the split at once (several each follow it within a poll of their own).
+    server = servers.start(traffic_repo, tmp_path / "serve.log", "--poll-s", POLL, "--workers", "1")
     channel = grpc.insecure_channel(server.target)
     try:
         stub = vae_pb2_grpc.VaeServiceStub(channel)

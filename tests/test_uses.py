@@ -32,7 +32,7 @@ def metric(server, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(serve):
-    return serve("--cache-mb", "64")
+    return serve("--cache-mb", "64", "--workers", "1")  # one process: one cache (each worker has its own)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_only_deterministic_calls_are_cached(server) -> None:
 def test_the_cache_stays_within_its_bound(serve, x: np.ndarray) -> None:
     """1 MiB holds one 256-row Decode answer (probs, 256 × 784 float32: 0.8 MB), not two: each
     new one evicts the one before, and the bytes held never pass the bound."""
-    server = serve("--cache-mb", "1")
+    server = serve("--cache-mb", "1", "--workers", "1")
     rng = np.random.default_rng(0)
     with VaeClient(server.target, timeout=30) as client:
         for _ in range(3):
