@@ -164,3 +164,16 @@ def add_model(repo: Path, source: str, name: str, staging: Path) -> None:
         record = json.loads(manifest.read_text())
         manifest.write_text(json.dumps({**record, "name": name}, indent=2))
     (staging / name).rename(repo / name)
+
+
+def metric(server: Server, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples on ``server``'s metrics page whose labels include ``labels``
+    (0 when there are none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(server.metrics()):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total

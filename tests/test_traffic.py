@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import servers
-from prometheus_client.parser import text_string_to_metric_families
+from servers import metric
 from test_cli import assert_one_line_error, vae
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
@@ -42,15 +42,6 @@ def traffic_repo(tmp_path_factory, repo: Path, mnist, mnist_dir: Path) -> Path:
     export_model(ExportRequest(other, root, "m", iw_samples=10, data_dir=mnist_dir))  # version 3
     assert sorted(p.name for p in (root / "m").iterdir() if p.name.isdecimal()) == ["1", "2", "3"]
     return root
-
-
-def metric(server, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(server.metrics()):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
 
 
 def answered_by(stub, request, calls: int) -> Counter:

@@ -12,22 +12,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from servers import metric
 
 from vaeserve.client import VaeClient
 from vaeserve.datasets import model_inputs
 from vaeserve.service.cache import ResponseCache, version_key
 from vaeserve.service.uses import seeded, use
-
-
-def metric(server, name: str, **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels`` (0 when none)."""
-    total = 0.0
-    for family in text_string_to_metric_families(server.metrics()):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
 
 
 @pytest.fixture(scope="module")
