@@ -137,7 +137,7 @@ class ModelManager:
         order = sorted(found, key=lambda name: (name != first, name))
         resident: dict[str, int] = {}
         for name in order:
-            size = sum(_graph_bytes(version) for version in found[name].values())
+            size = sum(_graph_bytes(version.manifest) for version in found[name].values())
             if not self.residency.fits(resident, size):
                 break
             resident[name] = size
@@ -154,11 +154,12 @@ class ModelManager:
     def model_bytes(self, name: str) -> int:
         """The graph bytes of the versions of ``name`` this server would load."""
         folder = self.settings.folder / name
-        return sum(_graph_bytes(load_version(folder / str(n))) for n in wanted_versions(self.settings, name))
+        # The manifests' recorded sizes: no graph is read or hashed to learn them
+        return sum(_graph_bytes(Manifest.read(folder / str(n))) for n in wanted_versions(self.settings, name))
 
     def resident_bytes(self) -> dict[str, int]:
         return {
-            name: sum(_graph_bytes(served.version) for served in versions.values())
+            name: sum(_graph_bytes(served.version.manifest) for served in versions.values())
             for name, versions in self.registry.models.items()
         }
 
@@ -681,6 +682,6 @@ def _no_version(settings: ServeSettings, name: str) -> str:
     return f"model {name!r} has no version {settings.version} (has {numbers})"
 
 
-def _graph_bytes(version: ModelVersion) -> int:
+def _graph_bytes(manifest: Manifest) -> int:
     """The bytes of a version's graph files (its fp32 graphs: what a server loads by default)."""
-    return sum(record.size for record in version.manifest.graphs.values())
+    return sum(record.size for record in manifest.graphs.values())

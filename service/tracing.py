@@ -17,14 +17,11 @@ batch included).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from vaeserve.errors import ConfigError
-
-log = logging.getLogger("vaeserve.service")
 
 # The tracer while traces are on (configure), else None: the hooks' one check.
 TRACER = None
