@@ -94,6 +94,47 @@ def test_the_cache_stays_within_its_bound(serve, x: np.ndarray) -> None:
     assert 0 < metric(server, "vaeserve_cache_bytes") <= 1 << 20
 
 
+def test_vae_bench_distinct_requests_miss_once_each_then_hit(server) -> None:
+    """`vae bench --distinct 40`: each caller cycles through 40 requests that differ in a few pixels,
+    so each misses once and every later round hits; the default repeats the first of them."""
+    from test_cli import vae
+
+    before = {k: metric(server, f"vaeserve_cache_{k}_total", method="encode") for k in ("hits", "misses")}
+    common = ("bench", "--target", server.target, "--model", "tiny", "--batch", "3", "--concurrency", "1")
+    report = vae(*common, "--seconds", "0.6", "--distinct", "40", "--json")
+    assert report.returncode == 0, report.stderr
+    cell = json.loads(report.stdout)["cells"][0]
+    assert cell["calls_per_s"] * 0.6 > 80 and cell["errors"] == {}  # two rounds at least
+    after = {k: metric(server, f"vaeserve_cache_{k}_total", method="encode") for k in ("hits", "misses")}
+    assert after["misses"] == before["misses"] + 40 and after["hits"] >= before["hits"] + 40
+    same = vae(*common, "--seconds", "0.3", "--json")  # the first of the 40: held, every call a hit
+    assert same.returncode == 0, same.stderr
+    assert metric(server, "vaeserve_cache_misses_total", method="encode") == after["misses"]
+    assert metric(server, "vaeserve_cache_hits_total", method="encode") > after["hits"] + 10
+
+
+def test_vae_bench_distinct_counts_it_cannot_make_are_refused(server) -> None:
+    from test_cli import assert_one_line_error, vae
+
+    common = ("bench", "--target", server.target, "--batch", "1", "--concurrency", "1")
+    assert_one_line_error(vae(*common, "--distinct", "0"), 1, "--distinct 0: expected 1 to 1,000,000")
+    assert_one_line_error(vae(*common, "--distinct", "1000001"), 1, "--distinct 1000001")
+    assert_one_line_error(vae(*common, "--distinct", "2", "--shared-memory"), 1, "without --shared-memory")
+
+
+def test_bench_variants_are_distinct_valid_inputs() -> None:
+    from vaeserve._proto import vae_pb2
+    from vaeserve.bench import variants
+    from vaeserve.codec import to_tensor
+
+    for rows in (np.arange(6, dtype=np.uint8).reshape(2, 3), np.array([[0.0, 1.0, 0.25]], np.float32)):
+        made = variants(vae_pb2.EncodeRequest(model="m", inputs=to_tensor(rows)), 2**rows.size)
+        assert len({m.inputs.data for m in made}) == 2**rows.size and made[0].inputs.data == rows.tobytes()
+        values = np.stack([np.frombuffer(m.inputs.data, rows.dtype) for m in made])
+        assert values.min() >= 0 and values.max() <= (255 if rows.dtype == np.uint8 else 1)
+        assert all(m.model == "m" and list(m.inputs.shape) == list(rows.shape) for m in made)
+
+
 class Toy:
     """A served version as the cache sees it: a key and a use that counts its runs."""
 

@@ -7,6 +7,10 @@ tensor data extension. The load runs in a process of its own (on uvloop when ins
 does not share the caller's interpreter, and reports the CPU it used itself: a load generator
 that saturates a core measures itself, not the server.
 
+With ``distinct=N`` the callers cycle through N requests that differ in a few input values each,
+so a server's response cache (`vae serve --cache-mb`) misses on each the first time (on every call
+of a run shorter than N calls), and hits on every call after the first with the default of one.
+
 With ``shared=True`` (vae.v1) each caller owns a slot of one shared-memory object, as
 `VaeClient(shared_memory=True)` does: per call it copies the rows into its slot, sends
 references, and copies the outputs out, so the copies a real client makes are counted.
@@ -16,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
+import itertools
 import json
 import multiprocessing
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -101,14 +105,48 @@ CHANNEL_OPTIONS = [
 Close = Callable[[], Awaitable[None]]
 
 
+MAX_DISTINCT = 1_000_000  # requests a load generator builds up front (batch 1 of MNIST: 0.8 GB)
+
+
+def variants(message: vae_pb2.EncodeRequest, distinct: int) -> list[vae_pb2.EncodeRequest]:
+    """``distinct`` requests: ``message``, then for k = 1, 2, … a copy with the values at the
+    positions of k's set bits flipped (a uint8 pixel v to 255 - v, a float x in [0, 1] to 1 - x):
+    each a valid input, each one different."""
+    dtype = np.uint8 if message.inputs.dtype == vae_pb2.DATA_TYPE_UINT8 else np.float32
+    values = np.frombuffer(message.inputs.data, dtype)
+    most = min(MAX_DISTINCT, 2 ** min(values.size, 63))
+    if not 1 <= distinct <= most:
+        raise ConfigError(f"--distinct {distinct}: expected 1 to {most:,} ({values.size} input values)")
+    flip = (lambda v: 255 - v) if dtype == np.uint8 else (lambda v: 1 - v)
+    found = [message]
+    for k in range(1, distinct):
+        positions = [bit for bit in range(k.bit_length()) if k >> bit & 1]
+        flipped = values.copy()
+        flipped[positions] = flip(flipped[positions])
+        variant = vae_pb2.EncodeRequest()
+        variant.CopyFrom(message)
+        variant.inputs.data = flipped.tobytes()
+        found.append(variant)
+    return found
+
+
+def _turns(messages: list, concurrency: int) -> list[Iterator]:
+    """Each caller's endless round of the requests, callers starting spread over it."""
+    count = len(messages)
+    return [
+        itertools.cycle(messages[i * count // concurrency :] + messages[: i * count // concurrency])
+        for i in range(concurrency)
+    ]
+
+
 async def _drive(
-    protocol: str, target: str, request: bytes, concurrency: int, seconds: float, shared: bool
+    protocol: str, target: str, request: bytes, concurrency: int, seconds: float, shared: bool, distinct: int
 ) -> dict:
-    message = vae_pb2.EncodeRequest.FromString(request)
+    messages = variants(vae_pb2.EncodeRequest.FromString(request), distinct)
     if protocol == "oip-http":
-        calls, close = await _http_callers(target, message, concurrency)
+        calls, close = await _http_callers(target, messages, concurrency)
     else:
-        calls, close = await _grpc_callers(protocol, target, message, concurrency, shared)
+        calls, close = await _grpc_callers(protocol, target, messages, concurrency, shared)
     for call in calls:
         await call()  # warm-up: connection, first batch; a failure here ends the run
     latencies: list[float] = []
@@ -133,8 +171,13 @@ async def _drive(
     return {"latencies": latencies, "errors": dict(errors), "elapsed": elapsed, "cpu": cpu}
 
 
+def _sender(method: Callable, turn: Iterator, metadata: tuple) -> Call:
+    """A caller sending the next request of its turn on each call."""
+    return lambda: method(next(turn), metadata=metadata)
+
+
 async def _grpc_callers(
-    protocol: str, target: str, message: vae_pb2.EncodeRequest, concurrency: int, shared: bool
+    protocol: str, target: str, messages: list[vae_pb2.EncodeRequest], concurrency: int, shared: bool
 ) -> tuple[list[Call], Close]:
     channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(concurrency)]
     traced = trace_metadata()  # the run's trace context, if it has one: every call joins it
@@ -142,18 +185,15 @@ async def _grpc_callers(
     if protocol == "oip-grpc":
         from vaeserve._proto.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub  # see oip_request
 
-        request = oip_request(message)
-        calls = [
-            functools.partial(GRPCInferenceServiceStub(c).ModelInfer, request, metadata=traced)
-            for c in channels
-        ]
+        turns = _turns([oip_request(m) for m in messages], concurrency)
+        calls = [_sender(GRPCInferenceServiceStub(c).ModelInfer, t, traced) for c, t in zip(channels, turns)]
     elif shared:
-        slots, calls = await _shared_callers([vae_pb2_grpc.VaeServiceStub(c) for c in channels], message)
+        if len(messages) > 1:
+            raise ConfigError("--distinct goes without --shared-memory (each caller's slot holds one input)")
+        slots, calls = await _shared_callers([vae_pb2_grpc.VaeServiceStub(c) for c in channels], messages[0])
     else:
-        calls = [
-            functools.partial(vae_pb2_grpc.VaeServiceStub(c).Encode, message, metadata=traced)
-            for c in channels
-        ]
+        turns = _turns(messages, concurrency)
+        calls = [_sender(vae_pb2_grpc.VaeServiceStub(c).Encode, t, traced) for c, t in zip(channels, turns)]
 
     async def close() -> None:
         if slots is not None:
@@ -167,18 +207,19 @@ async def _grpc_callers(
 
 
 async def _http_callers(
-    target: str, message: vae_pb2.EncodeRequest, concurrency: int
+    target: str, messages: list[vae_pb2.EncodeRequest], concurrency: int
 ) -> tuple[list[Call], Close]:
     """A session of one connection per caller, the binary tensor data extension both ways."""
     import aiohttp
 
-    path, body, headers = rest_request(message)
+    path, _, headers = rest_request(messages[0])
     headers.update(trace_metadata())
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for _ in range(concurrency)]
+    turns = _turns([rest_request(m)[1] for m in messages], concurrency)
 
-    def caller(session: aiohttp.ClientSession) -> Call:
+    def caller(session: aiohttp.ClientSession, turn: Iterator[bytes]) -> Call:
         async def call() -> bytes:
-            async with session.post(f"http://{target}{path}", data=body, headers=headers) as response:
+            async with session.post(f"http://{target}{path}", data=next(turn), headers=headers) as response:
                 answer = await response.read()
                 if response.status != 200:
                     raise CallFailedError(str(response.status), answer[:300].decode(errors="replace"))
@@ -190,7 +231,7 @@ async def _http_callers(
         for session in sessions:
             await session.close()
 
-    return [caller(s) for s in sessions], close
+    return [caller(s, t) for s, t in zip(sessions, turns)], close
 
 
 async def _shared_callers(
@@ -220,9 +261,16 @@ async def _shared_callers(
 
 
 def _worker(
-    protocol: str, target: str, request: bytes, concurrency: int, seconds: float, shared: bool, out
+    protocol: str,
+    target: str,
+    request: bytes,
+    concurrency: int,
+    seconds: float,
+    shared: bool,
+    distinct: int,
+    out,
 ) -> None:
-    drive = _drive(protocol, target, request, concurrency, seconds, shared)
+    drive = _drive(protocol, target, request, concurrency, seconds, shared, distinct)
     try:
         out.put(_run(drive))
     except grpc.aio.AioRpcError as exc:
@@ -247,12 +295,14 @@ def run_load(
     seconds: float,
     shared: bool = False,
     protocol: str = "v1",
+    distinct: int = 1,
 ) -> dict[str, float]:
     """Calls/s, rows/s and latency percentiles (ms) measured by a separate process; ``protocol``
-    is one of PROTOCOLS (``target`` the HTTP port's for oip-http)."""
+    is one of PROTOCOLS (``target`` the HTTP port's for oip-http); ``distinct`` requests in turn."""
+    variants(request, distinct)  # a count it cannot make is refused here, not in the process
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    args = (protocol, target, request.SerializeToString(), concurrency, seconds, shared, queue)
+    args = (protocol, target, request.SerializeToString(), concurrency, seconds, shared, distinct, queue)
     process = context.Process(target=_worker, args=args)
     process.start()
     result = queue.get(timeout=seconds + 120)
@@ -297,6 +347,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--shared-memory", action="store_true", help="vae.v1 only: tensors through shared memory"
     )
+    parser.add_argument(
+        "--distinct",
+        type=int,
+        default=1,
+        help="requests the callers cycle through, each differing in a few input values (default 1: "
+        "the same call; more than the run makes: every call a --cache-mb server's miss)",
+    )
     parser.add_argument("--json", action="store_true", help="print the cells as JSON instead of a table")
     parser.set_defaults(handler=bench_command)
 
@@ -305,6 +362,8 @@ def bench_command(args: argparse.Namespace) -> int:
     batches, concurrencies = _counts(args.batch, "--batch"), _counts(args.concurrency, "--concurrency")
     if args.shared_memory and args.protocol != "v1":
         raise ConfigError("--shared-memory goes with --protocol v1")
+    if args.shared_memory and args.distinct > 1:
+        raise ConfigError("--distinct goes without --shared-memory (each caller's slot holds one input)")
     if args.seconds <= 0:
         raise ConfigError(f"--seconds {args.seconds}: expected a positive duration")
     model, columns = discover(args.protocol, args.target, args.model)
@@ -320,7 +379,13 @@ def bench_command(args: argparse.Namespace) -> int:
         for concurrency in concurrencies:
             message = vae_pb2.EncodeRequest(model=model, inputs=to_tensor(rows[:batch]))
             figures = run_load(
-                args.target, message, concurrency, args.seconds, args.shared_memory, args.protocol
+                args.target,
+                message,
+                concurrency,
+                args.seconds,
+                args.shared_memory,
+                args.protocol,
+                args.distinct,
             )
             cells.append({"batch": batch, "concurrency": concurrency, **figures})
             if not args.json:
