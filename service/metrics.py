@@ -216,3 +216,16 @@ def serve_http(host: str, port: int, registry: CollectorRegistry):
     except OSError as exc:
         raise ConfigError(f"--metrics-port {port}: cannot listen on {host} ({exc.strerror})") from None
     return server
+
+
+def sample_total(page: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples on a metrics page (Prometheus text) whose labels include
+    ``labels``; 0 when there are none. What tests and benchmarks read of a server's page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(page)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from vaeserve.client import VaeClient
+from vaeserve.service.metrics import sample_total
 
 # Every test server runs with torch unimportable: the service must never need it.
 WITHOUT_TORCH = (
@@ -169,11 +170,4 @@ def add_model(repo: Path, source: str, name: str, staging: Path) -> None:
 def metric(server: Server, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples on ``server``'s metrics page whose labels include ``labels``
     (0 when there are none)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(server.metrics()):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
+    return sample_total(server.metrics(), name, **labels)

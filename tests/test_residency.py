@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import servers
-from prometheus_client.parser import text_string_to_metric_families
+from servers import metric
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import to_tensor
@@ -33,11 +33,7 @@ def three_models(tmp_path_factory, repo: Path) -> Path:
 
 
 def loaded(server) -> float:
-    for family in text_string_to_metric_families(server.metrics()):
-        for sample in family.samples:
-            if sample.name == "vaeserve_models_loaded":
-                return sample.value
-    raise AssertionError("no vaeserve_models_loaded")
+    return metric(server, "vaeserve_models_loaded")
 
 
 def test_calls_rotating_over_three_models_with_room_for_two(
