@@ -79,6 +79,30 @@ def test_vae_evaluate_cli_writes_json_and_pictures(tiny_run: Path, mnist_dir: Pa
     assert json.loads(capsys.readouterr().out)["rows"] == 300
 
 
+def test_slices_of_an_evaluation_add_up_to_it(tiny_run: Path, mnist_dir: Path, capsys, mnist) -> None:
+    """`vae evaluate --offset N --limit M` scores rows N … N+M−1 as the whole evaluation does
+    (its binarization draws and its importance samples are the rows' own), so slices evaluated
+    apart, on other machines or days, combine into the whole one exactly."""
+    from vaeserve.cli import main
+    from vaeserve.datasets import evaluation_slice
+
+    common = ["evaluate", "--run", str(tiny_run), "--data-dir", str(mnist_dir), "--iw-samples", "7"]
+    common += ["--json", "--no-pictures", "--no-progress"]
+    found = {}
+    for offset, limit in ((0, 300), (0, 120), (120, 180)):
+        assert main([*common, "--offset", str(offset), "--limit", str(limit)]) == 0
+        found[offset, limit] = json.loads(capsys.readouterr().out)
+    assert found[120, 180]["first_row"] == 120 and found[120, 180]["rows"] == 180
+    for key in ("nll", "elbo", "kl"):
+        parts = found[0, 120][key] * 120 + found[120, 180][key] * 180
+        assert parts == pytest.approx(found[0, 300][key] * 300, rel=1e-6), key
+    images = mnist.test_images[:300]
+    dynamic = evaluation_slice(images, "dynamic", 3, 100, 50)
+    assert np.array_equal(dynamic, evaluation_inputs(images, "dynamic", 3)[100:150])
+    past = main([*common, "--offset", "10000"])
+    assert past == 1 and "--offset 10000: expected 0 to 9999" in capsys.readouterr().err
+
+
 def test_nll_converges_to_the_exact_marginal_likelihood() -> None:
     """With a 2-D latent, log p(x) = log ∫ p(x|z) p(z) dz by quadrature on a fine grid."""
     import torch

@@ -234,5 +234,5 @@ def test_a_limited_evaluation_says_it_was_not_saved(tiny_run: Path, mnist_dir: P
     (run / "evaluation-test.json").unlink(missing_ok=True)
     result = vae("evaluate", "--run", str(run), "--data-dir", str(mnist_dir), "--limit", "100",
                  "--iw-samples", "2", "--no-pictures", "--no-progress")  # fmt: skip
-    assert result.returncode == 0 and "not saved (a partial evaluation: --limit)" in result.stdout
+    assert result.returncode == 0 and "not saved (a partial evaluation: --limit, --offset)" in result.stdout
     assert not (run / "evaluation-test.json").exists()

@@ -138,6 +138,14 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         help="importance samples per image for NLL_k (default 5000, as in Burda et al.)",
     )
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N rows only")
+    parser.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start at row N (with --limit: rows N to N+limit-1, scored as in the whole evaluation, "
+        "so slices run apart add up to it)",
+    )
     parser.add_argument("--variant", default="fp32", help="with --model: fp32 (default), int8 or fp16")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-pictures", action="store_true", help="skip the PNGs")
@@ -149,6 +157,8 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 def evaluate_command(args: argparse.Namespace) -> int:
     if args.iw_samples < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--iw-samples and --limit must be at least 1")
+    if args.offset < 0:
+        raise ConfigError(f"--offset {args.offset}: expected a row number, 0 or more")
     if args.model is not None:
         from vaeserve.evaluate_cli import evaluate_model_command  # numpy and onnxruntime only
 
@@ -169,12 +179,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
         dataset=args.dataset,
     )
     result = evaluate_checkpoint(
-        state, dataset, args.split, args.iw_samples, not args.no_progress, args.limit
+        state, dataset, args.split, args.iw_samples, not args.no_progress, args.limit, args.offset
     )
     run_dir = source.parent
-    written = write_evaluation(run_dir, args.split, result, source) if not args.limit else None
+    whole = not args.limit and not args.offset
+    written = write_evaluation(run_dir, args.split, result, source) if whole else None
     if not args.no_pictures:
         write_pictures(state, dataset, args.split, run_dir / "plots")
-    saved = f"saved {written}" if written else "not saved (a partial evaluation: --limit)"
-    print_evaluation(result.to_dict(), args.split, args.json, saved)
+    saved = f"saved {written}" if written else "not saved (a partial evaluation: --limit, --offset)"
+    print_evaluation(result.to_dict(), args.split, args.json, saved, args.offset)
     return 0

@@ -8,7 +8,7 @@ from typing import Any
 
 from vaeserve import pictures
 from vaeserve.atomic import atomic_write_text
-from vaeserve.datasets import Dataset, evaluation_inputs
+from vaeserve.datasets import Dataset, evaluation_inputs, evaluation_slice
 from vaeserve.evaluation import Evaluation, evaluate
 from vaeserve.repository import sha256_file
 from vaeserve.training import checkpoint
@@ -29,11 +29,11 @@ def evaluate_checkpoint(
     iw_samples: int,
     progress: bool = True,
     limit: int | None = None,
+    offset: int = 0,
 ) -> Evaluation:
-    """The shared evaluator on the split's first ``limit`` rows (all by default)."""
+    """The shared evaluator on ``limit`` rows of the split from row ``offset`` (all by default)."""
     config = TrainConfig.from_dict(state["config"])
-    images = dataset.split(split)[0][:limit]
-    x = evaluation_inputs(images, config.binarization, EVALUATION_SEED)
+    x = evaluation_slice(dataset.split(split)[0], config.binarization, EVALUATION_SEED, offset, limit)
     model = checkpoint.model_from(state)
     encode, decode = numpy_callables(model)
     return evaluate(
@@ -45,6 +45,7 @@ def evaluate_checkpoint(
         progress=progress,
         likelihood=model.likelihood,
         prior=numpy_prior(model),
+        first_row=offset,
     )
 
 

@@ -344,6 +344,20 @@ def evaluation_inputs(images: np.ndarray, mode: str, seed: int = 0) -> np.ndarra
     return binarize(images, mode, np.random.default_rng(seed))
 
 
+def evaluation_slice(
+    images: np.ndarray, mode: str, seed: int, first: int = 0, limit: int | None = None
+) -> np.ndarray:
+    """Rows ``first`` … ``first + limit − 1`` of the split as evaluated whole: the draw that
+    binarizes them is the whole split's (made row by row, so the rows before them are drawn and
+    dropped), so slices of an evaluation add up to it."""
+    if not 0 <= first < len(images):
+        raise ConfigError(
+            f"--offset {first}: expected 0 to {len(images) - 1} (the split has {len(images)} rows)"
+        )
+    end = len(images) if limit is None else min(len(images), first + limit)
+    return evaluation_inputs(images[:end], mode, seed)[first:]
+
+
 def load_run_data(
     config: dict,
     recorded: str | None = None,

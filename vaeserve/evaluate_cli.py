@@ -8,7 +8,7 @@ import json
 
 
 def evaluate_model_command(args: argparse.Namespace) -> int:
-    from vaeserve.datasets import evaluation_inputs, load_run_data
+    from vaeserve.datasets import evaluation_slice, load_run_data
     from vaeserve.evaluation import evaluate
     from vaeserve.repository import open_path
     from vaeserve.runtime import OnnxPair
@@ -25,9 +25,7 @@ def evaluate_model_command(args: argparse.Namespace) -> int:
         dataset=args.dataset,
     )
     images, _ = dataset.split(args.split)
-    if args.limit:
-        images = images[: args.limit]
-    x = evaluation_inputs(images, version.manifest.binarization, seed=0)
+    x = evaluation_slice(images, version.manifest.binarization, 0, args.offset, args.limit)
     result = evaluate(
         pair.encode,
         pair.decode_logits,
@@ -37,20 +35,25 @@ def evaluate_model_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         likelihood=version.likelihood,
         prior=version.load_prior(),
+        first_row=args.offset,
     )
-    print_evaluation(result.to_dict(), args.split, args.json)
+    print_evaluation(result.to_dict(), args.split, args.json, first_row=args.offset)
     return 0
 
 
-def print_evaluation(result: dict, split: str, as_json: bool, saved: str = "") -> None:
-    """``saved``: where the result went, said after it."""
+def print_evaluation(result: dict, split: str, as_json: bool, saved: str = "", first_row: int = 0) -> None:
+    """``saved``: where the result went, said after it; ``first_row``: the split's row the
+    evaluated rows start at."""
     if as_json:
-        print(json.dumps({"split": split, **result}, indent=2))
+        print(json.dumps({"split": split, "first_row": first_row, **result}, indent=2))
         return
     print(
         f"{split}: ELBO {result['elbo']:.2f} ± {result['elbo_stderr']:.2f} nats "
         f"(reconstruction {result['reconstruction']:.2f}, KL {result['kl']:.2f}); "
         f"NLL_{result['iw_samples']} {result['nll']:.2f} ± {result['nll_stderr']:.2f}; "
         f"active units {result['active_units']}/{result['latent_size']}; "
-        f"{result['rows']} images in {result['seconds']:.1f} s" + (f"; {saved}" if saved else "")
+        f"{result['rows']} images"
+        + (f" from row {first_row}" if first_row else "")
+        + f" in {result['seconds']:.1f} s"
+        + (f"; {saved}" if saved else "")
     )

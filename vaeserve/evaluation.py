@@ -167,11 +167,12 @@ def evaluate(
     progress: bool = False,
     likelihood: Likelihood = BERNOULLI,
     prior: Prior = STANDARD,
+    first_row: int = 0,
 ) -> Evaluation:
-    """ELBO, NLL_k and active units of the pair on the (binarized) rows ``x``: the means of
-    `score_rows`."""
+    """ELBO, NLL_k and active units of the pair on the (binarized) rows ``x``, the split's rows
+    from ``first_row`` on: the means of `score_rows`."""
     started = time.perf_counter()
-    rows = score_rows(encode, decode, x, iw_samples, seed, progress, likelihood, prior=prior)
+    rows = score_rows(encode, decode, x, iw_samples, seed, progress, likelihood, first_row, prior)
     elbo, nll = rows.elbo, -rows.log_px
     return Evaluation(
         rows=len(elbo),
