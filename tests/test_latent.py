@@ -167,6 +167,40 @@ def test_tiled_tiny_equals_diffusers_enable_tiling(latent_repo: Path, autoencode
     assert not stddev.any()
 
 
+def test_tiny_runs_what_fits_a_tile_whole(latent_repo: Path, autoencoders: dict[str, Path]) -> None:
+    """An image (a latent) no larger than a tile runs in one call, equal to diffusers' default
+    untiled encode (decode): with tiling on, diffusers' AutoencoderTiny would cut a 128² image
+    against 128-pixel tiles into four."""
+    import torch
+
+    model = diffusers_model(autoencoders["tiny"])
+    version = resolve(latent_repo, "tiny")
+    tiling = version.manifest.autoencoder.tiling.with_sample_tile(128)
+    encoder = open_session(version.graph_path("encoder"), CPU)
+    decoder = open_session(version.graph_path("decoder"), CPU)
+    shapes = []
+
+    def run(session, name):
+        def call(x):
+            shapes.append(x.shape)
+            return tuple(session.run(None, {name: np.ascontiguousarray(x)}))
+
+        return call
+
+    rng = np.random.default_rng(6)
+    images = rng.uniform(-1, 1, (2, 3, 128, 96)).astype(np.float32)
+    latents = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
+    mean, _ = tiling.encode(run(encoder, "images"), images)
+    (decoded,) = tiling.decode(run(decoder, "latents"), latents)
+    assert shapes == [(2, 3, 128, 96), (1, 4, 16, 16)]
+    with torch.no_grad():
+        expected_latents = model.encode(torch.from_numpy(images)).latents.numpy()
+        expected = model.decode(torch.from_numpy(latents)).sample.numpy()
+    np.testing.assert_allclose(mean, expected_latents, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(decoded, expected, atol=1e-4, rtol=0)
+    assert tiling.encodes_tiled(136, 96) and tiling.decodes_tiled(16, 17)
+
+
 def test_tile_sizes_are_checked() -> None:
     from vaeserve.errors import TensorError
     from vaeserve.tiling import Tiling
