@@ -2,6 +2,7 @@
 
     python -m benchmarks.latent_vae                        # the full table (long on 2 cores)
     python -m benchmarks.latent_vae --sizes 256 --tiled 1024
+    python -m benchmarks.latent_vae --models taesd --tiled 0   # one model's cells only
 
 Two models with seeded random weights, saved by diffusers' ``save_pretrained`` and imported by
 ``vae import --diffusers`` (the compute is the real models' own; nothing is downloaded): an
@@ -109,7 +110,7 @@ def diffusers_model(work: Path, name: str):
     return getattr(diffusers, kind).from_pretrained(work / name, low_cpu_mem_usage=False).eval()
 
 
-def measure(work: Path, repo: Path, sizes, batches, seconds: float, repeats: int) -> list[dict]:
+def measure(work: Path, repo: Path, models, sizes, batches, seconds: float, repeats: int) -> list[dict]:
     import grpc
 
     from vaeserve._proto import vae_pb2_grpc
@@ -117,14 +118,14 @@ def measure(work: Path, repo: Path, sizes, batches, seconds: float, repeats: int
     from vaeserve.runtime import open_session
 
     cells = []
-    with server(repo, None, "--max-message-mb", "512", "--default-model", "sd15") as served:
+    with server(repo, None, "--max-message-mb", "512", "--default-model", models[0]) as served:
         options = [
             ("grpc.max_receive_message_length", 512 << 20),
             ("grpc.max_send_message_length", 512 << 20),
         ]
         with grpc.insecure_channel(served.target, options=options) as channel:
             stub = vae_pb2_grpc.VaeServiceStub(channel)
-            for name in MODELS:
+            for name in models:
                 version = resolve(repo, name)
                 runtimes = Runtimes(
                     name,
@@ -293,6 +294,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="whose cells")
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seconds", type=float, default=3.0, help="least time per cell and runtime")
@@ -310,7 +312,7 @@ def main() -> None:
             "| model | call | image | batch | diffusers | in-process onnxruntime | vae serve | client CPU s |"
         )
         print("|---|---|---|---|---|---|---|---|")
-        cells = measure(work, repo, args.sizes, args.batches, args.seconds, args.repeats)
+        cells = measure(work, repo, args.models, args.sizes, args.batches, args.seconds, args.repeats)
         figures = {"cells": cells}
         if args.tiled:
             figures["tiled"] = tiled(work, args.tiled, args.untiled_limit_gb)
