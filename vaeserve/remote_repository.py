@@ -172,7 +172,7 @@ class RepositoryMirror:
             kept = listing.get(model.name, {})
             for version in model.iterdir():
                 if version.name.isdecimal() and int(version.name) not in kept:
-                    shutil.rmtree(version, ignore_errors=True)
+                    _remove_whole(version)
                     (model / f".{version.name}.stamp").unlink(missing_ok=True)
                     log.info(
                         "%s/%s/%s is gone from the store; removed from the cache",
@@ -275,6 +275,18 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         return None
+
+
+def _remove_whole(version: Path) -> None:
+    """Renamed out of sight (a hidden name is no version) before it is deleted, so a worker's
+    scan never finds the folder half gone: its manifest deleted, its graphs still there."""
+    aside = version.with_name(f".{version.name}.gone-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(version, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:
