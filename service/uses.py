@@ -35,8 +35,8 @@ def use(deterministic: Callable[..., bool]):
             arguments = dict(list(bound.arguments.items())[1:])
             if not deterministic(**arguments):
                 return await method(self, *args, **kwargs)
-            # SHA-256: OpenSSL's runs on the CPU's SHA extensions, twice BLAKE2b's speed here (a
-            # 1,024-row MNIST batch, 3.2 MB of float32: 1.8 ms against 3.6), paid by every miss
+            # SHA-256: OpenSSL's runs on the CPU's SHA extensions where it has them, about twice
+            # BLAKE2b's speed on this machine; every miss pays it over the whole request
             hasher = hashlib.sha256(self.cache_key)
             hasher.update(name.encode())
             for value in arguments.values():
