@@ -1,10 +1,16 @@
-"""Training throughput of the seed preset beside a plain PyTorch loop of the same model.
+"""Training throughput: the seed preset beside a plain PyTorch loop of the same model, or the
+conv preset with its convolutions channels last (as training.conv stores them) beside the same
+model in PyTorch's default layout.
 
     python -m benchmarks.train_throughput --data-dir ../shared/data/mnist [--epochs 3]
+    python -m benchmarks.train_throughput --data-dir ../shared/data/mnist --preset conv [--turns 5]
 
-Both train the 784-200-(2x100) VAE with batch 64 on the same 50,000 binarized rows;
+seed: both train the 784-200-(2x100) VAE with batch 64 on the same 50,000 binarized rows;
 epochs alternate between the two so machine noise hits both alike. Prints rows/s
 (median over epochs) of each and their ratio.
+conv: the preset's training steps (batch 100, its VampPrior) and the evaluator's decoding of
+1,024 latents (the pieces `vae evaluate` runs k = 5,000 samples in), each layout taking turns;
+medians of the turns.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vaeserve.datasets import load_dataset
+from vaeserve.datasets import Dataset, load_dataset
+from vaeserve.evaluation import GRAPH_ROWS
 from vaeserve.training.config import resolve_config
 from vaeserve.training.trainer import Trainer
 
@@ -42,12 +49,56 @@ def plain_pytorch_epoch(model: nn.ModuleDict, optimizer: torch.optim.Optimizer, 
     return len(x) // 64 * 64 / (time.perf_counter() - started)
 
 
+def conv_layouts(dataset: Dataset, turns: int, steps: int) -> None:
+    """The conv preset's steps and the evaluator's decoding, channels last beside contiguous."""
+    trainer = Trainer(resolve_config("conv", None, {}), dataset, Path("/tmp/unused"), progress=False)
+    model, batch = trainer.model, trainer.config.batch_size
+    rows = trainer.epoch_rows()[: steps * batch]
+    latents = torch.randn(GRAPH_ROWS, model.latent_size, generator=torch.Generator().manual_seed(0))
+    layouts = {
+        "channels last (as trained)": torch.channels_last,
+        "contiguous (NCHW)": torch.contiguous_format,
+    }
+    train: dict[str, list[float]] = {name: [] for name in layouts}
+    decode: dict[str, list[float]] = {name: [] for name in layouts}
+    for _ in range(turns):
+        for name, layout in layouts.items():
+            model.to(memory_format=layout)
+            model.train()
+            started = time.perf_counter()
+            for start in range(0, len(rows), batch):
+                trainer.step(rows[start : start + batch], 1.0)
+            train[name].append(len(rows) / (time.perf_counter() - started))
+            model.eval()
+            with torch.no_grad():
+                started = time.perf_counter()
+                model.decode(latents)
+                decode[name].append(GRAPH_ROWS / (time.perf_counter() - started))
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads, {turns} turns of {steps} steps each")
+    print(f"{'conv preset':<28}{'train rows/s':>14}{'decode rows/s':>15}")
+    medians = {name: (statistics.median(train[name]), statistics.median(decode[name])) for name in layouts}
+    for name, (trained, decoded) in medians.items():
+        print(f"{name:<28}{trained:>14,.0f}{decoded:>15,.0f}")
+    (last_train, last_decode), (plain_train, plain_decode) = medians.values()
+    print(
+        f"ratio channels last / contiguous: training {last_train / plain_train:.2f}, "
+        f"decoding {last_decode / plain_decode:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True, help="folder of the MNIST IDX files")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each, alternating")
+    parser.add_argument("--preset", choices=("seed", "conv"), default="seed", help="which comparison")
+    parser.add_argument("--epochs", type=int, default=3, help="seed: epochs of each, alternating")
+    parser.add_argument("--turns", type=int, default=5, help="conv: turns of each layout")
+    parser.add_argument("--steps", type=int, default=50, help="conv: training steps per turn")
     args = parser.parse_args()
     dataset = load_dataset("mnist", data_dir=args.data_dir, progress=False)
+    if args.preset == "conv":
+        conv_layouts(dataset, args.turns, args.steps)
+        return
     trainer = Trainer(resolve_config("seed", None, {}), dataset, Path("/tmp/unused"), progress=False)
     trainer.validation_elbo = lambda: None  # time the optimisation only, as the plain loop does
     torch.manual_seed(0)

@@ -28,6 +28,12 @@ from vaeserve.training.architectures import Networks
 from vaeserve.training.config import TrainConfig
 from vaeserve.training.mlp import ACTIVATIONS, outputs, seed_init
 
+# The convolutions' weights are stored channels last (NHWC), so oneDNN runs every convolution of
+# a network in that layout: on this project's 2-core AVX-512 machine the conv preset trains ~1.2×
+# faster and the evaluator decodes ~1.45× (python -m benchmarks.train_throughput --preset conv).
+# Only strides change: the values, the checkpoints' tensors and the exported graphs are the same.
+CHANNELS_LAST = torch.channels_last
+
 
 def image_layout(image_shape: tuple[int, ...]) -> tuple[int, int, int]:
     """(channels, height, width) of rows that are images of ``image_shape`` (vaeserve.layout)."""
@@ -76,6 +82,7 @@ class Encoder(nn.Module):
         self.features = nn.Sequential(*layers)
         grid = _halved(height, len(channels))[-1] * _halved(width, len(channels))[-1]
         self.head = nn.Linear(channels[-1] * grid, 2 * latent)
+        self.to(memory_format=CHANNELS_LAST)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(rows.reshape(-1, *self.layout)).flatten(1))
@@ -108,6 +115,7 @@ class Decoder(nn.Module):
         # P parameters of each value, as P·C channels: parameter p of channel c is channel p·C + c.
         layers += [ACTIVATIONS[act](), nn.Conv2d(channels[0], params * colours, 3, padding=1)]
         self.features = nn.Sequential(*layers)
+        self.to(memory_format=CHANNELS_LAST)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.features(self.head(z).reshape(-1, *self.grid)).flatten(1)

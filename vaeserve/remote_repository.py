@@ -277,23 +277,35 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _remove_whole(version: Path) -> None:
-    """Renamed out of sight (a hidden name is no version) before it is deleted, so a worker's
-    scan never finds the folder half gone: its manifest deleted, its graphs still there."""
-    aside = version.with_name(f".{version.name}.gone-{os.getpid()}")
+def _moved_aside(folder: Path, why: str) -> Path | None:
+    """``folder`` renamed to a hidden name beside it (a hidden name is no version to a worker's
+    scan), where it can be deleted out of sight; None when there is no such folder."""
+    aside = folder.with_name(f".{folder.name}.{why}-{os.getpid()}")
     shutil.rmtree(aside, ignore_errors=True)
     try:
-        os.rename(version, aside)
+        os.rename(folder, aside)
     except FileNotFoundError:
-        return
-    shutil.rmtree(aside, ignore_errors=True)
+        return None
+    return aside
+
+
+def _remove_whole(version: Path) -> None:
+    """Moved aside before it is deleted, so a worker's scan never finds the folder half gone:
+    its manifest deleted, its graphs still there."""
+    aside = _moved_aside(version, "gone")
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:
     """Rename ``staging`` to ``target``; an older copy there is moved aside first and removed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    old = _moved_aside(target, "old")
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not target.is_dir():  # another process placed it first: theirs is as good
+            raise
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
         os.rename(target, old)
     try:
