@@ -107,6 +107,107 @@ def test_the_discretized_logistics_numpy_and_torch_forms_agree_and_train() -> No
     assert torch.isfinite(params.grad).all() and params.grad.abs().sum() > 0
 
 
+def coupled_params(part: DiscretizedLogistic, pixels: int, seed: int = 0) -> np.ndarray:
+    """[1, 4K·D] parameters of a coupled mixture over ``pixels`` pixels of C channels: as
+    `logistic_params`, and coupling coefficients before their tanh, strong ones included."""
+    rng = np.random.default_rng(seed)
+    k, values = part.components, part.channels * pixels
+    weights = rng.normal(0, 2, (k, values))
+    means = rng.uniform(-1.2, 1.2, (k, values))
+    log_scales = rng.uniform(-6.0, 0.0, (k, values))
+    coefficients = rng.normal(0, 1.5, (k, values))
+    return np.concatenate([weights, means, log_scales, coefficients]).reshape(1, -1).astype(np.float32)
+
+
+def test_the_coupled_mixture_is_a_distribution_over_a_pixels_256_by_256_levels() -> None:
+    """PixelCNN++'s coupling on two channels: over all 65,536 values of one pixel the masses sum
+    to 1, they equal the definition written out (one mixture per pixel, the second channel's
+    logistic centred at μ₁ + tanh(a)·x₀), the means are those masses' first channel's exactly and
+    close to its second's, and the draws follow the masses."""
+    part = DiscretizedLogistic(3, channels=2)
+    params = coupled_params(part, pixels=1)
+    levels = np.arange(256, dtype=np.float32) / 255
+    first, second = np.meshgrid(levels, levels, indexing="ij")
+    x = np.stack([first.ravel(), second.ravel()], axis=1)  # [65,536, 2]: channel 0, channel 1
+    log_p = part.log_prob(x, np.repeat(params, len(x), axis=0)).astype(np.float64)
+    mass = np.exp(log_p)
+    assert mass.sum() == pytest.approx(1.0, abs=2e-3)
+
+    flat = params.reshape(4, 3, 2)  # [parameter, component, channel]
+    weights = np.exp(flat[0, :, 0]) / np.exp(flat[0, :, 0]).sum()  # the first channel's logits
+    alone = DiscretizedLogistic(1)
+
+    def channel(x_c: np.ndarray, mean, log_scale) -> np.ndarray:
+        """A single logistic's bin masses at the values x_c (its own definition, K = 1)."""
+        columns = [np.zeros_like(x_c), np.broadcast_to(mean, x_c.shape), np.full_like(x_c, log_scale)]
+        return np.exp(alone.log_prob(x_c[:, None], np.stack(columns, axis=1).astype(np.float32)))
+
+    expected = sum(
+        weights[k]
+        * channel(x[:, 0], flat[1, k, 0], flat[2, k, 0])
+        * channel(x[:, 1], flat[1, k, 1] + np.tanh(flat[3, k, 0]) * (2 * x[:, 0] - 1), flat[2, k, 1])
+        for k in range(3)
+    )
+    np.testing.assert_allclose(mass, expected, rtol=2e-3, atol=1e-9)
+
+    exact = (mass[:, None] * x).sum(axis=0)
+    mean = part.mean(params)[0]
+    assert mean[0] == pytest.approx(exact[0], abs=2e-3)
+    assert mean[1] == pytest.approx(exact[1], abs=0.05)  # the later channel's mean-field value
+    draws = part.sample(np.repeat(params, 50_000, axis=0), np.random.default_rng(1))
+    np.testing.assert_array_equal(np.round(draws * 255), draws * 255)
+    np.testing.assert_allclose(draws.mean(axis=0), exact, atol=0.01)
+    covariance = (mass * (x[:, 0] - exact[0]) * (x[:, 1] - exact[1])).sum()
+    drawn = np.mean((draws[:, 0] - exact[0]) * (draws[:, 1] - exact[1]))
+    assert drawn == pytest.approx(covariance, abs=0.01)
+
+
+def test_coupling_ties_a_pixels_colours_and_both_forms_agree() -> None:
+    """Three channels, strong positive coefficients and narrow logistics: a draw's green and blue
+    follow its red; the torch form equals numpy's (log p, E[x|z]) on a 4 × 4 RGB image, and
+    trains; coupling grey images or other likelihoods is refused in words."""
+    from vaeserve.errors import ConfigError
+    from vaeserve.likelihoods import likelihood
+
+    part = DiscretizedLogistic(2, channels=3)
+    pixels = 16
+    params = coupled_params(part, pixels, seed=4).reshape(4, 2, 3, pixels)
+    params[1] = 0.0  # green's and blue's own means mid-range...
+    params[1, :, 0] = np.linspace(-0.8, 0.8, pixels)  # ...red's across the range
+    params[2] = -5.0  # scales of e^-5, about a level
+    params[3] = 0.0
+    params[3, :, 0] = params[3, :, 1] = 4.0  # pairs (1, 0) and (2, 0): tanh(4) ≈ 1, following red
+    draws = part.sample(np.repeat(params.reshape(1, -1), 200, axis=0), np.random.default_rng(2))
+    red, green, blue = draws.reshape(200, 3, pixels).transpose(1, 0, 2)
+    assert red.std(axis=1).mean() > 0.2  # red varies from pixel to pixel...
+    followed = 0.5 + np.tanh(4.0) * (red - 0.5)  # ...and green and blue are centred on it
+    assert np.median(np.abs(green - followed)) < 0.01 and np.median(np.abs(blue - followed)) < 0.01
+    uncoupled = part.sample(
+        np.repeat(np.concatenate([params[:3], 0 * params[3:]]).reshape(1, -1), 200, 0),
+        np.random.default_rng(2),
+    )
+    assert np.median(np.abs(uncoupled.reshape(200, 3, pixels)[:, 1] - 0.5)) < 0.01  # without, mid-range
+
+    torch_params = torch.tensor(coupled_params(part, pixels, seed=5).repeat(3, axis=0), requires_grad=True)
+    x = torch.from_numpy(np.random.default_rng(6).integers(0, 256, (3, 3 * pixels)).astype(np.float32) / 255)
+    x[0, :2] = torch.tensor([0.0, 1.0])
+    ours = likelihoods.log_likelihood(x, torch_params, part)
+    theirs = part.log_prob(x.numpy(), torch_params.detach().numpy())
+    np.testing.assert_allclose(ours.detach().numpy(), theirs, rtol=1e-5)
+    np.testing.assert_allclose(
+        likelihoods.likelihood_mean(torch_params, part).detach().numpy(),
+        part.mean(torch_params.detach().numpy()),
+        atol=1e-6,
+    )
+    ours.sum().backward()
+    assert torch.isfinite(torch_params.grad).all() and torch_params.grad.abs().sum() > 0
+    assert part.options() == {"components": 2, "channels": 3} and part.params_per_value == 8
+    with pytest.raises(ConfigError, match="2 or 3 channels"):
+        likelihood("discretized-logistic", 2, channels=4)
+    with pytest.raises(ConfigError, match="not bernoulli"):
+        likelihood("bernoulli", channels=3)
+
+
 def test_dequantization_keeps_each_pixel_in_its_bin() -> None:
     pixels = np.arange(256, dtype=np.uint8)[None].repeat(50, axis=0)
     noisy = binarize(pixels, "dequantize", np.random.default_rng(1))

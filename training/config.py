@@ -48,6 +48,11 @@ class TrainConfig:
         LIKELIHOODS,
     )
     logistic_components: int = option(5, "discretized-logistic: mixture components per value")
+    logistic_coupling: bool = option(
+        False,
+        "discretized-logistic on 2- or 3-channel images: PixelCNN++'s coupling of a pixel's channels "
+        "(one mixture per pixel; each channel's mean shifted by the earlier channels' values)",
+    )
     binarization: str = option(
         "threshold",
         "threshold: x > 0.5; dynamic: fresh Bernoulli(x) each epoch; none: intensities; dequantize: "

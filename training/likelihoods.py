@@ -19,6 +19,7 @@ from vaeserve.likelihoods import (
     ContinuousBernoulli,
     DiscretizedLogistic,
     Likelihood,
+    coupled_mean,
 )
 
 
@@ -45,16 +46,22 @@ def cb_mean(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _split(part: DiscretizedLogistic, params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    k = part.components
-    shaped = params.reshape(*params.shape[:-1], 3, k, params.shape[-1] // (3 * k))
+    """As ``DiscretizedLogistic.split``: logits, means, log scales (and coupled, coefficients)."""
+    k, parts = part.components, 4 if part.channels else 3
+    shaped = params.reshape(*params.shape[:-1], parts, k, params.shape[-1] // (parts * k))
+    if part.channels:
+        shaped = shaped.reshape(*shaped.shape[:-1], part.channels, -1)
+        log_scales = shaped[..., 2, :, :, :].clamp(min=LOG_SCALE_FLOOR)
+        return (
+            shaped[..., 0, :, 0, :],
+            shaped[..., 1, :, :, :],
+            log_scales,
+            torch.tanh(shaped[..., 3, :, :, :]),
+        )
     return shaped[..., 0, :, :], shaped[..., 1, :, :], shaped[..., 2, :, :].clamp(min=LOG_SCALE_FLOOR)
 
 
-def log_discretized_logistic(
-    part: DiscretizedLogistic, x: torch.Tensor, params: torch.Tensor
-) -> torch.Tensor:
-    weights, means, log_scales = _split(part, params)
-    edge = (2.0 * x - 1.0).unsqueeze(-2)
+def _log_bin(edge: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
     centred = edge - means
     inverse = torch.exp(-log_scales)
     plus, minus = inverse * (centred + 1.0 / PIXEL_LEVELS), inverse * (centred - 1.0 / PIXEL_LEVELS)
@@ -65,8 +72,30 @@ def log_discretized_logistic(
     log_density = middle - log_scales - 2.0 * F.softplus(middle) + math.log(2 / PIXEL_LEVELS)
     inner = torch.where(mass > BIN_MASS_FLOOR, torch.log(mass.clamp(min=BIN_MASS_FLOOR)), log_density)
     top = 1.0 - 1e-3
-    log_bin = torch.where(edge < -top, log_cdf_plus, torch.where(edge > top, log_survival_minus, inner))
-    return torch.logsumexp(log_bin + torch.log_softmax(weights, dim=-2), dim=-2).sum(-1)
+    return torch.where(edge < -top, log_cdf_plus, torch.where(edge > top, log_survival_minus, inner))
+
+
+def _clipped_mean(means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    scales = torch.exp(log_scales)
+    return scales * (F.softplus((1.0 + means) / scales) - F.softplus((means - 1.0) / scales)) - 1.0
+
+
+def log_discretized_logistic(
+    part: DiscretizedLogistic, x: torch.Tensor, params: torch.Tensor
+) -> torch.Tensor:
+    edge = (2.0 * x - 1.0).unsqueeze(-2)
+    if not part.channels:
+        weights, means, log_scales = _split(part, params)
+        log_bin = _log_bin(edge, means, log_scales)
+        return torch.logsumexp(log_bin + torch.log_softmax(weights, dim=-2), dim=-2).sum(-1)
+    weights, means, log_scales, coefficients = _split(part, params)
+    pixels = edge.reshape(*edge.shape[:-1], part.channels, -1)
+    values = [pixels[..., c, :] for c in range(part.channels)]
+    shifted = torch.stack(
+        [coupled_mean(means[..., c, :], c, coefficients, values) for c in range(part.channels)], dim=-2
+    )
+    log_bins = _log_bin(pixels, shifted, log_scales).sum(-2)
+    return torch.logsumexp(log_bins + torch.log_softmax(weights, dim=-2), dim=-2).sum(-1)
 
 
 def log_likelihood(x: torch.Tensor, params: torch.Tensor, part: Likelihood) -> torch.Tensor:
@@ -86,7 +115,14 @@ def likelihood_mean(params: torch.Tensor, part: Likelihood) -> torch.Tensor:
         return torch.sigmoid(params)
     if isinstance(part, ContinuousBernoulli):
         return cb_mean(params)
-    weights, means, log_scales = _split(part, params)
-    scales = torch.exp(log_scales)
-    clipped = scales * (F.softplus((1.0 + means) / scales) - F.softplus((means - 1.0) / scales)) - 1.0
-    return ((torch.softmax(weights, dim=-2) * clipped).sum(-2) + 1.0) * 0.5
+    if not part.channels:
+        weights, means, log_scales = _split(part, params)
+        return ((torch.softmax(weights, dim=-2) * _clipped_mean(means, log_scales)).sum(-2) + 1.0) * 0.5
+    weights, means, log_scales, coefficients = _split(part, params)
+    component_means: list[torch.Tensor] = []
+    for c in range(part.channels):
+        shifted = coupled_mean(means[..., c, :], c, coefficients, component_means)
+        component_means.append(_clipped_mean(shifted, log_scales[..., c, :]))
+    per_channel = torch.stack(component_means, dim=-2)
+    mixed = (torch.softmax(weights, dim=-2).unsqueeze(-2) * per_channel).sum(-3)
+    return (mixed.reshape(*mixed.shape[:-2], -1) + 1.0) * 0.5

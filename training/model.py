@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vaeserve.errors import ConfigError
+from vaeserve.layout import ImageLayout
 from vaeserve.likelihoods import BERNOULLI, Likelihood, likelihood
 from vaeserve.training.architectures import Networks, architecture
 from vaeserve.training.config import TrainConfig
@@ -42,7 +44,7 @@ class VAE(nn.Module):
     def from_config(cls, config: TrainConfig, image_shape: tuple[int, ...]) -> VAE:
         """The VAE ``config`` describes, for rows that are images of ``image_shape``."""
         part = architecture(config.architecture)
-        p_x = likelihood(config.likelihood, config.logistic_components)
+        p_x = likelihood(config.likelihood, config.logistic_components, coupled_channels(config, image_shape))
         networks = part.build(config, tuple(image_shape), config.latent_size, p_x.params_per_value)
         components = config.prior_components if config.prior == "vamp" else 0
         model = cls(networks, image_shape, config.latent_size, p_x, components)
@@ -71,6 +73,21 @@ class VAE(nn.Module):
     @staticmethod
     def reparameterize(mean: torch.Tensor, stddev: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return mean + stddev * eps
+
+
+def coupled_channels(config: TrainConfig, image_shape: tuple[int, ...]) -> int:
+    """The channels ``--logistic-coupling`` couples: the images' (0 without the flag)."""
+    if not config.logistic_coupling:
+        return 0
+    layout = ImageLayout.of(tuple(image_shape))
+    if layout is None:
+        raise ConfigError(
+            f"--logistic-coupling couples the channels of images; rows of shape {tuple(image_shape)} are "
+            "flat vectors (pass --image-shape H W C)"
+        )
+    if layout.channels == 1:
+        raise ConfigError("--logistic-coupling couples a pixel's channels; these images have one")
+    return layout.channels
 
 
 def _start_output_at(layer: nn.Module, initial: tuple[float, ...]) -> None:

@@ -11,8 +11,12 @@ images), and a draw x ~ p(x|z). Rows x are model inputs in [0, 1].
   Bernoulli's term times a normaliser C(λ) per value.
 - ``discretized-logistic``: 8-bit values (x = p/255), a mixture of K logistics per value
   integrated over its 1/255-wide bin, the edge bins taking the tails (Salimans et al. 2017,
-  PixelCNN++, without its coupling of a pixel's channels): 3K parameters per value, the
-  mixture's logits, means (on [−1, 1]) and log scales.
+  PixelCNN++): 3K parameters per value, the mixture's logits, means (on [−1, 1]) and log
+  scales. With ``channels`` C = 2 or 3 (``--logistic-coupling``), PixelCNN++'s coupling of a
+  pixel's channels: one mixture per pixel (the logits of its first channel; the others' go
+  unused), and in each component channel c's mean shifted by tanh(coefficient)·value of each
+  earlier channel j; 4K parameters per value, the fourth the coefficients, pair (c, j) of
+  (1, 0), (2, 0), (2, 1) in channel 0's, 1's, 2's slot.
 
 Each also says where the decoder's output starts (``initial_params``: the output layer's bias).
 Adding one is a class here with those members, its torch form in training.likelihoods, a
@@ -131,74 +135,161 @@ class ContinuousBernoulli:
         return self.sample(params, rng)
 
 
+# Channel c's mean in a coupled mixture is shifted by coefficient·value of channel j, for each
+# pair (c, j) in order; pair i's coefficient is in channel i's slot of the fourth parameter.
+COUPLED_PAIRS = ((1, 0), (2, 0), (2, 1))
+COUPLED_CHANNELS = (2, 3)
+
+
 @dataclass(frozen=True)
 class DiscretizedLogistic:
     components: int = 1
+    # 0: each value its own mixture; 2 or 3: PixelCNN++'s coupling of a pixel's channels (rows
+    # are images flattened channels first, vaeserve.layout).
+    channels: int = 0
     name: str = "discretized-logistic"
     sample_dtype: str = "FP32"  # draws are p/255
 
     @property
     def params_per_value(self) -> int:
-        return 3 * self.components
+        return (4 if self.channels else 3) * self.components
 
     def initial_params(self) -> tuple[float, ...]:
         """Where the decoder's output starts, per parameter: equal weights, means mid-range and
         scales of e^−2 (≈ 17 levels either side): at scale 1 (a zero output) every level is about
-        equally likely and learning starts ~1.5 bits per value worse (measured on photographs)."""
+        equally likely and learning starts ~1.5 bits per value worse (measured on photographs);
+        coupling coefficients at 0, the channels independent."""
         k = self.components
-        return (0.0,) * (2 * k) + (INITIAL_LOG_SCALE,) * k
+        coefficients = (0.0,) * k if self.channels else ()
+        return (0.0,) * (2 * k) + (INITIAL_LOG_SCALE,) * k + coefficients
 
     def options(self) -> dict:
-        return {"components": self.components}
+        return {"components": self.components, **({"channels": self.channels} if self.channels else {})}
 
-    def split(self, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """[..., 3K·D] → mixture logits, means, log scales, each [..., K, D]."""
-        k = self.components
-        shaped = params.reshape(*params.shape[:-1], 3, k, params.shape[-1] // (3 * k))
+    def split(self, params: np.ndarray) -> tuple[np.ndarray, ...]:
+        """[..., 3K·D] → mixture logits, means, log scales, each [..., K, D]; coupled, [..., 4K·D]
+        → logits [..., K, HW] (each pixel's), and means, log scales and tanh'd coefficients
+        [..., K, C, HW]."""
+        k, parts = self.components, 4 if self.channels else 3
+        shaped = params.reshape(*params.shape[:-1], parts, k, params.shape[-1] // (parts * k))
+        if self.channels:
+            shaped = shaped.reshape(*shaped.shape[:-1], self.channels, -1)
+            log_scales = np.maximum(shaped[..., 2, :, :, :], np.float32(LOG_SCALE_FLOOR))
+            return (
+                shaped[..., 0, :, 0, :],
+                shaped[..., 1, :, :, :],
+                log_scales,
+                np.tanh(shaped[..., 3, :, :, :]),
+            )
         log_scales = np.maximum(shaped[..., 2, :, :], np.float32(LOG_SCALE_FLOOR))
         return shaped[..., 0, :, :], shaped[..., 1, :, :], log_scales
 
     def log_prob(self, x: np.ndarray, params: np.ndarray) -> np.ndarray:
-        weights, means, log_scales = self.split(params)
         scaled = (2.0 * x[..., None, :] - 1.0).astype(params.dtype, copy=False)  # values in [−1, 1]
-        centred = scaled - means
-        inverse = np.exp(-log_scales)
-        half = np.float32(1.0 / PIXEL_LEVELS)
-        plus, minus = inverse * (centred + half), inverse * (centred - half)
-        log_cdf_plus = plus - softplus(plus)  # log σ(plus): the lowest bin's mass
-        log_survival_minus = -softplus(minus)  # log (1 − σ(minus)): the highest bin's
-        mass = sigmoid(plus) - sigmoid(minus)
-        middle = inverse * centred
-        log_density = middle - log_scales - 2.0 * softplus(middle) + np.float32(math.log(2 / PIXEL_LEVELS))
-        inner = np.where(mass > BIN_MASS_FLOOR, np.log(np.maximum(mass, BIN_MASS_FLOOR)), log_density)
-        top = np.float32(1.0 - 1e-3)
-        log_bin = np.where(scaled < -top, log_cdf_plus, np.where(scaled > top, log_survival_minus, inner))
-        log_mix = log_bin + _log_softmax(weights, axis=-2)
-        return np.sum(_logsumexp(log_mix, axis=-2), axis=-1)
+        if not self.channels:
+            weights, means, log_scales = self.split(params)
+            log_mix = _log_bin(scaled, means, log_scales) + _log_softmax(weights, axis=-2)
+            return np.sum(_logsumexp(log_mix, axis=-2), axis=-1)
+        weights, means, log_scales, coefficients = self.split(params)
+        pixels = scaled.reshape(*scaled.shape[:-1], self.channels, -1)  # [..., 1, C, HW]
+        values = [pixels[..., c, :] for c in range(self.channels)]
+        shifted = np.stack(
+            [coupled_mean(means[..., c, :], c, coefficients, values) for c in range(self.channels)], -2
+        )
+        log_bins = np.sum(_log_bin(pixels, shifted, log_scales), axis=-2)  # a component's pixel
+        return np.sum(_logsumexp(log_bins + _log_softmax(weights, axis=-2), axis=-2), axis=-1)
 
     def mean(self, params: np.ndarray) -> np.ndarray:
         """Σ_k π_k E[clip(X_k, −1, 1)], on [0, 1]: the edge bins take the tails, so each
         component's mean is its logistic's clipped to the range, −1 + s·(softplus((1 + μ)/s) −
-        softplus((μ − 1)/s)) (the rounding to levels moves it by far less than a level)."""
-        weights, means, log_scales = self.split(params)
-        scales = np.exp(log_scales)
-        clipped = scales * (softplus((1.0 + means) / scales) - softplus((means - 1.0) / scales)) - 1.0
-        mixed = np.sum(_softmax(weights, axis=-2) * clipped, axis=-2)
-        return ((mixed + 1.0) * 0.5).astype(params.dtype, copy=False)
+        softplus((μ − 1)/s)) (the rounding to levels moves it by far less than a level).
+        Coupled, a component's later channels are taken at its earlier channels' means (exact
+        without the clipping, which makes the exact mean an integral over the earlier values)."""
+        if not self.channels:
+            weights, means, log_scales = self.split(params)
+            mixed = np.sum(_softmax(weights, axis=-2) * _clipped_mean(means, log_scales), axis=-2)
+            return ((mixed + 1.0) * 0.5).astype(params.dtype, copy=False)
+        weights, means, log_scales, coefficients = self.split(params)
+        component_means: list[np.ndarray] = []
+        for c in range(self.channels):
+            shifted = coupled_mean(means[..., c, :], c, coefficients, component_means)
+            component_means.append(_clipped_mean(shifted, log_scales[..., c, :]))
+        per_channel = np.stack(component_means, axis=-2)  # [..., K, C, HW]
+        mixed = np.sum(_softmax(weights, axis=-2)[..., None, :] * per_channel, axis=-3)
+        return ((mixed.reshape(*mixed.shape[:-2], -1) + 1.0) * 0.5).astype(params.dtype, copy=False)
 
     def sample(self, params: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        weights, means, log_scales = self.split(params)
-        # A component per value (Gumbel-max), then a logistic draw μ + s·log(u/(1−u)), on its bin.
-        gumbel = -np.log(-np.log(rng.uniform(1e-5, 1.0 - 1e-5, weights.shape)))
-        chosen = np.argmax(weights + gumbel, axis=-2)[..., None, :]
-        mean = np.take_along_axis(means, chosen, axis=-2)[..., 0, :]
-        scale = np.exp(np.take_along_axis(log_scales, chosen, axis=-2)[..., 0, :])
-        u = rng.uniform(1e-5, 1.0 - 1e-5, mean.shape)
-        value = np.clip(mean + scale * (np.log(u) - np.log1p(-u)), -1.0, 1.0)
-        return (np.round((value + 1.0) * 0.5 * PIXEL_LEVELS) / PIXEL_LEVELS).astype(np.float32)
+        if not self.channels:
+            weights, means, log_scales = self.split(params)
+            # A component per value (Gumbel-max), then a logistic draw μ + s·log(u/(1−u)), on its bin.
+            chosen = _gumbel_choice(weights, rng)[..., None, :]
+            mean = np.take_along_axis(means, chosen, axis=-2)[..., 0, :]
+            scale = np.exp(np.take_along_axis(log_scales, chosen, axis=-2)[..., 0, :])
+            return _on_a_level(mean, scale, rng)
+        weights, means, log_scales, coefficients = self.split(params)
+        # A component per pixel, then the pixel's channels in order, each mean shifted by the
+        # levels already drawn (on [−1, 1]).
+        chosen = _gumbel_choice(weights, rng)[..., None, None, :]
+        mean, log_scale, coefficient = (
+            np.take_along_axis(a, chosen, axis=-3)[..., 0, :, :] for a in (means, log_scales, coefficients)
+        )
+        drawn: list[np.ndarray] = []  # on [0, 1]
+        values: list[np.ndarray] = []  # the same levels on [−1, 1]
+        for c in range(self.channels):
+            shifted = coupled_mean(mean[..., c, :], c, coefficient, values)
+            drawn.append(_on_a_level(shifted, np.exp(log_scale[..., c, :]), rng))
+            values.append(2.0 * drawn[-1] - 1.0)
+        levels = np.stack(drawn, axis=-2)
+        return levels.reshape(*levels.shape[:-2], -1)
 
     def draw(self, params: np.ndarray, mean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return self.sample(params, rng)
+
+
+def coupled_mean(mean: np.ndarray, channel: int, coefficients: np.ndarray, earlier: list) -> np.ndarray:
+    """Channel ``channel``'s mean shifted by coefficient · value of each earlier channel j
+    (``earlier[j]``, on [−1, 1]); numpy and torch arrays alike."""
+    for slot, (later, j) in enumerate(COUPLED_PAIRS):
+        if later == channel:
+            mean = mean + coefficients[..., slot, :] * earlier[j]
+    return mean
+
+
+def _log_bin(scaled: np.ndarray, means: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
+    """log P(the value's 8-bit bin) under each logistic: the CDF's difference across the bin, the
+    edge bins taking the tails, the density at the centre where the difference underflows."""
+    centred = scaled - means
+    inverse = np.exp(-log_scales)
+    half = np.float32(1.0 / PIXEL_LEVELS)
+    plus, minus = inverse * (centred + half), inverse * (centred - half)
+    log_cdf_plus = plus - softplus(plus)  # log σ(plus): the lowest bin's mass
+    log_survival_minus = -softplus(minus)  # log (1 − σ(minus)): the highest bin's
+    mass = sigmoid(plus) - sigmoid(minus)
+    middle = inverse * centred
+    log_density = middle - log_scales - 2.0 * softplus(middle) + np.float32(math.log(2 / PIXEL_LEVELS))
+    inner = np.where(mass > BIN_MASS_FLOOR, np.log(np.maximum(mass, BIN_MASS_FLOOR)), log_density)
+    top = np.float32(1.0 - 1e-3)
+    return np.where(scaled < -top, log_cdf_plus, np.where(scaled > top, log_survival_minus, inner))
+
+
+def _clipped_mean(means: np.ndarray, log_scales: np.ndarray) -> np.ndarray:
+    """E[clip(X, −1, 1)] of a logistic of mean μ and scale s, on [−1, 1]."""
+    scales = np.exp(log_scales)
+    return scales * (softplus((1.0 + means) / scales) - softplus((means - 1.0) / scales)) - 1.0
+
+
+def _gumbel_choice(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A component index per value from logits [..., K, V] (Gumbel-max): [..., V]."""
+    gumbel = -np.log(-np.log(rng.uniform(1e-5, 1.0 - 1e-5, weights.shape)))
+    return np.argmax(weights + gumbel, axis=-2)
+
+
+def _on_a_level(mean: np.ndarray, scale: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A logistic draw μ + s·log(u/(1−u)) on [−1, 1], clipped there and given as its 8-bit
+    level p/255 on [0, 1]."""
+    u = rng.uniform(1e-5, 1.0 - 1e-5, mean.shape)
+    value = np.clip(mean + scale * (np.log(u) - np.log1p(-u)), -1.0, 1.0)
+    return (np.round((value + 1.0) * 0.5 * PIXEL_LEVELS) / PIXEL_LEVELS).astype(np.float32)
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
@@ -223,8 +314,11 @@ DEFAULT_COMPONENTS = 1
 BERNOULLI = Bernoulli()
 
 
-def likelihood(name: str, components: int = DEFAULT_COMPONENTS) -> Likelihood:
-    """The registered likelihood ``name``; ``components`` is the discretized logistic's K."""
+def likelihood(name: str, components: int = DEFAULT_COMPONENTS, channels: int = 0) -> Likelihood:
+    """The registered likelihood ``name``; ``components`` is the discretized logistic's K and
+    ``channels`` the C of its coupling (0: none)."""
+    if channels and name != "discretized-logistic":
+        raise ConfigError(f"--logistic-coupling is for --likelihood discretized-logistic, not {name}")
     if name == "bernoulli":
         return BERNOULLI
     if name == "continuous-bernoulli":
@@ -232,5 +326,10 @@ def likelihood(name: str, components: int = DEFAULT_COMPONENTS) -> Likelihood:
     if name == "discretized-logistic":
         if components < 1:
             raise ConfigError(f"--logistic-components {components}: expected at least 1")
-        return DiscretizedLogistic(components)
+        if channels and channels not in COUPLED_CHANNELS:
+            raise ConfigError(
+                f"--logistic-coupling couples a pixel's 2 or 3 channels (PixelCNN++'s, for RGB); "
+                f"these images have {channels}"
+            )
+        return DiscretizedLogistic(components, channels)
     raise ConfigError(f"likelihood {name!r}: expected one of {', '.join(NAMES)}")
