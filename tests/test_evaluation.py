@@ -103,6 +103,66 @@ def test_slices_of_an_evaluation_add_up_to_it(tiny_run: Path, mnist_dir: Path, c
     assert past == 1 and "--offset 10000: expected 0 to 9999" in capsys.readouterr().err
 
 
+def test_a_score_folder_resumes_an_interrupted_evaluation(pair_and_x, tmp_path: Path) -> None:
+    """`--scores DIR`: chunks scored before an interruption are read back, the rest scored, and
+    the result equals the evaluation run whole (to float rounding); a folder of another
+    evaluation's scores is refused."""
+    from vaeserve.errors import ConfigError
+    from vaeserve.evaluation import ScoreFolder
+
+    encode, decode, x = pair_and_x
+    x = x[:45]
+    whole = evaluate(encode, decode, x, iw_samples=6, seed=2, first_row=0)
+    calls = []
+
+    def failing(z):
+        calls.append(len(z))
+        if len(calls) > 3:
+            raise RuntimeError("interrupted")
+        return decode(z)
+
+    identity = {"model": "tiny", "iw_samples": 6}
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate(encode, failing, x, 6, seed=2, scores=ScoreFolder(tmp_path / "s", identity, chunk_rows=10))
+    kept = sorted(p.name for p in (tmp_path / "s").glob("rows-*.npz"))
+    assert 1 <= len(kept) < 5 and not list((tmp_path / "s").glob(".tmp-*"))
+    resumed = evaluate(
+        encode, decode, x, 6, seed=2, scores=ScoreFolder(tmp_path / "s", identity, chunk_rows=10)
+    )
+    assert resumed.rows_read_back == 10 * len(kept) and resumed.rows == 45
+    for key in ("nll", "nll_stderr", "elbo", "kl", "reconstruction", "active_units"):
+        # The same draws; the decoder's sums run in other batch sizes, so within float rounding.
+        assert getattr(resumed, key) == pytest.approx(getattr(whole, key), rel=1e-7), key
+    again = evaluate(
+        encode, decode, x, 6, seed=2, scores=ScoreFolder(tmp_path / "s", identity, chunk_rows=10)
+    )
+    assert again.rows_read_back == 45 and again.nll == resumed.nll
+    other = ScoreFolder(tmp_path / "s", {**identity, "iw_samples": 9}, chunk_rows=10)
+    with pytest.raises(
+        ConfigError, match="holds another evaluation's scores \\(iw_samples 6 there, 9 now\\)"
+    ):
+        evaluate(encode, decode, x, 9, seed=2, scores=other)
+
+
+def test_vae_evaluate_scores_resumes_and_refuses_another_evaluation(
+    tiny_run: Path, mnist_dir: Path, capsys, tmp_path: Path
+) -> None:
+    from vaeserve.cli import main
+
+    folder = tmp_path / "scores"
+    common = ["evaluate", "--run", str(tiny_run), "--data-dir", str(mnist_dir), "--limit", "150"]
+    common += ["--json", "--no-pictures", "--no-progress", "--scores", str(folder)]
+    assert main([*common, "--iw-samples", "5"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main([*common, "--iw-samples", "5"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert first["rows_read_back"] == 0 and second["rows_read_back"] == 150
+    assert second["nll"] == first["nll"] and len(list(folder.glob("rows-*.npz"))) == 2
+    assert main([*common, "--iw-samples", "6"]) == 1
+    said = capsys.readouterr().err
+    assert "holds another evaluation's scores (iw_samples 5 there, 6 now)" in said and "Traceback" not in said
+
+
 def test_nll_converges_to_the_exact_marginal_likelihood() -> None:
     """With a 2-D latent, log p(x) = log ∫ p(x|z) p(z) dz by quadrature on a fine grid."""
     import torch

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from vaeserve.errors import ConfigError, require
-from vaeserve.evaluate_cli import print_evaluation
+from vaeserve.evaluate_cli import print_evaluation, score_identity
 from vaeserve.flags import add_data_flags, add_dataclass_flags, values
 from vaeserve.training.config import PRESETS, TrainConfig, resolve_config
 
@@ -147,6 +147,13 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
         "so slices run apart add up to it)",
     )
     parser.add_argument("--variant", default="fp32", help="with --model: fp32 (default), int8 or fp16")
+    parser.add_argument(
+        "--scores",
+        type=Path,
+        metavar="DIR",
+        help="keep each row's scores in DIR as they are computed (a file per 100 rows); rerun with "
+        "the same arguments to resume after the last complete file",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--no-pictures", action="store_true", help="skip the PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -178,8 +185,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         dataset=args.dataset,
     )
+    scores = None
+    if args.scores is not None:
+        from vaeserve.evaluation import ScoreFolder
+
+        identity = {"run": str(source.resolve()), "epoch": state["epoch"]}
+        scores = ScoreFolder(args.scores, score_identity(args, dataset.name, identity))
     result = evaluate_checkpoint(
-        state, dataset, args.split, args.iw_samples, not args.no_progress, args.limit, args.offset
+        state, dataset, args.split, args.iw_samples, not args.no_progress, args.limit, args.offset, scores
     )
     run_dir = source.parent
     whole = not args.limit and not args.offset

@@ -9,7 +9,7 @@ from typing import Any
 from vaeserve import pictures
 from vaeserve.atomic import atomic_write_text
 from vaeserve.datasets import Dataset, evaluation_inputs, evaluation_slice
-from vaeserve.evaluation import Evaluation, evaluate
+from vaeserve.evaluation import Evaluation, ScoreFolder, evaluate
 from vaeserve.repository import sha256_file
 from vaeserve.training import checkpoint
 from vaeserve.training.backend import numpy_callables, numpy_prior
@@ -30,6 +30,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     limit: int | None = None,
     offset: int = 0,
+    scores: ScoreFolder | None = None,
 ) -> Evaluation:
     """The shared evaluator on ``limit`` rows of the split from row ``offset`` (all by default)."""
     config = TrainConfig.from_dict(state["config"])
@@ -46,6 +47,7 @@ def evaluate_checkpoint(
         likelihood=model.likelihood,
         prior=numpy_prior(model),
         first_row=offset,
+        scores=scores,
     )
 
 

@@ -9,7 +9,7 @@ import json
 
 def evaluate_model_command(args: argparse.Namespace) -> int:
     from vaeserve.datasets import evaluation_slice, load_run_data
-    from vaeserve.evaluation import evaluate
+    from vaeserve.evaluation import ScoreFolder, evaluate
     from vaeserve.repository import open_path
     from vaeserve.runtime import OnnxPair
 
@@ -26,6 +26,11 @@ def evaluate_model_command(args: argparse.Namespace) -> int:
     )
     images, _ = dataset.split(args.split)
     x = evaluation_slice(images, version.manifest.binarization, 0, args.offset, args.limit)
+    scores = None
+    if args.scores is not None:
+        graphs = {f"{role}_sha256": record.sha256 for role, record in version.manifest.graphs.items()}
+        model = {"model": version.name, "version": version.version, "variant": args.variant, **graphs}
+        scores = ScoreFolder(args.scores, score_identity(args, dataset.name, model))
     result = evaluate(
         pair.encode,
         pair.decode_logits,
@@ -36,9 +41,16 @@ def evaluate_model_command(args: argparse.Namespace) -> int:
         likelihood=version.likelihood,
         prior=version.load_prior(),
         first_row=args.offset,
+        scores=scores,
     )
     print_evaluation(result.to_dict(), args.split, args.json, first_row=args.offset)
     return 0
+
+
+def score_identity(args: argparse.Namespace, dataset: str, model: dict) -> dict:
+    """What a --scores folder's rows are scores of: the model, the rows and how they are scored."""
+    rows = {"dataset": dataset, "split": args.split, "first_row": args.offset, "limit": args.limit}
+    return {**model, **rows, "iw_samples": args.iw_samples}
 
 
 def print_evaluation(result: dict, split: str, as_json: bool, saved: str = "", first_row: int = 0) -> None:
@@ -55,5 +67,10 @@ def print_evaluation(result: dict, split: str, as_json: bool, saved: str = "", f
         f"{result['rows']} images"
         + (f" from row {first_row}" if first_row else "")
         + f" in {result['seconds']:.1f} s"
+        + (
+            f" ({result['rows_read_back']} rows' scores read back from --scores)"
+            if result.get("rows_read_back")
+            else ""
+        )
         + (f"; {saved}" if saved else "")
     )

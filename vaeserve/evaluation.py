@@ -13,15 +13,19 @@ with the encoder as proposal, and the active units of Burda et al. (Cov_x E_q[z]
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from vaeserve.atomic import atomic_path, atomic_write_text
 from vaeserve.elbo import gaussian_kl, logmeanexp
+from vaeserve.errors import ConfigError
 from vaeserve.likelihoods import BERNOULLI, Likelihood
 from vaeserve.prior import STANDARD, Prior
 
@@ -61,6 +65,8 @@ class Evaluation:
     unit_activity: list[float] = field(default_factory=list)
     # NLL per value in bits, NLL / (D · ln 2): the figure image models are compared by.
     nll_bits_per_dim: float = 0.0
+    # Rows whose scores were read back from a score folder (--scores) rather than computed now.
+    rows_read_back: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,11 +174,22 @@ def evaluate(
     likelihood: Likelihood = BERNOULLI,
     prior: Prior = STANDARD,
     first_row: int = 0,
+    scores: ScoreFolder | None = None,
 ) -> Evaluation:
     """ELBO, NLL_k and active units of the pair on the (binarized) rows ``x``, the split's rows
-    from ``first_row`` on: the means of `score_rows`."""
+    from ``first_row`` on: the means of `score_rows`. With ``scores``, each chunk of rows is
+    kept there as it is scored and a chunk already there is read back instead of scored."""
     started = time.perf_counter()
-    rows = score_rows(encode, decode, x, iw_samples, seed, progress, likelihood, first_row, prior)
+    if scores is None:
+        rows = score_rows(encode, decode, x, iw_samples, seed, progress, likelihood, first_row, prior)
+    else:
+        rows = scores.scored(
+            lambda a, b: score_rows(
+                encode, decode, x[a:b], iw_samples, seed, False, likelihood, first_row + a, prior
+            ),
+            len(x),
+            progress,
+        )
     elbo, nll = rows.elbo, -rows.log_px
     return Evaluation(
         rows=len(elbo),
@@ -188,7 +205,90 @@ def evaluate(
         seconds=time.perf_counter() - started,
         unit_activity=[round(float(v), 6) for v in unit_activity(rows.means)],
         nll_bits_per_dim=float(nll.mean() / (x.shape[1] * np.log(2.0))),
+        rows_read_back=0 if scores is None else scores.read_back,
     )
+
+
+# Rows per file of a score folder: at k = 5,000 a chunk of MNIST digits is a few minutes' work,
+# so an interrupted evaluation loses at most that.
+SCORE_CHUNK_ROWS = 100
+
+
+class ScoreFolder:
+    """Each row's scores of one evaluation (``vae evaluate --scores DIR``), kept as they are
+    computed: a record of what is evaluated (``identity``: the model, the rows, k, the seed) and a
+    file per chunk of rows. Rows are seeded by their own number, so chunks scored in other runs
+    add up to the whole evaluation; a rerun reads back the chunks there and scores the rest. A
+    folder that holds another evaluation's scores is refused, never mixed in."""
+
+    RECORD = "evaluation.json"
+
+    def __init__(self, folder: Path, identity: dict, chunk_rows: int = SCORE_CHUNK_ROWS) -> None:
+        self.folder = folder
+        self.identity = {**identity, "chunk_rows": chunk_rows}
+        self.chunk_rows = chunk_rows
+        self.read_back = 0  # rows whose scores this run read back instead of computing
+
+    def scored(self, score: Callable[[int, int], RowScores], rows: int, progress: bool) -> RowScores:
+        """Every row's scores: each chunk read back if it is there, else ``score(a, b)`` and kept."""
+        self._claim()
+        parts: list[RowScores] = []
+        with tqdm(
+            total=rows, desc="score", unit="row", disable=None if progress else True, leave=False
+        ) as bar:
+            for start in range(0, rows, self.chunk_rows):
+                stop = min(rows, start + self.chunk_rows)
+                part = self._read(start, stop)
+                if part is None:
+                    part = score(start, stop)
+                    self._write(start, part)
+                else:
+                    self.read_back += stop - start
+                parts.append(part)
+                bar.update(stop - start)
+        return RowScores(
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in RowScores.__dataclass_fields__)
+        )
+
+    def _claim(self) -> None:
+        record = self.folder / self.RECORD
+        if record.exists():
+            try:
+                found = json.loads(record.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"--scores {self.folder}: unreadable {self.RECORD} ({exc})") from None
+            if found != self.identity:
+                differs = sorted(k for k in {*found, *self.identity} if found.get(k) != self.identity.get(k))
+                said = ", ".join(f"{k} {found.get(k)!r} there, {self.identity.get(k)!r} now" for k in differs)
+                raise ConfigError(
+                    f"--scores {self.folder} holds another evaluation's scores ({said}); give an empty "
+                    "or new folder, or the same evaluation's arguments to resume it"
+                )
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(self.identity, indent=2, sort_keys=True))
+
+    def _path(self, start: int) -> Path:
+        return self.folder / f"rows-{start:07d}.npz"
+
+    def _read(self, start: int, stop: int) -> RowScores | None:
+        path = self._path(start)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as stored:
+                part = RowScores(**{f: stored[f] for f in RowScores.__dataclass_fields__})
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"--scores {path}: unreadable ({exc}); delete it to score its rows again"
+            ) from None
+        if len(part.log_px) != stop - start:
+            raise ConfigError(f"--scores {path}: {len(part.log_px)} rows, expected {stop - start}")
+        return part
+
+    def _write(self, start: int, part: RowScores) -> None:
+        with atomic_path(self._path(start)) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **asdict(part))
 
 
 def _draw(seed: int, first_row: int, k: int, per_call: int, latent: int, rows: slice) -> list[np.ndarray]:
