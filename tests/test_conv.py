@@ -193,7 +193,7 @@ def test_a_colour_conv_vae_takes_and_gives_images_channels_first(colour_repo: Pa
     manifest = version.manifest
     assert manifest.graphs["encoder"].signature["inputs"][0]["shape"] == ["batch", 3, 32, 32]
     assert manifest.architecture["name"] == "conv" and manifest.likelihood == "discretized-logistic"
-    assert manifest.likelihood_options == {"components": 2}
+    assert manifest.likelihood_options == {"components": 2, "channels": 3}  # coupled by default
     assert manifest.parity["likelihood_numpy_vs_torch"] < 1e-6
 
     done = subprocess.run(
@@ -281,7 +281,7 @@ def test_a_colour_conv_vae_takes_and_gives_images_channels_first(colour_repo: Pa
     assert done.returncode == 0, done.stderr
     assert "dims: [ 3, 32, 32 ]" in (triton / "photos-encoder" / "config.pbtxt").read_text()
     decoder = (triton / "photos-decoder" / "config.pbtxt").read_text()
-    assert "dims: [ 18, 32, 32 ]" in decoder and "dims: [ 3, 32, 32 ]" in decoder  # logits: 3K·C, K = 2
+    assert "dims: [ 24, 32, 32 ]" in decoder and "dims: [ 3, 32, 32 ]" in decoder  # logits: 4K·C, K = 2
 
 
 def test_the_console_draws_a_colour_model_in_colour(colour_repo: Path, tmp_path: Path) -> None:
@@ -359,13 +359,6 @@ def test_pixelcnn_coupling_trains_exports_and_serves_its_scores_and_draws(
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    grey_flags = ["--dataset", "mnist", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "g")]
-    grey = subprocess.run(
-        [*vae, "train", *grey_flags, *flags],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert grey.returncode != 0 and "Traceback" not in grey.stderr
-    assert "couples a pixel's channels; these images have one" in grey.stderr
     done = subprocess.run(
         [*vae, "export", "--checkpoint", str(run), "--repo", str(repo), "--name=coupled", "--iw-samples=5"],
         capture_output=True, text=True, timeout=600,
@@ -398,3 +391,37 @@ def test_pixelcnn_coupling_trains_exports_and_serves_its_scores_and_draws(
     samples = drawn["samples"]
     assert samples.shape == (5, 3, 32, 32)
     np.testing.assert_array_equal(np.round(samples * 255), samples * 255)
+
+
+def test_coupling_is_on_where_a_pixel_has_colours_and_old_runs_load_without_it(tmp_path: Path) -> None:
+    """The discretized logistic couples the channels of 2- and 3-channel images unless
+    --no-logistic-coupling; grey and 4-channel images and other likelihoods are not coupled; a
+    checkpoint saved before the config had the key loads as the uncoupled model it is."""
+    from dataclasses import replace
+
+    from vaeserve.datasets import photo_patches
+    from vaeserve.training import checkpoint
+    from vaeserve.training.config import resolve_config
+    from vaeserve.training.model import coupled_channels
+    from vaeserve.training.trainer import start_or_resume
+
+    logistic = resolve_config("seed", None, {"likelihood": "discretized-logistic", "binarization": "none"})
+    assert [coupled_channels(logistic, shape) for shape in ((8, 8), (8, 8, 2), (8, 8, 3), (8, 8, 4))] == [
+        0,
+        2,
+        3,
+        0,
+    ]
+    assert coupled_channels(replace(logistic, logistic_coupling=False), (8, 8, 3)) == 0
+    assert coupled_channels(replace(logistic, likelihood="continuous-bernoulli"), (8, 8, 3)) == 0
+
+    config = resolve_config("seed", None, {**COLOUR, "epochs": 1, "limit": 200, "logistic_coupling": False})
+    run = tmp_path / "run"
+    start_or_resume(config, photo_patches(200, 50), run, resume=False, progress=False).run()
+    state = checkpoint.load(run / "best.pt")
+    del state["config"]["logistic_coupling"]  # as a run saved before the key existed
+    checkpoint.save(state, run / "old.pt")
+    old = checkpoint.load(run / "old.pt")
+    assert old["config"]["logistic_coupling"] is False
+    model = checkpoint.model_from(old)
+    assert model.likelihood.channels == 0 and model.likelihood.params_per_value == 6

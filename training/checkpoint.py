@@ -61,6 +61,9 @@ def load(path: Path) -> dict[str, Any]:
             f"{path}: checkpoint format version {state.get('format_version')!r}, "
             f"this vaeserve reads version {FORMAT_VERSION}"
         )
+    # Runs saved before the discretized logistic coupled a pixel's channels were trained without
+    # it; the config's default is on now.
+    state["config"].setdefault("logistic_coupling", False)
     return state
 
 

@@ -49,9 +49,10 @@ class TrainConfig:
     )
     logistic_components: int = option(5, "discretized-logistic: mixture components per value")
     logistic_coupling: bool = option(
-        False,
-        "discretized-logistic on 2- or 3-channel images: PixelCNN++'s coupling of a pixel's channels "
-        "(one mixture per pixel; each channel's mean shifted by the earlier channels' values)",
+        True,
+        "discretized-logistic on images of 2 or 3 channels: PixelCNN++'s coupling of a pixel's "
+        "channels (one mixture per pixel; each channel's mean shifted by the earlier channels' "
+        "values); --no-logistic-coupling: each value its own mixture",
     )
     binarization: str = option(
         "threshold",

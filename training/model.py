@@ -10,9 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vaeserve.errors import ConfigError
 from vaeserve.layout import ImageLayout
-from vaeserve.likelihoods import BERNOULLI, Likelihood, likelihood
+from vaeserve.likelihoods import BERNOULLI, COUPLED_CHANNELS, Likelihood, likelihood
 from vaeserve.training.architectures import Networks, architecture
 from vaeserve.training.config import TrainConfig
 from vaeserve.training.priors import LOG_2PI, VampPrior
@@ -76,17 +75,13 @@ class VAE(nn.Module):
 
 
 def coupled_channels(config: TrainConfig, image_shape: tuple[int, ...]) -> int:
-    """The channels ``--logistic-coupling`` couples: the images' (0 without the flag)."""
-    if not config.logistic_coupling:
-        return 0
+    """The channels the discretized logistic couples (PixelCNN++'s, defined for RGB): the images'
+    when they have 2 or 3 and ``logistic_coupling`` is on, else 0 (grey images have nothing to
+    couple)."""
     layout = ImageLayout.of(tuple(image_shape))
-    if layout is None:
-        raise ConfigError(
-            f"--logistic-coupling couples the channels of images; rows of shape {tuple(image_shape)} are "
-            "flat vectors (pass --image-shape H W C)"
-        )
-    if layout.channels == 1:
-        raise ConfigError("--logistic-coupling couples a pixel's channels; these images have one")
+    wanted = config.logistic_coupling and config.likelihood == "discretized-logistic"
+    if not wanted or layout is None or layout.channels not in COUPLED_CHANNELS:
+        return 0
     return layout.channels
 
 
