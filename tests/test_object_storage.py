@@ -277,3 +277,23 @@ def test_serve_follows_a_repository_on_s3(store_repo, repo, pixels, tmp_path) ->
     with servers.running(store_repo, tmp_path / "again.log") as again:
         assert served(again.target, rows)[0] == 1
     assert "fetched" not in again.output()
+
+
+def test_a_local_copy_is_replaced_and_removed_whole(tmp_path: Path) -> None:
+    """A version synced again replaces the local copy in one rename (the old one moved aside and
+    deleted), a removed one leaves no folder; neither leaves a hidden folder behind."""
+    from vaeserve.remote_repository import _remove_whole, _swap_into_place
+
+    target, staging = tmp_path / "m" / "1", tmp_path / "staging"
+    for folder, text in ((target, "old"), (staging, "new")):
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(text)
+    _swap_into_place(staging, target)
+    assert (target / "manifest.json").read_text() == "new" and not staging.exists()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _swap_into_place(fresh, tmp_path / "m" / "2")  # nothing there before
+    assert (tmp_path / "m" / "2").is_dir()
+    _remove_whole(target)
+    _remove_whole(target)  # already gone: nothing to do
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["2"]

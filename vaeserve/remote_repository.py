@@ -307,11 +307,3 @@ def _swap_into_place(staging: Path, target: Path) -> None:
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        if not target.is_dir():  # another process placed it first: theirs is as good
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
