@@ -332,14 +332,13 @@ def test_int8_is_refused_for_conv_graphs_in_one_line(colour_run: Path, tmp_path:
     assert "ConvInteger" in done.stderr and not (tmp_path / "x" / "1").exists()
 
 
-def test_pixelcnn_coupling_trains_exports_and_serves_its_scores_and_draws(
-    tmp_path: Path, mnist_dir: Path
+def test_the_coupled_colour_model_serves_the_evaluators_scores_and_draws_levels(
+    colour_repo: Path, tmp_path: Path
 ) -> None:
-    """`--logistic-coupling` end to end: a conv VAE on colour patches trains with PixelCNN++'s
-    coupled mixture, its manifest records the coupled channels, export's numpy and torch forms
-    agree, and the server's Score equals the shared evaluator on the exported graphs row for row
-    (the manifest rebuilt the same likelihood); SamplePrior draws 8-bit levels. Grey images are
-    refused in one line."""
+    """PixelCNN++'s coupled mixture end to end, on the colour model (trained with the default
+    coupling): its manifest records the coupled channels, export's numpy and torch forms agree,
+    and the server's Score equals the shared evaluator on the exported graphs row for row (the
+    manifest rebuilt the same likelihood); SamplePrior draws 8-bit levels."""
     from vaeserve.client import VaeClient
     from vaeserve.datasets import photo_patches
     from vaeserve.evaluation import score_rows
@@ -347,25 +346,8 @@ def test_pixelcnn_coupling_trains_exports_and_serves_its_scores_and_draws(
     from vaeserve.repository import open_path
     from vaeserve.runtime import OnnxPair
 
-    run, repo = tmp_path / "run", tmp_path / "models"
-    vae = [sys.executable, "-m", "vaeserve.cli"]
-    flags = [
-        "--architecture", "conv", "--likelihood", "discretized-logistic", "--logistic-components", "2",
-        "--logistic-coupling", "--binarization", "none", "--conv-channels", "8", "16", "--latent-size", "8",
-        "--epochs", "1", "--limit", "600", "--batch-size", "50", "--no-progress",
-    ]  # fmt: skip
-    done = subprocess.run(
-        [*vae, "train", "--dataset", "photo-patches", "--out", str(run), *flags],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    done = subprocess.run(
-        [*vae, "export", "--checkpoint", str(run), "--repo", str(repo), "--name=coupled", "--iw-samples=5"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-
-    version = open_path(repo / "coupled")
+    repo = colour_repo
+    version = open_path(repo / "photos")
     assert version.manifest.likelihood_options == {"components": 2, "channels": 3}
     assert version.likelihood.params_per_value == 8
     assert version.manifest.parity["likelihood_numpy_vs_torch"] < 1e-5
