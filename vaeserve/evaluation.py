@@ -217,9 +217,10 @@ SCORE_CHUNK_ROWS = 100
 class ScoreFolder:
     """Each row's scores of one evaluation (``vae evaluate --scores DIR``), kept as they are
     computed: a record of what is evaluated (``identity``: the model's graphs or checkpoint, the
-    dataset, split and rows, k) and a file per chunk of rows. Rows are seeded by their own number, so chunks scored in other runs
-    add up to the whole evaluation; a rerun reads back the chunks there and scores the rest. A
-    folder that holds another evaluation's scores is refused, never mixed in."""
+    dataset, split and rows, k) and a file per chunk of rows. Rows are seeded by their own
+    number, so chunks scored in other runs add up to the whole evaluation; a rerun reads back the
+    chunks there and scores the rest. A folder that holds another evaluation's scores is refused,
+    never mixed in."""
 
     RECORD = "evaluation.json"
 
