@@ -31,7 +31,7 @@ from vaeserve.errors import ExportError
 from vaeserve.evaluation import evaluate
 from vaeserve.export import checks, graphs, variants
 from vaeserve.likelihoods import Likelihood
-from vaeserve.manifest import MANIFEST, FileRecord, Manifest
+from vaeserve.manifest import FileRecord, Manifest
 from vaeserve.prior import PRIOR_FILE, Prior
 from vaeserve.repository import ModelVersion, file_record, load_version, next_version, sha256_file
 from vaeserve.runtime import OnnxPair
@@ -61,7 +61,7 @@ def export_to_store(request: ExportRequest, progress: bool = False) -> tuple[Mod
     """Export into a local staging repository, check there, then upload: the manifest last, so
     a server polling the store never sees the version before every file is there. A version
     replaced with --force loses its manifest first, for the same reason."""
-    from vaeserve.remote_repository import RepositoryMirror, upload_version
+    from vaeserve.remote_repository import RepositoryMirror, remove_version, upload_version
 
     store = request.repo
     existing = RepositoryMirror(store).remote_versions(request.name)
@@ -72,8 +72,7 @@ def export_to_store(request: ExportRequest, progress: bool = False) -> tuple[Mod
     with tempfile.TemporaryDirectory(prefix="vaeserve-export-") as local:
         version = export_model(dataclasses.replace(request, repo=Path(local), version=number), progress)
         if number in existing:
-            (target / MANIFEST).unlink()
-            target.remove_tree()
+            remove_version(target)
         return version, upload_version(version, store)
 
 

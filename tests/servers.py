@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -116,15 +117,27 @@ def start(
 
 
 def wait_serving(server: Server, client_options: dict, timeout: float = 60) -> None:
+    """Until the server answers SERVING and, when it supervises workers, until every one of them
+    serves: the first worker up answers health for the port, and a test that made its calls and
+    stopped before the others started would find only that one in the log."""
     deadline = time.monotonic() + timeout
     with VaeClient(server.target, timeout=2, **client_options) as client:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{server.output()}")
             if client.wait_until_serving(0.5):
-                return
-    server.stop()
-    raise RuntimeError(f"server not SERVING after {timeout} s:\n{server.output()}")
+                break
+        else:
+            server.stop()
+            raise RuntimeError(f"server not SERVING after {timeout} s:\n{server.output()}")
+    supervised = re.search(r"supervising (\d+) workers", server.output())
+    if supervised:
+        every = f"all {supervised.group(1)} workers serving"
+        try:
+            until(lambda: every in server.output(), timeout=max(deadline - time.monotonic(), 1), what=every)
+        except AssertionError:
+            server.stop()
+            raise RuntimeError(f"not {every} after {timeout} s:\n{server.output()}") from None
 
 
 @contextlib.contextmanager

@@ -130,7 +130,6 @@ def test_a_broken_version_is_refused_once_and_what_was_served_stays(live_repo: P
 
 def test_every_worker_loads_a_new_version(live_repo: Path, tmp_path: Path) -> None:
     with servers.running(live_repo, tmp_path / "serve.log", "--poll-s", POLL, "--workers", "2") as server:
-        until(lambda: "all 2 workers serving" in server.output())
         publish(live_repo, live_repo / "tiny" / "1", 2)
         until(lambda: events(server).get("loaded") == 2.0)  # the supervisor sums both workers' counts
         assert {served_version(server.target) for _ in range(8)} == {2}
@@ -203,7 +202,6 @@ def test_a_new_version_takes_over_under_load_without_a_failed_call(
     assert vae("label", "--repo", str(live_repo), "--name", "tiny", "stable=1").returncode == 0
     flags = ("--poll-s", str(poll), "--workers", workers)
     with servers.running(live_repo, tmp_path / "serve.log", *flags) as server:
-        until(lambda: workers == "1" or f"all {workers} workers serving" in server.output())
         with Load(server.target) as latest, Load(server.target, version="stable") as stable:
             assert latest.now() == 1 and stable.now() == 1
             broken = tmp_path / "tampered"
@@ -253,7 +251,6 @@ def test_workers_agree_after_a_file_changes_in_place(live_repo: Path, tmp_path: 
     publish(live_repo, live_repo / "tiny" / "1", 2)
     flags = ("--poll-s", POLL, "--workers", "2", "--version", "all")
     with servers.running(live_repo, tmp_path / "serve.log", *flags) as server:
-        until(lambda: "all 2 workers serving" in server.output())
         assert answers(server.target) == {2}
         overwrite_in_place(live_repo / "tiny" / "2" / "encoder.onnx")
         os.kill(worker_pids(server)[0], 9)
@@ -270,7 +267,6 @@ def test_workers_without_polling_serve_what_the_supervisor_decided(live_repo: Pa
     publish(live_repo, live_repo / "tiny" / "1", 2)
     flags = ("--workers", "2", "--version", "all")
     with servers.running(live_repo, tmp_path / "serve.log", *flags) as server:
-        until(lambda: "all 2 workers serving" in server.output())
         publish(live_repo, live_repo / "tiny" / "1", 3)
         os.kill(worker_pids(server)[0], 9)
         until(lambda: server.output().count("all 2 workers serving") == 2)

@@ -265,6 +265,14 @@ def upload_version(version: ModelVersion, root: ObjectPath) -> ObjectPath:
     return target
 
 
+def remove_version(target: ObjectPath) -> None:
+    """A version's objects under ``target``, the manifest first: a server polling the store sees
+    the version go in one step, never a manifest whose files are half deleted (the mirror of
+    `upload_version`'s manifest last)."""
+    (target / MANIFEST).unlink(missing_ok=True)
+    target.remove_tree()
+
+
 def _stamp(objects: list[ObjectInfo]) -> str:
     text = "\n".join(f"{o.path.uri}:{o.stamp()}" for o in sorted(objects, key=lambda o: o.path.uri))
     return hashlib.sha256(text.encode()).hexdigest()
