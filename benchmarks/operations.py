@@ -15,8 +15,6 @@ in one run (`vae serve --workers 1`, one process each; the other idles meanwhile
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -32,7 +30,7 @@ from vaeserve.client import VaeClient
 from vaeserve.codec import to_tensor
 from vaeserve.datasets import load_dataset
 from vaeserve.remote_repository import set_model_traffic
-from vaeserve.repository import TrafficSplit, open_path
+from vaeserve.repository import TrafficSplit, copy_version, open_path
 from vaeserve.service.metrics import sample_total
 
 CELLS = ((1, 1), (64, 4), (1024, 1))  # (batch rows, concurrent callers)
@@ -45,14 +43,6 @@ def page(served: Served) -> str:
 
 def counted(served: Served, name: str, **labels: str) -> float:
     return sample_total(page(served), name, **labels)
-
-
-def copy_version(version: Path, repo: Path, name: str, number: int) -> None:
-    """``version``'s folder as NAME/NUMBER of ``repo``, its manifest saying so."""
-    target = repo / name / str(number)
-    shutil.copytree(version, target)
-    manifest = target / "manifest.json"
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": name, "version": number}))
 
 
 def median_cell(runs: list[dict]) -> dict:

@@ -19,7 +19,7 @@ from vaeserve.datasets import evaluation_inputs
 from vaeserve.errors import CheckpointError, ExportError, RepositoryError
 from vaeserve.evaluation import evaluate
 from vaeserve.export.exporter import ExportRequest, export_model
-from vaeserve.repository import open_path, resolve, sha256_file, version_numbers
+from vaeserve.repository import copy_version, open_path, resolve, sha256_file, version_numbers
 from vaeserve.runtime import OnnxPair
 from vaeserve.training import checkpoint
 from vaeserve.training.backend import numpy_callables
@@ -132,6 +132,24 @@ def test_tampered_files_are_refused_naming_the_file(repo: Path, tmp_path: Path, 
     damage(models / "tiny" / "1")
     with pytest.raises(RepositoryError, match=message):
         resolve(models, "tiny", 1)
+
+
+def test_a_copied_version_names_itself_and_is_verified_as_any_version(repo: Path, tmp_path: Path) -> None:
+    models = copy_repo(repo, tmp_path)
+    assert (
+        copy_version(models / "tiny" / "1", tmp_path / "other", "later", 3)
+        == tmp_path / "other" / "later" / "3"
+    )
+    copy = resolve(tmp_path / "other", "later")
+    assert (copy.name, copy.version) == ("later", 3)
+    assert copy.manifest.graphs == resolve(models, "tiny", 1).manifest.graphs
+    assert [p.name for p in (tmp_path / "other" / "later").iterdir()] == ["3"]  # no staging left
+    _flip_byte(models / "tiny" / "1" / "decoder.onnx")
+    copy_version(models / "tiny" / "1", tmp_path / "other", "later", 4)  # copied as it is...
+    with pytest.raises(RepositoryError, match=r"later/4/decoder\.onnx: SHA-256"):
+        resolve(tmp_path / "other", "later", 4)  # ...and refused where it is loaded
+    with pytest.raises(RepositoryError, match="no manifest"):
+        copy_version(tmp_path, tmp_path / "other", "later", 5)
 
 
 def _flip_byte(path: Path) -> None:

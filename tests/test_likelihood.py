@@ -92,19 +92,22 @@ def test_the_discretized_logistic_is_a_distribution_over_the_256_levels(componen
 
 def test_the_discretized_logistics_numpy_and_torch_forms_agree_and_train() -> None:
     part = DiscretizedLogistic(3)
-    params = torch.tensor(np.repeat(logistic_params(part, 30, seed=2), 4, axis=0), requires_grad=True)
-    x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (4, 30)).astype(np.float32) / 255)
-    x[0, :3] = torch.tensor([0.0, 1.0, 0.5])  # both edge bins
-    ours = likelihoods.log_likelihood(x, params, part)
-    theirs = part.log_prob(x.numpy(), params.detach().numpy())
-    np.testing.assert_allclose(ours.detach().numpy(), theirs, rtol=1e-5)
+    x = np.random.default_rng(3).integers(0, 256, (4, 30)).astype(np.float32) / 255
+    x[0, :3] = [0.0, 1.0, 0.5]  # both edge bins
+    assert_forms_agree_and_train(part, np.repeat(logistic_params(part, 30, seed=2), 4, axis=0), x)
+
+
+def assert_forms_agree_and_train(part: DiscretizedLogistic, params: np.ndarray, x: np.ndarray) -> None:
+    """The torch form (training, the decoder graph) equals the numpy one (Score, the evaluator)
+    in log p and E[x|z] at ``params`` and ``x``, and its gradients are finite and not all zero."""
+    weights = torch.tensor(params, requires_grad=True)
+    ours = likelihoods.log_likelihood(torch.from_numpy(x), weights, part)
+    np.testing.assert_allclose(ours.detach().numpy(), part.log_prob(x, params), rtol=1e-5)
     np.testing.assert_allclose(
-        likelihoods.likelihood_mean(params, part).detach().numpy(),
-        part.mean(params.detach().numpy()),
-        atol=1e-6,
+        likelihoods.likelihood_mean(weights, part).detach().numpy(), part.mean(params), atol=1e-6
     )
     ours.sum().backward()
-    assert torch.isfinite(params.grad).all() and params.grad.abs().sum() > 0
+    assert torch.isfinite(weights.grad).all() and weights.grad.abs().sum() > 0
 
 
 def coupled_params(part: DiscretizedLogistic, pixels: int, seed: int = 0) -> np.ndarray:
@@ -188,19 +191,9 @@ def test_coupling_ties_a_pixels_colours_and_both_forms_agree() -> None:
     )
     assert np.median(np.abs(uncoupled.reshape(200, 3, pixels)[:, 1] - 0.5)) < 0.01  # without, mid-range
 
-    torch_params = torch.tensor(coupled_params(part, pixels, seed=5).repeat(3, axis=0), requires_grad=True)
-    x = torch.from_numpy(np.random.default_rng(6).integers(0, 256, (3, 3 * pixels)).astype(np.float32) / 255)
-    x[0, :2] = torch.tensor([0.0, 1.0])
-    ours = likelihoods.log_likelihood(x, torch_params, part)
-    theirs = part.log_prob(x.numpy(), torch_params.detach().numpy())
-    np.testing.assert_allclose(ours.detach().numpy(), theirs, rtol=1e-5)
-    np.testing.assert_allclose(
-        likelihoods.likelihood_mean(torch_params, part).detach().numpy(),
-        part.mean(torch_params.detach().numpy()),
-        atol=1e-6,
-    )
-    ours.sum().backward()
-    assert torch.isfinite(torch_params.grad).all() and torch_params.grad.abs().sum() > 0
+    x = np.random.default_rng(6).integers(0, 256, (3, 3 * pixels)).astype(np.float32) / 255
+    x[0, :2] = [0.0, 1.0]
+    assert_forms_agree_and_train(part, coupled_params(part, pixels, seed=5).repeat(3, axis=0), x)
     assert part.options() == {"components": 2, "channels": 3} and part.params_per_value == 8
     with pytest.raises(ConfigError, match="2 or 3 channels"):
         likelihood("discretized-logistic", 2, channels=4)

@@ -21,18 +21,14 @@ from test_cli import assert_one_line_error, vae
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import to_tensor
+from vaeserve.repository import copy_version
 
 POLL = "0.2"
 
 
 def publish(repo: Path, source: Path, number: int) -> None:
-    """A new version as an export makes one: written under a staging name (the same graphs, the
-    manifest naming the new version), renamed into place."""
-    staging = repo / "tiny" / f".staging-{number}"
-    shutil.copytree(source, staging)
-    manifest = json.loads((staging / "manifest.json").read_text())
-    (staging / "manifest.json").write_text(json.dumps({**manifest, "version": number}))
-    os.rename(staging, repo / "tiny" / str(number))
+    """A new version of tiny as an export publishes one: the same graphs, renamed into place."""
+    copy_version(source, repo, "tiny", number)
 
 
 def until(check: Callable[[], object], timeout: float = 30) -> object:

@@ -5,7 +5,6 @@ three over vae.v1 and OIP REST."""
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from servers import metric
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import to_tensor
 from vaeserve.datasets import model_inputs
+from vaeserve.repository import copy_version
 from vaeserve.service.residency import Residency
 
 NAMES = ("a", "b", "c")
@@ -26,9 +26,7 @@ NAMES = ("a", "b", "c")
 def three_models(tmp_path_factory, repo: Path) -> Path:
     root = tmp_path_factory.mktemp("residency") / "models"
     for name in NAMES:
-        shutil.copytree(repo / "tiny" / "1", root / name / "1")
-        manifest = root / name / "1" / "manifest.json"
-        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": name}))
+        copy_version(repo / "tiny" / "1", root, name, 1)
     return root
 
 

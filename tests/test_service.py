@@ -21,7 +21,7 @@ from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.client import ServiceError, VaeClient
 from vaeserve.codec import to_tensor
 from vaeserve.datasets import model_inputs
-from vaeserve.repository import resolve
+from vaeserve.repository import copy_version, resolve
 from vaeserve.runtime import OnnxPair
 
 D, M = 784, 8
@@ -343,12 +343,8 @@ def test_tls_and_mutual_tls(repo: Path, tmp_path: Path) -> None:
 def test_bad_version_refused_at_load_env_configured(repo: Path, tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(repo, models)
-    manifest = json.loads((models / "tiny" / "1" / "manifest.json").read_text())
     for number in (2, 3):  # copies of version 1, each with its own manifest
-        shutil.copytree(models / "tiny" / "1", models / "tiny" / str(number))
-        (models / "tiny" / str(number) / "manifest.json").write_text(
-            json.dumps({**manifest, "version": number})
-        )
+        copy_version(models / "tiny" / "1", models, "tiny", number)
     (models / "tiny" / "3" / "decoder.onnx").write_bytes(b"tampered")
     with (
         servers.running(models, tmp_path / "serve.log", use_flags=False) as multi,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ from test_cli import assert_one_line_error, vae
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import to_tensor
 from vaeserve.datasets import model_inputs
+from vaeserve.repository import copy_version
 
 POLL = "0.2"
 OTHER = {"hidden_sizes": [64], "latent_size": 4, "epochs": 1, "limit": 3000, "batch_size": 64, "seed": 3}
@@ -36,9 +36,7 @@ def traffic_repo(tmp_path_factory, repo: Path, mnist, mnist_dir: Path) -> Path:
     start_or_resume(resolve_config("seed", None, OTHER), mnist, other, resume=False, progress=False).run()
     root = tmp_path_factory.mktemp("traffic") / "models"
     for number in (1, 2):
-        shutil.copytree(repo / "tiny" / "1", root / "m" / str(number))
-        manifest = root / "m" / str(number) / "manifest.json"
-        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "name": "m", "version": number}))
+        copy_version(repo / "tiny" / "1", root, "m", number)
     export_model(ExportRequest(other, root, "m", iw_samples=10, data_dir=mnist_dir))  # version 3
     assert sorted(p.name for p in (root / "m").iterdir() if p.name.isdecimal()) == ["1", "2", "3"]
     return root

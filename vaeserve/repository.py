@@ -15,10 +15,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from vaeserve.atomic import staging_dir
 from vaeserve.errors import ConfigError, RepositoryError
 from vaeserve.layout import ImageLayout
 from vaeserve.likelihoods import Likelihood, likelihood
@@ -120,6 +122,21 @@ def model_names(repo: Path) -> list[str]:
 
 def next_version(model_dir: Path) -> int:
     return max(version_numbers(model_dir), default=0) + 1
+
+
+def copy_version(source: Path, repo: Path, name: str, number: int) -> Path:
+    """The version folder ``source`` published again as ``repo/NAME/NUMBER``: the same files, its
+    manifest naming the copy. It is written under a hidden staging name and renamed into place,
+    as an export publishes, so a server following ``repo`` never sees it half copied. The files
+    are copied as they are (a damaged one too): whoever loads the copy verifies it, as any version."""
+    manifest = Manifest.read(source)
+    model_dir = repo / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(f".copy-{number}-", model_dir)
+    shutil.copytree(source, staging, dirs_exist_ok=True)
+    replace(manifest, name=name, version=number).write(staging)
+    os.rename(staging, model_dir / str(number))
+    return model_dir / str(number)
 
 
 def resolve(repo: Path, name: str, version: int | str = "latest") -> ModelVersion:
