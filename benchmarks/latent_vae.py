@@ -16,8 +16,9 @@ images/s at each size and batch, on the same inputs, in one run:
 - **served**: `vae serve` (one worker, its default threads) called over vae.v1 with float32
   tensors by a client in this process, one call at a time; the client's CPU is reported.
 
-Each cell: one warm-up call at its shape, then calls until ``--seconds`` have passed (at least
-``--repeats``); the median call (a warm-up longer than ``--seconds`` is the figure itself).
+Each cell: the three runtimes take turns call by call (see ``in_turns``): a warm-up round at its
+shape, then rounds until each has spent ``--seconds`` (at least ``--repeats``); each one's median
+call (a warm-up round whose every call is longer than ``--seconds`` is the figure itself).
 Then a tiled decode of a ``--tiled``-pixel image (latents of a side / 8), each runtime in a
 process of its own so its peak RSS is its own: diffusers with
 ``enable_tiling()``, vaeserve's tiling over the imported decoder, and the decoder untiled under
@@ -78,21 +79,33 @@ def build(work: Path) -> Path:
     return repo
 
 
-def timed(call: Callable[[], object], seconds: float, repeats: int) -> float:
-    """Seconds per call: the median after one warm-up call; a warm-up longer than ``seconds`` is
-    the figure itself (at tens of seconds a call, a first call's allocations are noise)."""
-    begin = time.perf_counter()
-    call()
-    first = time.perf_counter() - begin
-    if first > seconds:
-        return first
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - started < seconds:
-        begin = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+PAUSE_S = 0.1  # before each call: no runtime's threads are still spinning from its own last call
+
+
+def in_turns(calls: dict[str, Callable[[], object]], seconds: float, repeats: int) -> dict[str, list[float]]:
+    """Each runtime's call times, the runtimes taking turns call by call (the order rotating each
+    round), so that a machine whose speed drifts (other tenants of the host, clocks) slows all of
+    them alike and their ratios stay fair; measured one after another, two runs of the same cell
+    differed by a third. The first round warms each up; it is the figure itself when every call
+    in it took over ``seconds`` (at tens of seconds a call, a first call's allocations are noise);
+    otherwise it is dropped and rounds go on until there are ``repeats`` and each runtime has
+    spent ``seconds``."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rounds = 0
+    while True:
+        for name in names[rounds % len(names) :] + names[: rounds % len(names)]:
+            time.sleep(PAUSE_S)
+            begin = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - begin)
+        rounds += 1
+        if rounds == 1:
+            if all(t[0] > seconds for t in times.values()):
+                return times
+            times = {name: [] for name in names}
+        elif rounds - 1 >= repeats and all(sum(t) >= seconds for t in times.values()):
+            return times
 
 
 def inputs(size: int, batch: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,26 +188,45 @@ class Runtimes:
 
         encode = vae_pb2.EncodeRequest(model=self.name, inputs=to_tensor(images))
         decode = vae_pb2.DecodeRequest(model=self.name, latents=to_tensor(latents))
-        client_cpu = time.process_time()
-        served = {
-            "encode": timed(lambda: self.stub.Encode(encode, timeout=600), seconds, repeats),
-            "decode": timed(lambda: self.stub.Decode(decode, timeout=600), seconds, repeats),
+        client_cpu = [0.0]
+
+        def served(call: Callable[[], object]) -> Callable[[], object]:
+            def timed_call() -> object:  # the client's CPU: only its own calls' (the others run here too)
+                begin = time.process_time()
+                try:
+                    return call()
+                finally:
+                    client_cpu[0] += time.process_time() - begin
+
+            return timed_call
+
+        turns = {
+            "encode": in_turns(
+                {
+                    "diffusers": lambda: self.torch_encode(images),
+                    "in_process": lambda: self.encoder.run(["mean", "stddev"], {"images": images}),
+                    "served": served(lambda: self.stub.Encode(encode, timeout=600)),
+                },
+                seconds,
+                repeats,
+            ),
+            "decode": in_turns(
+                {
+                    "diffusers": lambda: self.torch_decode(latents),
+                    "in_process": lambda: self.decoder.run(None, {"latents": latents}),
+                    "served": served(lambda: self.stub.Decode(decode, timeout=600)),
+                },
+                seconds,
+                repeats,
+            ),
         }
-        client_cpu = time.process_time() - client_cpu
         return {
-            "encode": {
-                "diffusers": timed(lambda: self.torch_encode(images), seconds, repeats),
-                "in_process": timed(
-                    lambda: self.encoder.run(["mean", "stddev"], {"images": images}), seconds, repeats
-                ),
-                "served": served["encode"],
+            **{
+                call: {runtime: statistics.median(times) for runtime, times in runtimes.items()}
+                for call, runtimes in turns.items()
             },
-            "decode": {
-                "diffusers": timed(lambda: self.torch_decode(latents), seconds, repeats),
-                "in_process": timed(lambda: self.decoder.run(None, {"latents": latents}), seconds, repeats),
-                "served": served["decode"],
-            },
-            "client_cpu_s": client_cpu,
+            "calls": {call: len(runtimes["served"]) for call, runtimes in turns.items()},  # 1: the warm-up
+            "client_cpu_s": client_cpu[0],
         }
 
 
@@ -205,7 +237,8 @@ def print_cell(row: dict) -> None:
         print(
             f"| {row['model']} | {direction} | {row['size']}² | {row['batch']} | {rate['diffusers']:.2f} | "
             f"{rate['in_process']:.2f} ({rate['in_process'] / rate['diffusers']:.2f}×) | "
-            f"{rate['served']:.2f} ({rate['served'] / rate['diffusers']:.2f}×) | {row['client_cpu_s']:.2f} |",
+            f"{rate['served']:.2f} ({rate['served'] / rate['diffusers']:.2f}×) | {row['calls'][direction]} | "
+            f"{row['client_cpu_s']:.2f} |",
             flush=True,
         )
 
@@ -309,9 +342,10 @@ def main() -> None:
         repo = build(work)
         print(f"cores {os.cpu_count()}; images/s (× diffusers)")
         print(
-            "| model | call | image | batch | diffusers | in-process onnxruntime | vae serve | client CPU s |"
+            "| model | call | image | batch | diffusers | in-process onnxruntime | vae serve | calls each "
+            "| client CPU s |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         cells = measure(work, repo, args.models, args.sizes, args.batches, args.seconds, args.repeats)
         figures = {"cells": cells}
         if args.tiled:
