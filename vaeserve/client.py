@@ -2,7 +2,8 @@
 
 Arrays larger than one request are split into chunks of ``chunk_rows`` rows,
 sent with up to ``max_in_flight`` requests outstanding, and reassembled in order.
-UNAVAILABLE is retried (vaeserve.channel), every call carries a deadline, and TLS,
+UNAVAILABLE is retried (vaeserve.channel), every request carries a deadline of ``timeout``
+seconds that its resends share (see ``_answer``), and TLS,
 mutual TLS and a bearer token are supported. When a seeded call is split, chunk i uses
 seed + i, so the same call with the same chunking is reproducible.
 
@@ -487,37 +488,46 @@ class VaeClient:
         return out
 
     def _pipelined(self, method: Callable, requests: Iterator) -> Iterator[Any]:
-        in_flight: deque[tuple[Any, grpc.Future]] = deque()
+        in_flight: deque[tuple[Any, grpc.Future, float]] = deque()
         try:
             for request in requests:
-                in_flight.append((request, self._send(method, request)))
+                in_flight.append((request, self._send(method, request), time.monotonic() + self.timeout))
                 if len(in_flight) >= self.max_in_flight:
                     yield self._answer(method, *in_flight.popleft())
             while in_flight:
                 yield self._answer(method, *in_flight.popleft())
         except grpc.RpcError as exc:
-            for _, future in in_flight:
+            for _, future, _ in in_flight:
                 future.cancel()
             raise ServiceError(exc.code(), exc.details()) from None
 
-    def _send(self, method: Callable, request: Any) -> grpc.Future:
-        return method.future(request, timeout=self.timeout, metadata=self.metadata)
+    def _send(self, method: Callable, request: Any, timeout: float | None = None) -> grpc.Future:
+        return method.future(request, timeout=timeout or self.timeout, metadata=self.metadata)
 
-    def _answer(self, method: Callable, request: Any, future: grpc.Future) -> Any:
+    def _answer(self, method: Callable, request: Any, future: grpc.Future, deadline: float) -> Any:
         """The response, the request sent again (round robin takes it to another replica) while
-        the server never answered it (``unanswered``): gRPC's own retries stop once a call has
-        reached a server, so a server (or worker) that dies, or is stopped, with the call in
-        flight would fail it. Encode, Decode, Reconstruct, SamplePrior and Score hold no state,
-        so sending one again is safe, and a seeded one gives the same answer."""
-        for pause in RESEND_BACKOFF_S:
+        the server never answered it (``unanswered``) and ``deadline`` leaves time: gRPC's own
+        retries stop once a call has reached a server, so a server (or worker) that dies, or is
+        stopped, with the call in flight would fail it. Encode, Decode, Reconstruct, SamplePrior
+        and Score hold no state, so sending one again is safe, and a seeded one gives the same
+        answer. The resends share the request's ``timeout``: a server that cannot be reached
+        fails the call when it is spent, not after every resend has had a whole one, and with
+        the error that made it resend (a refused connection, a failed handshake), which says
+        more than the deadline that stopped it."""
+        unreached: grpc.RpcError | None = None
+        for pause in (*RESEND_BACKOFF_S, None):
             try:
                 return future.result()
             except grpc.RpcError as exc:
-                if not unanswered(exc):
+                if unreached is not None and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise unreached from None
+                left = deadline - time.monotonic() - (pause or 0.0)
+                if pause is None or not unanswered(exc) or left <= 0:
                     raise
+                unreached = exc
                 time.sleep(pause)
-                future = self._send(method, request)
-        return future.result()
+                future = self._send(method, request, left)
+        raise AssertionError("unreachable: the last pause is None")
 
 
 def _chunk_seed(seed: int | None, index: int) -> int | None:
