@@ -59,12 +59,15 @@ class S3Store:
         fs.create_dir(name)
         return f"s3://{name}"
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds: `weed server` outlasted 20 s on SIGTERM
+        (every test module's store did), and a store made for a test or a benchmark is thrown away."""
         self.process.terminate()
         try:
-            self.process.wait(20)
+            self.process.wait(grace)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait(30)
 
 
 def weed_binary() -> str | None:
@@ -180,15 +183,20 @@ class RayCluster:
         os.killpg(node.pid, signal.SIGKILL)
         node.wait(30)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM to every node, then SIGKILL to the process group of any still up after ``grace``
+        seconds in all: a head whose worker node was lost took 33 s to stop on its own, and
+        nothing here keeps state a graceful stop would save."""
         for node in reversed(self.nodes):
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
         for node in self.nodes:
             try:
-                node.wait(30)
+                node.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
+                node.wait(30)
 
 
 def _ray() -> str:
