@@ -12,6 +12,7 @@ import matplotlib.image
 import pytest
 import torch
 
+from vaeserve.errors import ConfigError
 from vaeserve.training import checkpoint
 from vaeserve.training.config import resolve_config
 from vaeserve.training.trainer import start_or_resume
@@ -176,6 +177,33 @@ def test_best_preset_is_a_valid_config() -> None:
     assert config.binarization == "dynamic" and config.objective == "iwae" and config.max_minutes
     conv = resolve_config("conv", None, {})
     assert conv.architecture == "conv" and conv.optimizer == "adam" and conv.max_minutes == config.max_minutes
+
+
+def test_lr_end_anneals_over_the_budget_whatever_the_epochs_took(mnist, tmp_path) -> None:
+    """--lr-end: the learning rate falls from --lr to it as the epochs' seconds spend the budget,
+    so a fast machine's many short epochs and a slow one's few long ones end at the same rate;
+    a flag for either schedule replaces the preset's other one, and both at once are refused."""
+    from vaeserve.training.trainer import Trainer
+
+    config = resolve_config("seed", None, {**SMALL, "lr": 1e-3, "lr_end": 1e-5, "max_minutes": 10.0})
+    assert config.lr_decay == 1.0
+    trainer = Trainer(config, mnist, tmp_path / "annealed", progress=False)
+    assert trainer.learning_rate() == pytest.approx(1e-3)
+    trainer.history = [{"seconds": 150.0}, {"seconds": 150.0}]  # half the 10 minutes
+    assert trainer.learning_rate() == pytest.approx(1e-4)
+    trainer.history = [{"seconds": 30.0}] * 10  # the same half in ten short epochs
+    assert trainer.learning_rate() == pytest.approx(1e-4)
+    trainer.history.append({"seconds": 600.0})  # past the budget (a resumed run): held at the end
+    assert trainer.learning_rate() == pytest.approx(1e-5)
+    assert resolve_config("conv", None, {}).lr_end == 5e-5
+    per_epoch = resolve_config("conv", None, {"lr_decay": 0.9})
+    assert (per_epoch.lr_decay, per_epoch.lr_end) == (0.9, None)
+    with pytest.raises(ConfigError, match="choose one"):
+        resolve_config("conv", None, {"lr_decay": 0.9, "lr_end": 1e-4})
+    with pytest.raises(ConfigError, match="set that budget"):
+        resolve_config("seed", None, {"lr_end": 1e-4})
+    with pytest.raises(ConfigError, match="lr_end must be in"):
+        resolve_config("conv", None, {"lr_end": 1.0})
 
 
 def test_an_architecture_brings_its_defaults_to_a_preset_made_for_another() -> None:

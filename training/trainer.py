@@ -213,7 +213,14 @@ class Trainer:
         return min(1.0, (self.epoch + 1) / self.config.kl_warmup_epochs)
 
     def learning_rate(self) -> float:
-        return self.config.lr * self.config.lr_decay**self.epoch
+        """--lr-decay per epoch, or --lr-end: lr · (lr_end/lr)^(the budget's fraction spent in the
+        epochs before this one), so that the learning rate anneals within the budget whatever the
+        machine's speed (the epochs' own seconds, which the checkpoint keeps across resumes)."""
+        config = self.config
+        if config.lr_end is None or config.max_minutes is None:
+            return config.lr * config.lr_decay**self.epoch
+        spent = sum(record["seconds"] for record in self.history) / (60 * config.max_minutes)
+        return config.lr * (config.lr_end / config.lr) ** min(1.0, spent)
 
     @torch.no_grad()
     def validation_elbo(self) -> float | None:
