@@ -71,6 +71,18 @@ class Server:
     def output(self) -> str:
         return self.log.read_text()
 
+    def worker_pids(self) -> list[int]:
+        """The live workers' pids in slot order, as the supervisor logged them: at start, then
+        "worker vae-serve-N restarted, pid P" for each restart."""
+        log = self.output()
+        started = re.search(r"supervising \d+ workers .*?pids ([\d, ]+)", log)
+        if started is None:
+            raise AssertionError(f"the server supervises no workers:\n{log}")
+        pids = [int(pid) for pid in started.group(1).split(", ")]
+        for slot, pid in re.findall(r"worker vae-serve-(\d+) restarted, pid (\d+)", log):
+            pids[int(slot) - 1] = int(pid)
+        return pids
+
 
 def start(
     repo: Path,

@@ -14,7 +14,6 @@ import grpc
 import numpy as np
 import pytest
 import servers
-from test_workers import wait_for_workers
 
 from vaeserve._proto import vae_pb2, vae_pb2_grpc
 from vaeserve.codec import to_tensor
@@ -53,7 +52,7 @@ def test_embed_survives_a_worker_killed_and_a_server_restart(
         embed_command(repo, source, output, server.target), stderr=subprocess.PIPE, text=True
     )
     try:
-        first, _ = wait_for_workers(server, 2)
+        first, _ = server.worker_pids()
         deadline = time.monotonic() + 60
         while journalled(output) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)

@@ -231,12 +231,6 @@ def overwrite_in_place(path: Path) -> None:
         handle.write(bytes([byte[0] ^ 0xFF]))
 
 
-def worker_pids(server: servers.Server) -> list[int]:
-    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
-    # Spawned workers run multiprocessing's spawn_main; the resource tracker is a child too.
-    return [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-
-
 def answers(target: str, version: str = "", calls: int = 12) -> set:
     return {served_version(target, version) for _ in range(calls)}
 
@@ -249,7 +243,7 @@ def test_workers_agree_after_a_file_changes_in_place(live_repo: Path, tmp_path: 
     with servers.running(live_repo, tmp_path / "serve.log", *flags) as server:
         assert answers(server.target) == {2}
         overwrite_in_place(live_repo / "tiny" / "2" / "encoder.onnx")
-        os.kill(worker_pids(server)[0], 9)
+        os.kill(server.worker_pids()[0], 9)
         until(lambda: "restarted" in server.output() and server.output().count("all 2 workers serving") == 2)
         until(lambda: answers(server.target) == {1})
         assert answers(server.target, "2") == {grpc.StatusCode.NOT_FOUND}
@@ -264,12 +258,12 @@ def test_workers_without_polling_serve_what_the_supervisor_decided(live_repo: Pa
     flags = ("--workers", "2", "--version", "all")
     with servers.running(live_repo, tmp_path / "serve.log", *flags) as server:
         publish(live_repo, live_repo / "tiny" / "1", 3)
-        os.kill(worker_pids(server)[0], 9)
+        os.kill(server.worker_pids()[0], 9)
         until(lambda: server.output().count("all 2 workers serving") == 2)
         assert answers(server.target) == {2} and answers(server.target, "3") == {grpc.StatusCode.NOT_FOUND}
 
         overwrite_in_place(live_repo / "tiny" / "2" / "encoder.onnx")
-        os.kill(worker_pids(server)[0], 9)
+        os.kill(server.worker_pids()[0], 9)
         assert server.process.wait(60) == 1
     assert "tiny/2, which the other workers serve" in server.output()
     assert "Traceback" not in server.output()

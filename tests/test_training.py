@@ -163,13 +163,15 @@ def test_early_stopping_and_time_budget(mnist, tmp_path: Path) -> None:
     config = resolve_config("seed", None, {**SMALL, "epochs": 50, "patience": 2})
     trainer = Trainer(config, mnist, tmp_path / "patient", progress=False)
     trainer.history = [{"validation_elbo": v} for v in (-120.0, -110.0, -111.0, -112.0)]
-    assert trainer.should_stop(time.perf_counter())  # two epochs without beating -110
+    assert "no better validation ELBO in 2 epochs" in trainer.stop_reason(time.perf_counter())
     trainer.history.append({"validation_elbo": -100.0})
-    assert not trainer.should_stop(time.perf_counter())
+    assert trainer.stop_reason(time.perf_counter()) == ""
     budget = resolve_config("seed", None, {**SMALL, "epochs": 50, "max_minutes": 0.001})
     history = start_or_resume(budget, mnist, tmp_path / "budget", resume=False, progress=False).run()
     assert 1 <= len(history) < 50  # stopped by the 0.06-second budget after its first epoch
-    assert checkpoint.load(tmp_path / "budget" / checkpoint.LAST)["epoch"] == len(history)
+    saved = checkpoint.load(tmp_path / "budget" / checkpoint.LAST)
+    # The last epoch's checkpoint says why the run ended there (what export's manifest reports).
+    assert saved["epoch"] == len(history) and saved["stopped"] == "the --max-minutes 0.001 budget was spent"
 
 
 def test_best_preset_is_a_valid_config() -> None:

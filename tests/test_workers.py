@@ -26,20 +26,9 @@ from vaeserve.repository import file_record, resolve
 from vaeserve.runtime import OnnxPair
 
 
-def wait_for_workers(server: servers.Server, count: int, timeout: float = 60) -> list[int]:
-    """Worker pids, once every worker has logged that it is serving."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = server.output()
-        if f"all {count} workers serving" in log:
-            return [int(pid) for pid in re.search(r"pids ([\d, ]+)", log).group(1).split(", ")]
-        time.sleep(0.2)
-    raise AssertionError(f"not every worker serving after {timeout} s:\n{server.output()}")
-
-
 def test_workers_serve_one_port_with_one_metrics_page(repo: Path, tmp_path: Path, mnist) -> None:
     server = servers.start(repo, tmp_path / "serve.log", "--workers", "2")
-    pids = wait_for_workers(server, 2)
+    pids = server.worker_pids()
     x = model_inputs(mnist.test_images[:200], "threshold")
     mean, stddev = OnnxPair.load(resolve(repo, "tiny")).encode(x)
 
@@ -75,7 +64,7 @@ def test_a_worker_killed_under_load_is_restarted_without_a_failed_call(
 ) -> None:
     server = servers.start(repo, tmp_path / "serve.log", "--workers", "2")
     try:
-        first, second = wait_for_workers(server, 2)
+        first, second = server.worker_pids()
         pixels = mnist.test_images[:16]
         failures: list[BaseException] = []
         answered = [0]
@@ -123,7 +112,7 @@ def test_a_worker_killed_under_load_is_restarted_without_a_failed_call(
 
 def test_a_worker_that_keeps_dying_stops_the_service(repo: Path, tmp_path: Path) -> None:
     server = servers.start(repo, tmp_path / "serve.log", "--workers", "2")
-    first, second = wait_for_workers(server, 2)
+    first, second = server.worker_pids()
     os.kill(first, signal.SIGKILL)
     for restart in range(1, 5):  # each new worker of slot 1 killed once it is up
         deadline = time.monotonic() + 30
@@ -218,7 +207,7 @@ def test_each_worker_may_use_every_core(workers: str) -> None:
 
 def test_workers_do_not_outlive_a_sigkilled_supervisor(repo: Path, tmp_path: Path) -> None:
     server = servers.start(repo, tmp_path / "serve.log", "--workers", "2")
-    pids = wait_for_workers(server, 2)
+    pids = server.worker_pids()
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(10)
     deadline = time.monotonic() + 30

@@ -129,27 +129,28 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.json", json.dumps(self.config.to_dict(), indent=2))
         started = time.perf_counter()
-        while self.epoch < self.config.epochs and not self.should_stop(started):
+        self.stopped = self.stop_reason(started)  # a resumed run that stopped early stays stopped
+        while self.epoch < self.config.epochs and not self.stopped:
             record = self.train_epoch()
             self.history.append(record)
+            # Decided before the epoch is saved, so that its checkpoint says why the run ends there.
+            self.stopped = self.stop_reason(started)
             self.save_epoch(record)
         return self.history
 
-    def should_stop(self, started: float) -> bool:
-        """Early stopping on the validation ELBO, or the wall-clock budget of this invocation."""
+    def stop_reason(self, started: float) -> str:
+        """Why the run stops now: early stopping on the validation ELBO, or the wall-clock budget
+        of this invocation; "" to go on."""
         budget = self.config.max_minutes
         if budget is not None and time.perf_counter() - started > 60 * budget:
             log.info("stopping after epoch %d: the %.0f-minute budget is spent", self.epoch, budget)
-            self.stopped = f"the --max-minutes {budget:g} budget was spent"
-            return True
+            return f"the --max-minutes {budget:g} budget was spent"
         patience = self.config.patience
         scores = [r["validation_elbo"] for r in self.history if r["validation_elbo"] is not None]
-        if patience is None or len(scores) <= patience:
-            return False
-        if max(scores[-patience:]) <= max(scores[:-patience]):
-            self.stopped = f"early stopping: no better validation ELBO in {patience} epochs (--patience)"
-            return True
-        return False
+        waited = patience is not None and len(scores) > patience
+        if waited and max(scores[-patience:]) <= max(scores[:-patience]):
+            return f"early stopping: no better validation ELBO in {patience} epochs (--patience)"
+        return ""
 
     def train_epoch(self) -> dict[str, Any]:
         self.model.train()

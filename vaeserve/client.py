@@ -515,19 +515,28 @@ class VaeClient:
         the error that made it resend (a refused connection, a failed handshake), which says
         more than the deadline that stopped it."""
         unreached: grpc.RpcError | None = None
-        for pause in (*RESEND_BACKOFF_S, None):
+        for pause in RESEND_BACKOFF_S:
             try:
-                return future.result()
+                return _result(future, unreached)
             except grpc.RpcError as exc:
-                if unreached is not None and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise unreached from None
-                left = deadline - time.monotonic() - (pause or 0.0)
-                if pause is None or not unanswered(exc) or left <= 0:
+                left = deadline - time.monotonic() - pause
+                if not unanswered(exc) or left <= 0:
                     raise
                 unreached = exc
                 time.sleep(pause)
                 future = self._send(method, request, left)
-        raise AssertionError("unreachable: the last pause is None")
+        return _result(future, unreached)
+
+
+def _result(future: grpc.Future, unreached: grpc.RpcError | None) -> Any:
+    """The call's response; if it is a resend (``unreached``: the error that made the client send it
+    again) that the deadline stopped, that error, which says why the server never answered."""
+    try:
+        return future.result()
+    except grpc.RpcError as exc:
+        if unreached is not None and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise unreached from None
+        raise
 
 
 def _chunk_seed(seed: int | None, index: int) -> int | None:
