@@ -109,10 +109,14 @@ class ServedModel:
 
     def _prepared(self, encode: Run) -> Run:
         """Raw uint8 pixels are prepared where the encoder runs (on the executor's threads, in
-        parallel pieces), not on the event loop, which has every other call to answer."""
+        parallel pieces), not on the event loop, which has every other call to answer. The
+        closure holds the binarization, not ``self``: the runner it goes into is ``self``'s, and a
+        cycle would keep a retired version's sessions until a full garbage collection, not free
+        them when its last call ends (service.manager's "released" line)."""
+        binarization = self.binarization
 
         def run(rows: np.ndarray) -> tuple[np.ndarray, ...]:
-            return encode(encoder_inputs(rows, self.binarization))
+            return encode(encoder_inputs(rows, binarization))
 
         return run
 
