@@ -54,13 +54,13 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of q(z|x), for rows [..., D]."""
-        mean, raw = _rows(self.encoder, x).chunk(2, dim=-1)
+        mean, raw = _widened(_rows(self.encoder, x)).chunk(2, dim=-1)
         return mean, F.softplus(raw) + STDDEV_FLOOR
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The parameters of p(x|z) (logits for the Bernoulli), [..., P·D] for latents [..., M]
         (IWAE's are [k, N, M])."""
-        return _rows(self.decoder, z)
+        return _widened(_rows(self.decoder, z))
 
     def log_prior_ratio(self, z: torch.Tensor, eps: torch.Tensor, stddev: torch.Tensor) -> torch.Tensor:
         """log p(z) − log q(z|x) at z = mean + stddev·ε, per row."""
@@ -92,6 +92,13 @@ def _start_output_at(layer: nn.Module, initial: tuple[float, ...]) -> None:
         return
     with torch.no_grad():
         layer.bias.view(len(initial), -1)[:] = torch.tensor(initial)[:, None]
+
+
+def _widened(outputs: torch.Tensor) -> torch.Tensor:
+    """A network's outputs as fp32 when autocast (--precision bf16) computed them in a 16-bit
+    type, so that what follows (the posterior, the likelihood, the prior, the loss) is fp32; fp32
+    and the export checks' float64 pass as they are."""
+    return outputs.float() if outputs.dtype in (torch.bfloat16, torch.float16) else outputs
 
 
 def _rows(network: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

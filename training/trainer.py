@@ -56,6 +56,11 @@ def prepare_data(config: TrainConfig, dataset: Dataset) -> TrainingData:
     return TrainingData(torch.from_numpy(np.ascontiguousarray(train)), validation, dynamic, dequantize)
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 products in hardware (AVX512-BF16 or AMX)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 class Trainer:
     def __init__(
         self, config: TrainConfig, dataset: Dataset, run_dir: Path, progress: bool = True, preset: str = ""
@@ -75,6 +80,11 @@ class Trainer:
         self.optimizer = make_optimizer(config, self.model.parameters())
         self.generator = torch.Generator().manual_seed(config.seed)
         self.objective = OBJECTIVES[config.objective]
+        if config.precision == "bf16" and not native_bfloat16():
+            log.warning(
+                "--precision bf16 on a CPU without AVX512-BF16 or AMX: bfloat16 is emulated there "
+                "and trains slower than fp32"
+            )
         self.epoch = 0
         self.stopped = ""  # why the loop ended before config.epochs: early stopping or the budget
         self.history: list[dict[str, Any]] = []
@@ -201,8 +211,11 @@ class Trainer:
         return rows
 
     def step(self, x: torch.Tensor, kl_weight: float) -> float:
-        # The seed's loss: −ELBO summed over the batch.
-        loss = -self.objective(self.model, x, self.generator, kl_weight, self.config.train_samples).sum()
+        # The seed's loss: −ELBO summed over the batch. Under --precision bf16 autocast runs the
+        # networks' convolutions and matrix products in bfloat16; VAE.encode and decode hand their
+        # outputs back as fp32, so the likelihood, the prior and the loss are computed in fp32.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            loss = -self.objective(self.model, x, self.generator, kl_weight, self.config.train_samples).sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
