@@ -1,6 +1,6 @@
 """Training throughput: the seed preset beside a plain PyTorch loop of the same model, or the
-conv preset with its convolutions channels last (as training.conv stores them) beside the same
-model in PyTorch's default layout.
+conv preset (its convolutions channels last, as training.conv stores them, trained in bfloat16)
+beside the same model in fp32 and in PyTorch's default layout.
 
     python -m benchmarks.train_throughput --data-dir ../shared/data/mnist [--epochs 3]
     python -m benchmarks.train_throughput --data-dir ../shared/data/mnist --preset conv [--turns 5]
@@ -8,9 +8,10 @@ model in PyTorch's default layout.
 seed: both train the 784-200-(2x100) VAE with batch 64 on the same 50,000 binarized rows;
 epochs alternate between the two so machine noise hits both alike. Prints rows/s
 (median over epochs) of each and their ratio.
-conv: the preset's training steps (batch 100, its VampPrior) and the evaluator's decoding of
-1,024 latents (the pieces `vae evaluate` runs k = 5,000 samples in), each layout taking turns;
-medians of the turns.
+conv: the preset's training steps (batch 100, its VampPrior) in bfloat16 (the preset's
+--precision) and in fp32, channels last and in PyTorch's default layout, and the evaluator's
+decoding of 1,024 latents (the pieces `vae evaluate` runs k = 5,000 samples in, always fp32),
+each variant taking turns; medians of the turns.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,20 +52,24 @@ def plain_pytorch_epoch(model: nn.ModuleDict, optimizer: torch.optim.Optimizer, 
 
 
 def conv_layouts(dataset: Dataset, turns: int, steps: int) -> None:
-    """The conv preset's steps and the evaluator's decoding, channels last beside contiguous."""
+    """The conv preset's steps and the evaluator's decoding, channels last beside contiguous, and
+    the steps in bfloat16 (the preset's --precision) beside fp32."""
     trainer = Trainer(resolve_config("conv", None, {}), dataset, Path("/tmp/unused"), progress=False)
     model, batch = trainer.model, trainer.config.batch_size
     rows = trainer.epoch_rows()[: steps * batch]
     latents = torch.randn(GRAPH_ROWS, model.latent_size, generator=torch.Generator().manual_seed(0))
-    layouts = {
-        "channels last (as trained)": torch.channels_last,
-        "contiguous (NCHW)": torch.contiguous_format,
+    # name: (layout, training precision); the evaluator always decodes in fp32.
+    variants = {
+        "channels last, bf16 (preset)": (torch.channels_last, "bf16"),
+        "channels last, fp32": (torch.channels_last, "fp32"),
+        "contiguous (NCHW), fp32": (torch.contiguous_format, "fp32"),
     }
-    train: dict[str, list[float]] = {name: [] for name in layouts}
-    decode: dict[str, list[float]] = {name: [] for name in layouts}
+    train: dict[str, list[float]] = {name: [] for name in variants}
+    decode: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(turns):
-        for name, layout in layouts.items():
+        for name, (layout, precision) in variants.items():
             model.to(memory_format=layout)
+            trainer.config = replace(trainer.config, precision=precision)
             model.train()
             started = time.perf_counter()
             for start in range(0, len(rows), batch):
@@ -76,13 +82,14 @@ def conv_layouts(dataset: Dataset, turns: int, steps: int) -> None:
                 decode[name].append(GRAPH_ROWS / (time.perf_counter() - started))
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {turns} turns of {steps} steps each")
-    print(f"{'conv preset':<28}{'train rows/s':>14}{'decode rows/s':>15}")
-    medians = {name: (statistics.median(train[name]), statistics.median(decode[name])) for name in layouts}
+    print(f"{'conv preset':<32}{'train rows/s':>14}{'decode rows/s':>15}")
+    medians = {name: (statistics.median(train[name]), statistics.median(decode[name])) for name in variants}
     for name, (trained, decoded) in medians.items():
-        print(f"{name:<28}{trained:>14,.0f}{decoded:>15,.0f}")
-    (last_train, last_decode), (plain_train, plain_decode) = medians.values()
+        print(f"{name:<32}{trained:>14,.0f}{decoded:>15,.0f}")
+    (half_train, _), (last_train, last_decode), (plain_train, plain_decode) = medians.values()
+    print(f"ratio bf16 / fp32 (channels last): training {half_train / last_train:.2f}")
     print(
-        f"ratio channels last / contiguous: training {last_train / plain_train:.2f}, "
+        f"ratio channels last / contiguous (fp32): training {last_train / plain_train:.2f}, "
         f"decoding {last_decode / plain_decode:.2f}"
     )
 

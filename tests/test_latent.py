@@ -359,7 +359,8 @@ def test_pipeline_latents_and_the_tiny_model(latent_server, autoencoders: dict[s
     assert drawn["latents"].shape == (2, 4, 3, 4) and drawn["images"].shape == (2, 3, 24, 32)
     with torch.no_grad():
         expected = (
-            diffusers_model(autoencoders["kl"]).decode(torch.from_numpy(drawn["latents"])).sample.numpy()
+            # a copy: the REST client's arrays are read-only views of the response, which torch warns of
+            diffusers_model(autoencoders["kl"]).decode(torch.tensor(drawn["latents"])).sample.numpy()
         )
     np.testing.assert_allclose(drawn["images"], expected, atol=1e-4, rtol=0)
 

@@ -29,7 +29,7 @@ from vaeserve.training.config import TrainConfig
 from vaeserve.training.mlp import ACTIVATIONS, outputs, seed_init
 
 # The convolutions' weights are stored channels last (NHWC), so oneDNN runs every convolution of
-# a network in that layout: on this project's 2-core AVX-512 machine the conv preset trains 1.08×
+# a network in that layout: on this project's 2-core AVX-512 machine the conv preset trains 1.09×
 # faster and the evaluator decodes 1.68× (docs/benchmarks.md; benchmarks.train_throughput).
 # Only strides change: the values, the checkpoints' tensors and the exported graphs are the same.
 CHANNELS_LAST = torch.channels_last
