@@ -157,6 +157,22 @@ def test_training_pictures_are_real_images(mnist_dir: Path, tmp_path: Path) -> N
         assert pixels.shape[0] > 200 and pixels.std() > 0.05, name
 
 
+def test_an_iwae_run_names_its_train_figure_the_iwae_bound(mnist_dir: Path, tmp_path: Path, capsys) -> None:
+    """The per-epoch train figure is the training objective: an IWAE run's lies above its ELBO,
+    so the summary and the learning curves call it the IWAE bound of k samples, never the ELBO."""
+    from vaeserve.cli import main
+    from vaeserve.training.objectives import objective_name
+
+    flags = ["train", "--data-dir", str(mnist_dir), "--hidden-sizes", "32", "--latent-size", "2"]
+    flags += ["--limit", "2000", "--epochs", "1", "--no-progress"]
+    assert main([*flags, "--objective", "iwae", "--train-samples", "3", "--out", str(tmp_path / "iwae")]) == 0
+    summary = capsys.readouterr().out
+    assert "train IWAE bound (k = 3) " in summary and "train ELBO" not in summary, summary
+    assert main([*flags, "--out", str(tmp_path / "elbo")]) == 0
+    assert "train ELBO " in capsys.readouterr().out
+    assert objective_name("elbo", 5) == "ELBO" and objective_name("iwae", 2) == "IWAE bound (k = 2)"
+
+
 def test_early_stopping_and_time_budget(mnist, tmp_path: Path) -> None:
     from vaeserve.training.trainer import Trainer
 

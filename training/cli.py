@@ -57,6 +57,7 @@ def train_interrupted(args: argparse.Namespace) -> str:
 def train_command(args: argparse.Namespace) -> int:
     require("vae train", "train", "torch")
     from vaeserve.datasets import load_run_data
+    from vaeserve.training.objectives import objective_name
     from vaeserve.training.trainer import resumed_config, saved_state, start_or_resume
 
     overrides = values(args, TrainConfig)
@@ -77,7 +78,8 @@ def train_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     history = trainer.run()[done_before:]
     plots = _training_pictures(trainer, dataset, args.out)
-    _print_summary(history, time.perf_counter() - started, args.out, plots)
+    trained = objective_name(trainer.config.objective, trainer.config.train_samples)
+    _print_summary(history, time.perf_counter() - started, args.out, plots, trained)
     return 0
 
 
@@ -85,16 +87,24 @@ def _training_pictures(trainer, dataset, run_dir: Path) -> list[Path]:
     from vaeserve import pictures
     from vaeserve.training import checkpoint
     from vaeserve.training.evaluate import write_pictures
+    from vaeserve.training.objectives import objective_name
 
     plots = run_dir / "plots"
+    config = trainer.config
     curves = pictures.learning_curves(
-        trainer.history, trainer.costs, trainer.config.batch_size, plots / "learning_curves.png"
+        trainer.history,
+        trainer.costs,
+        config.batch_size,
+        plots / "learning_curves.png",
+        objective_name(config.objective, config.train_samples),
     )
     best = checkpoint.load(run_dir)
     return [curves, *write_pictures(best, dataset, "test", plots)]
 
 
-def _print_summary(history: list[dict], seconds: float, run_dir: Path, plots: list[Path]) -> None:
+def _print_summary(
+    history: list[dict], seconds: float, run_dir: Path, plots: list[Path], objective: str = "ELBO"
+) -> None:
     if not history:
         print(
             f"nothing to train: the run in {run_dir} already has its epochs "
@@ -106,7 +116,7 @@ def _print_summary(history: list[dict], seconds: float, run_dir: Path, plots: li
     rate = sum(r["rows_per_s"] for r in history) / len(history)
     print(
         f"trained {len(history)} epochs (to epoch {last['epoch']}) in {seconds:.1f} s ({rate:,.0f} rows/s): "
-        f"train ELBO {last['train_elbo']:.2f}"
+        f"train {objective} {last['train_elbo']:.2f}"
         + (f", validation ELBO {validation:.2f}" if validation is not None else "")
         + f"; checkpoints and plots in {run_dir}"
     )

@@ -49,3 +49,9 @@ def iwae(
 
 
 OBJECTIVES: dict[str, Objective] = {"elbo": elbo, "iwae": iwae}
+
+
+def objective_name(objective: str, samples: int) -> str:
+    """What a run's per-epoch train figure (history's ``train_elbo``) is: the ELBO, or the IWAE
+    bound of k samples, which lies above the ELBO of the same model."""
+    return "ELBO" if objective == "elbo" else f"IWAE bound (k = {samples})"

@@ -182,16 +182,20 @@ def model_pictures(
     ]
 
 
-def learning_curves(history: list[dict[str, Any]], costs: list[float], batch_size: int, path: Path) -> Path:
-    """Train and validation ELBO per epoch, and the cost of every iteration."""
+def learning_curves(
+    history: list[dict[str, Any]], costs: list[float], batch_size: int, path: Path, objective: str = "ELBO"
+) -> Path:
+    """The training objective per epoch (``objective`` names it: the ELBO or an IWAE bound) beside
+    the validation ELBO, and the cost of every iteration."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     epochs = [r["epoch"] for r in history]
-    left.plot(epochs, [r["train_elbo"] for r in history], "o-", label="train")
+    left.plot(epochs, [r["train_elbo"] for r in history], "o-", label=f"train ({objective})")
     validation = [(r["epoch"], r["validation_elbo"]) for r in history if r["validation_elbo"] is not None]
     if validation:
-        left.plot(*zip(*validation), "s-", label="validation")
-    left.set(title="ELBO per epoch (nats per image)", xlabel="epoch", ylabel="ELBO")
+        left.plot(*zip(*validation), "s-", label="validation (ELBO)")
+    title = "ELBO per epoch" if objective == "ELBO" else "Training objective per epoch"
+    left.set(title=f"{title} (nats per image)", xlabel="epoch", ylabel="nats per image")
     left.legend()
     left.grid(alpha=0.3)
     per_image = np.asarray(costs) / batch_size
@@ -199,7 +203,8 @@ def learning_curves(history: list[dict[str, Any]], costs: list[float], batch_siz
     if len(per_image) > 50:
         window = np.ones(50) / 50
         right.plot(np.arange(49, len(per_image)), np.convolve(per_image, window, "valid"), label="mean of 50")
-    right.set(title="Cost per iteration (−ELBO per image)", xlabel="iteration", ylabel="cost", yscale="log")
+    cost = f"−{objective.split(' (')[0]} per image"  # "IWAE bound (k = 2)" -> "−IWAE bound per image"
+    right.set(title=f"Cost per iteration ({cost})", xlabel="iteration", ylabel="cost", yscale="log")
     right.legend()
     right.grid(alpha=0.3)
     fig.tight_layout()
