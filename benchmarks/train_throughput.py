@@ -8,10 +8,10 @@ beside the same model in fp32 and in PyTorch's default layout.
 seed: both train the 784-200-(2x100) VAE with batch 64 on the same 50,000 binarized rows;
 epochs alternate between the two so machine noise hits both alike. Prints rows/s
 (median over epochs) of each and their ratio.
-conv: the preset's training steps (batch 100, its VampPrior) in bfloat16 (the preset's
---precision) and in fp32, channels last and in PyTorch's default layout, and the evaluator's
-decoding of 1,024 latents (the pieces `vae evaluate` runs k = 5,000 samples in, always fp32),
-each variant taking turns; medians of the turns.
+conv: the preset's training steps (batch 100, its VampPrior, its IWAE bound of k = 2) in
+bfloat16 (the preset's --precision) and in fp32, channels last and in PyTorch's default layout,
+and the evaluator's decoding of 1,024 latents (the pieces `vae evaluate` runs k = 5,000 samples
+in, always fp32), each variant taking turns; medians of the turns.
 """
 
 from __future__ import annotations

@@ -211,14 +211,16 @@ PRESETS: dict[str, TrainConfig] = {
     # decay anneals the learning rate within them as `best`'s does within its own.
     "vamp": replace(_BEST, prior="vamp", prior_components=500, lr_decay=0.975),
     # Issue 38: the residual conv VAE on dynamically binarized MNIST under the same 57-minute
-    # budget. A conv epoch costs ~20x an MLP's on 2 cores, so the single-sample ELBO (IWAE's k = 5
-    # would cost 5x more per row), and a learning rate that anneals over the budget's time rather
-    # than per epoch (the same 2 cores have trained it at 444 and at 1,050 rows/s: a per-epoch decay
-    # tuned on one left the other's either unannealed or spent half way). Three stages of 16-32-64
-    # channels (full resolution is the cost: 2.6x the rows/s of 32-64) and a VampPrior of 100
-    # pseudo-inputs (500 would run the encoder on 5x the batch every step). The convolutions in
-    # bfloat16 (this machine's AVX-512 BF16): 1.36x the rows/s, and per epoch it learns as fp32
-    # does (6-minute runs: -93.09 and -93.08 after 4 epochs); docs/training.md.
+    # budget. A conv epoch costs ~20x an MLP's on 2 cores, so the IWAE bound with k = 2 rather
+    # than the MLPs' k = 5 (the encoder runs once per row, the decoder k times: k = 2 trains at 0.76x
+    # the ELBO's rows/s, 58 epochs instead of 76, and the NLL ends 0.3 nats lower), and a learning
+    # rate that anneals over the budget's time rather than per epoch (the same 2 cores have trained
+    # it at 444 and at 1,050 rows/s: a per-epoch decay tuned on one left the other's either
+    # unannealed or spent half way). Three stages of 16-32-64 channels (full resolution is the
+    # cost: 2.6x the rows/s of 32-64) and a VampPrior of 100 pseudo-inputs (500 would run the
+    # encoder on 5x the batch every step). The convolutions in bfloat16 (this machine's AVX-512
+    # BF16): 1.39x the rows/s, and per epoch it learns as fp32 does (6-minute runs: -93.09 and
+    # -93.08 after 4 epochs); docs/training.md.
     "conv": replace(
         _BEST,
         architecture="conv",
@@ -230,8 +232,8 @@ PRESETS: dict[str, TrainConfig] = {
         lr=2e-3,
         lr_decay=1.0,
         lr_end=5e-5,
-        objective="elbo",
-        train_samples=1,
+        objective="iwae",
+        train_samples=2,
         kl_warmup_epochs=2,
         precision="bf16",
     ),
