@@ -157,6 +157,17 @@ def test_training_pictures_are_real_images(mnist_dir: Path, tmp_path: Path) -> N
         assert pixels.shape[0] > 200 and pixels.std() > 0.05, name
 
 
+def test_choosing_the_elbo_drops_a_presets_iwae_samples() -> None:
+    """--objective elbo on an IWAE preset trains one sample and records k = 1; asking the ELBO for
+    k > 1 is refused, since only the IWAE bound uses it."""
+    assert resolve_config("conv", None, {}).train_samples == 2
+    elbo = resolve_config("conv", None, {"objective": "elbo"})
+    assert elbo.objective == "elbo" and elbo.train_samples == 1
+    assert resolve_config("best", None, {"objective": "iwae"}).train_samples == 5
+    with pytest.raises(ConfigError, match="train_samples = 3 is the iwae objective's k"):
+        resolve_config("seed", None, {"objective": "elbo", "train_samples": 3})
+
+
 def test_an_iwae_run_names_its_train_figure_the_iwae_bound(mnist_dir: Path, tmp_path: Path, capsys) -> None:
     """The per-epoch train figure is the training objective: an IWAE run's lies above its ELBO,
     so the summary and the learning curves call it the IWAE bound of k samples, never the ELBO."""

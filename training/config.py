@@ -106,7 +106,9 @@ class TrainConfig:
     batch_size: int = option(64, "rows per optimisation step")
     epochs: int = option(30, "passes over the training rows")
     objective: str = option("elbo", "elbo: the VAE bound; iwae: the k-sample bound", OBJECTIVES)
-    train_samples: int = option(1, "importance samples k per row for the iwae objective")
+    train_samples: int = option(
+        1, "importance samples k per row for the iwae objective (--objective elbo draws one)"
+    )
     kl_warmup_epochs: float = option(0.0, "epochs over which the KL weight rises 0 → 1")
     train_split: str = option(
         "train",
@@ -268,5 +270,14 @@ def resolve_config(preset: str, config_file: Path | None, overrides: dict[str, A
         config["lr_end"] = None
     if "lr_end" in chosen and "lr_decay" not in chosen:
         config["lr_decay"] = 1.0
+    # --train-samples is the IWAE bound's k; the ELBO draws one sample. Choosing the ELBO on a
+    # preset that trains on IWAE drops the preset's k, so the run's config says what it trains.
+    if chosen.get("objective") == "elbo":
+        if chosen.get("train_samples", 1) != 1:
+            raise ConfigError(
+                f"train_samples = {chosen['train_samples']} is the iwae objective's k; the elbo draws "
+                "one sample (--objective iwae, or leave --train-samples out)"
+            )
+        config["train_samples"] = 1
     config.update(chosen)
     return TrainConfig.from_dict(config).validate()
