@@ -77,26 +77,20 @@ def train_command(args: argparse.Namespace) -> int:
     done_before = len(trainer.history)
     started = time.perf_counter()
     history = trainer.run()[done_before:]
-    plots = _training_pictures(trainer, dataset, args.out)
     trained = objective_name(trainer.config.objective, trainer.config.train_samples)
+    plots = _training_pictures(trainer, dataset, args.out, trained)
     _print_summary(history, time.perf_counter() - started, args.out, plots, trained)
     return 0
 
 
-def _training_pictures(trainer, dataset, run_dir: Path) -> list[Path]:
+def _training_pictures(trainer, dataset, run_dir: Path, objective: str) -> list[Path]:
     from vaeserve import pictures
     from vaeserve.training import checkpoint
     from vaeserve.training.evaluate import write_pictures
-    from vaeserve.training.objectives import objective_name
 
     plots = run_dir / "plots"
-    config = trainer.config
     curves = pictures.learning_curves(
-        trainer.history,
-        trainer.costs,
-        config.batch_size,
-        plots / "learning_curves.png",
-        objective_name(config.objective, config.train_samples),
+        trainer.history, trainer.costs, trainer.config.batch_size, plots / "learning_curves.png", objective
     )
     best = checkpoint.load(run_dir)
     return [curves, *write_pictures(best, dataset, "test", plots)]

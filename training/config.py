@@ -215,7 +215,7 @@ PRESETS: dict[str, TrainConfig] = {
     # Issue 38: the residual conv VAE on dynamically binarized MNIST under the same 57-minute
     # budget. A conv epoch costs ~20x an MLP's on 2 cores, so the IWAE bound with k = 2 rather
     # than the MLPs' k = 5 (the encoder runs once per row, the decoder k times: k = 2 trains at 0.76x
-    # the ELBO's rows/s, 58 epochs instead of 76, and the NLL ends 0.3 nats lower), and a learning
+    # the ELBO's rows/s, 58 epochs instead of 76, and the NLL ends 0.37 nats lower), and a learning
     # rate that anneals over the budget's time rather than per epoch (the same 2 cores have trained
     # it at 444 and at 1,050 rows/s: a per-epoch decay tuned on one left the other's either
     # unannealed or spent half way). Three stages of 16-32-64 channels (full resolution is the
