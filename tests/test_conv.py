@@ -420,7 +420,9 @@ def test_bf16_training_runs_the_convolutions_in_bfloat16_and_keeps_weights_and_l
     from vaeserve.training.config import resolve_config
     from vaeserve.training.objectives import elbo
 
-    config = resolve_config("seed", None, {**CONV, "objective": "elbo", "epochs": 2, "precision": "bf16"})
+    config = resolve_config(
+        "seed", None, {**CONV, "objective": "elbo", "train_samples": 1, "epochs": 2, "precision": "bf16"}
+    )
     run = tmp_path / "bf16"
     fit = trainer.start_or_resume(config, mnist, run, resume=False, progress=False)
     seen: dict[str, torch.dtype] = {}
