@@ -222,9 +222,10 @@ PRESETS: dict[str, TrainConfig] = {
     # cost: 2.6x the rows/s of 32-64) and a VampPrior of 100 pseudo-inputs (500 would run the
     # encoder on 5x the batch every step). The convolutions in bfloat16 (this machine's AVX-512
     # BF16): 1.58x the rows/s, and per epoch it learns as fp32 does (6-minute runs: -93.09 and
-    # -93.08 after 4 epochs). ReLU rather than the MLPs' ELU: ELU and its backward were 18 % of a
-    # step, so 64 epochs fit instead of 58, and each learned more (the NLL 0.30 nats lower, row
-    # for row on the first 2,000 test digits); docs/training.md.
+    # -93.08 after 4 epochs). ReLU rather than the MLPs' ELU: 1,118 rows/s against 1,015, so 64
+    # epochs fit instead of 58, and each learned more (the NLL 0.30 nats lower, row for row on
+    # the first 2,000 test digits). The figures above before ReLU were measured with ELU;
+    # docs/training.md's ingredients table gives each one's command.
     "conv": replace(
         _BEST,
         architecture="conv",
